@@ -1,0 +1,176 @@
+"""Frozen, validated configuration: the model's shape (from config.json) and the engine's knobs."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import EngineConfigError, ModelLoadError, UnsupportedArchitectureError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and conventions of one decoder-only model (Llama family)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    sliding_window: int | None
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    torch_dtype: str
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(self.architecture, list(SUPPORTED_ARCHITECTURES))
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads {self.num_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_kv_heads}"
+            )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token across all layers at this dtype (TP = 1)."""
+        itemsize = torch.tensor([], dtype=_DTYPES[self.torch_dtype]).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    @property
+    def num_params(self) -> int:
+        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
+
+    @staticmethod
+    def from_dict(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+        archs = hf.get("architectures") or [hf.get("model_type", "unknown")]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(arch, list(SUPPORTED_ARCHITECTURES))
+        num_heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+        rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        if rope and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
+            rope = None
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        return ModelConfig(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            intermediate_size=hf["intermediate_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=dict(rope) if rope else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            sliding_window=window,
+            eos_token_ids=eos_ids,
+            bos_token_id=hf.get("bos_token_id"),
+            torch_dtype=dtype or _dtype_name(hf.get("torch_dtype") or hf.get("dtype")),
+        )
+
+    @staticmethod
+    def from_path(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"missing model file: {config_file} (is {path!s} a checkpoint directory?)")
+        return ModelConfig.from_dict(json.loads(config_file.read_text()), dtype)
+
+
+def _dtype_name(value: str | None) -> str:
+    if value in _DTYPES:
+        return str(value)
+    return "bfloat16" if value is None else "float32"
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise EngineConfigError(f"dtype: {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine instance needs; built once, never mutated."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"  # "auto" = float32 on CPU, the checkpoint's dtype (or bf16) on GPU
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights of the right shape)
+    seed: int = 0
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    gpu_memory_utilization: float = 0.90
+    kv_cache_bytes: int = 256 * 2**20  # the KV budget on CPU
+    num_kv_blocks: int | None = None  # overrides the sizing (tests use tiny pools)
+    tensor_parallel_size: int = 1
+    attention_backend: str | None = None  # None picks Triton on CUDA, torch on CPU
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graph_batch_sizes: tuple[int, ...] = field(
+        default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+    )
+    model_salt: str | None = None  # defaults to the model path / name
+
+    def __post_init__(self) -> None:
+        checks = {
+            "block_size": self.block_size in (8, 16, 32, 64, 128),
+            "max_num_seqs": self.max_num_seqs >= 1,
+            "max_num_batched_tokens": self.max_num_batched_tokens >= 1,
+            "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
+            "kv_cache_bytes": self.kv_cache_bytes > 0,
+            "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "load_format": self.load_format in ("auto", "safetensors", "dummy"),
+            "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks >= 2,
+            "max_model_len": self.max_model_len is None or self.max_model_len >= 2,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise EngineConfigError(f"{name}: invalid value {getattr(self, name)!r}")
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise EngineConfigError(f"device: {self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

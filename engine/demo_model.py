@@ -1,0 +1,145 @@
+"""The built-in demo model: a small Llama-architecture checkpoint with RANDOM weights and a real
+byte-level BPE tokenizer, built once, deterministically, in the user's cache directory.
+
+Its text is gibberish by construction; everything that prints it says so.
+Also: shape-only presets (config.json without weights) for dummy-weight benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEMO_NAME = "demo"
+DEMO_VERSION = 1
+RANDOM_WEIGHTS_NOTICE = "(the demo model has random weights: its text is meaningless by design)"
+
+PRESETS: dict[str, dict] = {
+    "llama-3-8b": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
+        bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+    ),
+}
+
+_CORPUS = """Tandem serves language models on two pools of accelerators. The prefill pool reads the
+whole prompt in one pass and writes its keys and values into a paged cache. The decode pool then
+produces one token per step for many requests at once. A router in front picks the workers that
+can meet each request's latency target, and rejects early what no worker can serve in time.
+Blocks of the cache move from prefill to decode over a fast link, and a prefix that many prompts
+share is computed once and reused. The quick brown fox jumps over the lazy dog. Hello, world!
+Questions and answers, stories and code: def main(): print("hello") return 0 # numbers 0123456789
+"""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem"
+    )
+    return Path(root)
+
+
+def resolve_model_path(model: str) -> str:
+    """A checkpoint directory for `model`: itself, the built demo, or a shape preset."""
+    if model == DEMO_NAME:
+        return str(ensure_demo_model())
+    if model.startswith("preset:"):
+        return str(ensure_preset(model.split(":", 1)[1]))
+    return model
+
+
+def _publish(build: callable, target: Path) -> Path:  # type: ignore[valid-type]
+    """Build into a temporary directory, then rename: concurrent builders never see half a model."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_preset(name: str) -> Path:
+    from engine.errors import ModelLoadError
+
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return _publish(
+        lambda d: (d / "config.json").write_text(json.dumps(PRESETS[name], indent=1)),
+        cache_dir() / f"preset-{name}",
+    )
+
+
+def ensure_demo_model() -> Path:
+    return _publish(_build_demo, cache_dir() / f"demo-model-v{DEMO_VERSION}")
+
+
+def _build_tokenizer(directory: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=specials[0], eos_token=specials[1], chat_template=template
+    )
+    fast.save_pretrained(str(directory))
+    return len(fast)
+
+
+def _build_demo(directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    vocab = _build_tokenizer(directory)
+    cfg = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab, hidden_size=256,
+        intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1, torch_dtype="float32",
+    )
+    (directory / "config.json").write_text(json.dumps(cfg, indent=1))
+    save_file(_random_weights(cfg), str(directory / "model.safetensors"))
+
+
+def _random_weights(cfg: dict) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(DEMO_VERSION)
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    d = h // cfg["num_attention_heads"]
+    kv = cfg["num_key_value_heads"] * d
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.05
+
+    weights = {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h), "model.norm.weight": torch.ones(h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        weights |= {
+            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+        }
+    return weights

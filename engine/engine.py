@@ -1,0 +1,204 @@
+"""LLMEngine: the step-level API that the offline LLM and the pool workers drive.
+
+    add_request(...)  validates and queues (errors name the field; nothing is allocated)
+    step()            out = scheduler.schedule(); result = runner.execute(out);
+                      updated = scheduler.update(out, result); then text and stop strings
+    abort(ids)        frees the requests' blocks at once
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.errors import InvalidRequestError
+from engine.kv.kv_manager import KVManager
+from engine.outputs import RequestOutput
+from engine.request import Request, RequestStatus
+from engine.runner.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler.config import SchedulerConfig
+from engine.scheduler.scheduler import Scheduler, SchedulerStats
+from engine.tokenizer import load_tokenizer
+
+
+def resolve_model_config(cfg: EngineConfig) -> ModelConfig:
+    from engine.demo_model import resolve_model_path
+
+    path = resolve_model_path(cfg.model)
+    device = cfg.resolved_device()
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    if dtype is None and device.type == "cpu":
+        dtype = "float32"
+    return ModelConfig.from_path(path, dtype)
+
+
+def _desired_max_model_len(cfg: EngineConfig, model: ModelConfig) -> int:
+    limit = model.max_position_embeddings
+    if model.sliding_window:
+        limit = min(limit, model.sliding_window)  # no sliding-window attention: stay inside it
+    return cfg.max_model_len or limit
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        from engine.demo_model import resolve_model_path
+
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = resolve_model_config(config)
+        self.device = config.resolved_device()
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        wanted = _desired_max_model_len(config, self.model_config)
+        torch.manual_seed(config.seed)
+        self.runner = ModelRunner(config, self.model_config, self.model_path, wanted, self.device, show_progress)
+        capacity = (self.runner.num_blocks - 1) * config.block_size
+        self.max_model_len = min(wanted, capacity) if config.max_model_len is None else wanted
+        salt = config.model_salt or f"{self.model_path}|{self.model_config.torch_dtype}|{config.load_format}|{config.seed}"
+        self.kv_manager = KVManager(self.runner.num_blocks, config.block_size, salt, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
+                block_size=config.block_size,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                enable_prefix_caching=config.enable_prefix_caching,
+            ),
+            self.kv_manager,
+        )
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._logprobs: dict[str, list] = {}
+        self._first_token_time: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ input
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt", "this model has no tokenizer; send token ids")
+            return list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids", "must not be empty")
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"{bad[0]!r} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        return ids
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        params.check_vocab(self.vocab_size)
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"{len(prompt_ids)} tokens; must be shorter than max_model_len {self.max_model_len}"
+            )
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                "max_tokens",
+                f"{params.max_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed "
+                f"max_model_len {self.max_model_len}",
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> Request:
+        """Validate and queue a request. Raises InvalidRequestError naming the field."""
+        params = params or SamplingParams()
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
+            eos_token_ids=self.model_config.eos_token_ids,
+            priority=priority,
+            deadline=deadline,
+        )
+        self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        if params.logprobs is not None:
+            self._logprobs[request_id] = []
+        return request
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        aborted = self.scheduler.abort(list(request_ids))
+        for r in aborted:
+            self._forget(r.request_id)
+        return aborted
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        result = self.runner.execute(out)
+        updated = self.scheduler.update(out, result)
+        for rid, lp in result.logprobs.items():
+            if rid in self._logprobs:
+                self._logprobs[rid].append(lp)
+        return [self._output(r) for r in updated]
+
+    def _output(self, request: Request) -> RequestOutput:
+        rid = request.request_id
+        self._first_token_time.setdefault(rid, time.monotonic())
+        new_ids = request.output_token_ids[-1:]
+        detok = self._detok.get(rid)
+        delta = detok.add(new_ids) if detok is not None else ""
+        if detok is not None and request.sampling_params.stop and not request.status.finished:
+            delta = self._apply_stop_strings(request, detok, delta)
+        output = RequestOutput(
+            request_id=rid,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=detok.text if detok is not None else "",
+            new_token_ids=list(new_ids),
+            text_delta=delta,
+            finished=request.status.finished,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            stop_reason=request.stop_reason,
+            logprobs=self._logprobs.get(rid),
+            num_cached_tokens=request.num_cached_tokens,
+        )
+        if output.finished:
+            self._forget(rid)
+        return output
+
+    def _apply_stop_strings(self, request: Request, detok: IncrementalDetokenizer, delta: str) -> str:
+        params = request.sampling_params
+        hit = find_stop(detok.text, len(delta), params.stop)
+        if hit is None:
+            return delta
+        index, stop = hit
+        end = index + len(stop) if params.include_stop_str_in_output else index
+        kept_before = len(detok.text) - len(delta)
+        detok.text = detok.text[:end]
+        self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED, stop)
+        return detok.text[kept_before:]
+
+    def _forget(self, request_id: str) -> None:
+        self._detok.pop(request_id, None)
+        self._logprobs.pop(request_id, None)
+        self._first_token_time.pop(request_id, None)

@@ -1,0 +1,90 @@
+"""The offline API: `LLM(model, ...).generate(prompts, params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.progress import Progress
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import apply_chat_template
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """An engine in this process. `model` is a checkpoint directory or "demo"."""
+
+    def __init__(self, model: str, show_progress: bool = True, **engine_kwargs: Any) -> None:
+        if "tensor_parallel_size" in engine_kwargs and engine_kwargs["tensor_parallel_size"] > 1:
+            raise NotImplementedError("tensor_parallel_size > 1 runs through engine.distributed")
+        self.show_progress = show_progress
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), show_progress)
+        self._counter = 0
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def _params_for(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise ValueError(f"params: {len(params)} sampling params for {n} prompts")
+        return list(params)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One finished output per prompt (n per prompt when `params.n > 1`), in prompt order.
+
+        Every prompt is validated before any runs: a bad one raises InvalidRequestError naming
+        the field and nothing is queued."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        all_params = self._params_for(len(prompts), params)
+        prepared = [(self.engine.tokenize(p), sp) for p, sp in zip(prompts, all_params)]
+        for ids, sp in prepared:
+            self.engine.validate(ids, sp)
+        order: list[str] = []
+        for ids, sp in prepared:
+            for i in range(sp.n):
+                order.append(self._submit(ids, _nth(sp, i)))
+        return self._run(order)
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
+        ids = apply_chat_template(self.engine.tokenizer, messages)
+        return self.generate([ids], params)[0]
+
+    def _submit(self, ids: list[int], sp: SamplingParams) -> str:
+        request_id = str(self._counter)
+        self._counter += 1
+        self.engine.add_request(request_id, ids, sp)
+        return request_id
+
+    def _run(self, order: list[str]) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with Progress(transient=True, disable=not self.show_progress) as progress:
+            task = progress.add_task("generating", total=len(order))
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        progress.advance(task)
+        return [finished[rid] for rid in order]
+
+
+def _nth(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n samples: one request each, seeds spread so they differ."""
+    from dataclasses import replace
+
+    seed = None if params.seed is None else params.seed + i
+    return replace(params, n=1, seed=seed)

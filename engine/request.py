@@ -1,0 +1,87 @@
+"""A request's state inside one engine: what the scheduler owns and the runner only reads."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.kv.block_hash import BlockHash
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED -> RUNNING (recompute).
+
+    Every exit to a FINISHED_* state frees the request's blocks (the scheduler's job).
+    """
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token, EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context is full
+    ABORT = "abort"  # aborted by the caller, or failed
+
+    @staticmethod
+    def of(status: RequestStatus) -> FinishReason | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+            RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+            RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+        }.get(status)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence. Token ids are prompt + outputs; `num_computed_tokens` of them have KV."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    priority: int = 0  # lower value is served first
+    deadline: float | None = None  # absolute time.monotonic() seconds; earlier is served first
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first schedule
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, grows lazily
+    num_preemptions: int = 0
+    stop_reason: int | str | None = None  # the stop token or string that finished it
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return FinishReason.of(self.status)

@@ -1,0 +1,1 @@
+"""The model runner: turns a SchedulerOutput into a forward pass and sampled tokens."""

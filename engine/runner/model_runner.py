@@ -1,0 +1,99 @@
+"""The model runner: loads the model, owns the KV cache, runs one step.
+
+`execute(out)` reads a SchedulerOutput and returns a RunnerOutput; it never mutates scheduler
+state. Its stages: `build_step_inputs` (host) -> `forward` (device, CUDA graph for small decode
+steps) -> `sampler` (device, batched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from engine.attention.select import get_attention_backend
+from engine.config import EngineConfig, ModelConfig, resolve_dtype
+from engine.distributed import get_tp_group
+from engine.models.llama import ForwardContext
+from engine.models.registry import model_class
+from engine.runner.cuda_graphs import DecodeGraphs
+from engine.runner.inputs import StepInputs, attention_metadata, build_step_inputs
+from engine.runner.kv_cache import allocate_kv_cache, block_bytes, num_kv_blocks
+from engine.sampler import Sampler
+from engine.scheduler.output import RunnerOutput, SchedulerOutput
+from engine.weights import fill_dummy, load_safetensors
+
+
+@contextlib.contextmanager
+def _default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, engine: EngineConfig, model_cfg: ModelConfig, model_path: str, max_model_len: int,
+                 device: torch.device, show_progress: bool = True) -> None:
+        self.engine_cfg = engine
+        self.model_path = model_path
+        self.model_cfg = model_cfg
+        self.device = device
+        self.dtype = resolve_dtype(model_cfg.torch_dtype)
+        self.block_size = engine.block_size
+        self.max_model_len = max_model_len
+        self.model = self._load_model(show_progress)
+        self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads
+        self.bytes_per_block = block_bytes(model_cfg, self.num_kv_heads_local, self.block_size, self.dtype)
+        self.num_blocks = num_kv_blocks(model_cfg, engine, device, self.bytes_per_block, self.dtype)
+        self.kv_cache = allocate_kv_cache(
+            model_cfg, self.num_kv_heads_local, self.num_blocks, self.block_size, self.dtype, device
+        )
+        self.backend = get_attention_backend(device, engine.attention_backend)
+        self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, device)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not engine.enforce_eager:
+            self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
+
+    def _load_model(self, show_progress: bool) -> torch.nn.Module:
+        cls = model_class(self.model_cfg)
+        max_positions = max(self.max_model_len, self.model_cfg.max_position_embeddings)
+        with _default_dtype_and_device(self.dtype, self.device):
+            model = cls(self.model_cfg, max_positions)
+        if self.engine_cfg.load_format == "dummy":
+            fill_dummy(model, self.engine_cfg.seed + get_tp_group().rank)
+        else:
+            load_safetensors(model, Path(self.model_path), show_progress and get_tp_group().rank == 0)
+        return model.eval()
+
+    @torch.inference_mode()
+    def forward(self, host: StepInputs) -> torch.Tensor:
+        """Hidden states of the sampled rows [S, hidden] (every rank of a TP group runs this)."""
+        dev = host.to(self.device)
+        if self.graphs is not None and self.graphs.can_run(host):
+            hidden = self.graphs.run(host, dev)
+        else:
+            ctx = ForwardContext(self.backend, attention_metadata(host, dev), self.kv_cache)
+            hidden = self.model(dev.input_ids, dev.positions, ctx)
+        return hidden.index_select(0, dev.sample_indices)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden).float()
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        if out.is_empty:
+            return RunnerOutput(sampled_token_ids={})
+        host = build_step_inputs(out, self.block_size)
+        logits = self.compute_logits(self.forward(host))
+        requests = [s for s in out.scheduled if s.sample]
+        result = self.sampler(logits, requests)
+        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)}
+        logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
+        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)

@@ -1,0 +1,62 @@
+"""Tiny random Hugging Face checkpoints of every supported architecture, built with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(
+    vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.1,
+    bos_token_id=1, eos_token_id=2,
+)
+
+
+def _configs() -> dict:
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    return {
+        "llama31": LlamaConfig(
+            **COMMON,
+            rope_theta=500000.0,
+            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                              original_max_position_embeddings=128),
+        ),
+        "mistral": MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None),
+        "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=False),
+        "qwen3": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False),
+    }
+
+
+ARCHS = ("llama31", "mistral", "qwen2", "qwen3")
+
+
+def build(name: str, root: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    path = root / name
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(_configs()[name]).float().eval()
+    if name == "qwen2":  # exercise the qkv bias with non-zero values
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def mixed_prompts(n: int = 8, seed: int = 0, vocab: int = 500) -> list[list[int]]:
+    """Prompts of 3 to 300 tokens, avoiding the special ids 0-2."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [3, 300, 17, 64, 5, 129, 33, 250][:n]
+    return [torch.randint(3, vocab, (n_tok,), generator=gen).tolist() for n_tok in lengths]
