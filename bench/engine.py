@@ -1,0 +1,174 @@
+"""Engine benchmark on one GPU: Llama-3-8B shape, dummy bf16 weights, against measured limits.
+
+    python bench/engine.py [--quick]
+
+Prints, each next to its limit measured in the same run (device copy bandwidth, bf16 matmul
+peak) and next to Hugging Face transformers where a peer exists:
+  * decode step time at batch 1, 8, 32, 128, 256 (context ~1k) vs the HBM roofline;
+  * offline throughput, 1024-token prompts and 1024 output tokens, vs the roofline bound;
+  * a 4k-token prefill vs the FLOP bound;
+  * transformers `generate` vs Tandem at batch 1 and 32 (same prompts, 64 new tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import copy_bandwidth, gpu_name, matmul_peak, print_table, sync, write_json  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.demo_model import PRESETS  # noqa: E402
+
+PRESET = "llama-3-8b"
+CTX = 1024
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=gen).tolist()
+
+
+def weight_bytes(llm: LLM) -> int:
+    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+
+def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
+    """Median wall time of a decode step with `batch` requests at context ~CTX."""
+    engine = llm.engine
+    vocab = engine.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    ids = [f"d{batch}-{i}" for i in range(batch)]
+    for rid, prompt in zip(ids, random_prompts(batch, CTX, vocab, batch)):
+        engine.add_request(rid, prompt, params)
+    while engine.stats().num_waiting or any(
+        engine.scheduler.get_request(r).num_computed_tokens < CTX for r in ids
+    ):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    engine.abort(ids)
+    return statistics.median(times[2:])
+
+
+def prefill_time(llm: LLM, length: int) -> float:
+    engine = llm.engine
+    times = []
+    for i in range(4):
+        engine.add_request(f"p{i}", random_prompts(1, length, engine.vocab_size, 100 + i)[0],
+                           SamplingParams(temperature=0.0, max_tokens=1))
+        sync()
+        start = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def offline_throughput(llm: LLM, num_requests: int, out_len: int) -> tuple[float, int]:
+    prompts = random_prompts(num_requests, CTX, llm.engine.vocab_size, 7)
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed, llm.engine.stats().num_preemptions_total
+
+
+def hf_peer(batches: list[int], new_tokens: int) -> dict[int, float]:
+    """transformers generate tokens/s on the same shape (random weights, bf16, SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{k: v for k, v in PRESETS[PRESET].items() if k not in ("architectures", "torch_dtype")})
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    results = {}
+    for b in batches:
+        ids = torch.tensor(random_prompts(b, CTX, cfg.vocab_size, b), device="cuda")
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+        model.generate(ids[:, :32], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+        sync()
+        start = time.perf_counter()
+        model.generate(ids, **kwargs)
+        sync()
+        results[b] = b * new_tokens / (time.perf_counter() - start)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def tandem_same_as_peer(llm: LLM, batches: list[int], new_tokens: int) -> dict[int, float]:
+    results = {}
+    for b in batches:
+        prompts = random_prompts(b, CTX, llm.engine.vocab_size, b)
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompts, params)
+        results[b] = b * new_tokens / (time.perf_counter() - start)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer requests and steps")
+    parser.add_argument("--skip-peer", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/engine.py needs a CUDA GPU")
+    bw, peak = copy_bandwidth(), matmul_peak()
+    print(f"{gpu_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    peer_batches, peer_tokens = [1, 32], 64
+    peer = {} if args.skip_peer else hf_peer(peer_batches, peer_tokens)
+    llm = LLM(f"preset:{PRESET}", load_format="dummy", dtype="bfloat16", show_progress=False,
+              max_num_batched_tokens=8192, max_num_seqs=256)
+    cfg = llm.engine.model_config
+    wbytes, kv_tok = weight_bytes(llm), cfg.kv_bytes_per_token
+    result: dict = {"gpu": gpu_name(), "copy_bw": bw, "matmul_peak": peak, "weight_bytes": wbytes,
+                    "kv_blocks": llm.engine.runner.num_blocks}
+    rows = []
+    for b in (1, 8, 32, 128, 256):
+        t = decode_step_times(llm, b, 12 if args.quick else 24)
+        # Bytes read once per step over the copy bandwidth (which counts read + write bytes).
+        floor = (wbytes + b * (CTX + 8) * kv_tok) / bw
+        rows.append([b, f"{t * 1e3:.2f}", f"{floor * 1e3:.2f}", f"{floor / t:.0%}", f"{b / t:.0f}"])
+        result[f"decode_b{b}"] = {"step_s": t, "roofline_s": floor}
+    print_table("decode step, context ~1k (roofline = bytes read / copy bandwidth)",
+                ["batch", "step ms", "roofline ms", "of roofline", "tok/s"], rows)
+    t4k = prefill_time(llm, 4096)
+    flops = 2 * cfg.num_params * 4096 + cfg.num_layers * 2 * 4096 * 4096 * cfg.num_heads * cfg.head_dim
+    print_table("4k-token prefill", ["ms", "FLOP bound ms", "of bound", "TFLOP/s"],
+                [[f"{t4k * 1e3:.1f}", f"{flops / peak * 1e3:.1f}", f"{flops / peak / t4k:.0%}", f"{flops / t4k / 1e12:.0f}"]])
+    result["prefill_4k"] = {"s": t4k, "flops": flops}
+    n_req = 256 if args.quick else 768
+    out_len = 256 if args.quick else 1024
+    tput, preempt = offline_throughput(llm, n_req, out_len)
+    seqs = llm.engine.config.max_num_seqs
+    avg_ctx = CTX + out_len / 2
+    bound_step = (wbytes + seqs * avg_ctx * kv_tok) / bw
+    bound = seqs / bound_step
+    print_table(f"offline {n_req} x ({CTX} in, {out_len} out)", ["output tok/s", "bound tok/s", "of bound", "preemptions"],
+                [[f"{tput:.0f}", f"{bound:.0f}", f"{tput / bound:.0%}", preempt]])
+    result["offline"] = {"tok_s": tput, "bound_tok_s": bound, "requests": n_req, "out_len": out_len}
+    ours = tandem_same_as_peer(llm, peer_batches, peer_tokens)
+    if peer:
+        print_table(f"peer: transformers generate ({CTX}-token prompts, {peer_tokens} new tokens)",
+                    ["batch", "transformers tok/s", "tandem tok/s", "speedup"],
+                    [[b, f"{peer[b]:.0f}", f"{ours[b]:.0f}", f"{ours[b] / peer[b]:.1f}x"] for b in peer_batches])
+    result["peer"] = {"transformers": peer, "tandem": ours}
+    write_json("engine", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Router overhead with zero-compute fake workers: sustained requests/s and latency added.
+
+The router (and its in-process fake workers, all delays 0) runs in this process; load comes
+from client processes over loopback gRPC, each running closed-loop streams (a new request as
+soon as one finishes). Every request streams `--tokens` tokens (1 from prefill, the rest one
+per decode step). Since the fakes compute nothing, everything a client measures is router
+overhead (gRPC, validation, placement, worker calls, demultiplexing, streaming): added latency
+= client-measured end-to-end time minus the fakes' configured compute time (0).
+
+Phases: `latency` (1 stream) and `throughput` (`--concurrency` streams), each also run against
+`floor`: a bare gRPC servicer in the same process that streams the same number of messages per
+request as the router did (it does nothing else), i.e. the transport's own cost on this host.
+Targets: >= 2,000 req/s and <= 1 ms added at p50. Bounded: about `4 * --seconds + 15` s.
+The host's load average is printed: on a shared machine every figure moves with it.
+
+    python bench/router.py [--seconds 8] [--concurrency 64] [--clients 1] [--tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET_RPS = 2000.0
+TARGET_P50_MS = 1.0
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    name: str
+    concurrency: int
+    seconds: float
+    latencies_s: list[float]
+    ttfts_s: list[float]
+    messages: int
+    tokens: int
+    errors: int
+
+
+# -- client side (separate processes) -------------------------------------------------------
+
+
+async def _client_loop(address: str, concurrency: int, seconds: float, tokens: int) -> dict[str, object]:
+    """Closed-loop streams; against the floor server, `tokens` is the number of messages."""
+    import grpc
+
+    from tandem.api import generation_pb2 as pb
+    from tandem.api import generation_pb2_grpc as pb_grpc
+
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    counts = {"messages": 0, "tokens": 0, "errors": 0}
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100, 116))),
+                                 sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0))  # fmt: skip
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        end = time.monotonic() + seconds
+
+        async def worker() -> None:
+            while time.monotonic() < end:
+                start = time.perf_counter()
+                first = None
+                try:
+                    async for msg in stub.Generate(request):
+                        first = first or time.perf_counter()
+                        counts["messages"] += 1
+                        counts["tokens"] += len(msg.token_ids)
+                except grpc.aio.AioRpcError:
+                    counts["errors"] += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                ttfts.append((first or start) - start)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "ttfts": ttfts, **counts}
+
+
+def _client_main(address: str, concurrency: int, seconds: float, tokens: int, out: mp.Queue) -> None:
+    out.put(json.dumps(asyncio.run(_client_loop(address, concurrency, seconds, tokens))))
+
+
+def run_clients(address: str, name: str, clients: int, concurrency: int, seconds: float, tokens: int) -> PhaseResult:
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    per_client = max(concurrency // clients, 1)
+    procs = [ctx.Process(target=_client_main, args=(address, per_client, seconds, tokens, out)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    parts = [json.loads(out.get(timeout=seconds + 60)) for _ in procs]
+    for p in procs:
+        p.join(timeout=10)
+    return PhaseResult(
+        name, per_client * clients, seconds,
+        [x for part in parts for x in part["latencies"]], [x for part in parts for x in part["ttfts"]],
+        sum(p["messages"] for p in parts), sum(p["tokens"] for p in parts), sum(p["errors"] for p in parts),
+    )  # fmt: skip
+
+
+# -- router side ----------------------------------------------------------------------------
+
+
+def _floor_servicer() -> object:
+    from tandem.api import generation_pb2 as pb
+    from tandem.api import generation_pb2_grpc as pb_grpc
+
+    class Floor(pb_grpc.GenerationServicer):  # type: ignore[misc]
+        """Streams `sampling.max_tokens` one-token messages and nothing else."""
+
+        async def Generate(self, request: pb.GenerateRequest, context: object) -> None:
+            for i in range(request.sampling.max_tokens):
+                await context.write(pb.GenerateResponse(request_id="floor", token_ids=[i]))  # type: ignore[attr-defined]
+
+    return Floor()
+
+
+def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
+    async def main() -> None:
+        import grpc
+
+        from tandem.api import generation_pb2_grpc as pb_grpc
+
+        from router.config import RouterConfig
+        from router.fake_worker import FakeWorker
+        from router.server import RouterServer
+        from router.tokenizer import ByteTokenizer
+
+        server = RouterServer(RouterConfig(max_model_len=4096, model_name="fake"), ByteTokenizer())
+        await server.start()
+        workers = [FakeWorker("p0")] + [FakeWorker(f"d{i}") for i in range(num_decode)]
+        await server.add_worker("p0", "prefill", workers[0])
+        for w in workers[1:]:
+            await server.add_worker(w.worker_id, "decode", w)
+        floor = grpc.aio.server()
+        pb_grpc.add_GenerationServicer_to_server(_floor_servicer(), floor)
+        floor_port = floor.add_insecure_port("127.0.0.1:0")
+        await floor.start()
+        ready.put((server.address, f"127.0.0.1:{floor_port}"))
+        while not stop.is_set():
+            await asyncio.sleep(0.1)
+        await floor.stop(0.5)
+        await server.stop(0.5)
+        for w in workers:
+            await w.close()
+
+    asyncio.run(main())
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+def print_table(results: list[PhaseResult], tokens: int) -> None:
+    head = f"{'phase':<11}{'streams':>8}{'requests':>10}{'req/s':>9}{'tok/s':>9}{'msg/req':>8}" \
+           f"{'added p50':>11}{'added p99':>11}{'ttft p50':>10}{'errors':>8}"  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        n = len(r.latencies_s)
+        print(
+            f"{r.name:<11}{r.concurrency:>8}{n:>10}{n / r.seconds:>9.0f}{r.tokens / r.seconds:>9.0f}"
+            f"{(r.messages / n if n else 0):>8.1f}{_pct(r.latencies_s, 0.5) * 1e3:>9.2f}ms"
+            f"{_pct(r.latencies_s, 0.99) * 1e3:>9.2f}ms{_pct(r.ttfts_s, 0.5) * 1e3:>8.2f}ms{r.errors:>8}"
+        )
+    routed = [r for r in results if not r.name.startswith("floor")]
+    best = max(len(r.latencies_s) / r.seconds for r in routed)
+    floor = statistics.median(routed[0].latencies_s) * 1e3 if routed[0].latencies_s else float("nan")
+    print(f"\n{tokens} tokens per request; fake workers compute nothing, so added = end-to-end.")
+    print(f"throughput {best:.0f} req/s (target >= {TARGET_RPS:.0f}): {'MET' if best >= TARGET_RPS else 'NOT MET'}")
+    print(f"added p50 at 1 stream {floor:.2f} ms (target <= {TARGET_P50_MS} ms): "
+          f"{'MET' if floor <= TARGET_P50_MS else 'NOT MET'}")  # fmt: skip
+    print(f"floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)")
+    print(f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="router overhead with fake workers")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=1, help="client processes")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--decode-workers", type=int, default=2)
+    args = parser.parse_args()
+    assert 4 * args.seconds + 15 < 60, "keep the run under a minute"
+    ctx = mp.get_context("spawn")
+    ready: mp.Queue = ctx.Queue()
+    stop = ctx.Event()
+    router = ctx.Process(target=_router_process_main, args=(ready, stop, args.decode_workers))
+    router.start()
+    try:
+        address, floor_address = ready.get(timeout=30)
+        run_clients(address, "warmup", 1, 4, 1.0, args.tokens)
+        results: list[PhaseResult] = []
+        for name, clients, concurrency in (("latency", 1, 1), ("throughput", args.clients, args.concurrency)):
+            routed = run_clients(address, name, clients, concurrency, args.seconds, args.tokens)
+            msgs = max(round(routed.messages / max(len(routed.latencies_s), 1)), 1)
+            floor = run_clients(floor_address, f"floor-{name[:3]}", clients, concurrency, args.seconds, msgs)
+            results += [routed, floor]
+    finally:
+        stop.set()
+        router.join(timeout=10)
+        if router.is_alive():
+            router.terminate()
+    print_table(results, args.tokens)
+
+
+if __name__ == "__main__":
+    main()

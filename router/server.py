@@ -1,0 +1,146 @@
+"""The router's gRPC front door: `tandem.v1.Generation`, grpc.health.v1, optional reflection.
+
+`RouterServer` owns an asyncio gRPC server bound to `config.host` (127.0.0.1 by default), the
+worker registry with its heartbeats, and the Orchestrator. Requests larger than
+`config.max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED. Generate:
+validate (INVALID_ARGUMENT "field: message", nothing sent to a worker) -> orchestrate (see
+`router.flow`). A client cancel or an expired gRPC deadline cancels the handler; the
+Orchestrator then aborts the request on its workers, and gRPC reports CANCELLED /
+DEADLINE_EXCEEDED.
+
+Health: the overall service ("") and "tandem.v1.Generation" are SERVING only while the
+registry can serve (>= 1 healthy prefill and decode worker, or a colocated one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from engine.errors import InvalidRequestError
+from router import convert
+from router.config import RouterConfig
+from router.flow import Orchestrator, RouterError
+from router.registry import Pool, WorkerRegistry
+from router.tokenizer import Tokenizer
+from router.validation import ModelLimits, validate
+from tandem.api import generation_pb2 as pb
+from tandem.api import generation_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry, orch: Orchestrator) -> None:
+        self._config = config
+        self._tokenizer = tokenizer
+        self._registry = registry
+        self._orch = orch
+        vocab = config.vocab_size if config.vocab_size is not None else tokenizer.vocab_size
+        self._limits = ModelLimits(config.max_model_len, vocab)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        try:
+            req = validate(request, self._tokenizer, self._limits, self._config.slo_classes)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.time() + remaining
+        try:
+            await self._orch.run(req, deadline, context.write)
+        except RouterError as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self._orch.abort(request.request_id))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            model=self._config.model_name,
+            max_model_len=self._config.max_model_len,
+            vocab_size=self._limits.vocab_size,
+            eos_token_ids=list(self._tokenizer.eos_token_ids),
+            slo_classes=sorted(self._config.slo_classes),
+        )
+
+    async def GetClusterStatus(
+        self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClusterStatus:
+        now = time.monotonic()
+        targets = list(self._config.metrics_targets)
+        targets += [e.metrics_target for e in self._registry.entries() if e.metrics_target]
+        return pb.ClusterStatus(
+            workers=[convert.worker_status(e, now) for e in self._registry.entries()],
+            metrics_targets=targets,
+        )
+
+
+class RouterServer:
+    """Lifecycle: `await start()` -> `await add_worker(...)` ... -> `await stop()`. One event loop."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
+        self.orchestrator = Orchestrator(self.registry, config)
+        self._servicer = GenerationServicer(config, tokenizer, self.registry, self.orchestrator)
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self.port = 0
+        self.registry.on_serving_change(self._on_serving_change)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        limit = self.config.max_message_bytes
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_GenerationServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        await self._set_health(False)
+        if self.config.enable_reflection:
+            from grpc_reflection.v1alpha import reflection  # optional dependency
+
+            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        self.registry.start()
+
+    async def add_worker(self, worker_id: str, pool: Pool | str, handle: Any, metrics_target: str | None = None) -> None:
+        await self.orchestrator.add_worker(worker_id, Pool(pool), handle, metrics_target)
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        await self.registry.stop()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        await self.orchestrator.close()
+
+    async def wait(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+    def _on_serving_change(self, serving: bool) -> None:
+        # Set whatever holds when the task runs, so quick flips cannot land out of order.
+        task = asyncio.ensure_future(self._set_health(None))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _set_health(self, serving: bool | None) -> None:
+        if serving is None:
+            serving = self.registry.serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)

@@ -1,0 +1,158 @@
+"""Validation of a GenerateRequest before anything is allocated or sent to a worker.
+
+Every check raises `engine.errors.InvalidRequestError` whose `field` names the request field
+(`text`, `token_ids`, `chat`, `request_id`, `sampling.<name>`, `ttft_ms`, `priority`, ...); the
+server answers INVALID_ARGUMENT with "field: message". Cheap structural checks run first, then
+tokenization, then the checks that need the prompt length and the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from router.slo import Slo, SloClass, resolve_slo
+from router.tokenizer import ChatTurn, Tokenizer
+from tandem.api import generation_pb2 as pb
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_PRIORITY = 1000
+MAX_CHAT_MESSAGES = 1024
+MAX_CHARS_PER_TOKEN = 64  # bounds tokenizer work before the prompt's token count is known
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_SCALAR_FIELDS = (
+    "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
+    "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request that passed every check. `max_new_tokens` is capped by the context."""
+
+    request_id: str | None
+    prompt_token_ids: tuple[int, ...]
+    sampling_params: SamplingParams
+    max_new_tokens: int
+    slo: Slo
+    arrival: float  # time.monotonic() when the router received it
+
+
+def _check(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(field_name, message)
+
+
+def _check_request_id(req: pb.GenerateRequest) -> None:
+    if not req.HasField("request_id"):
+        return
+    rid = req.request_id
+    _check(0 < len(rid) <= MAX_REQUEST_ID_CHARS, "request_id", f"must be 1..{MAX_REQUEST_ID_CHARS} characters")
+    _check(_REQUEST_ID.match(rid) is not None, "request_id", "may hold only letters, digits and _ . : -")
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """SamplingParams from the wire; errors name `sampling.<field>`."""
+    kwargs: dict[str, object] = {f: getattr(msg, f) for f in _SCALAR_FIELDS if msg.HasField(f)}
+    kwargs["stop"] = tuple(msg.stop)
+    kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    try:
+        params = SamplingParams(**kwargs)  # type: ignore[arg-type]
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
+    _check(params.n == 1, "sampling.n", "the router streams one sequence per request: n must be 1")
+    return params
+
+
+def _check_prompt_shape(req: pb.GenerateRequest, limits: ModelLimits) -> None:
+    kind = req.WhichOneof("prompt")
+    _check(kind is not None, "prompt", "missing: set one of text, token_ids, chat")
+    max_chars = limits.max_model_len * MAX_CHARS_PER_TOKEN
+    if kind == "text":
+        _check(len(req.text) > 0, "text", "the prompt is empty")
+        _check(len(req.text) <= max_chars, "text", f"{len(req.text)} characters; at most {max_chars}")
+    elif kind == "token_ids":
+        ids = req.token_ids.ids
+        _check(len(ids) > 0, "token_ids", "the prompt is empty")
+        _check(len(ids) < limits.max_model_len, "token_ids", f"{len(ids)} tokens; the context is {limits.max_model_len}")
+        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+        _check(bad is None, "token_ids", f"id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+    else:
+        msgs = req.chat.messages
+        _check(0 < len(msgs) <= MAX_CHAT_MESSAGES, "chat", f"needs 1..{MAX_CHAT_MESSAGES} messages")
+        _check(all(m.role for m in msgs), "chat", "every message needs a role")
+        num_chars = sum(len(m.content) + len(m.role) for m in msgs)
+        _check(num_chars <= max_chars, "chat", f"{num_chars} characters; at most {max_chars}")
+
+
+def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
+    kind = req.WhichOneof("prompt")
+    if kind == "token_ids":
+        return list(req.token_ids.ids)
+    if kind == "text":
+        ids = tokenizer.encode(req.text)
+    else:
+        turns = [ChatTurn(m.role, m.content) for m in req.chat.messages]
+        add = req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True
+        ids = tokenizer.encode_chat(turns, add)
+    _check(len(ids) > 0, str(kind), "the prompt tokenizes to nothing")
+    return ids
+
+
+def _cap_max_tokens(params: SamplingParams, explicit: bool, num_prompt: int, limits: ModelLimits) -> SamplingParams:
+    room = limits.max_model_len - num_prompt
+    _check(room >= 1, "prompt", f"{num_prompt} tokens leave no room in the {limits.max_model_len}-token context")
+    if params.max_tokens is None or (not explicit and params.max_tokens > room):
+        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+    _check(params.max_tokens <= room, "sampling.max_tokens", f"{params.max_tokens} exceeds the {room} tokens left in the context")
+    return params
+
+
+def validate(
+    req: pb.GenerateRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    slo_classes: Mapping[str, SloClass],
+) -> ValidatedRequest:
+    """Check every field, tokenize, and resolve the SLO. Raises InvalidRequestError."""
+    arrival = time.monotonic()
+    _check_request_id(req)
+    _check_prompt_shape(req, limits)
+    params = sampling_from_proto(req.sampling)
+    priority = req.priority if req.HasField("priority") else None
+    _check(priority is None or abs(priority) <= MAX_PRIORITY, "priority", f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    slo = resolve_slo(
+        slo_classes,
+        slo_class=req.slo_class if req.HasField("slo_class") else None,
+        ttft_ms=req.ttft_ms if req.HasField("ttft_ms") else None,
+        tpot_ms=req.tpot_ms if req.HasField("tpot_ms") else None,
+        priority=priority,
+        best_effort=req.best_effort if req.HasField("best_effort") else None,
+    )
+    try:
+        params.check_vocab(limits.vocab_size)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
+    prompt = _tokenize(req, tokenizer)
+    params = _cap_max_tokens(params, req.sampling.HasField("max_tokens"), len(prompt), limits)
+    assert params.max_tokens is not None
+    return ValidatedRequest(
+        request_id=req.request_id if req.HasField("request_id") else None,
+        prompt_token_ids=tuple(prompt),
+        sampling_params=params,
+        max_new_tokens=params.max_tokens,
+        slo=slo,
+        arrival=arrival,
+    )

@@ -1,0 +1,74 @@
+"""Regenerate the Python stubs of `proto/tandem/v1/*.proto` into `tandem/api/`.
+
+Usage: `python -m tandem.api.generate [--out DIR]`.
+
+protoc names imports after the proto path (`from tandem.v1 import x_pb2`); the stubs live in
+`tandem.api`, so those imports are rewritten to `from tandem.api import x_pb2`. The descriptor
+keeps its proto path (`tandem/v1/...`), so reflection and the descriptor pool see the real name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROTO_ROOT = REPO_ROOT / "proto"
+PROTO_PACKAGE_DIR = Path("tandem") / "v1"
+API_DIR = Path(__file__).resolve().parent
+_IMPORT = re.compile(r"^from tandem\.v1 import (\w+_pb2)", re.MULTILINE)
+_PYI_IMPORT = re.compile(r"^from tandem\.v1 import", re.MULTILINE)
+
+
+def proto_files() -> list[Path]:
+    """The .proto sources, relative to `proto/`, in a stable order."""
+    return sorted(p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / PROTO_PACKAGE_DIR).glob("*.proto"))
+
+
+def _run_protoc(out_dir: Path) -> None:
+    from grpc_tools import protoc  # only the generator needs grpcio-tools
+
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *[str(p) for p in proto_files()],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+
+
+def _fix_imports(text: str) -> str:
+    text = _IMPORT.sub(r"from tandem.api import \1", text)
+    return _PYI_IMPORT.sub("from tandem.api import", text)
+
+
+def generate(out_dir: Path = API_DIR) -> list[Path]:
+    """Compile every proto into `out_dir` (flat: `x_pb2.py`, `x_pb2_grpc.py`, `x_pb2.pyi`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _run_protoc(Path(tmp))
+        for src in sorted((Path(tmp) / PROTO_PACKAGE_DIR).iterdir()):
+            dst = out_dir / src.name
+            dst.write_text(_fix_imports(src.read_text()))
+            written.append(dst)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=API_DIR)
+    args = parser.parse_args(argv)
+    for path in generate(args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
