@@ -1,0 +1,99 @@
+"""The batched sampler: one step's logits [B, V] in, one token (and maybe logprobs) per row out.
+
+Order of processing (every stage batched on the logits' device; Python loops run over rows
+only, to build small per-row tensors and to draw seeded noise):
+1. Padded vocabulary: columns >= `vocab_size` are dropped (sliced off), so they are never
+   chosen and never counted in logprobs.
+2. min_tokens: while `len(output_token_ids) < min_tokens`, EOS ids (the model's, unless
+   `ignore_eos`) and `stop_token_ids` are set to -inf.
+3. Penalties: repetition (Hugging Face: seen in prompt or output -> logit / p if > 0 else
+   logit * p), then presence and frequency (OpenAI: output tokens only,
+   `logit -= presence * [count > 0] + frequency * count`).
+4. Logprobs, for rows that ask: `log_softmax` of the logits after 1-3, before temperature and
+   truncation; the sampled token's logprob and the top-N sorted descending.
+5. Greedy rows (temperature 0): argmax.
+6. Other rows: divide by temperature, then top-k, top-p, min-p (see `engine.sampling.truncation`),
+   then the exponential race argmax(probs / E), E ~ Exp(1) (see `engine.sampling.noise`).
+   Seeded rows are reproducible whatever shares the batch.
+All arithmetic is float32 whatever the logits' dtype. Fast path: when every row is greedy with
+no penalties, no pending min_tokens and no logprobs, the result is one argmax.
+Hazard: a row whose every token is forbidden (a vocabulary made only of EOS / stop ids while
+min_tokens is pending) has no valid choice; it gets an arbitrary id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling.batch import SamplingBatch, needs_full_path
+from engine.sampling.logprobs import gather_logprobs
+from engine.sampling.noise import exponential_noise
+from engine.sampling.penalties import apply_min_tokens, apply_penalties
+from engine.sampling.seeds import step_seed
+from engine.sampling.truncation import truncate
+from engine.scheduler.output import ScheduledRequest, TokenLogprobs
+
+
+@dataclass(frozen=True)
+class SamplerResult:
+    """`token_ids[i]` and `logprobs[i]` belong to row i; logprobs are None where not requested."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    """Picks the next token of every row of a step.
+
+    `device` is where the runner keeps logits; computation always follows `logits.device`.
+    Stateless between calls: everything a row needs comes from its ScheduledRequest.
+    """
+
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], device: torch.device) -> None:
+        assert vocab_size > 0, "vocab_size must be positive"
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = device
+
+    def __call__(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SamplerResult:
+        assert logits.dim() == 2 and logits.shape[0] == len(requests), (
+            f"logits {tuple(logits.shape)} do not match {len(requests)} requests"
+        )
+        assert logits.shape[1] >= self.vocab_size, "logits narrower than the vocabulary"
+        logits = logits[:, : self.vocab_size]
+        if not any(needs_full_path(r) for r in requests):
+            return SamplerResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+        logits = logits.to(torch.float32, copy=True)
+        apply_min_tokens(logits, requests, self.eos_token_ids)
+        apply_penalties(logits, requests)
+        token_ids = self._pick(logits, requests)
+        logprobs = gather_logprobs(logits, token_ids, [r.sampling_params.logprobs for r in requests])
+        return SamplerResult(token_ids.tolist(), logprobs)
+
+    def _pick(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """[B] int64 on the device: argmax everywhere, then sampled rows overwritten."""
+        token_ids = logits.argmax(dim=-1)
+        sampled_rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        if not sampled_rows:
+            return token_ids
+        rows = torch.tensor(sampled_rows, dtype=torch.int64).to(logits.device)
+        chosen = [requests[i] for i in sampled_rows]
+        token_ids[rows] = self._sample(logits[rows], chosen)
+        return token_ids
+
+    def _sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Temperature, truncation and the exponential race over R sampled rows."""
+        params = [r.sampling_params for r in requests]
+        batch = SamplingBatch.from_params(params, self.vocab_size, logits.device)
+        scaled = truncate(logits / batch.temperature.unsqueeze(1), batch)
+        probs = torch.softmax(scaled, dim=-1)
+        seeds = [
+            None if r.sampling_params.seed is None
+            else step_seed(r.sampling_params.seed, len(r.output_token_ids))
+            for r in requests
+        ]
+        noise = exponential_noise(seeds, self.vocab_size, logits.device)
+        return (probs / noise).argmax(dim=-1)
