@@ -20,6 +20,10 @@ def _check(ok: bool, field_name: str, message: str) -> None:
         raise InvalidRequestError(field_name, message)
 
 
+def _int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -62,13 +66,13 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        _check(_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
         _check(
             _finite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
             "temperature",
             f"must be a finite number in [0, {MAX_TEMPERATURE}]",
         )
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
+        _check(_int(self.top_k) and self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
         _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         _check(
@@ -80,16 +84,16 @@ class SamplingParams:
             value = getattr(self, name)
             _check(_finite(value) and -2.0 <= value <= 2.0, name, "must be in [-2, 2]")
         _check(
-            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
             "seed",
             "must be an integer in [0, 2^63)",
         )
         _check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "must be >= 1",
         )
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
+        _check(_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",
@@ -98,7 +102,7 @@ class SamplingParams:
         self._validate_stops()
         _check(
             self.logprobs is None
-            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be in [0, {MAX_LOGPROBS}]",
         )
@@ -118,7 +122,7 @@ class SamplingParams:
             f"at most {MAX_STOP_TOKEN_IDS} ids",
         )
         for t in self.stop_token_ids:
-            _check(isinstance(t, int) and t >= 0, "stop_token_ids", "ids must be >= 0")
+            _check(_int(t) and t >= 0, "stop_token_ids", "ids must be >= 0")
 
     @property
     def greedy(self) -> bool:

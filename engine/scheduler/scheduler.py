@@ -1,0 +1,319 @@
+"""Continuous-batching scheduler (vLLM-v1 style): a token budget per step, chunked prefill,
+prefix-cache hits, preemption by recompute, priorities and deadlines.
+
+The engine step is three calls:
+
+    out = scheduler.schedule(); result = runner.execute(out); scheduler.update(out, result)
+
+`schedule()` stages:
+  1. RUNNING requests in policy order, each asking for `num_tokens - num_computed_tokens`
+     tokens (1 in decode, the rest of a prompt in chunked prefill, capped by the budget).
+     When the pool is short, the *last* running request in policy order is preempted by
+     recompute (blocks freed, `num_computed_tokens = 0`, front of the waiting queue).
+  2. Only if nothing was preempted: WAITING / PREEMPTED requests in policy order, while the
+     budget, `max_num_seqs` and the pool (minus the watermark) allow; a prefix hit makes
+     `num_computed_tokens` jump to the cached length. Admission stops at the first request
+     that does not fit (no overtaking: it would starve long prompts).
+
+Hazards: a request aborted or finished between `schedule()` and `update()` has its blocks
+freed at once; `update()` skips it. This is safe only because the runner has finished the
+step (its KV writes to those blocks) before the next `schedule()` can reuse the blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from engine.errors import EngineConfigError, InvalidRequestError
+from engine.kv.kv_manager import NO_BLOCKS, ComputedBlocks, KVManager, token_slice
+from engine.request import Request, RequestStatus
+from engine.scheduler.config import SchedulerConfig
+from engine.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.scheduler.policy import sort_by_policy
+
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats"]
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for load reports and metrics."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_usable_blocks: int
+    num_preemptions_total: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+
+class Scheduler:
+    """Owns the request queues of one engine; the KVManager owns their blocks.
+
+    Queues are insertion-ordered dicts (O(1) removal by id); each step sorts them by policy
+    (O(n log n)). Every exit to a FINISHED_* status frees the request's blocks at once.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if kv_manager.block_size != config.block_size:
+            raise EngineConfigError(
+                f"block_size: scheduler has {config.block_size}, KV manager {kv_manager.block_size}"
+            )
+        capacity = kv_manager.num_usable_blocks * config.block_size
+        if config.max_model_len > capacity:
+            raise EngineConfigError(
+                f"max_model_len: {config.max_model_len} tokens exceed the KV pool "
+                f"({kv_manager.num_usable_blocks} blocks x {config.block_size} = {capacity})"
+            )
+        self.config = config
+        self.kv = kv_manager
+        self._clock = clock
+        self._requests: dict[str, Request] = {}
+        self._running: dict[str, Request] = {}
+        self._waiting: dict[str, Request] = {}  # WAITING and PREEMPTED
+        self._watermark_blocks = int(config.watermark * kv_manager.num_usable_blocks)
+        self._num_preemptions_total = 0
+
+    # ------------------------------------------------------------ requests
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new WAITING request. Raises InvalidRequestError on a duplicate id or a
+        prompt that is empty or longer than `max_model_len`."""
+        if request.request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already queued")
+        if not 0 < request.num_prompt_tokens <= self.config.max_model_len:
+            raise InvalidRequestError(
+                "prompt_token_ids",
+                f"{request.num_prompt_tokens} tokens; must be in [1, {self.config.max_model_len}]",
+            )
+        assert request.status is RequestStatus.WAITING and not request.block_ids
+        self._requests[request.request_id] = request
+        self._waiting[request.request_id] = request
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Abort requests now (blocks freed at once); unknown or finished ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            request = self.finish(request_id, RequestStatus.FINISHED_ABORTED)
+            if request is not None:
+                aborted.append(request)
+        return aborted
+
+    def finish(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """End a request with a FINISHED_* status (e.g. a stop string the engine found):
+        frees its blocks and drops it from the queues. None if the id is unknown."""
+        assert status.finished, f"finish() needs a FINISHED_* status, got {status}"
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        self._running.pop(request_id, None)
+        self._waiting.pop(request_id, None)
+        self.kv.free(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        return request
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            num_free_blocks=self.kv.num_free_blocks,
+            num_usable_blocks=self.kv.num_usable_blocks,
+            num_preemptions_total=self._num_preemptions_total,
+            prefix_queried_tokens=self.kv.prefix_queried_tokens,
+            prefix_hit_tokens=self.kv.prefix_hit_tokens,
+        )
+
+    # ------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work; allocates slots (and may preempt). See the module doc."""
+        now = self._clock()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(now, budget, scheduled, preempted)
+        if not preempted:
+            self._schedule_waiting(now, budget, scheduled)
+        return SchedulerOutput(
+            scheduled=scheduled,
+            preempted_ids=[r.request_id for r in preempted],
+            num_batched_tokens=sum(s.num_tokens for s in scheduled),
+        )
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        """Tokens to feed this step: all that remain, or a chunk; 0 if it must wait."""
+        remaining = request.num_tokens - num_computed
+        if remaining <= budget:
+            return remaining
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _schedule_running(
+        self,
+        now: float,
+        budget: int,
+        scheduled: list[ScheduledRequest],
+        preempted: list[Request],
+    ) -> int:
+        queue = sort_by_policy(self._running.values(), now, self.config.starvation_timeout_s)
+        i = 0
+        while i < len(queue) and budget > 0:
+            request = queue[i]
+            n = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if n == 0:
+                i += 1
+                continue
+            if not self._make_room(queue, i, n, preempted):
+                break  # the request preempted itself: everything after it already went
+            self.kv.allocate_slots(request, n)
+            scheduled.append(self._scheduled(request, n))
+            budget -= n
+            i += 1
+        self._running = {r.request_id: r for r in queue}
+        if preempted:  # to the front of the waiting queue, in policy order
+            rest = self._waiting
+            self._waiting = {r.request_id: r for r in reversed(preempted)}
+            self._waiting.update(rest)
+        return budget
+
+    def _make_room(
+        self, queue: list[Request], i: int, num_new_tokens: int, preempted: list[Request]
+    ) -> bool:
+        """Preempt from the tail of `queue` until `queue[i]` fits; False if it went itself."""
+        request = queue[i]
+        while not self.kv.can_allocate_slots(request, num_new_tokens):
+            victim = queue.pop()
+            if victim is request and i == 0:
+                raise RuntimeError(
+                    f"request {request.request_id!r} alone needs more KV blocks than the pool "
+                    f"has ({self.kv.num_usable_blocks}); the engine must reject it up front"
+                )
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions_total += 1
+
+    def _schedule_waiting(self, now: float, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        if not self._waiting or len(self._running) >= self.config.max_num_seqs:
+            return
+        queue = sort_by_policy(self._waiting.values(), now, self.config.starvation_timeout_s)
+        for request in queue:
+            if budget == 0 or len(self._running) >= self.config.max_num_seqs:
+                break
+            n = self._admit(request, budget)
+            if n == 0:
+                break  # no overtaking: the head waits for room
+            del self._waiting[request.request_id]
+            self._running[request.request_id] = request
+            scheduled.append(self._scheduled(request, n))
+            budget -= n
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Allocate a waiting request's first chunk; the number of tokens, or 0 if no room."""
+        computed: ComputedBlocks = NO_BLOCKS
+        if self.config.enable_prefix_caching:
+            computed = self.kv.get_computed_blocks(request)
+        n = self._num_new_tokens(request, computed.num_tokens, budget)
+        # The watermark only protects running requests; with none, admit whatever fits.
+        reserved = self._watermark_blocks if self._running else 0
+        if n == 0 or not self.kv.can_allocate_slots(request, n, computed, reserved):
+            return 0
+        self.kv.allocate_slots(request, n, computed)
+        request.num_computed_tokens = computed.num_tokens
+        if request.status is RequestStatus.WAITING:
+            request.num_cached_tokens = computed.num_tokens
+        request.status = RequestStatus.RUNNING
+        return n
+
+    @staticmethod
+    def _scheduled(request: Request, n: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=token_slice(request, start, start + n),
+            start_position=start,
+            block_ids=list(request.block_ids),
+            sample=start + n == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    # -------------------------------------------------------------- update
+
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """Apply a step's results; returns every request that got a new token (finished ones
+        included, already removed and freed). Requests gone since `schedule()` are skipped."""
+        updated: list[Request] = []
+        for s in out.scheduled:
+            request = self._requests.get(s.request_id)
+            if request is None or not self._still_scheduled(request, s):
+                continue
+            request.num_computed_tokens += s.num_tokens
+            self.kv.cache_blocks(request)
+            if not s.sample:
+                continue
+            token = result.sampled_token_ids[s.request_id]
+            request.output_token_ids.append(token)
+            self._check_stop(request, token)
+            if request.status.finished:
+                self._remove_finished(request)
+            updated.append(request)
+        return updated
+
+    @staticmethod
+    def _still_scheduled(request: Request, s: ScheduledRequest) -> bool:
+        """False for a request aborted (and maybe re-added under its id) or preempted since."""
+        return (
+            request.status is RequestStatus.RUNNING
+            and request.num_computed_tokens == s.start_position
+        )
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            is_eos = not params.ignore_eos and token in request.eos_token_ids
+            if is_eos or token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
+        elif request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+
+    def _remove_finished(self, request: Request) -> None:
+        del self._requests[request.request_id]
+        del self._running[request.request_id]
+        self.kv.free(request)

@@ -1,0 +1,95 @@
+"""KVCacheView: one TP rank's paged KV cache tensor plus its TP layout.
+
+Layout (engine/attention/backend.py): `kv_cache[num_layers, 2, num_blocks, block_size,
+num_kv_heads_local, head_dim]`. Block id 0 is the engine's null block: never read or written
+here. Reads gather (copy) the blocks, so the result does not alias the cache; on CUDA the
+gather is enqueued on the current stream, so a later kernel on that stream that reuses the
+blocks is ordered after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvtransfer.errors import InvalidBlockIdsError, KVLayoutError
+from kvtransfer.reshard import rank_heads
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    tp_rank: int
+    tp_size: int
+    num_kv_heads: int  # total over all ranks
+
+    def head_range(self) -> tuple[int, int]:
+        return rank_heads(self.tp_rank, self.tp_size, self.num_kv_heads)
+
+    @property
+    def num_local_heads(self) -> int:
+        start, end = self.head_range()
+        return end - start
+
+
+class KVCacheView:
+    """Block-granular reads and writes of one rank's cache (optionally of a local head slice)."""
+
+    def __init__(self, kv_cache: torch.Tensor, tp: TPLayout | None = None) -> None:
+        if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+            raise KVLayoutError("kv_cache", f"expected [L, 2, N, bs, H, D], got {tuple(kv_cache.shape)}")
+        self.tp = tp or TPLayout(0, 1, kv_cache.shape[4])
+        if self.tp.num_local_heads != kv_cache.shape[4]:
+            raise KVLayoutError(
+                "num_kv_heads", f"layout says {self.tp.num_local_heads} local heads, tensor has {kv_cache.shape[4]}"
+            )
+        self.kv_cache = kv_cache
+        self.num_layers, _, self.num_blocks, self.block_size, self.num_local_heads, self.head_dim = kv_cache.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv_cache.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_cache.device
+
+    def block_shape(self, num_heads: int | None = None) -> tuple[int, int, int, int, int]:
+        """Shape of one block: [L, 2, block_size, heads, head_dim]."""
+        heads = self.num_local_heads if num_heads is None else num_heads
+        return (self.num_layers, 2, self.block_size, heads, self.head_dim)
+
+    def bytes_per_block(self, num_heads: int | None = None) -> int:
+        n = 1
+        for d in self.block_shape(num_heads):
+            n *= d
+        return n * self.kv_cache.element_size()
+
+    def read_blocks(self, block_ids: Sequence[int], heads: tuple[int, int] | None = None) -> torch.Tensor:
+        """Copy of blocks `block_ids` (local heads `heads`): [L, 2, n, block_size, h, D]."""
+        index = self._index(block_ids, "block_ids")
+        src = self.kv_cache if heads is None else self.kv_cache[..., heads[0] : heads[1], :]
+        return src.index_select(2, index)
+
+    def write_blocks(
+        self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None
+    ) -> None:
+        """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (local heads `heads`)."""
+        index = self._index(block_ids, "block_ids")
+        h0, h1 = heads if heads is not None else (0, self.num_local_heads)
+        expected = (self.num_layers, 2, len(block_ids), self.block_size, h1 - h0, self.head_dim)
+        if tuple(data.shape) != expected:
+            raise KVLayoutError("data", f"expected shape {expected}, got {tuple(data.shape)}")
+        data = data.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if heads is None:
+            self.kv_cache.index_copy_(2, index, data)
+        else:
+            self.kv_cache[..., h0:h1, :].index_copy_(2, index, data)
+
+    def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
+        ids = list(block_ids)
+        bad = [b for b in ids if not 0 < b < self.num_blocks]
+        if bad:
+            raise InvalidBlockIdsError(field, f"{bad[:4]} outside [1, {self.num_blocks}) (0 is the null block)")
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)
