@@ -86,6 +86,9 @@ class AsyncEngine:
         self.calibration = calibrate(engine) if calibrate_at_start else Calibration(0, 0, 0, 0, 0)
         self._on_output = on_output
         self.loop = EngineLoop(engine, self._dispatch, before_step, has_work)
+
+    def start(self) -> None:
+        """Start the loop thread (after whatever `before_step` touches exists)."""
         self.loop.start()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:

@@ -65,6 +65,12 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)  # of full blocks, grows lazily
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token or string that finished it
+    # Disaggregation: a prefill-only request keeps its blocks when it finishes (stopped or
+    # length, never aborted); they move to `held_block_ids` for a KV lease, and the holder
+    # frees them with KVManager.release().
+    hold_kv: bool = False
+    held_block_ids: list[int] = field(default_factory=list)
+    first_scheduled_time: float | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -196,6 +196,18 @@ class KVManager:
             self.pool.cache_full_block(request.block_ids[i], request.block_hashes[i])
         self._num_registered[request.request_id] = num_full
 
+    def detach(self, request: Request) -> list[int]:
+        """Hand the request's blocks to a new owner (a KV lease) without freeing them; the owner
+        later calls `release()`. Clears the request's table. Idempotent."""
+        blocks = list(request.block_ids)
+        request.block_ids.clear()
+        self._num_registered.pop(request.request_id, None)
+        return blocks
+
+    def release(self, block_ids: list[int]) -> None:
+        """Free blocks handed out by `detach()` (or allocated for an incoming transfer)."""
+        self.pool.free(block_ids)
+
     def free(self, request: Request) -> None:
         """Free the request's blocks (tail first) and clear its table. Idempotent."""
         self.pool.free(request.block_ids)

@@ -97,6 +97,16 @@ class Scheduler:
         self._requests[request.request_id] = request
         self._waiting[request.request_id] = request
 
+    def add_running(self, request: Request) -> None:
+        """Join a request whose first `num_computed_tokens` already have KV in its blocks (its
+        prompt's KV arrived from a prefill worker) straight into the running batch."""
+        if request.request_id in self._requests:
+            raise InvalidRequestError("request_id", f"{request.request_id!r} is already queued")
+        assert request.block_ids and request.num_computed_tokens <= len(request.block_ids) * self.config.block_size
+        request.status = RequestStatus.RUNNING
+        self._requests[request.request_id] = request
+        self._running[request.request_id] = request
+
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         """Abort requests now (blocks freed at once); unknown or finished ids are ignored."""
         aborted = []
@@ -117,10 +127,14 @@ class Scheduler:
             return None
         self._running.pop(request_id, None)
         self._waiting.pop(request_id, None)
-        self.kv.free(request)
         request.status = status
+        self._release_blocks(request)
         request.stop_reason = stop_reason
         return request
+
+    def waiting_requests(self) -> list[Request]:
+        """WAITING and PREEMPTED requests, in no particular order (a snapshot)."""
+        return list(self._waiting.values())
 
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
@@ -316,4 +330,11 @@ class Scheduler:
     def _remove_finished(self, request: Request) -> None:
         del self._requests[request.request_id]
         del self._running[request.request_id]
-        self.kv.free(request)
+        self._release_blocks(request)
+
+    def _release_blocks(self, request: Request) -> None:
+        """A finished request frees its blocks, or hands them to a KV lease (`hold_kv`)."""
+        if request.hold_kv and request.status is not RequestStatus.FINISHED_ABORTED:
+            request.held_block_ids = self.kv.detach(request)
+        else:
+            self.kv.free(request)

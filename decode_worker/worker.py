@@ -1,0 +1,165 @@
+"""The decode worker (a Ray actor): prefilled requests in, one output batch per step out.
+
+Stages of one request:
+  1. `start(req)`: on the engine thread, allocate blocks for the prompt's KV (or refuse with
+     WorkerRejectedError, holding nothing) and start pulling it through the KV receiver;
+  2. before every engine step, poll each incoming transfer without blocking: DONE -> the
+     request joins the running batch; FAILED -> a final error output;
+  3. the engine decodes every running request each step; all their new tokens leave as one
+     batch through `next_outputs()` (the router's long poll).
+Block ownership: on DONE the destination blocks are the request's; after FAILED or a cancel,
+the transport may still be writing, so they are freed only in the receiver's `on_release`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from decode_worker.outbox import Outbox
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from kvtransfer.handle import KVHandle
+from kvtransfer.interfaces import KVPoll
+from kvtransfer.transports.grpc_stream import GrpcReceiver
+from prefill_worker.common import WorkerCore
+from router.worker_api import (
+    CostModel,
+    DecodeRequest,
+    LoadSnapshot,
+    StageTimes,
+    StepOutput,
+    WorkerRejectedError,
+    deadline_to_monotonic,
+)
+
+
+@dataclass
+class _Incoming:
+    request: Request
+    accepted: float
+
+
+@dataclass
+class _Times:
+    request: Request
+    accepted: float
+    kv_landed: float | None = None
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], transfer_timeout_s: float = 30.0,
+                 calibrate: bool = True) -> None:
+        self.outbox = Outbox()
+        self._incoming: dict[str, _Incoming] = {}
+        self._times: dict[str, _Times] = {}
+        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_transfers,
+                               has_work=lambda: bool(self._incoming), transport="grpc", calibrate=calibrate)
+        self.receiver = GrpcReceiver(self.core.view, on_release=self._on_release, timeout_s=transfer_timeout_s)
+        self.core.start()
+
+    # ----------------------------------------------------------- actor API
+
+    async def start(self, req: DecodeRequest) -> None:
+        self.outbox.bind()
+        handle = KVHandle.from_bytes(req.kv_handle)
+        await self.core.aengine.run(lambda engine: self._accept(engine, req, handle))
+
+    async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
+        return await self.outbox.next_outputs(max_wait_s)
+
+    async def abort(self, request_id: str) -> None:
+        await self.core.aengine.run(lambda engine: self._abort(engine, request_id))
+
+    async def load(self) -> LoadSnapshot:
+        return await self.core.load()
+
+    async def cost_model(self) -> CostModel:
+        return self.core.cost_model()
+
+    async def ping(self) -> str:
+        return self.core.worker_id
+
+    async def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+    def shutdown(self) -> None:
+        self.receiver.close()
+        self.core.shutdown()
+
+    # --------------------------------------------------- engine-thread side
+
+    def _accept(self, engine: LLMEngine, req: DecodeRequest, handle: KVHandle) -> None:
+        if req.request_id in self._incoming or engine.scheduler.get_request(req.request_id):
+            raise WorkerRejectedError(f"request {req.request_id!r} is already here")
+        request = engine.add_prefilled(
+            req.request_id, list(req.prompt_token_ids), req.first_token_id, req.sampling_params,
+            priority=req.priority, deadline=deadline_to_monotonic(req.deadline), first_text=req.first_text,
+        )
+        if request is None:
+            raise WorkerRejectedError("no free KV blocks for the prompt")
+        self.receiver.start(handle, request.block_ids[: handle.num_blocks])
+        now = time.monotonic()
+        self._incoming[req.request_id] = _Incoming(request, now)
+        self._times[req.request_id] = _Times(request, accepted=now)
+
+    def _poll_transfers(self) -> None:
+        for request_id, incoming in list(self._incoming.items()):
+            state = self.receiver.poll(request_id)
+            if state is KVPoll.DONE:
+                del self._incoming[request_id]
+                self._times[request_id].kv_landed = time.monotonic()
+                self.core.engine.activate_prefilled(incoming.request)
+            elif state is KVPoll.FAILED:
+                del self._incoming[request_id]
+                self._times.pop(request_id, None)
+                self._drop(incoming.request)
+                reason = self.receiver.failure_reason(request_id) or "KV transfer failed"
+                self.outbox.put([StepOutput(request_id, (), finished=True, finish_reason="abort",
+                                            error=f"KV transfer failed: {reason}")])
+
+    def _drop(self, request: Request) -> None:
+        """Forget a request whose KV never landed. Its blocks are exactly the transfer's
+        destination blocks, so they come back through `on_release` once writes stopped."""
+        self.core.engine.drop_prefilled(request)
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        incoming = self._incoming.pop(request_id, None)
+        self._times.pop(request_id, None)
+        if incoming is None:
+            engine.abort([request_id])
+            return
+        self.receiver.cancel(request_id)
+        self._drop(incoming.request)
+
+    def _on_release(self, transfer_id: str, block_ids: list[int]) -> None:
+        self.core.engine.release_blocks(block_ids)
+
+    def _on_output(self, out: RequestOutput) -> None:
+        timings = None
+        if out.finished:
+            times = self._times.pop(out.request_id, None)
+            timings = _timings(times)
+        self.outbox.put([StepOutput(
+            request_id=out.request_id,
+            new_token_ids=tuple(out.new_token_ids),
+            text_delta=out.text_delta,
+            finished=out.finished,
+            finish_reason=out.finish_reason,
+            logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
+            timings=timings,
+        )])
+
+
+def _timings(times: _Times | None) -> StageTimes | None:
+    if times is None or times.kv_landed is None:
+        return None
+    now = time.monotonic()
+    scheduled = times.request.first_scheduled_time or times.kv_landed
+    return StageTimes(
+        kv_transfer=times.kv_landed - times.accepted,
+        decode_queue=scheduled - times.kv_landed,
+        decode=now - scheduled,
+    )

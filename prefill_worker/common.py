@@ -1,0 +1,93 @@
+"""What every pool worker shares: an engine on its own thread, its KV cache view, its load
+snapshot (the heartbeat) and its cost model calibrated at start. Decode and colocated workers
+import this too."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.worker_stats import engine_load
+from kvtransfer.cache_view import KVCacheView, TPLayout
+from router.worker_api import CostModel, LoadSnapshot
+
+log = logging.getLogger(__name__)
+
+# Transfer cost per KV byte the router should assume, by transport (seconds per byte).
+_TRANSFER_S_PER_BYTE = {"grpc": 1 / 0.5e9, "nccl": 1 / 50e9, "fake": 0.0}
+
+
+class WorkerCore:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_kwargs: dict[str, Any],
+        on_output: Callable[[RequestOutput], None],
+        before_step: Callable[[], None] | None = None,
+        has_work: Callable[[], bool] | None = None,
+        transport: str = "grpc",
+        calibrate: bool = True,
+    ) -> None:
+        self.worker_id = worker_id
+        self.engine = LLMEngine(EngineConfig(**engine_kwargs), show_progress=False)
+        runner = self.engine.runner
+        cfg = self.engine.model_config
+        self.view = KVCacheView(runner.kv_cache, TPLayout(0, 1, cfg.num_kv_heads))
+        self.transport = transport
+        self._on_output = on_output
+        self.aengine = AsyncEngine(self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate)
+
+    def start(self) -> None:
+        self.aengine.start()
+
+    @property
+    def salt(self) -> str:
+        return self.engine.kv_manager.salt
+
+    async def load(self) -> LoadSnapshot:
+        if not self.aengine.healthy:
+            return LoadSnapshot(healthy=False)
+        load = await self.aengine.run(engine_load)
+        return LoadSnapshot(
+            num_queued_prefill_tokens=load.num_queued_prefill_tokens,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            num_free_blocks=load.num_free_blocks,
+            num_total_blocks=load.num_total_blocks,
+            block_size=load.block_size,
+            healthy=True,
+            tier_blocks={"hbm": load.num_total_blocks - load.num_free_blocks},
+        )
+
+    def info(self) -> dict[str, Any]:
+        """What the router needs to know of the model this worker serves."""
+        engine = self.engine
+        return {
+            "model_path": engine.model_path,
+            "max_model_len": engine.max_model_len,
+            "vocab_size": engine.vocab_size,
+            "eos_token_ids": list(engine.model_config.eos_token_ids),
+            "kv_salt": self.salt,
+            "block_size": engine.config.block_size,
+        }
+
+    def cost_model(self) -> CostModel:
+        cal = self.aengine.calibration
+        kv_bytes_per_token = self.engine.model_config.kv_bytes_per_token
+        return CostModel(
+            prefill_s_per_token=cal.prefill_s_per_token,
+            prefill_s_per_request=cal.prefill_s,
+            decode_step_s=cal.step_s,
+            decode_step_s_per_seq=cal.step_s_per_seq,
+            decode_step_s_per_context_token=cal.step_s_per_ctx_token,
+            transfer_s_per_token=kv_bytes_per_token * _TRANSFER_S_PER_BYTE.get(self.transport, 0.0),
+        )
+
+    def shutdown(self) -> None:
+        self.aengine.shutdown()
+        self.engine.shutdown()

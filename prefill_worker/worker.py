@@ -1,0 +1,156 @@
+"""The prefill worker (a Ray actor): prompts in, first tokens and leased KV handles out.
+
+Stages of one request:
+  1. `prefill(req)` queues it in the engine (its scheduler orders by priority, deadline and age,
+     with a starvation guard) as a prefill-only request: max_tokens 1, KV held at the end;
+  2. the engine loop prefills it (chunked with the other prompts) and samples the first token;
+  3. on the engine thread: if the request ends at its first token, its blocks are freed; else
+     they are leased through the KV sender (`transfer_id` = request id) and the handle returns;
+  4. the lease ends on the decode side's ack, on `abort`, or at expiry; `on_release` frees the
+     blocks on the engine thread.
+Every sender callback and every block operation runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.request import Request
+from kvtransfer.transports.grpc_stream import GrpcSender
+from prefill_worker.common import WorkerCore
+from router.worker_api import (
+    CostModel,
+    LoadSnapshot,
+    PrefillRequest,
+    PrefillResult,
+    StageTimes,
+    WorkerRejectedError,
+    deadline_to_monotonic,
+)
+
+
+@dataclass
+class _Pending:
+    request: Request
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    submitted: float
+    real_max_tokens: int | None
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
+                 lease_s: float = 30.0, calibrate: bool = True) -> None:
+        self._pending: dict[str, _Pending] = {}
+        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
+                               transport="grpc", calibrate=calibrate)
+        self.sender = GrpcSender(self.core.view, worker_id=worker_id, model_salt=self.core.salt,
+                                 on_release=self._on_release, lease_s=lease_s, host=host)
+        self.core.start()
+
+    # ----------------------------------------------------------- actor API
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        params = req.sampling_params
+        first_only = replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
+
+        def add(engine: LLMEngine) -> None:
+            request = engine.add_request(
+                req.request_id, list(req.prompt_token_ids), first_only, priority=req.priority,
+                deadline=deadline_to_monotonic(req.deadline), hold_kv=True,
+            )
+            self._pending[req.request_id] = _Pending(request, future, loop, time.monotonic(), params.max_tokens)
+
+        try:
+            await self.core.aengine.run(add)
+        except ValueError as exc:  # InvalidRequestError: the router validated, so this is rare
+            raise WorkerRejectedError(str(exc)) from exc
+        return await future
+
+    async def abort(self, request_id: str) -> None:
+        def abort(engine: LLMEngine) -> None:
+            pending = self._pending.pop(request_id, None)
+            engine.abort([request_id])
+            self.sender.fail(request_id, "aborted")
+            if pending is not None:
+                pending.loop.call_soon_threadsafe(_reject, pending.future, "aborted")
+
+        await self.core.aengine.run(abort)
+
+    async def load(self) -> LoadSnapshot:
+        return await self.core.load()
+
+    async def cost_model(self) -> CostModel:
+        return self.core.cost_model()
+
+    async def ping(self) -> str:
+        return self.core.worker_id
+
+    async def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+    async def kv_leases(self) -> int:
+        return await self.core.aengine.run(lambda e: self.sender.num_leased())
+
+    def shutdown(self) -> None:
+        self.sender.close()
+        self.core.shutdown()
+
+    # --------------------------------------------------- engine-thread side
+
+    def _poll_sender(self) -> None:
+        self.sender.poll()
+
+    def _on_release(self, transfer_id: str, block_ids: list[int]) -> None:
+        self.core.engine.release_blocks(block_ids)
+
+    def _on_output(self, out: RequestOutput) -> None:
+        pending = self._pending.pop(out.request_id, None)
+        if pending is None or not out.finished:
+            return
+        request, engine = pending.request, self.core.engine
+        first = out.new_token_ids[0]
+        num_prompt = len(out.prompt_token_ids)
+        ends_here = out.finish_reason == "stop" or pending.real_max_tokens == 1 or (
+            num_prompt + 1 >= engine.max_model_len
+        )
+        handle = b""
+        if ends_here:
+            engine.release_blocks(request.held_block_ids)
+        else:
+            num_full = num_prompt // engine.config.block_size
+            handle = self.sender.register(
+                out.request_id, request.held_block_ids, request.block_hashes[:num_full], num_prompt
+            ).to_bytes()
+        started = request.first_scheduled_time or pending.submitted
+        now = time.monotonic()
+        result = PrefillResult(
+            request_id=out.request_id,
+            first_token_id=first,
+            text_delta=out.text_delta,
+            finished=ends_here,
+            finish_reason=(out.finish_reason if out.finish_reason == "stop" else "length") if ends_here else None,
+            kv_handle=handle,
+            num_prompt_tokens=num_prompt,
+            num_cached_tokens=out.num_cached_tokens,
+            logprobs=out.logprobs[0] if out.logprobs else None,
+            timings=StageTimes(prefill_queue=started - pending.submitted, prefill=now - started),
+        )
+        pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+
+
+def _resolve(future: asyncio.Future, result: PrefillResult) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _reject(future: asyncio.Future, reason: str) -> None:
+    if not future.done():
+        future.set_exception(WorkerRejectedError(reason))

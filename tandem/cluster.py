@@ -1,0 +1,153 @@
+"""A Tandem cluster on Ray: pool actors, adapters the router awaits, and the router itself.
+
+`LocalCluster` is what `tandem serve`, `make demo` and the cluster tests run: a local Ray
+instance (or the one this process joined), one actor per worker, and the asyncio gRPC router
+in this process. Every server of ours binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.config import RouterConfig
+from router.server import RouterServer
+from router.tokenizer import ByteTokenizer, HfTokenizer
+from router.worker_api import (
+    CostModel,
+    DecodeRequest,
+    LoadSnapshot,
+    PrefillRequest,
+    PrefillResult,
+    StepOutput,
+)
+
+
+class RayWorker:
+    """A worker actor seen through router.worker_api's async protocols (one method each)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        return await self.handle.prefill.remote(req)
+
+    async def start(self, req: DecodeRequest) -> None:
+        await self.handle.start.remote(req)
+
+    async def submit(self, req: PrefillRequest) -> None:
+        await self.handle.submit.remote(req)
+
+    async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
+        return await self.handle.next_outputs.remote(max_wait_s)
+
+    async def abort(self, request_id: str) -> None:
+        await self.handle.abort.remote(request_id)
+
+    async def load(self) -> LoadSnapshot:
+        return await self.handle.load.remote()
+
+    async def cost_model(self) -> CostModel:
+        return await self.handle.cost_model.remote()
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str = "demo"
+    mode: str = "disaggregated"  # or "colocated"
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_colocated: int = 1
+    use_gpus: bool = False
+    host: str = "127.0.0.1"
+    port: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    calibrate: bool = True
+    lease_s: float = 30.0
+    transfer_timeout_s: float = 30.0
+
+
+def _actor_classes() -> dict[str, Any]:
+    from decode_worker.colocated import ColocatedWorker
+    from decode_worker.worker import DecodeWorker
+    from prefill_worker.worker import PrefillWorker
+
+    return {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.actors: dict[str, Any] = {}  # worker id -> actor handle
+        self.pools: dict[str, str] = {}  # worker id -> pool
+        self.server: RouterServer | None = None
+        self.info: dict[str, Any] = {}
+
+    def _plan(self) -> list[tuple[str, str]]:
+        c = self.config
+        if c.mode == "colocated":
+            return [(f"colocated-{i}", "colocated") for i in range(c.num_colocated)]
+        return [(f"prefill-{i}", "prefill") for i in range(c.num_prefill)] + [
+            (f"decode-{i}", "decode") for i in range(c.num_decode)
+        ]
+
+    def _spawn(self, worker_id: str, pool: str) -> Any:
+        import ray
+
+        c = self.config
+        kwargs: dict[str, Any] = {"worker_id": worker_id, "calibrate": c.calibrate,
+                                  "engine_kwargs": {"model": c.model, **c.engine_kwargs}}
+        if pool == "prefill":
+            kwargs |= {"host": c.host, "lease_s": c.lease_s}
+        if pool == "decode":
+            kwargs["transfer_timeout_s"] = c.transfer_timeout_s
+        cls = ray.remote(_actor_classes()[pool])
+        return cls.options(name=f"tandem-{worker_id}", num_cpus=1, num_gpus=1 if c.use_gpus else 0,
+                           max_restarts=0, max_concurrency=1000).remote(**kwargs)
+
+    async def start(self) -> str:
+        """Start the actors and the router; returns the router's address."""
+        from engine.distributed.ray_launch import ensure_ray
+
+        ensure_ray()
+        for worker_id, pool in self._plan():
+            self.actors[worker_id] = self._spawn(worker_id, pool)
+            self.pools[worker_id] = pool
+        infos = await asyncio.gather(*(a.info.remote() for a in self.actors.values()))
+        self.info = infos[0]
+        self.server = RouterServer(self._router_config(), self._tokenizer())
+        await self.server.start()
+        for worker_id, actor in self.actors.items():
+            await self.server.add_worker(worker_id, self.pools[worker_id], RayWorker(actor))
+        return self.server.address
+
+    def _router_config(self) -> RouterConfig:
+        return RouterConfig(
+            max_model_len=self.info["max_model_len"], model_name=self.config.model,
+            vocab_size=self.info["vocab_size"], host=self.config.host, port=self.config.port,
+            kv_salt=self.info["kv_salt"],
+        )
+
+    def _tokenizer(self) -> Any:
+        try:
+            return HfTokenizer(self.info["model_path"])
+        except Exception:  # a shape-only preset has no tokenizer: token ids only
+            return ByteTokenizer()
+
+    async def kill_worker(self, worker_id: str) -> None:
+        import ray
+
+        ray.kill(self.actors[worker_id], no_restart=True)
+
+    async def stop(self) -> None:
+        import ray
+
+        if self.server is not None:
+            await self.server.stop()
+        for actor in self.actors.values():
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                pass
+        self.actors.clear()
