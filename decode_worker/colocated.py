@@ -66,6 +66,9 @@ class ColocatedWorker:
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
+    async def counters(self) -> dict[str, int]:
+        return self.core.counters()
+
     def shutdown(self) -> None:
         self.core.shutdown()
 

@@ -85,6 +85,9 @@ class DecodeWorker:
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
+    async def counters(self) -> dict[str, int]:
+        return self.core.counters()
+
     def shutdown(self) -> None:
         self.receiver.close()
         self.core.shutdown()

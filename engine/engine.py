@@ -4,12 +4,17 @@
     step()            out = scheduler.schedule(); result = runner.execute(out);
                       updated = scheduler.update(out, result); then text and stop strings
     abort(ids)        frees the requests' blocks at once
+    shutdown()        stops tensor-parallel followers (a no-op at TP = 1)
+
+With `tensor_parallel_size > 1` this process is rank 0: engine.distributed's TPExecutor starts
+one Ray actor per other rank, and the runner publishes each step's inputs to them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +29,9 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.scheduler import Scheduler, SchedulerStats
 from engine.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from engine.distributed.executor import TPExecutor
 
 
 def resolve_model_config(cfg: EngineConfig) -> ModelConfig:
@@ -55,7 +63,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         wanted = _desired_max_model_len(config, self.model_config)
         torch.manual_seed(config.seed)
-        self.runner = ModelRunner(config, self.model_config, self.model_path, wanted, self.device, show_progress)
+        self.tp: TPExecutor | None = None
+        self.runner = self._build_runner(wanted, show_progress)
         capacity = (self.runner.num_blocks - 1) * config.block_size
         self.max_model_len = min(wanted, capacity) if config.max_model_len is None else wanted
         salt = config.model_salt or f"{self.model_path}|{self.model_config.torch_dtype}|{config.load_format}|{config.seed}"
@@ -74,6 +83,21 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list] = {}
         self._first_token_time: dict[str, float] = {}
+
+    def _build_runner(self, max_model_len: int, show_progress: bool) -> ModelRunner:
+        args = (self.config, self.model_config, self.model_path, max_model_len)
+        if self.config.tensor_parallel_size == 1:
+            return ModelRunner(*args, self.device, show_progress)
+        from engine.distributed.executor import TPExecutor
+
+        tp = self.tp = TPExecutor.launch(*args)
+        self.device = tp.device
+        return tp.build_leader(lambda: ModelRunner(*args, tp.device, show_progress, step_scope=tp.step))
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel followers; the engine cannot step afterwards. Idempotent."""
+        if self.tp is not None:
+            self.tp.shutdown()
 
     # ------------------------------------------------------------------ input
 
@@ -118,8 +142,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         deadline: float | None = None,
+        hold_kv: bool = False,
     ) -> Request:
-        """Validate and queue a request. Raises InvalidRequestError naming the field."""
+        """Validate and queue a request. Raises InvalidRequestError naming the field.
+
+        `hold_kv`: when it finishes (not aborted) its blocks stay allocated in
+        `request.held_block_ids` for a KV lease; free them with `release_blocks()`."""
         params = params or SamplingParams()
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
@@ -130,6 +158,7 @@ class LLMEngine:
             eos_token_ids=self.model_config.eos_token_ids,
             priority=priority,
             deadline=deadline,
+            hold_kv=hold_kv,
         )
         self.scheduler.add_request(request)
         if self.tokenizer is not None:
@@ -154,6 +183,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self._stamp_scheduled(out)
         result = self.runner.execute(out)
         updated = self.scheduler.update(out, result)
         for rid, lp in result.logprobs.items():
@@ -202,3 +232,59 @@ class LLMEngine:
         self._detok.pop(request_id, None)
         self._logprobs.pop(request_id, None)
         self._first_token_time.pop(request_id, None)
+
+    def _stamp_scheduled(self, out) -> None:  # noqa: ANN001 - SchedulerOutput
+        now = time.monotonic()
+        for s in out.scheduled:
+            request = self.scheduler.get_request(s.request_id)
+            if request is not None and request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+
+    # ---------------------------------------------------- disaggregation hooks
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Free blocks held for a KV lease (`hold_kv`) or returned by a failed transfer."""
+        self.kv_manager.release(block_ids)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        priority: int = 0,
+        deadline: float | None = None,
+        first_text: str = "",
+    ) -> Request | None:
+        """Accept a request prefilled elsewhere: allocate blocks for its prompt's KV, which a
+        transfer will write. Returns the request (not yet running), or None when the pool has
+        no room now (nothing is held then). Call `activate_prefilled` once the KV landed."""
+        prompt_ids = self.tokenize(prompt_ids)
+        self.validate(prompt_ids, params)
+        request = Request(
+            request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=params,
+            eos_token_ids=self.model_config.eos_token_ids, priority=priority, deadline=deadline,
+            output_token_ids=[first_token],
+        )
+        if not self.kv_manager.can_allocate_slots(request, len(prompt_ids)):
+            return None
+        self.kv_manager.allocate_slots(request, len(prompt_ids))
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids + [first_token], params.skip_special_tokens)
+            detok.text = first_text
+            self._detok[request_id] = detok
+        if params.logprobs is not None:
+            self._logprobs[request_id] = []
+        return request
+
+    def activate_prefilled(self, request: Request) -> None:
+        """The prompt's KV is in the request's blocks: join the running batch."""
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.scheduler.add_running(request)
+
+    def drop_prefilled(self, request: Request) -> list[int]:
+        """Forget a request whose KV never landed; returns its blocks, which the caller frees
+        (at once, or through the receiver's release callback if a transfer may still write)."""
+        self._forget(request.request_id)
+        return self.kv_manager.detach(request)
+

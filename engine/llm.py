@@ -17,14 +17,19 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    """An engine in this process. `model` is a checkpoint directory or "demo"."""
+    """An engine in this process. `model` is a checkpoint directory or "demo".
+
+    `tensor_parallel_size=N > 1` makes this process rank 0 of a TP group whose other ranks are
+    local Ray actors (Ray starts locally if this process has not joined a cluster); call
+    `shutdown()` to stop them (also done at interpreter exit)."""
 
     def __init__(self, model: str, show_progress: bool = True, **engine_kwargs: Any) -> None:
-        if "tensor_parallel_size" in engine_kwargs and engine_kwargs["tensor_parallel_size"] > 1:
-            raise NotImplementedError("tensor_parallel_size > 1 runs through engine.distributed")
         self.show_progress = show_progress
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), show_progress)
         self._counter = 0
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
 
     @property
     def tokenizer(self) -> Any:

@@ -15,6 +15,7 @@ from rich.progress import Progress
 from safetensors import safe_open
 from torch import nn
 
+from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.weight_source import copy_into, read_all
 
@@ -54,6 +55,21 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
+def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, src: object) -> str:
+    """Hand checkpoint tensor `name` (full or lazy) to its parameter's loader; returns the target."""
+    target, shard_id = _target(model, name)
+    if target not in params:
+        raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (no parameter {target!r})")
+    param = params[target]
+    loader = getattr(param, "weight_loader", None)
+    with torch.no_grad():
+        if loader is None:
+            copy_into(param, read_all(src), name)  # type: ignore[arg-type]
+        else:
+            loader(param, src, shard_id)
+    return target
+
+
 def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = True) -> None:
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -61,28 +77,53 @@ def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = Tr
     for name, src in _iter_slices(safetensors_files(model_dir), show_progress):
         if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        target, shard_id = _target(model, name)
-        if target not in params:
-            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (no parameter {target!r})")
-        param = params[target]
-        loader = getattr(param, "weight_loader", None)
-        with torch.no_grad():
-            if loader is None:
-                copy_into(param, read_all(src), name)
-            else:
-                loader(param, src, shard_id)
-        loaded.add(target)
+        loaded.add(_load_one(model, params, name, src))
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise ModelLoadError(f"missing weights in the checkpoint: {', '.join(missing[:8])}")
 
 
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face tensor names and full (TP = 1) shapes of a Llama-family checkpoint."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+                   p + "mlp.down_proj.weight": (h, inter)}
+        if cfg.attention_bias:
+            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                       p + "self_attn.v_proj.bias": (kv,)}
+        if cfg.qk_norm:
+            shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
 def fill_dummy(model: nn.Module, seed: int) -> None:
-    """Random weights of the right shape, on the model's device: for benchmarks."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.uniform_(-0.02, 0.02, generator=gen)
+    """Random weights for benchmarks, the same logical model at every TP size.
+
+    Each checkpoint tensor is drawn in full from a generator seeded by (seed, its index) and
+    handed to the same loaders a real checkpoint uses, so every rank keeps exactly its slice of
+    the tensor a TP = 1 run would hold. Norm weights are ones. Transient memory: the largest
+    full tensor (the embedding), on the model's device."""
+    first = next(model.parameters())
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    params = dict(model.named_parameters())
+    gen = torch.Generator(device=first.device)
+    loaded: set[str] = set()
+    for index, (name, shape) in enumerate(checkpoint_shapes(cfg).items()):
+        full = torch.empty(shape, dtype=first.dtype, device=first.device)
+        if name.endswith("norm.weight"):
+            full.fill_(1.0)
+        else:
+            full.uniform_(-0.02, 0.02, generator=gen.manual_seed(seed * 1_000_003 + index))
+        loaded.add(_load_one(model, params, name, full))
+    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    assert not missing, f"checkpoint_shapes() does not cover {missing[:8]}"

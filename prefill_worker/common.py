@@ -76,6 +76,10 @@ class WorkerCore:
             "block_size": engine.config.block_size,
         }
 
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters of this worker's engine (for tests and metrics)."""
+        return {"engine_steps": self.aengine.loop.num_steps}
+
     def cost_model(self) -> CostModel:
         cal = self.aengine.calibration
         kv_bytes_per_token = self.engine.model_config.kv_bytes_per_token

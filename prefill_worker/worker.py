@@ -96,6 +96,9 @@ class PrefillWorker:
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
+    async def counters(self) -> dict[str, int]:
+        return self.core.counters()
+
     async def kv_leases(self) -> int:
         return await self.core.aengine.run(lambda e: self.sender.num_leased())
 

@@ -3,12 +3,17 @@
 `execute(out)` reads a SchedulerOutput and returns a RunnerOutput; it never mutates scheduler
 state. Its stages: `build_step_inputs` (host) -> `forward` (device, CUDA graph for small decode
 steps) -> `sampler` (device, batched).
+
+Under tensor parallelism this runner is rank 0's: `step_scope` (engine.distributed's
+TPExecutor.step) publishes each step's inputs to the followers, which run `forward` and
+`compute_logits` on their shards; failures inside the scope raise TPGroupError.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -39,7 +44,8 @@ def _default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Itera
 
 class ModelRunner:
     def __init__(self, engine: EngineConfig, model_cfg: ModelConfig, model_path: str, max_model_len: int,
-                 device: torch.device, show_progress: bool = True) -> None:
+                 device: torch.device, show_progress: bool = True,
+                 step_scope: Callable[[StepInputs], AbstractContextManager[None]] | None = None) -> None:
         self.engine_cfg = engine
         self.model_path = model_path
         self.model_cfg = model_cfg
@@ -50,12 +56,15 @@ class ModelRunner:
         self.model = self._load_model(show_progress)
         self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads
         self.bytes_per_block = block_bytes(model_cfg, self.num_kv_heads_local, self.block_size, self.dtype)
-        self.num_blocks = num_kv_blocks(model_cfg, engine, device, self.bytes_per_block, self.dtype)
+        # Every rank must agree: the scheduler on rank 0 hands out block ids for all of them.
+        fit = num_kv_blocks(model_cfg, engine, device, self.bytes_per_block, self.dtype)
+        self.num_blocks = get_tp_group().min_int(fit)
         self.kv_cache = allocate_kv_cache(
             model_cfg, self.num_kv_heads_local, self.num_blocks, self.block_size, self.dtype, device
         )
         self.backend = get_attention_backend(device, engine.attention_backend)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, device)
+        self.step_scope = step_scope or (lambda host: contextlib.nullcontext())
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not engine.enforce_eager:
             self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
@@ -66,7 +75,7 @@ class ModelRunner:
         with _default_dtype_and_device(self.dtype, self.device):
             model = cls(self.model_cfg, max_positions)
         if self.engine_cfg.load_format == "dummy":
-            fill_dummy(model, self.engine_cfg.seed + get_tp_group().rank)
+            fill_dummy(model, self.engine_cfg.seed)
         else:
             load_safetensors(model, Path(self.model_path), show_progress and get_tp_group().rank == 0)
         return model.eval()
@@ -91,9 +100,10 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput(sampled_token_ids={})
         host = build_step_inputs(out, self.block_size)
-        logits = self.compute_logits(self.forward(host))
         requests = [s for s in out.scheduled if s.sample]
-        result = self.sampler(logits, requests)
+        with self.step_scope(host):
+            logits = self.compute_logits(self.forward(host))
+            result = self.sampler(logits, requests)
         sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)

@@ -1,0 +1,89 @@
+"""A follower rank of a TP group: one Ray actor that mirrors the leader's steps on its shard.
+
+    start()     join the process group, build this rank's ModelRunner (loads only its slices,
+                agrees on the KV block count with every rank); returns the block count
+    run_loop()  until SHUTDOWN: receive StepInputs from rank 0 -> runner.forward ->
+                runner.compute_logits (the LM head's all-gather is a collective every rank
+                joins); the logits are dropped (rank 0 samples); returns the steps run
+
+Hazards: `run_loop` blocks for the actor's life, so no other call reaches the actor meanwhile
+(Ray is used only to start, stop and watch it). A follower never times out while the leader is
+idle; if the leader's process dies, Ray's fate-sharing kills the actors it created.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.distributed.process_group import destroy_tp_group, init_tp_group
+from engine.distributed.step_channel import MessageKind, StepChannel
+
+if TYPE_CHECKING:
+    from engine.runner.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class FollowerSpec:
+    """Everything a follower needs to build the same engine shard the leader expects."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    model_path: str
+    max_model_len: int
+    rank: int
+    size: int
+    store_port: int
+    collective_timeout_s: float
+    control_timeout_s: float
+
+
+class TPFollower:
+    def __init__(self, spec: FollowerSpec) -> None:
+        self.spec = spec
+        self.runner: ModelRunner | None = None
+        self.channel: StepChannel | None = None
+
+    def gpu_ids(self) -> list[int]:
+        """Physical GPU ids Ray gave this actor (empty on CPU)."""
+        import ray
+
+        return [int(i) for i in ray.get_gpu_ids()]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _device(self) -> torch.device:
+        if self.spec.config.resolved_device().type == "cuda":
+            torch.cuda.set_device(0)  # Ray narrowed CUDA_VISIBLE_DEVICES to this actor's GPU
+            return torch.device("cuda", 0)
+        return torch.device("cpu")
+
+    def start(self) -> int:
+        from engine.runner.model_runner import ModelRunner
+
+        s, device = self.spec, self._device()
+        tp = init_tp_group(s.rank, s.size, s.store_port, device, s.collective_timeout_s, s.control_timeout_s)
+        torch.manual_seed(s.config.seed)
+        runner = self.runner = ModelRunner(s.config, s.model_config, s.model_path, s.max_model_len, device,
+                                           show_progress=False)
+        self.channel = StepChannel(tp, s.collective_timeout_s)
+        return runner.num_blocks
+
+    def run_loop(self) -> int:
+        assert self.runner is not None and self.channel is not None, "start() first"
+        steps = 0
+        try:
+            while True:
+                message = self.channel.receive()
+                if message.kind is MessageKind.SHUTDOWN:
+                    return steps
+                assert message.inputs is not None
+                self.runner.compute_logits(self.runner.forward(message.inputs))
+                steps += 1
+        finally:
+            destroy_tp_group()

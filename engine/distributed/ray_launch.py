@@ -1,0 +1,96 @@
+"""Ray plumbing for a TP group: a local Ray instance when none is running, one STRICT_PACK
+placement group per group (bundle r for rank r), one follower actor per rank >= 1.
+
+Ray is used to start, stop and watch followers only; step traffic goes through
+torch.distributed (engine.distributed.step_channel).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import EngineConfigError
+
+LOCAL_RAY_MIN_CPUS = 8  # followers reserve CPUs; small machines still need room for a few groups
+
+
+def ensure_ray() -> None:
+    """Use the Ray instance this process already joined, the one RAY_ADDRESS names, or start a
+    local one. Workers must import `engine`: its root goes onto PYTHONPATH before Ray starts."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    root = str(Path(__file__).resolve().parents[2])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False)
+    else:
+        num_cpus = max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def placement_group(size: int, use_gpu: bool, timeout_s: float) -> Any:
+    """One bundle per rank on one node; raises EngineConfigError if the cluster cannot hold it."""
+    import ray
+    from ray.util.placement_group import placement_group as make_pg
+
+    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+    pg = make_pg([dict(bundle) for _ in range(size)], strategy="STRICT_PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        what = f"{size} GPUs" if use_gpu else f"{size} CPUs"
+        raise EngineConfigError(
+            f"tensor_parallel_size: {size} ranks need {what} on one Ray node; none free within {timeout_s:.0f} s"
+        )
+    return pg
+
+
+def spawn_follower(pg: Any, rank: int, use_gpu: bool, spec: Any) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from engine.distributed.follower import TPFollower
+
+    cls = ray.remote(TPFollower)
+    return cls.options(
+        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_task_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+    ).remote(spec)
+
+
+def leader_cuda_device(follower_gpu_ids: list[int]) -> torch.device:
+    """This process's first visible GPU that no follower holds (the driver is outside Ray's
+    GPU accounting; its bundle 0 only reserves the count)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = torch.cuda.device_count()
+    try:
+        physical = [int(x) for x in visible.split(",")] if visible else list(range(count))
+    except ValueError:  # UUIDs: assume Ray and this process number GPUs alike
+        physical = list(range(count))
+    for index, gpu in enumerate(physical[:count]):
+        if gpu not in follower_gpu_ids:
+            return torch.device("cuda", index)
+    raise EngineConfigError(f"tensor_parallel_size: every visible GPU {physical} is held by a follower")
+
+
+def kill_actors(actors: list[Any], pg: Any | None) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+    if pg is not None:
+        try:
+            ray.util.remove_placement_group(pg)
+        except Exception:  # noqa: BLE001 - Ray already shut down
+            pass
