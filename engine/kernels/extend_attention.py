@@ -1,0 +1,264 @@
+"""Extend (prefill) attention over the paged KV cache: varlen, causal, GQA.
+
+Each request's new tokens attend to its whole context in the cache: cached prefix, earlier
+chunks and themselves (`engine/attention/backend.py` states the layout). One kernel serves full
+prefill, chunked prefill, prefix hits and decode rows inside mixed batches.
+
+Grid `(query tiles, num_heads, batch)`: program `(t, h, b)` takes query tile t of request b (tiles
+past the request's new tokens exit at once; the heaviest causal tiles run first) for head h.
+It walks key tiles of `block_n` tokens, gathering each key row through the block table, with an
+online softmax in float32 (`tl.dot`, float32 accumulation). Key tiles left of the tile's first
+query position need no mask; only the tiles on the diagonal are masked; tiles wholly above the
+diagonal are never visited.
+
+Hazards: block ids are widened to int64 before they are scaled by the block stride (a large cache
+holds more than 2^31 elements). The new keys must already be in the cache (`rope_and_store`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton  # type: ignore[import-untyped]
+import triton.language as tl  # type: ignore[import-untyped]
+
+from engine.attention.backend import AttentionMetadata
+from engine.attention.torch_backend import paged_attention_ref
+from engine.kernels.checks import (
+    check_head_dim,
+    check_same_device,
+    check_tensor,
+    dot_precision,
+    upcast_dot,
+)
+
+
+class ExtendConfig(NamedTuple):
+    """Launch tuning knobs of the extend kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _attend_key_tile(
+    acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
+    stride_kb, stride_kt,
+    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    pos = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        n_mask = pos < seq_len
+        block_ids = tl.load(bt_row + pos // PAGE_SIZE, mask=n_mask, other=0)
+    else:
+        block_ids = tl.load(bt_row + pos // PAGE_SIZE)
+    tok_off = block_ids.to(tl.int64) * stride_kb + (pos % PAGE_SIZE) * stride_kt + head_off
+    kv_offs = tok_off[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + kv_offs)
+    if UPCAST_DOT:
+        k = k.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + kv_offs)
+    p = p.to(v_ptr.dtype.element_ty)
+    if UPCAST_DOT:
+        v = v.to(tl.float32)
+        p = p.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_btb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    prefix = seq_len - q_len
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < q_len
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    if UPCAST_DOT:
+        q = q.to(tl.float32)
+    q_pos = prefix + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    bt_row = block_tables_ptr + b.to(tl.int64) * stride_btb
+    head_off = (head // GROUP).to(tl.int64) * stride_kh
+    # Keys before the tile's first query position are visible to every row of the tile.
+    full_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
+    diag_end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(
+            acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
+            stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+    for n0 in range(full_end, diag_end, BLOCK_N):
+        acc, m_i, l_i = _attend_key_tile(
+            acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
+            stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+
+    acc = acc / l_i[:, None]
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+def default_config(
+    head_dim: int, max_query_len: int, on_cuda: bool, dtype: torch.dtype = torch.bfloat16
+) -> ExtendConfig:
+    """Tile sizes by head dim and query length (Hopper-tuned defaults; bench/attention.py
+    --sweep measures the alternatives). Short query runs (decode rows, small chunks) take a
+    small BLOCK_M so a request's tile is not mostly padding. float32 (a correctness path, exact
+    dots) takes modest tiles that compile fast. On the interpreter, few large tiles."""
+    if not on_cuda:
+        return ExtendConfig(64, 32, 4, 1)
+    if dtype == torch.float32:
+        return ExtendConfig(16 if max_query_len <= 16 else 64, 32, 4, 2)
+    if max_query_len <= 16:
+        return ExtendConfig(16, 64, 4, 2)
+    if max_query_len <= 64:
+        return ExtendConfig(64, 64, 4, 2)
+    if head_dim <= 64:
+        return ExtendConfig(128, 64, 4, 3)
+    return ExtendConfig(128, 64, 8, 3)
+
+
+def _check_args(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    check_tensor("query", query, 3)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    check_tensor("block_tables", block_tables, 2, (torch.int32,))
+    check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    check_same_device(query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens)
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache")
+    if k_cache.dtype != query.dtype:
+        raise ValueError(f"k_cache: dtype {k_cache.dtype} differs from query dtype {query.dtype}")
+    num_heads, head_dim = query.shape[1:]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
+    check_head_dim(head_dim)
+    if num_heads % k_cache.shape[2]:
+        raise ValueError(f"query: num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
+    batch = seq_lens.shape[0]
+    if query_start_loc.shape[0] != batch + 1 or block_tables.shape[0] != batch:
+        raise ValueError(
+            f"query_start_loc/block_tables: need {batch + 1}/{batch} rows for {batch} seq_lens, got "
+            f"{query_start_loc.shape[0]}/{block_tables.shape[0]}"
+        )
+
+
+def extend_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    config: ExtendConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of each request's new queries over its paged context: [T, H, D].
+
+    query [T, H, D] (rotated); k_cache/v_cache [num_blocks, block_size, Hkv, D] holding every
+    context token, the new ones included; block_tables [B, max_blocks] int32;
+    query_start_loc [B + 1] int32; seq_lens [B] int32 with seq_lens[b] >= its new-token count;
+    max_query_len >= every request's new-token count (a host int: it sizes the grid).
+    """
+    _check_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    num_tokens, num_heads, head_dim = query.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    config = config or default_config(head_dim, max_query_len, query.is_cuda, query.dtype)
+    out = torch.empty_like(query)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0 or batch == 0 or max_query_len == 0:
+        return out
+    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch)
+    _extend_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * math.log2(math.e),
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=upcast_dot(query.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def reference_metadata(
+    block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor
+) -> AttentionMetadata:
+    """AttentionMetadata for the torch reference from device tensors (syncs: tests only)."""
+    starts = tuple(int(x) for x in query_start_loc.tolist())
+    lens = tuple(int(x) for x in seq_lens.tolist())
+    q_lens = [e - s for s, e in zip(starts, starts[1:])]
+    return AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64, device=seq_lens.device),
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        max_query_len=max(q_lens, default=0),
+        max_seq_len=max(lens, default=0),
+        decode_only=all(n == 1 for n in q_lens),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=lens,
+    )
+
+
+def extend_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Float32 reference: `paged_attention_ref` (output in query's dtype)."""
+    meta = reference_metadata(block_tables, query_start_loc, seq_lens)
+    return paged_attention_ref(query, k_cache, v_cache, meta, scale)
