@@ -6,6 +6,13 @@ import os
 
 import pytest
 
+try:  # Triton picks interpreted or compiled at import: decide before anything imports it
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
 os.environ.setdefault("TANDEM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tandem"))
 
 

@@ -103,3 +103,34 @@ def test_last_position_logits_match_hf(arch, checkpoints):
             ref = model(torch.tensor([prompt])).logits[0, -1].float()
         torch.testing.assert_close(ours[0], ref, atol=1e-4, rtol=0)
     assert engine.stats().num_free_blocks == engine.stats().num_usable_blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
+@pytest.mark.parametrize("extra", [{}, {"max_num_batched_tokens": 16}, {"num_kv_blocks": 27}],
+                         ids=["batched", "chunked16", "preempt"])
+def test_triton_backend_on_gpu_equals_hf(arch, extra, checkpoints, hf_reference):
+    """The same equality on CUDA with the Triton kernels and CUDA graphs, in float32."""
+    llm = LLM(str(checkpoints[arch]), device="cuda", dtype="float32", show_progress=False, **extra)
+    assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
+    outs = llm.generate(tiny_models.mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == hf_reference[arch]
+    llm.engine.scheduler.kv.pool.check_integrity()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", tiny_models.ARCHS)
+def test_bf16_on_gpu_close_to_hf(arch, checkpoints):
+    """bf16 on CUDA: the same greedy tokens as transformers in bf16 for the first 16 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoints[arch]), dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(str(checkpoints[arch]), device="cuda", dtype="bfloat16", show_progress=False)
+    prompts = tiny_models.mixed_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
+    outs = llm.generate(prompts, params)
+    for p, out in zip(prompts, outs):
+        ids = torch.tensor([p], device="cuda")
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                             do_sample=False, pad_token_id=0)
+        assert out.token_ids == ref[0, len(p):].tolist()
