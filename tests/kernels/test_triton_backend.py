@@ -21,7 +21,7 @@ DECODE = ([1, 1, 1], [1, 30, 77])
 def _step(backend: AttentionBackend, batch: PagedBatch, new_kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """One layer step on fresh copies of the caches; returns (rotated q, output, k_cache, v_cache)."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-    cos_sin = rope_cache(256, batch.query.shape[-1])
+    cos_sin = rope_cache(max(256, int(batch.positions.max()) + 1), batch.query.shape[-1])
     q = backend.rope_and_store(batch.query, *new_kv, batch.positions, cos_sin, k_cache, v_cache, batch.meta)
     out = backend.attend(q, k_cache, v_cache, batch.meta, batch.query.shape[-1] ** -0.5)
     return q, out, k_cache, v_cache
