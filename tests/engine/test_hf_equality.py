@@ -15,6 +15,17 @@ NUM_NEW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, min_tokens=NUM_NEW)
 
 
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """Engines hold their KV cache and CUDA graphs until collected: collect after each test."""
+    yield
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
@@ -111,11 +122,15 @@ def test_last_position_logits_match_hf(arch, checkpoints):
                          ids=["batched", "chunked16", "preempt"])
 def test_triton_backend_on_gpu_equals_hf(arch, extra, checkpoints, hf_reference):
     """The same equality on CUDA with the Triton kernels and CUDA graphs, in float32."""
+    extra = {"num_kv_blocks": 4096, **extra}  # tests share the GPU: size the cache, do not fill HBM
     llm = LLM(str(checkpoints[arch]), device="cuda", dtype="float32", show_progress=False, **extra)
-    assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
-    outs = llm.generate(tiny_models.mixed_prompts(), GREEDY)
-    assert [o.token_ids for o in outs] == hf_reference[arch]
-    llm.engine.scheduler.kv.pool.check_integrity()
+    try:
+        assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
+        outs = llm.generate(tiny_models.mixed_prompts(), GREEDY)
+        assert [o.token_ids for o in outs] == hf_reference[arch]
+        llm.engine.scheduler.kv.pool.check_integrity()
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.gpu
@@ -125,7 +140,7 @@ def test_bf16_on_gpu_close_to_hf(arch, checkpoints):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(checkpoints[arch]), dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(str(checkpoints[arch]), device="cuda", dtype="bfloat16", show_progress=False)
+    llm = LLM(str(checkpoints[arch]), device="cuda", dtype="bfloat16", show_progress=False, num_kv_blocks=4096)
     prompts = tiny_models.mixed_prompts()
     params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
     outs = llm.generate(prompts, params)
