@@ -48,10 +48,12 @@ def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, random_prompts(batch, CTX, vocab, batch)):
         engine.add_request(rid, prompt, params)
-    while engine.stats().num_waiting or any(
-        engine.scheduler.get_request(r).num_computed_tokens < CTX for r in ids
-    ):
-        engine.step()
+    started: set[str] = set()
+    while len(started) < batch:  # every request prefilled and holding its first token
+        for out in engine.step():
+            if out.finished:
+                raise RuntimeError(f"{out.request_id} finished early: {out.finish_reason} after {len(out.token_ids)} tokens")
+            started.add(out.request_id)
     times = []
     for _ in range(steps):
         sync()

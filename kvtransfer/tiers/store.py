@@ -115,18 +115,37 @@ class TieredStore:
         return found
 
     def load(self, block_hashes: Sequence[bytes], dst_view: KVCacheView, dst_block_ids: Sequence[int]) -> int:
-        """Copies the cached prefix of `block_hashes` into `dst_block_ids`; returns its length."""
+        """Copies the cached prefix of `block_hashes` into `dst_block_ids`; returns its length.
+
+        CPU-tier hits go straight from the pinned slab to the destination device in runs of
+        adjacent slots (no pageable staging copy); NVMe hits are read, promoted, then copied.
+        Hazard: the slab is reused by later `put`s, so the copies are awaited before the lock
+        is released."""
         assert len(dst_block_ids) >= len(block_hashes)
+        device = dst_view.device
         rows: list[torch.Tensor] = []
         with self._lock:
+            cpu_run: list[bytes] = []
             for h in block_hashes:
-                row = self._fetch(self.key(h))
+                key = self.key(h)
+                if key in self.cpu:
+                    self._stats[Tier.CPU].hits += 1
+                    cpu_run.append(key)
+                    continue
+                if cpu_run:
+                    rows.append(self.cpu.get(cpu_run, device=device))
+                    cpu_run = []
+                row = self._fetch(key)
                 if row is None:
                     break
-                rows.append(row)
+                rows.append(row.to(device))
+            if cpu_run:
+                rows.append(self.cpu.get(cpu_run, device=device))
+            if rows and device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()
         if rows:
-            _write_rows(dst_view, dst_block_ids[: len(rows)], torch.cat(rows))
-        return len(rows)
+            _write_rows(dst_view, dst_block_ids[: sum(r.shape[0] for r in rows)], torch.cat(rows))
+        return sum(r.shape[0] for r in rows)
 
     def store(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int]) -> int:
         """Offloads blocks to the CPU tier (already cached ones are only touched); returns new count."""

@@ -136,16 +136,25 @@ def test_triton_backend_on_gpu_equals_hf(arch, extra, checkpoints, hf_reference)
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)
 def test_bf16_on_gpu_close_to_hf(arch, checkpoints):
-    """bf16 on CUDA: the same greedy tokens as transformers in bf16 for the first 16 tokens."""
+    """bf16 on CUDA: last-position logits as close to the float32 reference as transformers'
+    own bf16 logits are (within twice its error plus 0.02). Greedy tokens in bf16 are not
+    compared: on tiny random models near-ties flip within a few tokens in either engine."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(checkpoints[arch]), dtype=torch.bfloat16).cuda().eval()
-    llm = LLM(str(checkpoints[arch]), device="cuda", dtype="bfloat16", show_progress=False, num_kv_blocks=4096)
-    prompts = tiny_models.mixed_prompts()
-    params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16)
-    outs = llm.generate(prompts, params)
-    for p, out in zip(prompts, outs):
-        ids = torch.tensor([p], device="cuda")
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                             do_sample=False, pad_token_id=0)
-        assert out.token_ids == ref[0, len(p):].tolist()
+    path = str(checkpoints[arch])
+    ref32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    llm = LLM(path, device="cuda", dtype="bfloat16", show_progress=False, num_kv_blocks=4096)
+    engine = llm.engine
+    for i, prompt in enumerate(tiny_models.mixed_prompts(4, seed=5)):
+        engine.add_request(f"bf16-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=1))
+        out = engine.scheduler.schedule()
+        ours = engine.runner.compute_logits(engine.runner.forward(build_step_inputs(out, engine.config.block_size)))[0]
+        engine.abort([f"bf16-{i}"])
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.no_grad():
+            exact = ref32(ids).logits[0, -1].float()
+            theirs = hf16(ids).logits[0, -1].float()
+        err_ours = (ours - exact).abs().max().item()
+        err_hf = (theirs - exact).abs().max().item()
+        assert err_ours <= 2 * err_hf + 0.02, (err_ours, err_hf)
