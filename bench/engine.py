@@ -44,7 +44,9 @@ def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
     """Median wall time of a decode step with `batch` requests at context ~CTX."""
     engine = llm.engine
     vocab = engine.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
+    # Early requests decode while later ones prefill: leave room for those steps too.
+    warmup_steps = -(-batch * CTX // engine.config.max_num_batched_tokens) + 8
+    params = SamplingParams(temperature=0.0, max_tokens=steps + warmup_steps, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, random_prompts(batch, CTX, vocab, batch)):
         engine.add_request(rid, prompt, params)
