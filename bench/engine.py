@@ -37,7 +37,13 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 
 
 def weight_bytes(llm: LLM) -> int:
-    return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    """Weight bytes a decode step streams: every parameter except the embedding table, of
+    which a step reads only its batch's rows (the LM head is streamed whole)."""
+    model = llm.engine.runner.model
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embed.numel() * embed.element_size()
 
 
 def decode_step_times(llm: LLM, batch: int, steps: int) -> float:

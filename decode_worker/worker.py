@@ -23,7 +23,7 @@ from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import KVPoll
-from kvtransfer.transports.grpc_stream import GrpcReceiver
+from kvtransfer.pool_link import KVGroupSpec, make_receiver
 from prefill_worker.common import WorkerCore
 from router.worker_api import (
     CostModel,
@@ -51,13 +51,14 @@ class _Times:
 
 class DecodeWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], transfer_timeout_s: float = 30.0,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, kv_group: KVGroupSpec | None = None) -> None:
         self.outbox = Outbox()
         self._incoming: dict[str, _Incoming] = {}
         self._times: dict[str, _Times] = {}
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_transfers,
-                               has_work=lambda: bool(self._incoming), transport="grpc", calibrate=calibrate)
-        self.receiver = GrpcReceiver(self.core.view, on_release=self._on_release, timeout_s=transfer_timeout_s)
+                               has_work=lambda: bool(self._incoming), transport="nccl" if kv_group else "grpc",
+                               calibrate=calibrate)
+        self.receiver = make_receiver(self.core.view, kv_group, on_release=self._on_release, timeout_s=transfer_timeout_s)
         self.core.start()
 
     # ----------------------------------------------------------- actor API

@@ -21,7 +21,7 @@ from typing import Any
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
-from kvtransfer.transports.grpc_stream import GrpcSender
+from kvtransfer.pool_link import KVGroupSpec, make_sender
 from prefill_worker.common import WorkerCore
 from router.worker_api import (
     CostModel,
@@ -45,12 +45,13 @@ class _Pending:
 
 class PrefillWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
-                 lease_s: float = 30.0, calibrate: bool = True) -> None:
+                 lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None) -> None:
         self._pending: dict[str, _Pending] = {}
+        self.kv_group = kv_group
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
-                               transport="grpc", calibrate=calibrate)
-        self.sender = GrpcSender(self.core.view, worker_id=worker_id, model_salt=self.core.salt,
-                                 on_release=self._on_release, lease_s=lease_s, host=host)
+                               transport="nccl" if kv_group else "grpc", calibrate=calibrate)
+        self.sender = make_sender(self.core.view, kv_group, worker_id=worker_id, model_salt=self.core.salt,
+                                  on_release=self._on_release, lease_s=lease_s, host=host)
         self.core.start()
 
     # ----------------------------------------------------------- actor API
@@ -129,8 +130,10 @@ class PrefillWorker:
             engine.release_blocks(request.held_block_ids)
         else:
             num_full = num_prompt // engine.config.block_size
+            ranks = [self.kv_group.rank] if self.kv_group else None
             handle = self.sender.register(
-                out.request_id, request.held_block_ids, request.block_hashes[:num_full], num_prompt
+                out.request_id, request.held_block_ids, request.block_hashes[:num_full], num_prompt,
+                source_p2p_ranks=ranks,
             ).to_bytes()
         started = request.first_scheduled_time or pending.submitted
         now = time.monotonic()

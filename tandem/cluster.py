@@ -66,6 +66,7 @@ class ClusterConfig:
     calibrate: bool = True
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
+    kv_transport: str = "grpc"  # or "p2p": torch.distributed send/recv (NCCL on GPUs, gloo on CPU)
 
 
 def _actor_classes() -> dict[str, Any]:
@@ -83,6 +84,23 @@ class LocalCluster:
         self.pools: dict[str, str] = {}  # worker id -> pool
         self.server: RouterServer | None = None
         self.info: dict[str, Any] = {}
+        self._kv_groups: dict[str, Any] = {}
+
+    def _plan_kv_groups(self, plan: list[tuple[str, str]]) -> None:
+        """One torch.distributed group over every prefill and decode worker (p2p transport)."""
+        c = self.config
+        if c.kv_transport == "grpc" or c.mode == "colocated":
+            return
+        if c.kv_transport != "p2p":
+            raise ValueError(f"kv_transport: {c.kv_transport!r} is not 'grpc' or 'p2p'")
+        if int(c.engine_kwargs.get("tensor_parallel_size", 1)) > 1:
+            raise ValueError("kv_transport: 'p2p' with tensor_parallel_size > 1 is not supported yet; use 'grpc'")
+        from kvtransfer.pool_link import KVGroupSpec
+
+        port = _free_port(c.host)
+        backend = "nccl" if c.use_gpus else "gloo"
+        for rank, (worker_id, _) in enumerate(plan):
+            self._kv_groups[worker_id] = KVGroupSpec(f"tcp://{c.host}:{port}", rank, len(plan), backend)
 
     def _plan(self) -> list[tuple[str, str]]:
         c = self.config
@@ -102,6 +120,8 @@ class LocalCluster:
             kwargs |= {"host": c.host, "lease_s": c.lease_s}
         if pool == "decode":
             kwargs["transfer_timeout_s"] = c.transfer_timeout_s
+        if pool in ("prefill", "decode") and self._kv_groups:
+            kwargs["kv_group"] = self._kv_groups[worker_id]
         cls = ray.remote(_actor_classes()[pool])
         return cls.options(name=f"tandem-{worker_id}", num_cpus=1, num_gpus=1 if c.use_gpus else 0,
                            max_restarts=0, max_concurrency=1000).remote(**kwargs)
@@ -111,6 +131,7 @@ class LocalCluster:
         from engine.distributed.ray_launch import ensure_ray
 
         ensure_ray()
+        self._plan_kv_groups(self._plan())
         for worker_id, pool in self._plan():
             self.actors[worker_id] = self._spawn(worker_id, pool)
             self.pools[worker_id] = pool
@@ -151,3 +172,11 @@ class LocalCluster:
             except Exception:  # already dead
                 pass
         self.actors.clear()
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,108 @@
+"""Serving benchmark: a real cluster on GPUs under a Poisson workload, disaggregated vs colocated.
+
+    python bench/serve.py [--requests 64] [--rate 4] [--prompt 1024] [--output 128]
+
+Llama-3-8B shape with dummy bf16 weights. Disaggregated: one prefill GPU and one decode GPU,
+KV over torch.distributed p2p (NCCL); colocated: one engine per GPU on the same GPUs, the
+baseline. Prints TTFT and TPOT p50 / p99 and each stage's share of TTFT (from the stage
+timings every final response carries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import print_table, write_json  # noqa: E402
+from tandem.client import AsyncClient  # noqa: E402
+from tandem.cluster import ClusterConfig, LocalCluster  # noqa: E402
+
+STAGES = ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float) -> dict:
+    await asyncio.sleep(delay)
+    start = time.perf_counter()
+    first, n, final = None, 0, None
+    async for msg in client.generate(prompt, temperature=0.0, max_tokens=out_len, ignore_eos=True):
+        first = first or time.perf_counter()
+        n += len(msg.token_ids)
+        final = msg
+    end = time.perf_counter()
+    t = final.timings
+    return {"ttft": first - start, "tpot": (end - first) / max(n - 1, 1), "tokens": n,
+            "stages": {s: getattr(t, s) for s in STAGES}, "server_ttft": t.time_to_first_token}
+
+
+async def workload(address: str, args: argparse.Namespace) -> list[dict]:
+    rng = random.Random(0)
+    client = AsyncClient(address)
+    try:
+        await one(client, [1] * 16, 4, 0)  # warm the path
+        delays, t = [], 0.0
+        for _ in range(args.requests):
+            t += rng.expovariate(args.rate)
+            delays.append(t)
+        prompts = [[rng.randrange(1000, 120000) for _ in range(args.prompt)] for _ in delays]
+        return await asyncio.gather(*(one(client, p, args.output, d) for p, d in zip(prompts, delays)))
+    finally:
+        await client.close()
+
+
+async def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
+    engine_kwargs = {"load_format": "dummy", "dtype": "bfloat16", "gpu_memory_utilization": 0.85,
+                     "max_model_len": 4096}
+    config = ClusterConfig(model="preset:llama-3-8b", mode=mode, num_colocated=2, use_gpus=True,
+                           engine_kwargs=engine_kwargs, kv_transport="p2p" if mode == "disaggregated" else "grpc")
+    cluster = LocalCluster(config)
+    address = await cluster.start()
+    try:
+        return await workload(address, args)
+    finally:
+        await cluster.stop()
+
+
+def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
+    ttft = [r["ttft"] for r in results]
+    tpot = [r["tpot"] for r in results]
+    server_ttft = statistics.mean(r["server_ttft"] for r in results) or 1e-9
+    shares = {s: statistics.mean(r["stages"][s] for r in results) / server_ttft for s in STAGES[:4]}
+    row = [mode, f"{pct(ttft, .5) * 1e3:.0f}", f"{pct(ttft, .99) * 1e3:.0f}", f"{pct(tpot, .5) * 1e3:.1f}",
+           f"{pct(tpot, .99) * 1e3:.1f}"] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
+    return row, {"ttft_p50": pct(ttft, .5), "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5),
+                 "tpot_p99": pct(tpot, .99), "ttft_shares": shares}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=4.0)
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--output", type=int, default=128)
+    parser.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
+    args = parser.parse_args()
+    rows, report = [], {"args": vars(args)}
+    for mode in args.modes:
+        results = asyncio.run(run_mode(mode, args))
+        row, report[mode] = summarize(mode, results)
+        rows.append(row)
+    print_table(f"{args.requests} requests, Poisson {args.rate}/s, {args.prompt} in / {args.output} out (ms)",
+                ["mode", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                 "router q", "prefill q", "prefill", "KV transfer"], rows)
+    write_json("serve", report)
+
+
+if __name__ == "__main__":
+    main()
