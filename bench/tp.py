@@ -21,7 +21,12 @@ import time
 
 import torch
 
-from engine import LLM, SamplingParams
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not bench/engine.py
+
+from engine import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LEN = 128  # tokens per prompt in the decode measurements
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}  # datasheet peak; the roofline only

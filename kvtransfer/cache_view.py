@@ -66,26 +66,33 @@ class KVCacheView:
             n *= d
         return n * self.kv_cache.element_size()
 
-    def read_blocks(self, block_ids: Sequence[int], heads: tuple[int, int] | None = None) -> torch.Tensor:
-        """Copy of blocks `block_ids` (local heads `heads`): [L, 2, n, block_size, h, D]."""
+    def read_blocks(
+        self, block_ids: Sequence[int], heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Copy of blocks `block_ids` (local heads `heads`, layers `layers`): [L, 2, n, block_size, h, D]."""
         index = self._index(block_ids, "block_ids")
-        src = self.kv_cache if heads is None else self.kv_cache[..., heads[0] : heads[1], :]
+        src = self.kv_cache if layers is None else self.kv_cache[layers[0] : layers[1]]
+        src = src if heads is None else src[..., heads[0] : heads[1], :]
         return src.index_select(2, index)
 
     def write_blocks(
-        self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None
+        self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> None:
-        """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (local heads `heads`)."""
+        """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (local heads `heads`,
+        layers `layers`)."""
         index = self._index(block_ids, "block_ids")
         h0, h1 = heads if heads is not None else (0, self.num_local_heads)
-        expected = (self.num_layers, 2, len(block_ids), self.block_size, h1 - h0, self.head_dim)
+        l0, l1 = layers if layers is not None else (0, self.num_layers)
+        expected = (l1 - l0, 2, len(block_ids), self.block_size, h1 - h0, self.head_dim)
         if tuple(data.shape) != expected:
             raise KVLayoutError("data", f"expected shape {expected}, got {tuple(data.shape)}")
         data = data.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        dst = self.kv_cache[l0:l1] if layers is not None else self.kv_cache
         if heads is None:
-            self.kv_cache.index_copy_(2, index, data)
+            dst.index_copy_(2, index, data)
         else:
-            self.kv_cache[..., h0:h1, :].index_copy_(2, index, data)
+            dst[..., h0:h1, :].index_copy_(2, index, data)
 
     def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
         ids = list(block_ids)

@@ -77,6 +77,16 @@ class Transfer:
             self.view.write_blocks(dst, blocks.permute(1, 2, 0, 3, 4, 5), (part.dst_start, part.dst_end))
             self.wrote = True
 
+    def write_layers(self, layers: tuple[int, int], data: torch.Tensor, part: HeadSlice) -> None:
+        """Writes layer-major `data` [l, 2, n, bs, h, D] (every block of the handle) into the
+        destination blocks' layers `layers` (any thread)."""
+        if self.cancelled.is_set():
+            raise TransferAbortedError("transfer cancelled")
+        dst = self.dst_block_ids[: data.shape[2]]
+        with self.gate.access():
+            self.view.write_blocks(dst, data, (part.dst_start, part.dst_end), layers)
+            self.wrote = True
+
     def on_abort(self, hook: Callable[[], None]) -> None:
         """Registers a hook that unblocks the transport (e.g. cancels an RPC) on abort."""
         self.abort_hooks.append(hook)

@@ -86,6 +86,15 @@ class P2PLink:
     def send(self, tensor: torch.Tensor, peer: int, deadline: float) -> None:
         self._wait(self.group.send([tensor], peer, _TAG), tensor, deadline, None)
 
+    def post_send(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        return self.group.send([tensor], peer, _TAG)
+
+    def post_recv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        return self.group.recv([tensor], peer, _TAG)
+
+    def wait(self, work: dist.Work, tensor: torch.Tensor, deadline: float, job: Transfer | None) -> None:
+        self._wait(work, tensor, deadline, job)
+
     def recv(self, tensor: torch.Tensor, peer: int, deadline: float, job: Transfer | None) -> None:
         work = self.group.recv([tensor], peer, _TAG)
         if job is not None:
@@ -116,9 +125,22 @@ def _abort_quietly(work: dist.Work) -> None:
 @dataclass(frozen=True)
 class _Send:
     transfer_id: str
-    staging: torch.Tensor
+    chunks: list[torch.Tensor]  # layer-major staging tensors, sent in order
     peer: int
     deadline: float
+
+
+_CHUNK_BYTES = 128 << 20
+_MAX_CHUNKS = 8
+
+
+def layer_chunks(num_layers: int, num_bytes: int) -> list[tuple[int, int]]:
+    """Layer ranges of one transfer's messages. Both sides derive them from the same two
+    numbers. Large transfers go in up to 8 messages of >= 128 MiB (the link is near its peak
+    there), so gathering chunk k+1 and scattering chunk k overlap the transfer of the others."""
+    k = max(1, min(_MAX_CHUNKS, num_layers, num_bytes // _CHUNK_BYTES))
+    bounds = [round(i * num_layers / k) for i in range(k + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 class TorchP2PSender(GrpcSender):
@@ -150,14 +172,22 @@ class TorchP2PSender(GrpcSender):
             self.link.check()
             if self.chunk_hook is not None:
                 self.chunk_hook(request.transfer_id)
-            staging = self.gather(request.transfer_id, (request.head_start, request.head_end))
+            chunks = self._gather_chunks(request.transfer_id, (request.head_start, request.head_end))
         except (UnknownTransferError, TransferAbortedError):
             return pb.PrepareSendReply(accepted=False, reason=f"unknown transfer id {request.transfer_id!r}")
         except LinkBrokenError as exc:
             return pb.PrepareSendReply(accepted=False, reason=str(exc))
         deadline = time.monotonic() + self.send_timeout_s
-        self._peer_queue(request.receiver_rank).put(_Send(request.transfer_id, staging, request.receiver_rank, deadline))
-        return pb.PrepareSendReply(accepted=True, num_bytes=staging.numel() * staging.element_size())
+        self._peer_queue(request.receiver_rank).put(_Send(request.transfer_id, chunks, request.receiver_rank, deadline))
+        return pb.PrepareSendReply(accepted=True, num_bytes=sum(c.numel() * c.element_size() for c in chunks))
+
+    def _gather_chunks(self, transfer_id: str, heads: tuple[int, int]) -> list[torch.Tensor]:
+        """Layer-major copies of the leased blocks, one per message (enqueued, not awaited: the
+        device orders them before the sends and before any later reuse of the blocks)."""
+        with self.leases.reader(transfer_id) as lease:
+            num_bytes = len(lease.block_ids) * self.view.bytes_per_block(heads[1] - heads[0])
+            return [self.view.read_blocks(lease.block_ids, heads, layers)
+                    for layers in layer_chunks(self.view.num_layers, num_bytes)]
 
     def _peer_queue(self, peer: int) -> queue.Queue[_Send | None]:
         with self._lock:
@@ -176,7 +206,9 @@ class TorchP2PSender(GrpcSender):
                 continue  # queued sends of a stopped sender are dropped; receivers time out
             try:
                 self.link.check()
-                self.link.send(item.staging, item.peer, item.deadline)
+                works = [self.link.post_send(chunk, item.peer) for chunk in item.chunks]
+                for work, chunk in zip(works, item.chunks):
+                    self.link.wait(work, chunk, item.deadline, None)
             except LinkBrokenError:
                 pass  # the receiver fails by its own timeout; the lease expires or is failed
 
@@ -218,18 +250,25 @@ class TorchP2PReceiver(ThreadedReceiver):
         request = pb.PrepareSendRequest(
             transfer_id=job.transfer_id, receiver_rank=self.link.rank, head_start=part.src_start, head_end=part.src_end
         )
-        shape = (handle.num_blocks, *self.view.block_shape(part.num_heads))
-        buffer = torch.empty(shape, dtype=self.view.dtype, device=self.view.device)
+        view = self.view
+        expected = handle.num_blocks * view.bytes_per_block(part.num_heads)
         with self._peer_lock(peer):
             self.link.check()
             remaining = max(0.001, job.deadline - self._clock())
             reply = stub.PrepareSend(request, timeout=remaining)
             if not reply.accepted:
                 raise TransferAbortedError(f"sender rejected: {reply.reason}")
-            if reply.num_bytes != buffer.numel() * buffer.element_size():
+            if reply.num_bytes != expected:
                 raise TransferAbortedError(f"size mismatch: {reply.num_bytes} bytes announced")
-            self.link.recv(buffer, peer, time.monotonic() + max(0.001, job.deadline - self._clock()), job)
-        job.write(0, buffer, part)
+            chunks = layer_chunks(view.num_layers, expected)
+            shape = (2, handle.num_blocks, view.block_size, part.num_heads, view.head_dim)
+            buffers = [torch.empty((l1 - l0, *shape), dtype=view.dtype, device=view.device) for l0, l1 in chunks]
+            works = [self.link.post_recv(buf, peer) for buf in buffers]  # all posted: NCCL keeps order
+            job.on_abort(lambda: [_abort_quietly(w) for w in works])
+            deadline = time.monotonic() + max(0.001, job.deadline - self._clock())
+            for work, buf, layers in zip(works, buffers, chunks):
+                self.link.wait(work, buf, deadline, job)
+                job.write_layers(layers, buf, part)  # the scatter of chunk k overlaps recv k+1
 
     def _peer_lock(self, peer: int) -> threading.Lock:
         with self._locks_lock:
