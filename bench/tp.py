@@ -75,21 +75,25 @@ def _nccl_ms_per_step(llm: LLM, steps: int) -> float:
     return total_us / 1e3 / steps
 
 
-def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False) -> dict:
+def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False,
+           profile: bool = False) -> dict:
     llm = LLM(model, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp, max_model_len=2048,
               max_num_seqs=max(batch, 8), gpu_memory_utilization=0.85, show_progress=False,
               enforce_eager=enforce_eager)
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         tokens = [o.token_ids for o in llm.generate(_prompts(8, 32, llm.engine.vocab_size, seed=0), greedy)]
-        return {
+        print(f"TP={tp}: loaded, greedy done", flush=True)
+        out = {
             "tp": tp,
             "tokens": tokens,
-            "batch1": _decode_rate(llm, 1, decode_steps, profile=tp > 1),
-            f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=tp > 1),
+            "batch1": _decode_rate(llm, 1, decode_steps, profile=profile and tp > 1),
+            f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile and tp > 1),
             "weight_bytes_per_rank": sum(p.numel() * p.element_size()
                                          for p in llm.engine.runner.model.parameters()),
         }
+        print(f"TP={tp}: batch 1 {out['batch1']}, batch {batch} {out[f'batch{batch}']}", flush=True)
+        return out
     finally:
         llm.shutdown()
         del llm
@@ -118,8 +122,8 @@ def report(base: dict, tp: dict, batch: int) -> dict:
         "batch1_speedup": b1["step_ms"] / t1["step_ms"],
         f"batch{batch}_tokens_per_s": {"tp1": bb["tokens_per_s"], f"tp{tp['tp']}": tb["tokens_per_s"]},
         f"batch{batch}_speedup": tb["tokens_per_s"] / bb["tokens_per_s"],
-        "allreduce_share_batch1": t1["allreduce_share"],
-        f"allreduce_share_batch{batch}": tb["allreduce_share"],
+        "allreduce_share_batch1": t1.get("allreduce_share"),
+        f"allreduce_share_batch{batch}": tb.get("allreduce_share"),
         "allreduce_method": "torch.profiler on rank 0: NCCL kernel device time / unprofiled step wall time",
     }
     _print(summary, batch)
@@ -139,6 +143,9 @@ def _print(s: dict, batch: int) -> None:
     bt = s[f"batch{batch}_tokens_per_s"]
     print(f"{f'batch-{batch} decode (tokens/s)':34s} {bt['tp1']:12.0f} {bt[f'tp{n}']:12.0f} "
           f"{s[f'batch{batch}_speedup']:7.2f}x")
+    if s["allreduce_share_batch1"] is None:
+        print("all-reduce share: not measured (run with --profile)")
+        return
     print(f"{'all-reduce share of step, batch 1':34s} {'':12s} {100 * s['allreduce_share_batch1']:11.1f}%")
     print(f"{f'all-reduce share of step, batch {batch}':34s} {'':12s} "
           f"{100 * s[f'allreduce_share_batch{batch}']:11.1f}%   ({s['allreduce_method']})")
@@ -151,10 +158,11 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP sizes)")
+    parser.add_argument("--profile", action="store_true", help="all-reduce share via torch.profiler")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    base = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager)
-    tp = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager)
+    base = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager, args.profile)
+    tp = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager, args.profile)
     summary = report(base, tp, args.batch) | {"cuda_graphs": not args.enforce_eager}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "tp.json"), "w") as f:

@@ -23,11 +23,13 @@ from router.worker_api import (
 
 
 class ColocatedWorker:
-    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], calibrate: bool = True) -> None:
+    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], calibrate: bool = True,
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
         self.outbox = Outbox()
         self._requests: dict[str, tuple[Request, float]] = {}
         self._first_token: dict[str, float] = {}
-        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, transport="fake", calibrate=calibrate)
+        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, transport="fake", calibrate=calibrate,
+                               pool="colocated", metrics_host=metrics_host, metrics_port=metrics_port)
         self.core.start()
 
     async def submit(self, req: PrefillRequest) -> None:
@@ -63,11 +65,21 @@ class ColocatedWorker:
     async def ping(self) -> str:
         return self.core.worker_id
 
+    async def node_id(self) -> str:
+        """The id of the Ray node this actor runs on (for placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
     async def counters(self) -> dict[str, int]:
         return self.core.counters()
+
+    async def metrics_address(self) -> str | None:
+        """This worker's Prometheus target ("host:port"), None when metrics are off."""
+        return self.core.metrics_address
 
     def shutdown(self) -> None:
         self.core.shutdown()

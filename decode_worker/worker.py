@@ -40,6 +40,7 @@ from router.worker_api import (
 class _Incoming:
     request: Request
     accepted: float
+    num_blocks: int = 0  # blocks the transfer writes (for the bytes-received metric)
 
 
 @dataclass
@@ -51,13 +52,15 @@ class _Times:
 
 class DecodeWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], transfer_timeout_s: float = 30.0,
-                 calibrate: bool = True, kv_group: KVGroupSpec | None = None) -> None:
+                 calibrate: bool = True, kv_group: KVGroupSpec | None = None, metrics_host: str = "127.0.0.1",
+                 metrics_port: int | None = 0) -> None:
         self.outbox = Outbox()
         self._incoming: dict[str, _Incoming] = {}
         self._times: dict[str, _Times] = {}
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_transfers,
                                has_work=lambda: bool(self._incoming), transport="nccl" if kv_group else "grpc",
-                               calibrate=calibrate)
+                               calibrate=calibrate, pool="decode", metrics_host=metrics_host, metrics_port=metrics_port)
+        self.core.metrics.touch_transport(self.core.transport)
         self.receiver = make_receiver(self.core.view, kv_group, on_release=self._on_release, timeout_s=transfer_timeout_s)
         self.core.start()
 
@@ -83,11 +86,21 @@ class DecodeWorker:
     async def ping(self) -> str:
         return self.core.worker_id
 
+    async def node_id(self) -> str:
+        """The id of the Ray node this actor runs on (for placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
     async def counters(self) -> dict[str, int]:
         return self.core.counters()
+
+    async def metrics_address(self) -> str | None:
+        """This worker's Prometheus target ("host:port"), None when metrics are off."""
+        return self.core.metrics_address
 
     def shutdown(self) -> None:
         self.receiver.close()
@@ -106,7 +119,7 @@ class DecodeWorker:
             raise WorkerRejectedError("no free KV blocks for the prompt")
         self.receiver.start(handle, request.block_ids[: handle.num_blocks])
         now = time.monotonic()
-        self._incoming[req.request_id] = _Incoming(request, now)
+        self._incoming[req.request_id] = _Incoming(request, now, handle.num_blocks)
         self._times[req.request_id] = _Times(request, accepted=now)
 
     def _poll_transfers(self) -> None:
@@ -114,13 +127,16 @@ class DecodeWorker:
             state = self.receiver.poll(request_id)
             if state is KVPoll.DONE:
                 del self._incoming[request_id]
-                self._times[request_id].kv_landed = time.monotonic()
+                landed = self._times[request_id].kv_landed = time.monotonic()
+                num_bytes = incoming.num_blocks * self.core.view.bytes_per_block()
+                self.core.metrics.transfer_done(self.core.transport, num_bytes, landed - incoming.accepted)
                 self.core.engine.activate_prefilled(incoming.request)
             elif state is KVPoll.FAILED:
                 del self._incoming[request_id]
                 self._times.pop(request_id, None)
                 self._drop(incoming.request)
                 reason = self.receiver.failure_reason(request_id) or "KV transfer failed"
+                self.core.metrics.transfer_failed(self.core.transport, reason)
                 self.outbox.put([StepOutput(request_id, (), finished=True, finish_reason="abort",
                                             error=f"KV transfer failed: {reason}")])
 

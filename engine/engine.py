@@ -83,6 +83,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list] = {}
         self._first_token_time: dict[str, float] = {}
+        self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
     def _build_runner(self, max_model_len: int, show_progress: bool) -> ModelRunner:
         args = (self.config, self.model_config, self.model_path, max_model_len)
@@ -183,6 +184,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_step_num_batched_tokens = out.num_batched_tokens
         self._stamp_scheduled(out)
         result = self.runner.execute(out)
         updated = self.scheduler.update(out, result)

@@ -6,6 +6,10 @@ Each iteration has three stages:
   3. if anything is unfinished: `outputs = engine.step()` and `on_outputs(outputs)`;
      otherwise wait for the next command (up to `idle_wait_s`, so hooks still run).
 
+Step listeners (`on_step(callback)`, for metrics) hear `callback(num_batched_tokens, seconds)`
+after every step, on this thread, before `on_outputs`: keep them cheap. A listener that raises
+is logged and dropped, never fatal to the loop.
+
 Every touch of the engine happens on this thread, so the engine needs no locks. A failure of
 `step()` (a device error) is fatal: the loop stops, records the error, fails every pending
 command, and `healthy` turns False; it never dies silently.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -50,6 +55,7 @@ class EngineLoop:
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.num_steps = 0
+        self._step_listeners: list[Callable[[int, float], None]] = []
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -58,6 +64,10 @@ class EngineLoop:
 
     def start(self) -> None:
         self._thread.start()
+
+    def on_step(self, callback: Callable[[int, float], None]) -> None:
+        """Call `callback(num_batched_tokens, step_seconds)` after every step (loop thread)."""
+        self._step_listeners.append(callback)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -81,8 +91,10 @@ class EngineLoop:
                 self._run_commands(block=not (self.engine.has_unfinished() or self._has_work()))
                 self._before_step()
                 if self.engine.has_unfinished():
+                    started = time.perf_counter()
                     outputs = self.engine.step()
                     self.num_steps += 1
+                    self._notify_step(time.perf_counter() - started)
                     if outputs:
                         self._on_outputs(outputs)
         except BaseException as exc:  # a device or engine failure: fatal, loudly
@@ -90,6 +102,15 @@ class EngineLoop:
             self.error = exc
         finally:
             self._fail_pending()
+
+    def _notify_step(self, seconds: float) -> None:
+        num_tokens = self.engine.last_step_num_batched_tokens
+        for callback in list(self._step_listeners):
+            try:
+                callback(num_tokens, seconds)
+            except Exception:  # a metrics hook must not take the engine down
+                log.exception("step listener %r failed; dropping it", callback)
+                self._step_listeners.remove(callback)
 
     def _run_commands(self, block: bool) -> None:
         try:

@@ -1,6 +1,7 @@
 """What every pool worker shares: an engine on its own thread, its KV cache view, its load
-snapshot (the heartbeat) and its cost model calibrated at start. Decode and colocated workers
-import this too."""
+snapshot (the heartbeat), its cost model calibrated at start, and its Prometheus metrics served
+on `metrics_host:metrics_port` (0: any free port; None: not served). Decode and colocated
+workers import this too."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.worker_stats import engine_load
 from kvtransfer.cache_view import KVCacheView, TPLayout
+from prefill_worker.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot
+from router.metrics_http import MetricsEndpoint, serve_registry
 from router.worker_api import CostModel, LoadSnapshot
 
 log = logging.getLogger(__name__)
 
 # Transfer cost per KV byte the router should assume, by transport (seconds per byte).
 _TRANSFER_S_PER_BYTE = {"grpc": 1 / 0.5e9, "nccl": 1 / 50e9, "fake": 0.0}
+SNAPSHOT_TIMEOUT_S = 2.0  # a scrape waits at most this long for the engine thread
 
 
 class WorkerCore:
@@ -32,6 +36,9 @@ class WorkerCore:
         has_work: Callable[[], bool] | None = None,
         transport: str = "grpc",
         calibrate: bool = True,
+        pool: str = "prefill",
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 0,
     ) -> None:
         self.worker_id = worker_id
         self.engine = LLMEngine(EngineConfig(**engine_kwargs), show_progress=False)
@@ -41,6 +48,22 @@ class WorkerCore:
         self.transport = transport
         self._on_output = on_output
         self.aengine = AsyncEngine(self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate)
+        self.metrics = WorkerMetrics(str(self.engine.config.model), worker_id, pool, self._snapshot)
+        self.aengine.loop.on_step(self.metrics.on_step)
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if metrics_port is not None:
+            self.metrics_endpoint = serve_registry(self.metrics.registry, metrics_host, metrics_port)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """The Prometheus target ("host:port") of this worker, None when not served."""
+        return None if self.metrics_endpoint is None else self.metrics_endpoint.target
+
+    def _snapshot(self) -> WorkerSnapshot | None:
+        """Engine figures for a scrape (any thread); None when the engine loop is down."""
+        if not self.aengine.healthy:
+            return None
+        return self.aengine.loop.call(engine_snapshot).result(timeout=SNAPSHOT_TIMEOUT_S)
 
     def start(self) -> None:
         self.aengine.start()
@@ -93,5 +116,7 @@ class WorkerCore:
         )
 
     def shutdown(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self.aengine.shutdown()
         self.engine.shutdown()

@@ -45,11 +45,13 @@ class _Pending:
 
 class PrefillWorker:
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
-                 lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None) -> None:
+                 lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None,
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
         self._pending: dict[str, _Pending] = {}
         self.kv_group = kv_group
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
-                               transport="nccl" if kv_group else "grpc", calibrate=calibrate)
+                               transport="nccl" if kv_group else "grpc", calibrate=calibrate, pool="prefill",
+                               metrics_host=metrics_host, metrics_port=metrics_port)
         self.sender = make_sender(self.core.view, kv_group, worker_id=worker_id, model_salt=self.core.salt,
                                   on_release=self._on_release, lease_s=lease_s, host=host)
         self.core.start()
@@ -94,11 +96,21 @@ class PrefillWorker:
     async def ping(self) -> str:
         return self.core.worker_id
 
+    async def node_id(self) -> str:
+        """The id of the Ray node this actor runs on (for placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
     async def info(self) -> dict[str, Any]:
         return self.core.info()
 
     async def counters(self) -> dict[str, int]:
         return self.core.counters()
+
+    async def metrics_address(self) -> str | None:
+        """This worker's Prometheus target ("host:port"), None when metrics are off."""
+        return self.core.metrics_address
 
     async def kv_leases(self) -> int:
         return await self.core.aengine.run(lambda e: self.sender.num_leased())

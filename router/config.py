@@ -42,6 +42,8 @@ class RouterConfig:
     slo_classes: Mapping[str, SloClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     kv_salt: str = ""
     metrics_targets: tuple[str, ...] = ()
+    metrics_host: str | None = None  # None: `host`
+    metrics_port: int | None = None  # None: metrics not served; 0: any free port
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +57,7 @@ class RouterConfig:
             (self.max_inflight_prefills >= 1, "max_inflight_prefills", "must be >= 1"),
             (self.max_queue >= 0, "max_queue", "must be >= 0"),
             (self.starvation_s > 0, "starvation_s", "must be > 0"),
+            (self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port", "must be in [0, 65536)"),
             (DEFAULT_CLASS in self.slo_classes, "slo_classes", f"must define {DEFAULT_CLASS!r}"),
         ]
         for ok, name, message in checks:

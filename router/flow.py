@@ -7,7 +7,8 @@ Stages of `Orchestrator.run`:
   3. prefill: the first token is sent to the client at once; the slot is released;
   4. decode: `start` on the decode worker, then its StepOutputs (routed by the worker's
      StepDemux) are streamed, several per message when they queue up;
-  5. the last message carries finish reason, token counts and stage timings.
+  5. the last message carries finish reason, token counts and stage timings, which add up to
+     the end-to-end latency (`router.stage_clock` attributes the router's own hops).
 
 Any exit other than a normal finish (client cancel, deadline, Abort RPC, worker failure)
 aborts the request on both of its workers (fire-and-forget: the caller may already be
@@ -35,6 +36,7 @@ from router.demux import StepDemux, StreamItem
 from router.dispatch_gate import DispatchGate, RouterQueueFullError
 from router.policy import Demand, Placement, Rejection, place, place_colocated
 from router.registry import Pool, WorkerEntry, WorkerRegistry
+from router.stage_clock import StageMarks, stage_timings
 from router.validation import ValidatedRequest
 from router.worker_api import (
     DecodeRequest,
@@ -56,10 +58,11 @@ _WORKER_DEATH_ERRORS = {"RayActorError", "ActorDiedError", "ActorUnavailableErro
 class RouterError(Exception):
     """A request failed with a gRPC status code the server returns as is."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, reason: str | None = None) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.reason = reason  # set when the request was refused before serving (router.metrics)
 
 
 class _Aborted(Exception):
@@ -78,6 +81,9 @@ class _Active:
     num_tokens: int = 0  # streamed so far
     num_cached_tokens: int = 0
     first_token_at: float | None = None
+    dispatched_at: float | None = None  # the first worker call (router.stage_clock's marks)
+    decode_started_at: float | None = None
+    colocated: bool = False
 
 
 class Orchestrator:
@@ -124,11 +130,21 @@ class Orchestrator:
     def num_active(self) -> int:
         return len(self._active)
 
+    @property
+    def num_queued(self) -> int:
+        """Requests waiting in the router queue for a dispatch slot."""
+        return self._gate.num_waiting
+
+    @property
+    def num_inflight_prefills(self) -> int:
+        return self._gate.num_in_use
+
     async def run(self, req: ValidatedRequest, deadline: float | None, send: Send) -> None:
         """Serve one request, sending its responses through `send`. Raises RouterError."""
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
-            raise RouterError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already running")
+            raise RouterError(grpc.StatusCode.ALREADY_EXISTS, f"request_id: {rid!r} is already running",
+                              "duplicate_request_id")
         loop = asyncio.get_running_loop()
         active = _Active(rid, asyncio.Queue(), loop.create_future())
         self._active[rid] = active
@@ -161,8 +177,7 @@ class Orchestrator:
         try:
             await self._gate.acquire(req.slo.priority, ttft_deadline)
         except RouterQueueFullError as exc:
-            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        router_queue = time.monotonic() - req.arrival
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "queue_full") from None
         slot = _Slot(self._gate)
         prefill_times: StageTimes | None = None
         try:
@@ -174,7 +189,7 @@ class Orchestrator:
             self._abort_on_workers(active)
         finally:
             slot.release()
-        await send(self._final_message(req, active, last, prefill_times, router_queue))
+        await send(self._final_message(req, active, last, prefill_times))
 
     # -- placement ----------------------------------------------------------------------------
     def _place(self, req: ValidatedRequest) -> Placement:
@@ -183,7 +198,7 @@ class Orchestrator:
         colocated = not (prefill and decode)
         candidates = self._registry.healthy(Pool.COLOCATED) if colocated else prefill
         if not candidates:
-            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no healthy workers can serve the request")
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, "no healthy workers can serve the request", "no_workers")
         demand = Demand(len(req.prompt_token_ids), req.max_new_tokens, req.slo)
         hashes = self._block_hashes(req, candidates[0].load.block_size)
         cached = {e.worker_id: e.prefix.num_hit_blocks(hashes) * e.load.block_size for e in candidates}
@@ -193,7 +208,7 @@ class Orchestrator:
         else:
             plan = place(views, [e.view() for e in decode], demand, cached)
         if isinstance(plan, Rejection):
-            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"slo: {plan.reason}")
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"slo: {plan.reason}", "slo_infeasible")
         if hashes:
             self._registry.get(plan.prefill.worker_id).prefix.record(hashes)
         return plan
@@ -219,6 +234,7 @@ class Orchestrator:
         ttft_deadline = None if req.slo.ttft_s is None else time.time() + req.slo.ttft_s
         preq = PrefillRequest(active.request_id, req.prompt_token_ids, req.sampling_params,
                               ttft_deadline, req.slo.priority, d.worker_id)  # fmt: skip
+        active.dispatched_at = time.monotonic()
         try:
             result: PrefillResult = await self._watch(p, active, p.handle.prefill(preq))
         finally:
@@ -230,6 +246,7 @@ class Orchestrator:
         self._demux[d.worker_id].open(active.request_id, active.queue)
         dreq = DecodeRequest(active.request_id, req.prompt_token_ids, result.first_token_id, result.kv_handle,
                              req.sampling_params, deadline, req.slo.priority, p.worker_id, result.text_delta)  # fmt: skip
+        active.decode_started_at = time.monotonic()
         await self._watch(d, active, d.handle.start(dreq))
         return await self._stream(active, send), result.timings
 
@@ -239,6 +256,7 @@ class Orchestrator:
     ) -> tuple[list[StepOutput], StageTimes | None]:  # fmt: skip
         w = self._registry.get(plan.prefill.worker_id)
         active.workers.append(w)
+        active.colocated = True
         num_prompt = len(req.prompt_token_ids)
         w.pending_prefill_tokens += num_prompt
         w.started_since_snapshot += 1
@@ -250,6 +268,7 @@ class Orchestrator:
         self._demux[w.worker_id].open(active.request_id, active.queue)
         preq = PrefillRequest(active.request_id, req.prompt_token_ids, req.sampling_params,
                               deadline, req.slo.priority, None)  # fmt: skip
+        active.dispatched_at = time.monotonic()
         try:
             await self._watch(w, active, w.handle.submit(preq))
             return await self._stream(active, send, on_first_token), None
@@ -291,21 +310,18 @@ class Orchestrator:
             await send(_message(active.request_id, outputs))
 
     def _final_message(
-        self, req: ValidatedRequest, active: _Active, last: list[StepOutput],
-        prefill_times: StageTimes | None, router_queue: float,
-    ) -> pb.GenerateResponse:  # fmt: skip
+        self, req: ValidatedRequest, active: _Active, last: list[StepOutput], prefill_times: StageTimes | None
+    ) -> pb.GenerateResponse:
         now = time.monotonic()
         msg = _message(active.request_id, last)
         end = last[-1]
-        ttft = (active.first_token_at or now) - req.arrival
         msg.finish_reason = convert.finish_reason(end.finish_reason)
         msg.prompt_tokens = len(req.prompt_token_ids)
         msg.completion_tokens = active.num_tokens + len(msg.token_ids)
         msg.cached_prompt_tokens = active.num_cached_tokens
-        msg.timings.CopyFrom(
-            convert.stage_timings(prefill_times, end.timings, router_queue=router_queue, ttft=ttft,
-                                  end_to_end=now - req.arrival)  # fmt: skip
-        )
+        marks = StageMarks(req.arrival, active.dispatched_at, active.first_token_at, active.decode_started_at,
+                           active.colocated)  # fmt: skip
+        msg.timings.CopyFrom(stage_timings(marks, prefill_times, end.timings, now))
         return msg
 
     # -- failure handling ---------------------------------------------------------------------
@@ -332,7 +348,8 @@ class Orchestrator:
         if exc is None:
             return task.result()
         if isinstance(exc, WorkerRejectedError):
-            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {entry.worker_id}: {exc.reason}")
+            raise RouterError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"worker {entry.worker_id}: {exc.reason}",
+                              "worker_rejected")
         if isinstance(exc, WorkerUnavailableError) or type(exc).__name__ in _WORKER_DEATH_ERRORS:
             self._registry.mark_unhealthy(entry.worker_id, repr(exc))
             raise RouterError(grpc.StatusCode.UNAVAILABLE, f"worker {entry.worker_id}: {exc}")

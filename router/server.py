@@ -8,6 +8,10 @@ validate (INVALID_ARGUMENT "field: message", nothing sent to a worker) -> orches
 Orchestrator then aborts the request on its workers, and gRPC reports CANCELLED /
 DEADLINE_EXCEEDED.
 
+Metrics: `RouterMetrics` (router.metrics) observes every Generate call; with
+`config.metrics_port` set, the registry is served over HTTP and its target is listed first in
+`GetClusterStatus.metrics_targets`, followed by `config.metrics_targets` and the workers'.
+
 Health: the overall service ("") and "tandem.v1.Generation" are SERVING only while the
 registry can serve (>= 1 healthy prefill and decode worker, or a colocated one).
 """
@@ -26,7 +30,10 @@ from engine.errors import InvalidRequestError
 from router import convert
 from router.config import RouterConfig
 from router.flow import Orchestrator, RouterError
+from router.metrics import RouterMetrics, RouterStateSource
+from router.metrics_http import MetricsEndpoint, serve_registry
 from router.registry import Pool, WorkerRegistry
+from router.slo import DEFAULT_CLASS
 from router.tokenizer import Tokenizer
 from router.validation import ModelLimits, validate
 from tandem.api import generation_pb2 as pb
@@ -37,8 +44,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry, orch: Orchestrator) -> None:
+    def __init__(
+        self, config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry, orch: Orchestrator,
+        metrics: RouterMetrics,
+    ) -> None:  # fmt: skip
         self._config = config
+        self._metrics = metrics
+        self.own_metrics_target: str | None = None
         self._tokenizer = tokenizer
         self._registry = registry
         self._orch = orch
@@ -49,13 +61,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             req = validate(request, self._tokenizer, self._limits, self._config.slo_classes)
         except InvalidRequestError as exc:
+            self._metrics.reject_invalid()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
+        observer = self._metrics.request(request.slo_class if request.HasField("slo_class") else DEFAULT_CLASS, req.slo)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
         try:
-            await self._orch.run(req, deadline, context.write)
+            await self._orch.run(req, deadline, observer.wrap(context.write))
         except RouterError as exc:
+            if exc.reason is not None:
+                observer.rejected(exc.reason)
+            else:
+                observer.failed(exc.code.name)
             await context.abort(exc.code, exc.details)
+        except asyncio.CancelledError:  # the client left, or its gRPC deadline passed
+            expired = deadline is not None and time.time() >= deadline
+            observer.failed("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            raise
+        except Exception:
+            observer.failed("INTERNAL")
+            raise
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._orch.abort(request.request_id))
@@ -73,7 +98,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
         now = time.monotonic()
-        targets = list(self._config.metrics_targets)
+        targets = [self.own_metrics_target] if self.own_metrics_target else []
+        targets += list(self._config.metrics_targets)
         targets += [e.metrics_target for e in self._registry.entries() if e.metrics_target]
         return pb.ClusterStatus(
             workers=[convert.worker_status(e, now) for e in self._registry.entries()],
@@ -88,7 +114,10 @@ class RouterServer:
         self.config = config
         self.registry = WorkerRegistry(config.heartbeat_interval_s, config.heartbeat_timeout_s)
         self.orchestrator = Orchestrator(self.registry, config)
-        self._servicer = GenerationServicer(config, tokenizer, self.registry, self.orchestrator)
+        self.metrics = RouterMetrics(config.model_name, config.slo_classes)
+        self.metrics.watch(self._state_source())
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._servicer = GenerationServicer(config, tokenizer, self.registry, self.orchestrator, self.metrics)
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -117,6 +146,19 @@ class RouterServer:
         await server.start()
         self._server = server
         self.registry.start()
+        if self.config.metrics_port is not None:
+            host = self.config.metrics_host or self.config.host
+            self.metrics_endpoint = serve_registry(self.metrics.registry, host, self.config.metrics_port)
+            self._servicer.own_metrics_target = self.metrics_endpoint.target
+
+    def _state_source(self) -> RouterStateSource:
+        orch, registry = self.orchestrator, self.registry
+        return RouterStateSource(
+            waiting=lambda: orch.num_queued,
+            inflight=lambda: orch.num_inflight_prefills,
+            active=lambda: orch.num_active,
+            workers=lambda: [(e.worker_id, e.pool.value, e.healthy) for e in registry.entries()],
+        )
 
     async def add_worker(self, worker_id: str, pool: Pool | str, handle: Any, metrics_target: str | None = None) -> None:
         await self.orchestrator.add_worker(worker_id, Pool(pool), handle, metrics_target)
@@ -127,6 +169,9 @@ class RouterServer:
             await self._server.stop(grace_s)
             self._server = None
         await self.orchestrator.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+            self.metrics_endpoint = None
 
     async def wait(self) -> None:
         assert self._server is not None

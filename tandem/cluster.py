@@ -67,14 +67,14 @@ class ClusterConfig:
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
     kv_transport: str = "grpc"  # or "p2p": torch.distributed send/recv (NCCL on GPUs, gloo on CPU)
+    metrics_port: int | None = 0  # the router's metrics port (0: any free); None: no metrics anywhere
+    metrics_sd_path: str | None = None  # Prometheus file-SD target list; None: service_discovery.default_sd_path()
 
 
 def _actor_classes() -> dict[str, Any]:
-    from decode_worker.colocated import ColocatedWorker
-    from decode_worker.worker import DecodeWorker
-    from prefill_worker.worker import PrefillWorker
+    from tandem.actors import POOLS, worker_class
 
-    return {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}
+    return {pool: worker_class(pool) for pool in POOLS}
 
 
 class LocalCluster:
@@ -85,6 +85,8 @@ class LocalCluster:
         self.server: RouterServer | None = None
         self.info: dict[str, Any] = {}
         self._kv_groups: dict[str, Any] = {}
+        self.metrics_targets: dict[str, str] = {}  # "router" or worker id -> "host:port"
+        self.sd_path: str | None = None
 
     def _plan_kv_groups(self, plan: list[tuple[str, str]]) -> None:
         """One torch.distributed group over every prefill and decode worker (p2p transport)."""
@@ -111,8 +113,6 @@ class LocalCluster:
         ]
 
     def _spawn(self, worker_id: str, pool: str) -> Any:
-        import ray
-
         c = self.config
         kwargs: dict[str, Any] = {"worker_id": worker_id, "calibrate": c.calibrate,
                                   "engine_kwargs": {"model": c.model, **c.engine_kwargs}}
@@ -122,9 +122,11 @@ class LocalCluster:
             kwargs["transfer_timeout_s"] = c.transfer_timeout_s
         if pool in ("prefill", "decode") and self._kv_groups:
             kwargs["kv_group"] = self._kv_groups[worker_id]
-        cls = ray.remote(_actor_classes()[pool])
-        return cls.options(name=f"tandem-{worker_id}", num_cpus=1, num_gpus=1 if c.use_gpus else 0,
-                           max_restarts=0, max_concurrency=1000).remote(**kwargs)
+        kwargs |= {"metrics_host": c.host, "metrics_port": None if c.metrics_port is None else 0}
+        from tandem.actors import create_worker_actor  # shared with tandem.launch
+
+        return create_worker_actor(pool, kwargs, name=f"tandem-{worker_id}", num_cpus=1,
+                                   num_gpus=1 if c.use_gpus else 0)
 
     async def start(self) -> str:
         """Start the actors and the router; returns the router's address."""
@@ -139,15 +141,33 @@ class LocalCluster:
         self.info = infos[0]
         self.server = RouterServer(self._router_config(), self._tokenizer())
         await self.server.start()
-        for worker_id, actor in self.actors.items():
-            await self.server.add_worker(worker_id, self.pools[worker_id], RayWorker(actor))
+        targets = await asyncio.gather(*(a.metrics_address.remote() for a in self.actors.values()))
+        for (worker_id, actor), target in zip(self.actors.items(), targets):
+            await self.server.add_worker(worker_id, self.pools[worker_id], RayWorker(actor), target)
+        self._write_service_discovery(dict(zip(self.actors, targets)))
         return self.server.address
+
+    def _write_service_discovery(self, worker_targets: dict[str, str | None]) -> None:
+        """Record every metrics target and write the Prometheus file-SD list (router first)."""
+        from tandem.service_discovery import default_sd_path, target_groups, write_file_sd
+
+        assert self.server is not None
+        if self.server.metrics_endpoint is not None:
+            self.metrics_targets["router"] = self.server.metrics_endpoint.target
+        self.metrics_targets |= {w: t for w, t in worker_targets.items() if t}
+        if not self.metrics_targets:
+            return
+        by_role: dict[str, list[str]] = {}
+        for name, target in self.metrics_targets.items():
+            by_role.setdefault(self.pools.get(name, "router"), []).append(target)
+        path = self.config.metrics_sd_path or default_sd_path()
+        self.sd_path = str(write_file_sd(path, target_groups(by_role)))
 
     def _router_config(self) -> RouterConfig:
         return RouterConfig(
             max_model_len=self.info["max_model_len"], model_name=self.config.model,
             vocab_size=self.info["vocab_size"], host=self.config.host, port=self.config.port,
-            kv_salt=self.info["kv_salt"],
+            kv_salt=self.info["kv_salt"], metrics_port=self.config.metrics_port,
         )
 
     def _tokenizer(self) -> Any:
