@@ -1,0 +1,115 @@
+"""What `tandem launch` hands each process, derived from the spec and the placement plan. Pure:
+no Ray calls, so every mapping here is unit-testable without a cluster.
+
+- `unsupported(spec)`: spec features the processes do not implement yet, as a `LaunchError`
+  naming the field (checked before anything starts).
+- `worker_kwargs(spec, plan, worker, ...)`: the constructor arguments of one worker actor.
+- `router_config(spec, plan, info, ...)`: the router's `RouterConfig`.
+- `kv_transport_notes(plan)`: one line per KV link whose planned transport is not what runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import TandemError
+from router.config import RouterConfig
+from router.slo import DEFAULT_SLO_CLASSES, SloClass
+from tandem.placement import ClusterPlan, KVTransport, WorkerPlan
+from tandem.spec import NODE_IP, ClusterSpec, PoolRole
+
+RUNNING_TRANSPORT = KVTransport.GRPC  # the only KV transport `tandem launch` wires today
+
+
+class LaunchError(TandemError, ValueError):
+    """`tandem launch` / `tandem down` cannot proceed; `field` names the spec field (or
+    "ray.address" / "pools.<role>" for cluster-side failures)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def unsupported(spec: ClusterSpec) -> LaunchError | None:
+    """The first spec setting the workers or the router cannot honour yet, or None."""
+    for role, pool in spec.pools.items():
+        if pool.tensor_parallel_size > 1:
+            return LaunchError(
+                f"pools.{role.value}.tensor_parallel_size",
+                f"{pool.tensor_parallel_size}: tensor parallelism inside pool workers is not wired "
+                "yet (a worker's KV cache view and transfers cover one rank); use 1",
+            )
+    if spec.router.tls.enabled:
+        return LaunchError("router.tls.enabled", "TLS on the client port is not wired into the router yet")
+    return None
+
+
+def pool_of(spec: ClusterSpec, role: PoolRole) -> Any:
+    pool = {PoolRole.PREFILL: spec.pools.prefill, PoolRole.DECODE: spec.pools.decode,
+            PoolRole.COLOCATED: spec.pools.colocated}[role]
+    assert pool is not None, role
+    return pool
+
+
+def metrics_host(spec: ClusterSpec, node_ip: str) -> str:
+    return node_ip if spec.metrics.host == NODE_IP else spec.metrics.host
+
+
+def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool) -> dict[str, Any]:
+    """Constructor kwargs of `worker`'s rank-0 actor. `fixed_ports=False` (several Ray nodes
+    share one IP, as in tests): metrics bind any free port instead of the plan's."""
+    pool = pool_of(spec, worker.role)
+    kwargs: dict[str, Any] = {
+        "worker_id": worker.name,
+        "engine_kwargs": pool.engine_kwargs(spec.model),
+        "metrics_host": metrics_host(spec, worker.node_ip),
+        "metrics_port": worker.metrics_ports[0] if fixed_ports else 0,
+    }
+    if worker.role == PoolRole.PREFILL:
+        kwargs |= {"host": worker.node_ip, "lease_s": spec.kv.lease_s}  # KV server: reachable by decode
+    return kwargs
+
+
+def actor_resources(worker: WorkerPlan) -> dict[str, Any]:
+    """Ray options for rank 0: exactly its bundle (minus the node pin, which only placed it)."""
+    bundle = dict(worker.bundles[0])
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return {"num_cpus": bundle.get("CPU", 0.0), "num_gpus": bundle.get("GPU", 0.0), "resources": custom}
+
+
+def slo_classes(spec: ClusterSpec) -> dict[str, SloClass]:
+    """The router's classes: its defaults (it needs "interactive") overridden by the spec's."""
+    classes = dict(DEFAULT_SLO_CLASSES)
+    for name, c in spec.slo_classes.items():
+        ttft = None if c.ttft_ms is None else c.ttft_ms / 1e3
+        tpot = None if c.tpot_ms is None else c.tpot_ms / 1e3
+        known = DEFAULT_SLO_CLASSES.get(name)
+        priority = known.priority if known else (20 if c.best_effort else 0)
+        classes[name] = SloClass(name, ttft, tpot, c.best_effort, priority)
+    return classes
+
+
+def router_config(spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fixed_ports: bool) -> RouterConfig:
+    return RouterConfig(
+        max_model_len=int(info["max_model_len"]),
+        model_name=spec.model.path,
+        vocab_size=int(info["vocab_size"]),
+        host=spec.router.host,
+        port=spec.router.port,
+        max_message_bytes=int(spec.router.max_message_bytes),
+        slo_classes=slo_classes(spec),
+        kv_salt=str(info["kv_salt"]),
+        metrics_host=metrics_host(spec, plan.router.node_ip),
+        metrics_port=plan.router.metrics_port if fixed_ports else 0,
+    )
+
+
+def kv_transport_notes(plan: ClusterPlan) -> list[str]:
+    """A line per prefill -> decode link whose planned transport is not the one that runs."""
+    return [
+        f"KV {link.prefill} -> {link.decode}: the plan chose {link.transport.value}, which pool "
+        f"workers do not wire yet; using {RUNNING_TRANSPORT.value}"
+        for link in plan.kv_links
+        if link.transport != RUNNING_TRANSPORT
+    ]

@@ -1,0 +1,142 @@
+"""`tandem serve`: a LocalCluster on this machine until SIGINT / SIGTERM.
+
+`serve_config(options, num_gpus)` turns the command's flags into a `ClusterConfig` (pure; raises
+`ServeError` naming the flag); `serve(...)` starts a loopback-bound local Ray (or joins the one
+`RAY_ADDRESS` names), the workers and the router, announces the endpoint, and on a signal stops
+the router, kills the actors and shuts down the Ray instance it started. A signal during start-up
+cancels the start and cleans up the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import TandemError
+from tandem.cluster import ClusterConfig, LocalCluster
+
+Say = Callable[[str], None]
+
+
+class ServeError(TandemError, ValueError):
+    """A flag combination `tandem serve` cannot run; `field` is the flag."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str = "demo"
+    mode: str = "disaggregated"
+    num_prefill: int | None = None  # None: 1 on CPU, half the GPUs on GPU
+    num_decode: int | None = None
+    num_colocated: int | None = None
+    tensor_parallel_size: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    transport: str = "auto"  # auto | grpc | nccl
+    extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def gpu_count(device: str) -> int:
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
+    if o.tensor_parallel_size > 1:
+        raise ServeError("--tensor-parallel-size", f"{o.tensor_parallel_size}: tensor parallelism "
+                         "inside pool workers is not wired yet; use 1")
+    if o.device == "cuda" and num_gpus == 0:
+        raise ServeError("--device", "cuda asked for, but no CUDA GPU is visible")
+    use_gpus = num_gpus > 0
+    counts = _worker_counts(o, num_gpus)
+    engine_kwargs = {"device": "cuda" if use_gpus else "cpu", "dtype": o.dtype, **o.extra_engine_kwargs}
+    if o.max_model_len is not None:
+        engine_kwargs["max_model_len"] = o.max_model_len
+    return ClusterConfig(model=o.model, mode=o.mode, use_gpus=use_gpus, host=o.host, port=o.port,
+                         engine_kwargs=engine_kwargs, **counts, **_transport(o, use_gpus))
+
+
+def _worker_counts(o: ServeOptions, num_gpus: int) -> dict[str, Any]:
+    if o.mode == "colocated":
+        n = o.num_colocated or max(num_gpus, 1)
+        if num_gpus and n > num_gpus:
+            raise ServeError("--num-colocated", f"{n} workers need {n} GPUs; {num_gpus} visible")
+        return {"num_colocated": n}
+    if num_gpus == 1 and (o.num_prefill or 1) + (o.num_decode or 1) > 1:
+        raise ServeError("--mode", "disaggregated needs 2 GPUs (one per worker); 1 is visible: "
+                         "use --mode colocated, or --device cpu")
+    half = max(num_gpus // 2, 1)
+    prefill = o.num_prefill or half
+    decode = o.num_decode or max(num_gpus - prefill, 1)
+    if num_gpus and prefill + decode > num_gpus:
+        raise ServeError("--num-decode", f"{prefill} prefill + {decode} decode workers need "
+                         f"{prefill + decode} GPUs; {num_gpus} visible")
+    return {"num_prefill": prefill, "num_decode": decode}
+
+
+def _transport(o: ServeOptions, use_gpus: bool) -> dict[str, Any]:
+    if o.transport in ("auto", "grpc"):
+        return {}
+    if o.mode == "colocated":
+        raise ServeError("--transport", "a colocated worker moves no KV; leave --transport out")
+    if "kv_transport" not in ClusterConfig.__dataclass_fields__:
+        raise ServeError("--transport", "nccl is not wired into pool workers yet; use grpc")
+    if not use_gpus:
+        raise ServeError("--transport", "nccl needs CUDA workers; on CPU use grpc")
+    return {"kv_transport": "p2p"}
+
+
+def serve(options: ServeOptions, say: Say, on_ready: Callable[[LocalCluster], None] | None = None) -> None:
+    """Blocks until SIGINT / SIGTERM; every resource it started is released on return."""
+    import ray
+
+    from tandem.local_ray import start_local_ray
+
+    config = serve_config(options, gpu_count(options.device))
+    started = start_local_ray()
+    try:
+        asyncio.run(_serve(config, say, on_ready))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+async def _serve(config: ClusterConfig, say: Say, on_ready: Callable[[LocalCluster], None] | None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    cluster = LocalCluster(config)
+    starting = asyncio.ensure_future(cluster.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            address = starting.result()  # raises the start-up error
+            workers = ", ".join(f"{w} ({p})" for w, p in cluster.pools.items())
+            say(f"Tandem is serving {config.model} at {address}  [workers: {workers}]")
+            say("Press Ctrl-C to stop.")
+            if on_ready is not None:
+                on_ready(cluster)
+            await stopping
+        say("Stopping: router, then workers.")
+    finally:
+        starting.cancel()
+        stopping.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+        await cluster.stop()

@@ -1,0 +1,81 @@
+"""What `tandem launch` hands each process, from a spec and a plan (pure: no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tandem.launch_config import (
+    actor_resources,
+    kv_transport_notes,
+    router_config,
+    slo_classes,
+    unsupported,
+    worker_kwargs,
+)
+from tandem.placement import NodeInfo, plan_cluster
+from tandem.spec import PoolRole, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gpu_spec(**kv: object) -> dict:
+    spec = yaml.safe_load((REPO / "deploy" / "tandem.yaml").read_text())
+    for pool in ("prefill", "decode"):
+        spec["pools"][pool]["tensor_parallel_size"] = 1
+    spec["router"]["tls"]["enabled"] = False
+    spec["kv"] |= kv
+    return spec
+
+
+def _nodes() -> list[NodeInfo]:
+    head = NodeInfo("h", "10.0.0.1", {"CPU": 8, "node:__internal_head__": 1}, {}, True)
+    prefill = NodeInfo("p", "10.0.0.2", {"CPU": 96, "GPU": 8, "tandem_prefill": 8}, {}, False)
+    decode = NodeInfo("d", "10.0.0.3", {"CPU": 96, "GPU": 8, "tandem_decode": 8}, {}, False)
+    return [head, prefill, decode]
+
+
+def test_shipped_multi_gpu_spec_is_refused_for_tensor_parallelism():
+    problem = unsupported(load_spec(REPO / "deploy" / "tandem.yaml"))
+    assert problem is not None and problem.field == "pools.decode.tensor_parallel_size"
+    assert unsupported(load_spec(REPO / "deploy" / "tandem-local.yaml")) is None
+
+
+def test_tls_is_refused_until_the_router_serves_it():
+    spec = _gpu_spec()
+    spec["router"]["tls"]["enabled"] = True
+    problem = unsupported(parse_spec(spec))
+    assert problem is not None and problem.field == "router.tls.enabled"
+
+
+def test_worker_kwargs_follow_the_plan():
+    spec = parse_spec(_gpu_spec())
+    plan = plan_cluster(spec, _nodes())
+    prefill = plan.workers_of(PoolRole.PREFILL)[0]
+    kwargs = worker_kwargs(spec, prefill, fixed_ports=True)
+    assert kwargs["worker_id"] == "prefill-0" and kwargs["host"] == "10.0.0.2"
+    assert kwargs["metrics_host"] == "10.0.0.2" and kwargs["metrics_port"] == prefill.metrics_ports[0]
+    assert kwargs["engine_kwargs"]["model"] == spec.model.path
+    assert kwargs["engine_kwargs"]["max_num_seqs"] == spec.pools.prefill.engine.max_num_seqs
+    assert worker_kwargs(spec, prefill, fixed_ports=False)["metrics_port"] == 0
+    decode = plan.workers_of(PoolRole.DECODE)[0]
+    assert "host" not in worker_kwargs(spec, decode, fixed_ports=True)
+    assert actor_resources(decode) == {"num_cpus": 4.0, "num_gpus": 1.0, "resources": {"tandem_decode": 1.0}}
+
+
+def test_nccl_links_fall_back_to_grpc_with_a_note():
+    across = plan_cluster(parse_spec(_gpu_spec(gpu_fabric=True)), _nodes())
+    notes = kv_transport_notes(across)
+    assert len(notes) == len(across.kv_links) and all("nccl" in n and "using grpc" in n for n in notes)
+    assert kv_transport_notes(plan_cluster(parse_spec(_gpu_spec()), _nodes())) == []
+
+
+def test_router_config_carries_spec_slo_classes_and_ports():
+    spec = parse_spec(_gpu_spec())
+    plan = plan_cluster(spec, _nodes())
+    info = {"max_model_len": 8192, "vocab_size": 128256, "kv_salt": "salt"}
+    config = router_config(spec, plan, info, fixed_ports=True)
+    assert (config.host, config.port, config.metrics_host, config.metrics_port) == ("0.0.0.0", 50051, "10.0.0.1", 9400)
+    assert config.slo_classes["interactive"].ttft_s == 0.5 and config.slo_classes["standard"].tpot_s == 0.1
+    assert config.slo_classes["batch"].best_effort and set(slo_classes(spec)) >= {"interactive", "best_effort"}
