@@ -35,10 +35,13 @@ class ClusterThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
+        import ray
+
         self.client.close()
         self.run(self.cluster.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        ray.shutdown()  # no Ray processes outlive the test module
 
     def all_blocks_free(self) -> bool:
         status = self.client.cluster_status()
