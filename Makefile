@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PY=$(PY) bash tests/run_suite.sh $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m tandem.demo
