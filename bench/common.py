@@ -36,7 +36,6 @@ def copy_bandwidth(nbytes: int = 2**31) -> float:
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), iters=20)
-    del src, dst
     return 2 * nbytes / t
 
 

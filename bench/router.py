@@ -181,7 +181,7 @@ def print_table(results: list[PhaseResult], tokens: int) -> None:
     print(f"throughput {best:.0f} req/s (target >= {TARGET_RPS:.0f}): {'MET' if best >= TARGET_RPS else 'NOT MET'}")
     print(f"added p50 at 1 stream {floor:.2f} ms (target <= {TARGET_P50_MS} ms): "
           f"{'MET' if floor <= TARGET_P50_MS else 'NOT MET'}")  # fmt: skip
-    print(f"floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)")
+    print("floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)")
     print(f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 

@@ -10,10 +10,8 @@ from decode_worker.outbox import Outbox
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
-from prefill_worker.common import WorkerCore
+from prefill_worker.common import PoolWorker, WorkerCore
 from router.worker_api import (
-    CostModel,
-    LoadSnapshot,
     PrefillRequest,
     StageTimes,
     StepOutput,
@@ -22,7 +20,7 @@ from router.worker_api import (
 )
 
 
-class ColocatedWorker:
+class ColocatedWorker(PoolWorker):
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], calibrate: bool = True,
                  metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
         self.outbox = Outbox()
@@ -56,30 +54,6 @@ class ColocatedWorker:
 
         await self.core.aengine.run(abort)
 
-    async def load(self) -> LoadSnapshot:
-        return await self.core.load()
-
-    async def cost_model(self) -> CostModel:
-        return self.core.cost_model()
-
-    async def ping(self) -> str:
-        return self.core.worker_id
-
-    async def node_id(self) -> str:
-        """The id of the Ray node this actor runs on (for placement checks)."""
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-
-    async def info(self) -> dict[str, Any]:
-        return self.core.info()
-
-    async def counters(self) -> dict[str, int]:
-        return self.core.counters()
-
-    async def metrics_address(self) -> str | None:
-        """This worker's Prometheus target ("host:port"), None when metrics are off."""
-        return self.core.metrics_address
 
     def shutdown(self) -> None:
         self.core.shutdown()

@@ -24,11 +24,9 @@ from engine.request import Request
 from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import KVPoll
 from kvtransfer.pool_link import KVGroupSpec, make_receiver
-from prefill_worker.common import WorkerCore
+from prefill_worker.common import PoolWorker, WorkerCore
 from router.worker_api import (
-    CostModel,
     DecodeRequest,
-    LoadSnapshot,
     StageTimes,
     StepOutput,
     WorkerRejectedError,
@@ -50,7 +48,7 @@ class _Times:
     kv_landed: float | None = None
 
 
-class DecodeWorker:
+class DecodeWorker(PoolWorker):
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], transfer_timeout_s: float = 30.0,
                  calibrate: bool = True, kv_group: KVGroupSpec | None = None, metrics_host: str = "127.0.0.1",
                  metrics_port: int | None = 0) -> None:
@@ -77,30 +75,6 @@ class DecodeWorker:
     async def abort(self, request_id: str) -> None:
         await self.core.aengine.run(lambda engine: self._abort(engine, request_id))
 
-    async def load(self) -> LoadSnapshot:
-        return await self.core.load()
-
-    async def cost_model(self) -> CostModel:
-        return self.core.cost_model()
-
-    async def ping(self) -> str:
-        return self.core.worker_id
-
-    async def node_id(self) -> str:
-        """The id of the Ray node this actor runs on (for placement checks)."""
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-
-    async def info(self) -> dict[str, Any]:
-        return self.core.info()
-
-    async def counters(self) -> dict[str, int]:
-        return self.core.counters()
-
-    async def metrics_address(self) -> str | None:
-        """This worker's Prometheus target ("host:port"), None when metrics are off."""
-        return self.core.metrics_address
 
     def shutdown(self) -> None:
         self.receiver.close()

@@ -120,3 +120,35 @@ class WorkerCore:
             self.metrics_endpoint.close()
         self.aengine.shutdown()
         self.engine.shutdown()
+
+
+class PoolWorker:
+    """The actor methods every pool worker answers the same way, from its `core`."""
+
+    core: WorkerCore
+
+    async def load(self) -> LoadSnapshot:
+        return await self.core.load()
+
+    async def cost_model(self) -> CostModel:
+        return self.core.cost_model()
+
+    async def ping(self) -> str:
+        return self.core.worker_id
+
+    async def node_id(self) -> str:
+        """The id of the Ray node this actor runs on (for placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+
+    async def info(self) -> dict[str, Any]:
+        return self.core.info()
+
+    async def counters(self) -> dict[str, int]:
+        return self.core.counters()
+
+    async def metrics_address(self) -> str | None:
+        """This worker's Prometheus target ("host:port"), None when metrics are off."""
+        return self.core.metrics_address
+

@@ -22,10 +22,8 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.pool_link import KVGroupSpec, make_sender
-from prefill_worker.common import WorkerCore
+from prefill_worker.common import PoolWorker, WorkerCore
 from router.worker_api import (
-    CostModel,
-    LoadSnapshot,
     PrefillRequest,
     PrefillResult,
     StageTimes,
@@ -43,7 +41,7 @@ class _Pending:
     real_max_tokens: int | None
 
 
-class PrefillWorker:
+class PrefillWorker(PoolWorker):
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
                  lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None,
                  metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
@@ -87,30 +85,6 @@ class PrefillWorker:
 
         await self.core.aengine.run(abort)
 
-    async def load(self) -> LoadSnapshot:
-        return await self.core.load()
-
-    async def cost_model(self) -> CostModel:
-        return self.core.cost_model()
-
-    async def ping(self) -> str:
-        return self.core.worker_id
-
-    async def node_id(self) -> str:
-        """The id of the Ray node this actor runs on (for placement checks)."""
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-
-    async def info(self) -> dict[str, Any]:
-        return self.core.info()
-
-    async def counters(self) -> dict[str, int]:
-        return self.core.counters()
-
-    async def metrics_address(self) -> str | None:
-        """This worker's Prometheus target ("host:port"), None when metrics are off."""
-        return self.core.metrics_address
 
     async def kv_leases(self) -> int:
         return await self.core.aengine.run(lambda e: self.sender.num_leased())
