@@ -44,6 +44,11 @@ class RouterConfig:
     metrics_targets: tuple[str, ...] = ()
     metrics_host: str | None = None  # None: `host`
     metrics_port: int | None = None  # None: metrics not served; 0: any free port
+    # TLS on the client port: cert and key (PEM files) turn it on; a client CA requires clients
+    # to present a certificate it signed (mutual TLS).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +64,10 @@ class RouterConfig:
             (self.starvation_s > 0, "starvation_s", "must be > 0"),
             (self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port", "must be in [0, 65536)"),
             (DEFAULT_CLASS in self.slo_classes, "slo_classes", f"must define {DEFAULT_CLASS!r}"),
+            ((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_key_file",
+             "tls_cert_file and tls_key_file go together"),
+            (self.tls_client_ca_file is None or self.tls_cert_file is not None, "tls_client_ca_file",
+             "needs tls_cert_file and tls_key_file"),
         ]
         for ok, name, message in checks:
             if not ok:

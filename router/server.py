@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -128,6 +129,17 @@ class RouterServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
+    def _bind(self, server: grpc.aio.Server) -> int:
+        """The client port: TLS when the config names a certificate, else plaintext."""
+        address = f"{self.config.host}:{self.config.port}"
+        c = self.config
+        if c.tls_cert_file is None or c.tls_key_file is None:
+            return server.add_insecure_port(address)
+        key, cert = Path(c.tls_key_file).read_bytes(), Path(c.tls_cert_file).read_bytes()
+        ca = Path(c.tls_client_ca_file).read_bytes() if c.tls_client_ca_file else None
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        return server.add_secure_port(address, creds)
+
     async def start(self) -> None:
         limit = self.config.max_message_bytes
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
@@ -140,7 +152,7 @@ class RouterServer:
 
             names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = self._bind(server)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port}")
         await server.start()

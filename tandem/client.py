@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -96,11 +97,31 @@ def _health_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
 
-class Client:
-    """Blocking client. Thread-safe (one channel); use as a context manager or call `close()`."""
+@dataclass(frozen=True)
+class Tls:
+    """TLS to the router: the CA that signed its certificate (None: the system roots), and for
+    mutual TLS this client's own certificate and key. PEM file paths."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self._channel = grpc.insecure_channel(address, options=_channel_options(max_message_bytes))
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class Client:
+    """Blocking client. Thread-safe (one channel); use as a context manager or call `close()`.
+    `tls`: connect over TLS (the router's `tls_cert_file`), else plaintext."""
+
+    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: Tls | None = None) -> None:
+        options = _channel_options(max_message_bytes)
+        self._channel = (grpc.secure_channel(address, tls.credentials(), options=options) if tls
+                         else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
@@ -156,8 +177,11 @@ class Client:
 class AsyncClient:
     """asyncio client; create and use it inside one running event loop."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=_channel_options(max_message_bytes))
+    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 tls: Tls | None = None) -> None:
+        options = _channel_options(max_message_bytes)
+        self._channel = (grpc.aio.secure_channel(address, tls.credentials(), options=options) if tls
+                         else grpc.aio.insecure_channel(address, options=options))
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout

@@ -40,8 +40,6 @@ def unsupported(spec: ClusterSpec) -> LaunchError | None:
                 f"{pool.tensor_parallel_size}: tensor parallelism inside pool workers is not wired "
                 "yet (a worker's KV cache view and transfers cover one rank); use 1",
             )
-    if spec.router.tls.enabled:
-        return LaunchError("router.tls.enabled", "TLS on the client port is not wired into the router yet")
     return None
 
 
@@ -102,6 +100,9 @@ def router_config(spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fi
         kv_salt=str(info["kv_salt"]),
         metrics_host=metrics_host(spec, plan.router.node_ip),
         metrics_port=plan.router.metrics_port if fixed_ports else 0,
+        tls_cert_file=spec.router.tls.cert_file if spec.router.tls.enabled else None,
+        tls_key_file=spec.router.tls.key_file if spec.router.tls.enabled else None,
+        tls_client_ca_file=spec.router.tls.client_ca_file if spec.router.tls.enabled else None,
     )
 
 

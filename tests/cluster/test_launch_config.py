@@ -18,6 +18,7 @@ from tandem.placement import NodeInfo, plan_cluster
 from tandem.spec import PoolRole, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
+INFO = {"max_model_len": 4096, "vocab_size": 128256, "kv_salt": "salt"}
 
 
 def _gpu_spec(**kv: object) -> dict:
@@ -42,11 +43,13 @@ def test_shipped_multi_gpu_spec_is_refused_for_tensor_parallelism():
     assert unsupported(load_spec(REPO / "deploy" / "tandem-local.yaml")) is None
 
 
-def test_tls_is_refused_until_the_router_serves_it():
+def test_tls_settings_reach_the_router():
     spec = _gpu_spec()
-    spec["router"]["tls"]["enabled"] = True
-    problem = unsupported(parse_spec(spec))
-    assert problem is not None and problem.field == "router.tls.enabled"
+    spec["router"]["tls"] |= {"enabled": True, "cert_file": "/tls/c.crt", "key_file": "/tls/c.key"}
+    parsed = parse_spec(spec)
+    assert unsupported(parsed) is None
+    config = router_config(parsed, plan_cluster(parsed, _nodes()), INFO, fixed_ports=True)
+    assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) == ("/tls/c.crt", "/tls/c.key", None)
 
 
 def test_worker_kwargs_follow_the_plan():
