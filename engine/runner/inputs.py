@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.attention.backend import AttentionMetadata
@@ -59,27 +60,24 @@ def attention_metadata(host: StepInputs, dev: StepInputs, max_seq_len: int | Non
     )
 
 
-def _positions(out: SchedulerOutput) -> list[int]:
-    positions: list[int] = []
-    for s in out.scheduled:
-        positions.extend(range(s.start_position, s.seq_len))
-    return positions
-
-
-def _slot_mapping(out: SchedulerOutput, block_size: int) -> list[int]:
-    slots: list[int] = []
-    for s in out.scheduled:
-        for pos in range(s.start_position, s.seq_len):
-            slots.append(s.block_ids[pos // block_size] * block_size + pos % block_size)
-    return slots
-
-
-def _block_tables(out: SchedulerOutput) -> torch.Tensor:
-    width = max(len(s.block_ids) for s in out.scheduled)
-    table = torch.zeros(len(out.scheduled), width, dtype=torch.int32)
+def _block_table_rows(out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray]:
+    """The block tables as one padded int64 array, and each row's length."""
+    lengths = np.fromiter((len(s.block_ids) for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
+    table = np.zeros((len(out.scheduled), int(lengths.max())), dtype=np.int64)
     for i, s in enumerate(out.scheduled):
-        table[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
-    return table
+        table[i, : len(s.block_ids)] = s.block_ids
+    return table, lengths
+
+
+def _positions_and_slots(out: SchedulerOutput, table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each new token's position and cache slot, vectorised over the whole step."""
+    counts = np.fromiter((s.num_tokens for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
+    starts = np.fromiter((s.start_position for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
+    rows = np.repeat(np.arange(len(counts)), counts)
+    first_of_row = np.repeat(np.cumsum(counts) - counts, counts)
+    positions = np.repeat(starts, counts) + (np.arange(int(counts.sum())) - first_of_row)
+    slots = table[rows, positions // block_size] * block_size + positions % block_size
+    return positions, slots
 
 
 def _sample_indices(out: SchedulerOutput) -> list[int]:
@@ -92,19 +90,20 @@ def _sample_indices(out: SchedulerOutput) -> list[int]:
 
 
 def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
-    """Host tensors for one step (pinned when CUDA is present, for async copies)."""
+    """Host tensors for one step, built with array operations rather than per-token loops."""
     assert out.scheduled, "an empty step has no inputs"
-    input_ids = [t for s in out.scheduled for t in s.token_ids]
-    query_start_loc = [0]
-    for s in out.scheduled:
-        query_start_loc.append(query_start_loc[-1] + s.num_tokens)
+    table, _ = _block_table_rows(out)
+    positions, slots = _positions_and_slots(out, table, block_size)
+    counts = np.fromiter((s.num_tokens for s in out.scheduled), dtype=np.int32, count=len(out.scheduled))
+    query_start_loc = np.zeros(len(counts) + 1, dtype=np.int32)
+    np.cumsum(counts, out=query_start_loc[1:])
     return StepInputs(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64),
-        positions=torch.tensor(_positions(out), dtype=torch.int64),
-        slot_mapping=torch.tensor(_slot_mapping(out, block_size), dtype=torch.int64),
-        query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
+        input_ids=torch.tensor([t for s in out.scheduled for t in s.token_ids], dtype=torch.int64),
+        positions=torch.from_numpy(positions),
+        slot_mapping=torch.from_numpy(slots),
+        query_start_loc=torch.from_numpy(query_start_loc),
         seq_lens=torch.tensor([s.seq_len for s in out.scheduled], dtype=torch.int32),
-        block_tables=_block_tables(out),
+        block_tables=torch.from_numpy(table.astype(np.int32)),
         sample_indices=torch.tensor(_sample_indices(out), dtype=torch.int64),
         decode_only=out.decode_only,
     )
