@@ -29,6 +29,7 @@ from typing import Any
 from tandem.launch_config import (
     LaunchError,
     actor_resources,
+    kv_groups,
     kv_transport_notes,
     router_config,
     unsupported,
@@ -176,7 +177,8 @@ def _start(spec: ClusterSpec, plan: ClusterPlan, fixed_ports: bool, timeout_s: f
     deadline = time.monotonic() + timeout_s
     groups = [_placement_group(w) for w in plan.workers]
     _wait_placed(plan, groups, deadline)
-    actors = [_worker_actor(spec, w, pg, fixed_ports) for w, pg in zip(plan.workers, groups)]
+    kv = kv_groups(plan, fixed_ports, _free_port)
+    actors = [_worker_actor(spec, w, pg, fixed_ports, kv.get(w.name)) for w, pg in zip(plan.workers, groups)]
     infos = _wait_loaded(plan, actors, deadline)
     metrics = _get([a.metrics_address.remote() for a in actors], deadline, "pools")
     for w in plan.workers:
@@ -209,14 +211,14 @@ def _wait_placed(plan: ClusterPlan, groups: list[Any], deadline: float) -> None:
                               f"placed on {worker.node_ip} in time; resources taken since planning?")
 
 
-def _worker_actor(spec: ClusterSpec, worker: WorkerPlan, pg: Any, fixed_ports: bool) -> Any:
+def _worker_actor(spec: ClusterSpec, worker: WorkerPlan, pg: Any, fixed_ports: bool, kv_group: Any = None) -> Any:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from tandem.actors import create_worker_actor
 
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     return create_worker_actor(
-        worker.role.value, worker_kwargs(spec, worker, fixed_ports), name=worker.actor_name(0),
+        worker.role.value, worker_kwargs(spec, worker, fixed_ports, kv_group), name=worker.actor_name(0),
         namespace=spec.ray.namespace, lifetime="detached", scheduling_strategy=strategy,
         **actor_resources(worker),
     )
@@ -312,4 +314,12 @@ def _clear_file_sd(spec: ClusterSpec) -> None:
 
     if Path(spec.metrics.service_discovery_file).exists():
         write_file_sd(spec.metrics.service_discovery_file, [])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 

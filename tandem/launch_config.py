@@ -10,15 +10,17 @@ no Ray calls, so every mapping here is unit-testable without a cluster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any
 
 from engine.errors import TandemError
 from router.config import RouterConfig
 from router.slo import DEFAULT_SLO_CLASSES, SloClass
+from kvtransfer.pool_link import KVGroupSpec
 from tandem.placement import ClusterPlan, KVTransport, WorkerPlan
 from tandem.spec import NODE_IP, ClusterSpec, PoolRole
 
-RUNNING_TRANSPORT = KVTransport.GRPC  # the only KV transport `tandem launch` wires today
 
 
 class LaunchError(TandemError, ValueError):
@@ -54,7 +56,23 @@ def metrics_host(spec: ClusterSpec, node_ip: str) -> str:
     return node_ip if spec.metrics.host == NODE_IP else spec.metrics.host
 
 
-def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool) -> dict[str, Any]:
+def kv_groups(plan: ClusterPlan, fixed_ports: bool, free_port: Callable[[], int]) -> dict[str, KVGroupSpec]:
+    """When every planned prefill -> decode link is NCCL: one torch.distributed group over all
+    prefill and decode workers (KV moves by NCCL send/recv, gRPC carries the control messages).
+    Its store lives in the first prefill worker, on that rank's planned KV port (or a free port
+    when several nodes share an IP). Mixed plans fall back to gRPC everywhere (see the notes)."""
+    links = plan.kv_links
+    if not links or any(link.transport != KVTransport.NCCL for link in links):
+        return {}
+    members = [w for w in plan.workers if w.role in (PoolRole.PREFILL, PoolRole.DECODE)]
+    store = members[0]
+    port = store.kv_grpc_ports[0] if fixed_ports else free_port()
+    address = f"tcp://{store.node_ip}:{port}"
+    return {w.name: KVGroupSpec(address, rank, len(members), "nccl") for rank, w in enumerate(members)}
+
+
+def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool,
+                  kv_group: KVGroupSpec | None = None) -> dict[str, Any]:
     """Constructor kwargs of `worker`'s rank-0 actor. `fixed_ports=False` (several Ray nodes
     share one IP, as in tests): metrics bind any free port instead of the plan's."""
     pool = pool_of(spec, worker.role)
@@ -66,6 +84,8 @@ def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool) -> d
     }
     if worker.role == PoolRole.PREFILL:
         kwargs |= {"host": worker.node_ip, "lease_s": spec.kv.lease_s}  # KV server: reachable by decode
+    if kv_group is not None:
+        kwargs["kv_group"] = kv_group
     return kwargs
 
 
@@ -107,10 +127,13 @@ def router_config(spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fi
 
 
 def kv_transport_notes(plan: ClusterPlan) -> list[str]:
-    """A line per prefill -> decode link whose planned transport is not the one that runs."""
+    """A line per link whose planned transport is not the one that runs: a plan that mixes NCCL
+    and gRPC links runs gRPC everywhere (one KV group per cluster today)."""
+    transports = {link.transport for link in plan.kv_links}
+    if len(transports) < 2:
+        return []
     return [
-        f"KV {link.prefill} -> {link.decode}: the plan chose {link.transport.value}, which pool "
-        f"workers do not wire yet; using {RUNNING_TRANSPORT.value}"
-        for link in plan.kv_links
-        if link.transport != RUNNING_TRANSPORT
+        f"KV {link.prefill} -> {link.decode}: the plan chose nccl, but other links need grpc and "
+        "one cluster runs one KV transport today; using grpc"
+        for link in plan.kv_links if link.transport == KVTransport.NCCL
     ]

@@ -8,13 +8,14 @@ import yaml
 
 from tandem.launch_config import (
     actor_resources,
+    kv_groups,
     kv_transport_notes,
     router_config,
     slo_classes,
     unsupported,
     worker_kwargs,
 )
-from tandem.placement import NodeInfo, plan_cluster
+from tandem.placement import KVTransport, NodeInfo, plan_cluster
 from tandem.spec import PoolRole, load_spec, parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,11 +68,25 @@ def test_worker_kwargs_follow_the_plan():
     assert actor_resources(decode) == {"num_cpus": 4.0, "num_gpus": 1.0, "resources": {"tandem_decode": 1.0}}
 
 
-def test_nccl_links_fall_back_to_grpc_with_a_note():
-    across = plan_cluster(parse_spec(_gpu_spec(gpu_fabric=True)), _nodes())
-    notes = kv_transport_notes(across)
-    assert len(notes) == len(across.kv_links) and all("nccl" in n and "using grpc" in n for n in notes)
-    assert kv_transport_notes(plan_cluster(parse_spec(_gpu_spec()), _nodes())) == []
+def test_all_nccl_links_form_one_kv_group():
+    plan = plan_cluster(parse_spec(_gpu_spec(gpu_fabric=True)), _nodes())
+    assert {link.transport for link in plan.kv_links} == {KVTransport.NCCL}
+    assert kv_transport_notes(plan) == []
+    groups = kv_groups(plan, fixed_ports=True, free_port=lambda: 1)
+    members = [w for w in plan.workers if w.role in (PoolRole.PREFILL, PoolRole.DECODE)]
+    store = members[0]
+    assert [groups[w.name].rank for w in members] == list(range(len(members)))
+    assert {g.init_method for g in groups.values()} == {f"tcp://{store.node_ip}:{store.kv_grpc_ports[0]}"}
+    assert all(g.world_size == len(members) and g.backend == "nccl" for g in groups.values())
+    spec = parse_spec(_gpu_spec(gpu_fabric=True))
+    assert worker_kwargs(spec, members[-1], True, groups[members[-1].name])["kv_group"] == groups[members[-1].name]
+    assert kv_groups(plan, fixed_ports=False, free_port=lambda: 4321)[store.name].init_method.endswith(":4321")
+
+
+def test_grpc_links_make_no_kv_group():
+    plan = plan_cluster(parse_spec(_gpu_spec()), _nodes())
+    assert {link.transport for link in plan.kv_links} == {KVTransport.GRPC}
+    assert kv_groups(plan, fixed_ports=True, free_port=lambda: 1) == {} and kv_transport_notes(plan) == []
 
 
 def test_router_config_carries_spec_slo_classes_and_ports():
