@@ -21,6 +21,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.errors import InvalidRequestError
+from engine.kv.external import ExternalKVCache
 from engine.kv.kv_manager import KVManager
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -241,6 +242,11 @@ class LLMEngine:
             request = self.scheduler.get_request(s.request_id)
             if request is not None and request.first_scheduled_time is None:
                 request.first_scheduled_time = now
+
+    def attach_external_cache(self, cache: ExternalKVCache) -> None:
+        """A cache below HBM (e.g. kvtransfer's CPU / NVMe tiers): evicted prefix blocks spill
+        into it and later prefix lookups load from it (engine/kv/external.py)."""
+        self.kv_manager.attach_external(cache)
 
     # ---------------------------------------------------- disaggregation hooks
 

@@ -15,14 +15,17 @@ from typing import NamedTuple
 
 from engine.kv.block_hash import hash_blocks
 from engine.kv.block_pool import BlockPool, EvictCallback
+from engine.kv.external import ExternalKVCache
 from engine.request import Request
 
 
 class ComputedBlocks(NamedTuple):
-    """A prefix hit: cached blocks (table order) and the number of tokens they cover."""
+    """A prefix hit: HBM blocks (table order), then `external_hashes` the cache below HBM holds
+    (loaded into fresh blocks at allocation); `num_tokens` covers both."""
 
     block_ids: list[int]
     num_tokens: int
+    external_hashes: tuple[bytes, ...] = ()
 
 
 NO_BLOCKS = ComputedBlocks([], 0)
@@ -63,6 +66,8 @@ class KVManager:
         self.salt = salt
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_caching, on_evict=on_evict)
+        self.external: ExternalKVCache | None = None
+        self._external_hit_tokens = 0
         self._num_registered: dict[str, int] = {}  # request id -> full blocks already hashed
         self._prefix_queried_tokens = 0
         self._prefix_hit_tokens = 0
@@ -86,6 +91,16 @@ class KVManager:
     def prefix_hit_tokens(self) -> int:
         """Of those, tokens served from cached blocks."""
         return self._prefix_hit_tokens
+
+    @property
+    def external_hit_tokens(self) -> int:
+        """Prefix-hit tokens served by the external cache (loaded into HBM)."""
+        return self._external_hit_tokens
+
+    def attach_external(self, cache: ExternalKVCache) -> None:
+        """Spill evicted cached blocks into `cache` and extend prefix hits with what it holds."""
+        self.external = cache
+        self.pool.on_evict = cache.spill
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -121,7 +136,11 @@ class KVManager:
             if block_id is None:
                 break
             block_ids.append(block_id)
-        return ComputedBlocks(block_ids, len(block_ids) * self.block_size)
+        external: tuple[bytes, ...] = ()
+        if self.external is not None and len(block_ids) < max_blocks:
+            rest = request.block_hashes[len(block_ids) : max_blocks]
+            external = tuple(rest[: self.external.count_prefix(rest)])
+        return ComputedBlocks(block_ids, (len(block_ids) + len(external)) * self.block_size, external)
 
     # ------------------------------------------------------------ allocation
 
@@ -155,13 +174,16 @@ class KVManager:
         request: Request,
         num_new_tokens: int,
         computed_blocks: ComputedBlocks = NO_BLOCKS,
-    ) -> None:
+    ) -> int:
         """Grow `request.block_ids` to hold computed + cached + `num_new_tokens` tokens.
 
         With `computed_blocks` (admission only: the table must be empty) the cached blocks are
         touched first, so this allocation cannot evict them, and the hit is counted in the
-        prefix stats. The caller sets `num_computed_tokens`. Raises RuntimeError if the pool
-        is short (call `can_allocate_slots` first).
+        prefix stats. External hits are loaded into freshly allocated blocks and registered.
+        Returns how many leading tokens have KV (HBM hits + external blocks that landed; fewer
+        than promised when an external entry vanished: those tokens are computed instead); the
+        caller sets `num_computed_tokens` to it. Raises RuntimeError if the pool is short (call
+        `can_allocate_slots` first).
         """
         if not request.block_ids:  # admission: an empty table
             self._count_query(request, computed_blocks)
@@ -174,11 +196,25 @@ class KVManager:
         num_new_blocks = self.num_blocks_for(num_tokens) - len(request.block_ids)
         if num_new_blocks > 0:
             request.block_ids.extend(self.pool.allocate(num_new_blocks))
+        return len(computed_blocks.block_ids) * self.block_size + self._load_external(request, computed_blocks)
+
+    def _load_external(self, request: Request, computed: ComputedBlocks) -> int:
+        """Load the external hits into the blocks after the HBM hits; tokens that landed."""
+        if not computed.external_hashes or self.external is None:
+            return 0
+        first = len(computed.block_ids)
+        targets = request.block_ids[first : first + len(computed.external_hashes)]
+        landed = self.external.load(computed.external_hashes, targets)
+        for block_id, block_hash in zip(targets[:landed], computed.external_hashes[:landed]):
+            self.pool.cache_full_block(block_id, block_hash)
+        self._num_registered[request.request_id] = first + landed
+        self._external_hit_tokens += landed * self.block_size
+        return landed * self.block_size
 
     def _count_query(self, request: Request, computed: ComputedBlocks) -> None:
         if self.enable_caching:
             self._prefix_queried_tokens += request.num_tokens
-            self._prefix_hit_tokens += computed.num_tokens
+            self._prefix_hit_tokens += len(computed.block_ids) * self.block_size
 
     def cache_blocks(self, request: Request) -> None:
         """Register every full block whose KV is now computed (prompt and output tokens).

@@ -263,10 +263,9 @@ class Scheduler:
         reserved = self._watermark_blocks if self._running else 0
         if n == 0 or not self.kv.can_allocate_slots(request, n, computed, reserved):
             return 0
-        self.kv.allocate_slots(request, n, computed)
-        request.num_computed_tokens = computed.num_tokens
+        request.num_computed_tokens = self.kv.allocate_slots(request, n, computed)
         if request.status is RequestStatus.WAITING:
-            request.num_cached_tokens = computed.num_tokens
+            request.num_cached_tokens = request.num_computed_tokens
         request.status = RequestStatus.RUNNING
         return n
 

@@ -1,0 +1,27 @@
+"""The seam between the engine's HBM block pool and a cache below it (kvtransfer's tiered
+CPU / NVMe store). The engine imports nothing of kvtransfer: a worker attaches an object that
+satisfies this protocol with `LLMEngine.attach_external_cache`.
+
+Contract (every call on the engine thread):
+* `spill(block_id, block_hash)` runs when the pool reuses a cached free block: the block still
+  holds that hash's KV and must be copied out before returning (or ordered before any later
+  write to it on the device). Failures are the cache's to swallow and count: a spill that did
+  not happen is a future miss, never an error.
+* `count_prefix(hashes)` says how many leading hashes the cache holds now (no side effects).
+* `load(hashes, block_ids)` copies the cached prefix into the given HBM blocks and returns how
+  many landed (fewer than asked when an entry vanished or failed its checksum: a miss).
+Keys are the block-hash spec's hashes (salted by model), so another model's blocks never hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+
+class ExternalKVCache(Protocol):
+    def spill(self, block_id: int, block_hash: bytes) -> None: ...
+
+    def count_prefix(self, block_hashes: Sequence[bytes]) -> int: ...
+
+    def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int]) -> int: ...
