@@ -51,7 +51,8 @@ class _Times:
 class DecodeWorker(PoolWorker):
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], transfer_timeout_s: float = 30.0,
                  calibrate: bool = True, kv_group: KVGroupSpec | None = None, metrics_host: str = "127.0.0.1",
-                 metrics_port: int | None = 0) -> None:
+                 metrics_port: int | None = 0, swap_cpu_bytes: int = 256 << 20) -> None:
+        """`swap_cpu_bytes`: the CPU tier that preempted requests swap into (0: recompute)."""
         self.outbox = Outbox()
         self._incoming: dict[str, _Incoming] = {}
         self._times: dict[str, _Times] = {}
@@ -60,6 +61,7 @@ class DecodeWorker(PoolWorker):
                                calibrate=calibrate, pool="decode", metrics_host=metrics_host, metrics_port=metrics_port)
         self.core.metrics.touch_transport(self.core.transport)
         self.receiver = make_receiver(self.core.view, kv_group, on_release=self._on_release, timeout_s=transfer_timeout_s)
+        self.swap_store = self.core.attach_tiers(swap_cpu_bytes, swap=True)
         self.core.start()
 
     # ----------------------------------------------------------- actor API

@@ -21,7 +21,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.errors import InvalidRequestError
-from engine.kv.external import ExternalKVCache
+from engine.kv.external import ExternalKVCache, PreemptionSwap
 from engine.kv.kv_manager import KVManager
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
@@ -247,6 +247,10 @@ class LLMEngine:
         """A cache below HBM (e.g. kvtransfer's CPU / NVMe tiers): evicted prefix blocks spill
         into it and later prefix lookups load from it (engine/kv/external.py)."""
         self.kv_manager.attach_external(cache)
+
+    def attach_preemption_swap(self, swap: PreemptionSwap) -> None:
+        """Preempted requests swap their KV out (e.g. to the CPU tier) instead of recomputing."""
+        self.scheduler.attach_swap(swap)
 
     # ---------------------------------------------------- disaggregation hooks
 

@@ -71,6 +71,7 @@ class Request:
     hold_kv: bool = False
     held_block_ids: list[int] = field(default_factory=list)
     first_scheduled_time: float | None = None
+    num_swapped_tokens: int = 0  # preempted with this many tokens' KV swapped out, not dropped
 
     @property
     def all_token_ids(self) -> list[int]:

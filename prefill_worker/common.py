@@ -65,6 +65,21 @@ class WorkerCore:
             return None
         return self.aengine.loop.call(engine_snapshot).result(timeout=SNAPSHOT_TIMEOUT_S)
 
+    def attach_tiers(self, cpu_bytes: int, swap: bool) -> Any:
+        """A pinned CPU tier under this engine's HBM: the preemption swap space (`swap`), or a
+        prefix cache that evicted blocks spill into. Returns the store (None when 0 bytes)."""
+        if cpu_bytes <= 0:
+            return None
+        from kvtransfer.tiers.engine_cache import TieredEngineCache, TieredSwap
+        from kvtransfer.tiers.store import TieredStore
+
+        store = TieredStore(self.view, model_salt=self.salt, cpu_bytes=cpu_bytes)
+        if swap:
+            self.engine.attach_preemption_swap(TieredSwap(store, self.view))
+        else:
+            self.engine.attach_external_cache(TieredEngineCache(store, self.view))
+        return store
+
     def start(self) -> None:
         self.aengine.start()
 

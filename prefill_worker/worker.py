@@ -44,7 +44,8 @@ class _Pending:
 class PrefillWorker(PoolWorker):
     def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
                  lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None,
-                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
+                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0, prefix_cpu_bytes: int = 0) -> None:
+        """`prefix_cpu_bytes`: a CPU tier that evicted prefix blocks spill into and hits load from."""
         self._pending: dict[str, _Pending] = {}
         self.kv_group = kv_group
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
@@ -52,6 +53,7 @@ class PrefillWorker(PoolWorker):
                                metrics_host=metrics_host, metrics_port=metrics_port)
         self.sender = make_sender(self.core.view, kv_group, worker_id=worker_id, model_salt=self.core.salt,
                                   on_release=self._on_release, lease_s=lease_s, host=host)
+        self.prefix_store = self.core.attach_tiers(prefix_cpu_bytes, swap=False)
         self.core.start()
 
     # ----------------------------------------------------------- actor API

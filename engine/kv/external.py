@@ -25,3 +25,19 @@ class ExternalKVCache(Protocol):
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int: ...
 
     def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int]) -> int: ...
+
+
+class PreemptionSwap(Protocol):
+    """Where a preempted request's computed KV waits instead of being recomputed.
+
+    `swap_out` copies the blocks out before they are freed (False: no room, recompute instead);
+    `swap_in` copies them into the new blocks at re-admission; `discard` drops a swapped copy
+    whose request ended while waiting. All on the engine thread.
+    """
+
+    def swap_out(self, request_id: str, block_ids: Sequence[int]) -> bool: ...
+
+    def swap_in(self, request_id: str, block_ids: Sequence[int]) -> None: ...
+
+    def discard(self, request_id: str) -> None: ...
+

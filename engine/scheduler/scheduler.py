@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine.errors import EngineConfigError, InvalidRequestError
+from engine.kv.external import PreemptionSwap
 from engine.kv.kv_manager import NO_BLOCKS, ComputedBlocks, KVManager, token_slice
 from engine.request import Request, RequestStatus
 from engine.scheduler.config import SchedulerConfig
@@ -79,6 +80,7 @@ class Scheduler:
         self._running: dict[str, Request] = {}
         self._waiting: dict[str, Request] = {}  # WAITING and PREEMPTED
         self._watermark_blocks = int(config.watermark * kv_manager.num_usable_blocks)
+        self.swap: PreemptionSwap | None = None
         self._num_preemptions_total = 0
 
     # ------------------------------------------------------------ requests
@@ -127,6 +129,9 @@ class Scheduler:
             return None
         self._running.pop(request_id, None)
         self._waiting.pop(request_id, None)
+        if request.num_swapped_tokens and self.swap is not None:
+            self.swap.discard(request_id)
+            request.num_swapped_tokens = 0
         request.status = status
         self._release_blocks(request)
         request.stop_reason = stop_reason
@@ -231,7 +236,16 @@ class Scheduler:
                 return False
         return True
 
+    def attach_swap(self, swap: PreemptionSwap) -> None:
+        """Preempt by swapping computed KV out (and back at re-admission) instead of recompute."""
+        self.swap = swap
+
     def _preempt(self, request: Request) -> None:
+        request.num_swapped_tokens = 0
+        if self.swap is not None and request.num_computed_tokens > 0:
+            computed_blocks = request.block_ids[: self.kv.num_blocks_for(request.num_computed_tokens)]
+            if self.swap.swap_out(request.request_id, computed_blocks):
+                request.num_swapped_tokens = request.num_computed_tokens
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -253,8 +267,23 @@ class Scheduler:
             scheduled.append(self._scheduled(request, n))
             budget -= n
 
+    def _admit_swapped(self, request: Request, budget: int, reserved: int) -> int:
+        """Re-admit a swapped-out request: blocks for its KV and next chunk, KV copied back."""
+        swapped = request.num_swapped_tokens
+        n = self._num_new_tokens(request, swapped, budget)
+        if n == 0 or not self.kv.can_allocate_slots(request, swapped + n, NO_BLOCKS, reserved):
+            return 0
+        self.kv.allocate_slots(request, swapped + n)
+        assert self.swap is not None
+        self.swap.swap_in(request.request_id, request.block_ids[: self.kv.num_blocks_for(swapped)])
+        request.num_computed_tokens, request.num_swapped_tokens = swapped, 0
+        request.status = RequestStatus.RUNNING
+        return n
+
     def _admit(self, request: Request, budget: int) -> int:
         """Allocate a waiting request's first chunk; the number of tokens, or 0 if no room."""
+        if request.num_swapped_tokens:
+            return self._admit_swapped(request, budget, self._watermark_blocks if self._running else 0)
         computed: ComputedBlocks = NO_BLOCKS
         if self.config.enable_prefix_caching:
             computed = self.kv.get_computed_blocks(request)

@@ -11,7 +11,8 @@ import logging
 from collections.abc import Sequence
 
 from kvtransfer.cache_view import KVCacheView
-from kvtransfer.tiers.store import TieredStore
+from kvtransfer.errors import TierFullError
+from kvtransfer.tiers.store import SwapHandle, TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +35,33 @@ class TieredEngineCache:
 
     def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int]) -> int:
         return self.store.load(block_hashes, self.view, block_ids)
+
+
+class TieredSwap:
+    """`engine.kv.external.PreemptionSwap` over the CPU tier: a preempted request's blocks wait
+    in pinned CPU slots (pinned against eviction) until it is re-admitted."""
+
+    def __init__(self, store: TieredStore, view: KVCacheView) -> None:
+        self.store = store
+        self.view = view
+        self._handles: dict[str, SwapHandle] = {}
+        self.num_swapped_out = 0
+        self.num_swapped_in = 0
+
+    def swap_out(self, request_id: str, block_ids: Sequence[int]) -> bool:
+        try:
+            self._handles[request_id] = self.store.swap_out(self.view, block_ids)
+        except TierFullError:
+            return False
+        self.num_swapped_out += 1
+        return True
+
+    def swap_in(self, request_id: str, block_ids: Sequence[int]) -> None:
+        self.store.swap_in(self._handles.pop(request_id), self.view, block_ids)
+        self.num_swapped_in += 1
+
+    def discard(self, request_id: str) -> None:
+        handle = self._handles.pop(request_id, None)
+        if handle is not None:
+            self.store.release_swap(handle)
+
