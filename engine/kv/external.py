@@ -8,8 +8,11 @@ Contract (every call on the engine thread):
   write to it on the device). Failures are the cache's to swallow and count: a spill that did
   not happen is a future miss, never an error.
 * `count_prefix(hashes)` says how many leading hashes the cache holds now (no side effects).
-* `load(hashes, block_ids)` copies the cached prefix into the given HBM blocks and returns how
-  many landed (fewer than asked when an entry vanished or failed its checksum: a miss).
+* `fetch(hashes)` copies the cached prefix into a staging copy and returns it with the number
+  of blocks that landed (fewer than asked when an entry vanished or failed its checksum: a
+  miss); `write(staged, block_ids)` then puts it into HBM blocks. The two are split because
+  allocating the destination blocks may evict HBM blocks whose spills push the very entries
+  being loaded out of the cache: fetching first makes that harmless.
 Keys are the block-hash spec's hashes (salted by model), so another model's blocks never hit.
 """
 
@@ -24,7 +27,9 @@ class ExternalKVCache(Protocol):
 
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int: ...
 
-    def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int]) -> int: ...
+    def fetch(self, block_hashes: Sequence[bytes]) -> tuple[int, object]: ...
+
+    def write(self, staged: object, block_ids: Sequence[int]) -> None: ...
 
 
 class PreemptionSwap(Protocol):

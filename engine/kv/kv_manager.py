@@ -187,6 +187,7 @@ class KVManager:
         """
         if not request.block_ids:  # admission: an empty table
             self._count_query(request, computed_blocks)
+        staged = self._fetch_external(computed_blocks)  # before any allocation can evict them
         if computed_blocks.block_ids:
             assert not request.block_ids, "a prefix hit is only taken at admission"
             self.pool.touch(computed_blocks.block_ids)
@@ -196,15 +197,22 @@ class KVManager:
         num_new_blocks = self.num_blocks_for(num_tokens) - len(request.block_ids)
         if num_new_blocks > 0:
             request.block_ids.extend(self.pool.allocate(num_new_blocks))
-        return len(computed_blocks.block_ids) * self.block_size + self._load_external(request, computed_blocks)
+        return len(computed_blocks.block_ids) * self.block_size + self._write_external(request, computed_blocks, staged)
 
-    def _load_external(self, request: Request, computed: ComputedBlocks) -> int:
-        """Load the external hits into the blocks after the HBM hits; tokens that landed."""
+    def _fetch_external(self, computed: ComputedBlocks) -> tuple[int, object] | None:
         if not computed.external_hashes or self.external is None:
+            return None
+        return self.external.fetch(computed.external_hashes)
+
+    def _write_external(self, request: Request, computed: ComputedBlocks, staged: tuple[int, object] | None) -> int:
+        """Write fetched external hits into the blocks after the HBM hits; tokens that landed."""
+        if staged is None or self.external is None:
             return 0
+        landed, rows = staged
         first = len(computed.block_ids)
-        targets = request.block_ids[first : first + len(computed.external_hashes)]
-        landed = self.external.load(computed.external_hashes, targets)
+        targets = request.block_ids[first : first + landed]
+        if landed:
+            self.external.write(rows, targets)
         for block_id, block_hash in zip(targets[:landed], computed.external_hashes[:landed]):
             self.pool.cache_full_block(block_id, block_hash)
         self._num_registered[request.request_id] = first + landed

@@ -33,8 +33,12 @@ class TieredEngineCache:
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int:
         return len(self.store.lookup_prefix(block_hashes))
 
-    def load(self, block_hashes: Sequence[bytes], block_ids: Sequence[int]) -> int:
-        return self.store.load(block_hashes, self.view, block_ids)
+    def fetch(self, block_hashes: Sequence[bytes]) -> tuple[int, object]:
+        rows = self.store.fetch(block_hashes, self.view.device)
+        return int(rows.shape[0]), rows
+
+    def write(self, staged: object, block_ids: Sequence[int]) -> None:
+        self.store.write(staged, self.view, block_ids)  # type: ignore[arg-type]
 
 
 class TieredSwap:

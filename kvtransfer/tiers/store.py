@@ -115,14 +115,19 @@ class TieredStore:
         return found
 
     def load(self, block_hashes: Sequence[bytes], dst_view: KVCacheView, dst_block_ids: Sequence[int]) -> int:
-        """Copies the cached prefix of `block_hashes` into `dst_block_ids`; returns its length.
-
-        CPU-tier hits go straight from the pinned slab to the destination device in runs of
-        adjacent slots (no pageable staging copy); NVMe hits are read, promoted, then copied.
-        Hazard: the slab is reused by later `put`s, so the copies are awaited before the lock
-        is released."""
+        """Copies the cached prefix of `block_hashes` into `dst_block_ids`; returns its length."""
         assert len(dst_block_ids) >= len(block_hashes)
-        device = dst_view.device
+        rows = self.fetch(block_hashes, dst_view.device)
+        if rows.shape[0]:
+            _write_rows(dst_view, dst_block_ids[: rows.shape[0]], rows)
+        return int(rows.shape[0])
+
+    def fetch(self, block_hashes: Sequence[bytes], device: torch.device) -> torch.Tensor:
+        """The cached prefix of `block_hashes` as rows [n, bytes_per_block] on `device`.
+
+        CPU-tier hits go straight from the pinned slab to the device in runs of adjacent slots
+        (no pageable staging copy); NVMe hits are read, promoted, then copied. Hazard: the slab
+        is reused by later `put`s, so the copies are awaited before the lock is released."""
         rows: list[torch.Tensor] = []
         with self._lock:
             cpu_run: list[bytes] = []
@@ -143,9 +148,13 @@ class TieredStore:
                 rows.append(self.cpu.get(cpu_run, device=device))
             if rows and device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
-        if rows:
-            _write_rows(dst_view, dst_block_ids[: sum(r.shape[0] for r in rows)], torch.cat(rows))
-        return sum(r.shape[0] for r in rows)
+        if not rows:
+            return torch.empty((0, self.bytes_per_block), dtype=torch.uint8, device=device)
+        return torch.cat(rows)
+
+    def write(self, rows: torch.Tensor, dst_view: KVCacheView, dst_block_ids: Sequence[int]) -> None:
+        """Rows from `fetch` into `dst_block_ids` (one per row)."""
+        _write_rows(dst_view, dst_block_ids, rows)
 
     def store(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int]) -> int:
         """Offloads blocks to the CPU tier (already cached ones are only touched); returns new count."""
