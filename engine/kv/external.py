@@ -4,9 +4,10 @@ satisfies this protocol with `LLMEngine.attach_external_cache`.
 
 Contract (every call on the engine thread):
 * `spill(block_id, block_hash)` runs when the pool reuses a cached free block: the block still
-  holds that hash's KV and must be copied out before returning (or ordered before any later
-  write to it on the device). Failures are the cache's to swallow and count: a spill that did
-  not happen is a future miss, never an error.
+  holds that hash's KV. The cache may buffer it; `flush_spills()` (called by the KV manager
+  right after each allocation, before anything writes to the evicted blocks) copies every
+  buffered block out in one batch. Failures are the cache's to swallow and count: a spill that
+  did not happen is a future miss, never an error.
 * `count_prefix(hashes)` says how many leading hashes the cache holds now (no side effects).
 * `fetch(hashes)` copies the cached prefix into a staging copy and returns it with the number
   of blocks that landed (fewer than asked when an entry vanished or failed its checksum: a
@@ -24,6 +25,8 @@ from typing import Protocol
 
 class ExternalKVCache(Protocol):
     def spill(self, block_id: int, block_hash: bytes) -> None: ...
+
+    def flush_spills(self) -> None: ...
 
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int: ...
 

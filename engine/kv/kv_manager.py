@@ -197,6 +197,8 @@ class KVManager:
         num_new_blocks = self.num_blocks_for(num_tokens) - len(request.block_ids)
         if num_new_blocks > 0:
             request.block_ids.extend(self.pool.allocate(num_new_blocks))
+            if self.external is not None:
+                self.external.flush_spills()  # before anything writes to the evicted blocks
         return len(computed_blocks.block_ids) * self.block_size + self._write_external(request, computed_blocks, staged)
 
     def _fetch_external(self, computed: ComputedBlocks) -> tuple[int, object] | None:

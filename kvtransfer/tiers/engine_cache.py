@@ -22,13 +22,21 @@ class TieredEngineCache:
         self.store = store
         self.view = view
         self.num_spill_failures = 0
+        self._pending: list[tuple[int, bytes]] = []
 
     def spill(self, block_id: int, block_hash: bytes) -> None:
+        self._pending.append((block_id, block_hash))
+
+    def flush_spills(self) -> None:
+        """One batched copy of every block evicted by the last allocation."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
         try:
-            self.store.store([block_hash], self.view, [block_id])
+            self.store.store([h for _, h in pending], self.view, [b for b, _ in pending])
         except Exception:  # a lost spill is a future miss, never the engine's failure
-            self.num_spill_failures += 1
-            log.exception("KV tier spill failed (block %d)", block_id)
+            self.num_spill_failures += len(pending)
+            log.exception("KV tier spill of %d blocks failed", len(pending))
 
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int:
         return len(self.store.lookup_prefix(block_hashes))
