@@ -40,8 +40,10 @@ class CpuTier:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.lru
 
-    def put(self, keys: Sequence[Hashable], rows: torch.Tensor, pinned: bool = False) -> list[tuple[Hashable, torch.Tensor]]:
-        """Stores rows [n, bytes_per_block] (any device); returns evicted (key, bytes copy).
+    def put(self, keys: Sequence[Hashable], rows: torch.Tensor, pinned: bool = False,
+            keep_evicted: bool = True) -> list[tuple[Hashable, torch.Tensor]]:
+        """Stores rows [n, bytes_per_block] (any device); returns evicted (key, bytes copy),
+        or (key, empty tensor) when `keep_evicted` is False (nothing below to spill to).
 
         Works in batches of at most `num_slots` rows, each written before the next allocates,
         so a batch never evicts (and copies out) a slot that is not written yet.
@@ -53,7 +55,7 @@ class CpuTier:
             for key in keys[start : start + step]:
                 slot, out = self.lru.allocate(key, pinned)
                 if out is not None:
-                    evicted.append((out[0], self.slab[out[1]].clone()))
+                    evicted.append((out[0], self.slab[out[1]].clone() if keep_evicted else self.slab[:0]))
                 slots.append(slot)
             self._write_rows(slots, rows[start : start + step])
         return evicted

@@ -167,7 +167,7 @@ class TieredStore:
             return 0
         rows = _to_rows(src_view, [b for _, b in new])
         with self._lock:
-            evicted = self.cpu.put([k for k, _ in new], rows)
+            evicted = self.cpu.put([k for k, _ in new], rows, keep_evicted=self._spills)
             self._spill_down(evicted)  # type: ignore[arg-type]
         return len(new)
 
@@ -180,7 +180,7 @@ class TieredStore:
         with self._lock:
             if len(self.cpu.lru.lru_keys()) + (self.cpu.num_slots - len(self.cpu.lru)) < len(keys):
                 raise TierFullError(f"swap_out of {len(keys)} blocks: not enough evictable CPU slots")
-            self._spill_down(self.cpu.put(keys, rows, pinned=True))  # type: ignore[arg-type]
+            self._spill_down(self.cpu.put(keys, rows, pinned=True, keep_evicted=self._spills))  # type: ignore[arg-type]
         return SwapHandle(swap_id, keys)
 
     def swap_in(self, handle: SwapHandle, view: KVCacheView, dst_block_ids: Sequence[int]) -> None:
@@ -238,8 +238,13 @@ class TieredStore:
             return None
         self._stats[Tier.NVME].hits += 1
         if self.cpu.num_slots:  # promote
-            self._spill_down(self.cpu.put([key], row.view(1, -1)))  # type: ignore[arg-type]
+            self._spill_down(self.cpu.put([key], row.view(1, -1), keep_evicted=self._spills))  # type: ignore[arg-type]
         return row.view(1, -1)
+
+    @property
+    def _spills(self) -> bool:
+        """Whether CPU-tier evictions go anywhere (else they are dropped without a copy)."""
+        return spill_target(Tier.CPU, self._enabled) is not None
 
     def _spill_down(self, evicted: list[tuple[bytes, torch.Tensor]]) -> None:
         self._stats[Tier.CPU].evictions += len(evicted)
