@@ -15,7 +15,7 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.worker_stats import engine_load
 from kvtransfer.cache_view import KVCacheView, TPLayout
-from prefill_worker.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot
+from prefill_worker.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
 from router.metrics_http import MetricsEndpoint, serve_registry
 from router.worker_api import CostModel, LoadSnapshot
 
@@ -40,6 +40,7 @@ class WorkerCore:
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
     ) -> None:
+        self.tier_store: Any = None  # a kvtransfer TieredStore once attach_tiers ran
         self.worker_id = worker_id
         self.engine = LLMEngine(EngineConfig(**engine_kwargs), show_progress=False)
         runner = self.engine.runner
@@ -63,7 +64,10 @@ class WorkerCore:
         """Engine figures for a scrape (any thread); None when the engine loop is down."""
         if not self.aengine.healthy:
             return None
-        return self.aengine.loop.call(engine_snapshot).result(timeout=SNAPSHOT_TIMEOUT_S)
+        snap = self.aengine.loop.call(engine_snapshot).result(timeout=SNAPSHOT_TIMEOUT_S)
+        if self.tier_store is None:
+            return snap
+        return WorkerSnapshot(snap.load, {**snap.tiers, **tier_figures(self.tier_store, self.view.block_size)})
 
     def attach_tiers(self, cpu_bytes: int, swap: bool) -> Any:
         """A pinned CPU tier under this engine's HBM: the preemption swap space (`swap`), or a
@@ -73,7 +77,7 @@ class WorkerCore:
         from kvtransfer.tiers.engine_cache import TieredEngineCache, TieredSwap
         from kvtransfer.tiers.store import TieredStore
 
-        store = TieredStore(self.view, model_salt=self.salt, cpu_bytes=cpu_bytes)
+        store = self.tier_store = TieredStore(self.view, model_salt=self.salt, cpu_bytes=cpu_bytes)
         if swap:
             self.engine.attach_preemption_swap(TieredSwap(store, self.view))
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -59,6 +60,22 @@ def engine_snapshot(engine: LLMEngine) -> WorkerSnapshot:
         hit_tokens=load.prefix_hit_tokens,
     )
     return WorkerSnapshot(load, {"hbm": hbm})
+
+
+def tier_figures(store: Any, block_size: int) -> dict[str, TierFigures]:
+    """The CPU and NVMe tiers of a kvtransfer TieredStore (blocks held, free, lookups, hits)."""
+    figures = {}
+    capacity = {"cpu": store.cpu.num_slots, "nvme": store.nvme.lru.num_slots if store.nvme else 0}
+    for tier, stats in store.stats().items():
+        name = tier.value
+        if name not in capacity or not capacity[name]:
+            continue
+        figures[name] = TierFigures(
+            blocks={"used": stats.blocks, "free": capacity[name] - stats.blocks},
+            lookup_tokens=(stats.hits + stats.misses) * block_size,
+            hit_tokens=stats.hits * block_size,
+        )
+    return figures
 
 
 def transfer_failure_reason(text: str | None) -> str:

@@ -103,6 +103,14 @@ def test_infeasible_slo_rejected_before_prefill(cluster):
     assert cluster.run(prefill.counters.remote())["engine_steps"] == steps_before
 
 
+def test_decode_worker_reports_its_cpu_swap_tier(cluster):
+    import urllib.request
+
+    address = cluster.run(cluster.cluster.actors["decode-0"].metrics_address.remote())
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    assert 'tier="cpu"' in text and 'tier="hbm"' in text
+
+
 def test_killing_a_decode_worker_mid_stream(cluster):
     """UNAVAILABLE within 5 s, the prefill pool's blocks freed, later requests served."""
     errors: list[TandemClientError] = []
@@ -135,3 +143,4 @@ def test_killing_a_decode_worker_mid_stream(cluster):
     text, final = cluster.client.generate_text("after", max_tokens=8, temperature=0.0)
     assert final.completion_tokens == 8
     assert cluster.client.health() == "SERVING"
+
