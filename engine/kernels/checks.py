@@ -83,3 +83,25 @@ def check_rows(name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torch.d
     check_tensor(name, tensor, ndim, dtypes, contiguous=False)
     if tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
         raise ValueError(f"{name}: last dim must be contiguous, got strides {tensor.stride()}")
+
+
+def check_paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """The checks every paged-attention launcher shares: ranks, dtypes, devices, GQA shapes."""
+    check_tensor("query", query, 3)
+    check_tensor("k_cache", k_cache, 4)
+    check_tensor("v_cache", v_cache, 4)
+    check_tensor("block_tables", block_tables, 2, (torch.int32,))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    check_same_device(query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens)
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache")
+    if k_cache.dtype != query.dtype:
+        raise ValueError(f"k_cache: dtype {k_cache.dtype} differs from query dtype {query.dtype}")
+    num_heads, head_dim = query.shape[1:]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
+    check_head_dim(head_dim)
+    if num_heads % k_cache.shape[2]:
+        raise ValueError(f"query: num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
+

@@ -27,8 +27,7 @@ import triton.language as tl  # type: ignore[import-untyped]
 from engine.attention.backend import AttentionMetadata
 from engine.attention.torch_backend import paged_attention_ref
 from engine.kernels.checks import (
-    check_head_dim,
-    check_same_device,
+    check_paged_attention,
     check_tensor,
     dot_precision,
     upcast_dot,
@@ -165,23 +164,8 @@ def _check_args(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
-    check_tensor("query", query, 3)
-    check_tensor("k_cache", k_cache, 4)
-    check_tensor("v_cache", v_cache, 4)
-    check_tensor("block_tables", block_tables, 2, (torch.int32,))
+    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens)
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
-    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    check_same_device(query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens)
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache")
-    if k_cache.dtype != query.dtype:
-        raise ValueError(f"k_cache: dtype {k_cache.dtype} differs from query dtype {query.dtype}")
-    num_heads, head_dim = query.shape[1:]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
-    check_head_dim(head_dim)
-    if num_heads % k_cache.shape[2]:
-        raise ValueError(f"query: num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
     batch = seq_lens.shape[0]
     if query_start_loc.shape[0] != batch + 1 or block_tables.shape[0] != batch:
         raise ValueError(

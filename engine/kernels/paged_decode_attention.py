@@ -20,9 +20,7 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.kernels.checks import (
-    check_head_dim,
-    check_same_device,
-    check_tensor,
+    check_paged_attention,
     dot_precision,
     next_power_of_2,
     upcast_dot,
@@ -153,23 +151,8 @@ def _check_args(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
-    check_tensor("query", query, 3)
-    check_tensor("k_cache", k_cache, 4)
-    check_tensor("v_cache", v_cache, 4)
-    check_tensor("block_tables", block_tables, 2, (torch.int32,))
-    check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    check_same_device(query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens)
-    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache")
-    if k_cache.dtype != query.dtype:
-        raise ValueError(f"k_cache: dtype {k_cache.dtype} differs from query dtype {query.dtype}")
-    batch, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
-    check_head_dim(head_dim)
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query: num_heads {num_heads} not a multiple of num_kv_heads {num_kv_heads}")
+    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens)
+    batch = query.shape[0]
     if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(
             f"block_tables/seq_lens: batch {block_tables.shape[0]}/{seq_lens.shape[0]} != query batch {batch}"
