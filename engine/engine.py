@@ -83,7 +83,6 @@ class LLMEngine:
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list] = {}
-        self._first_token_time: dict[str, float] = {}
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
     def _build_runner(self, max_model_len: int, show_progress: bool) -> ModelRunner:
@@ -196,7 +195,6 @@ class LLMEngine:
 
     def _output(self, request: Request) -> RequestOutput:
         rid = request.request_id
-        self._first_token_time.setdefault(rid, time.monotonic())
         new_ids = request.output_token_ids[-1:]
         detok = self._detok.get(rid)
         delta = detok.add(new_ids) if detok is not None else ""
@@ -234,7 +232,6 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
         self._logprobs.pop(request_id, None)
-        self._first_token_time.pop(request_id, None)
 
     def _stamp_scheduled(self, out) -> None:  # noqa: ANN001 - SchedulerOutput
         now = time.monotonic()

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from engine.scheduler.output import TokenLogprobs
 from router.registry import WorkerEntry
-from router.worker_api import LoadSnapshot, StageTimes
+from router.worker_api import LoadSnapshot
 from tandem.api import generation_pb2 as pb
 
 FINISH_REASONS = {
@@ -26,25 +26,6 @@ def logprobs(items: Sequence[TokenLogprobs]) -> list[pb.TokenLogprob]:
         for lp in items
     ]
 
-
-def stage_timings(
-    prefill: StageTimes | None,
-    decode: StageTimes | None,
-    *,
-    router_queue: float,
-    ttft: float,
-    end_to_end: float,
-) -> pb.StageTimings:
-    """Merge the worker-reported stages with the router's own measurements."""
-    msg = pb.StageTimings(router_queue=router_queue, time_to_first_token=ttft, end_to_end=end_to_end)
-    for times in (prefill, decode):
-        if times is None:
-            continue
-        for name in ("prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode"):
-            value = getattr(times, name)
-            if value is not None:
-                setattr(msg, name, value)
-    return msg
 
 
 def load_snapshot(load: LoadSnapshot) -> pb.LoadSnapshot:
