@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tandem-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench-engine protos clean
+.PHONY: setup test typecheck demo bench-engine protos clean
 
 setup: $(STAMP)
 
@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-test: setup
+test: setup typecheck
 	PY=$(PY) bash tests/run_suite.sh $(PYTEST_ARGS)
+
+typecheck: setup
+	$(PY) -m mypy engine kvtransfer router prefill_worker decode_worker tandem --ignore-missing-imports --exclude 'tandem/api/'
+
 
 demo: setup
 	$(PY) -m tandem.demo

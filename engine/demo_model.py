@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def _publish(build: callable, target: Path) -> Path:  # type: ignore[valid-type]
+def _publish(build: Callable[[Path], object], target: Path) -> Path:
     """Build into a temporary directory, then rename: concurrent builders never see half a model."""
     if (target / "config.json").is_file():
         return target

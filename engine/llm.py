@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from rich.progress import Progress
 
@@ -53,10 +53,10 @@ class LLM:
 
         Every prompt is validated before any runs: a bad one raises InvalidRequestError naming
         the field and nothing is queued."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        all_params = self._params_for(len(prompts), params)
-        prepared = [(self.engine.tokenize(p), sp) for p, sp in zip(prompts, all_params)]
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        batch: list[Prompt] = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
+        all_params = self._params_for(len(batch), params)
+        prepared = [(self.engine.tokenize(p), sp) for p, sp in zip(batch, all_params)]
         for ids, sp in prepared:
             self.engine.validate(ids, sp)
         order: list[str] = []

@@ -38,7 +38,9 @@ def _join(spec: KVGroupSpec) -> Any:
     if not dist.is_initialized():
         dist.init_process_group(spec.backend, init_method=spec.init_method, rank=spec.rank,
                                 world_size=spec.world_size, timeout=datetime.timedelta(seconds=spec.timeout_s))
-    return P2PLink(dist.group.WORLD, spec.rank)
+    group = dist.group.WORLD
+    assert group is not None, "init_process_group ran above"
+    return P2PLink(group, spec.rank)
 
 
 def make_sender(view: KVCacheView, group: KVGroupSpec | None, *, worker_id: str, model_salt: str,

@@ -9,7 +9,7 @@ lengths come only from the device tensor `seq_lens`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +38,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self.pool = None
+        self.pool: Any = None  # the graphs' shared memory pool, from the first capture
         self._capture_all()
 
     def _meta(self, bs: int) -> AttentionMetadata:

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class ModelRunner:
         if device.type == "cuda" and not engine.enforce_eager:
             self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
 
-    def _load_model(self, show_progress: bool) -> torch.nn.Module:
+    def _load_model(self, show_progress: bool) -> Any:  # a LlamaForCausalLM (registry picks it)
         cls = model_class(self.model_cfg)
         max_positions = max(self.max_model_len, self.model_cfg.max_position_embeddings)
         with _default_dtype_and_device(self.dtype, self.device):

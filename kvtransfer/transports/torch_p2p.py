@@ -264,7 +264,11 @@ class TorchP2PReceiver(ThreadedReceiver):
             shape = (2, handle.num_blocks, view.block_size, part.num_heads, view.head_dim)
             buffers = [torch.empty((l1 - l0, *shape), dtype=view.dtype, device=view.device) for l0, l1 in chunks]
             works = [self.link.post_recv(buf, peer) for buf in buffers]  # all posted: NCCL keeps order
-            job.on_abort(lambda: [_abort_quietly(w) for w in works])
+            def abort_all() -> None:
+                for work in works:
+                    _abort_quietly(work)
+
+            job.on_abort(abort_all)
             deadline = time.monotonic() + max(0.001, job.deadline - self._clock())
             for work, buf, layers in zip(works, buffers, chunks):
                 self.link.wait(work, buf, deadline, job)
