@@ -205,9 +205,11 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            if not self._make_room(queue, i, n, preempted):
-                break  # the request preempted itself: everything after it already went
-            self.kv.allocate_slots(request, n)
+            if self.kv.num_blocks_for(request.num_computed_tokens + n) > len(request.block_ids):
+                # Most decode steps fit the last block; only growth needs room (or preemption).
+                if not self._make_room(queue, i, n, preempted):
+                    break  # the request preempted itself: everything after it already went
+                self.kv.allocate_slots(request, n)
             scheduled.append(self._scheduled(request, n))
             budget -= n
             i += 1
