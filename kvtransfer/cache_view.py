@@ -33,6 +33,21 @@ class TPLayout:
         return end - start
 
 
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes with the last dimension read as int64 words where the layout allows.
+
+    Block gathers and scatters index the third dimension; the index kernels work element by
+    element, so 8-byte words instead of 2-byte elements move the same bytes in a quarter of
+    the elements. A view, never a copy; falls back to `t` when the bytes do not line up."""
+    size = t.element_size()
+    if size >= 8 or t.stride(-1) != 1 or (t.shape[-1] * size) % 8:
+        return t
+    ratio = 8 // size
+    if any(stride % ratio for stride in t.stride()[:-1]) or t.storage_offset() % ratio:
+        return t
+    return t.view(torch.int64)
+
+
 class KVCacheView:
     """Block-granular reads and writes of one rank's cache (optionally of a local head slice)."""
 
@@ -73,7 +88,7 @@ class KVCacheView:
         index = self._index(block_ids, "block_ids")
         src = self.kv_cache if layers is None else self.kv_cache[layers[0] : layers[1]]
         src = src if heads is None else src[..., heads[0] : heads[1], :]
-        return src.index_select(2, index)
+        return _as_words(src).index_select(2, index).view(src.dtype)
 
     def write_blocks(
         self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None,
@@ -89,10 +104,8 @@ class KVCacheView:
             raise KVLayoutError("data", f"expected shape {expected}, got {tuple(data.shape)}")
         data = data.to(device=self.device, dtype=self.dtype, non_blocking=True)
         dst = self.kv_cache[l0:l1] if layers is not None else self.kv_cache
-        if heads is None:
-            dst.index_copy_(2, index, data)
-        else:
-            dst[..., h0:h1, :].index_copy_(2, index, data)
+        dst = dst if heads is None else dst[..., h0:h1, :]
+        _as_words(dst).index_copy_(2, index, _as_words(data.contiguous()))
 
     def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
         ids = list(block_ids)
