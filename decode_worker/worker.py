@@ -35,16 +35,12 @@ from router.worker_api import (
 
 
 @dataclass
-class _Incoming:
+class _Arrival:
+    """A request accepted here: its KV is incoming until `kv_landed` is set."""
+
     request: Request
     accepted: float
-    num_blocks: int = 0  # blocks the transfer writes (for the bytes-received metric)
-
-
-@dataclass
-class _Times:
-    request: Request
-    accepted: float
+    num_blocks: int  # blocks the transfer writes (for the bytes-received metric)
     kv_landed: float | None = None
 
 
@@ -54,8 +50,8 @@ class DecodeWorker(PoolWorker):
                  metrics_port: int | None = 0, swap_cpu_bytes: int = 256 << 20) -> None:
         """`swap_cpu_bytes`: the CPU tier that preempted requests swap into (0: recompute)."""
         self.outbox = Outbox()
-        self._incoming: dict[str, _Incoming] = {}
-        self._times: dict[str, _Times] = {}
+        self._arrivals: dict[str, _Arrival] = {}  # until the request finishes
+        self._incoming: dict[str, _Arrival] = {}  # the subset whose KV has not landed
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_transfers,
                                has_work=lambda: bool(self._incoming), transport="nccl" if kv_group else "grpc",
                                calibrate=calibrate, pool="decode", metrics_host=metrics_host, metrics_port=metrics_port)
@@ -94,22 +90,21 @@ class DecodeWorker(PoolWorker):
         if request is None:
             raise WorkerRejectedError("no free KV blocks for the prompt")
         self.receiver.start(handle, request.block_ids[: handle.num_blocks])
-        now = time.monotonic()
-        self._incoming[req.request_id] = _Incoming(request, now, handle.num_blocks)
-        self._times[req.request_id] = _Times(request, accepted=now)
+        arrival = _Arrival(request, time.monotonic(), handle.num_blocks)
+        self._arrivals[req.request_id] = self._incoming[req.request_id] = arrival
 
     def _poll_transfers(self) -> None:
         for request_id, incoming in list(self._incoming.items()):
             state = self.receiver.poll(request_id)
             if state is KVPoll.DONE:
                 del self._incoming[request_id]
-                landed = self._times[request_id].kv_landed = time.monotonic()
+                landed = incoming.kv_landed = time.monotonic()
                 num_bytes = incoming.num_blocks * self.core.view.bytes_per_block()
                 self.core.metrics.transfer_done(self.core.transport, num_bytes, landed - incoming.accepted)
                 self.core.engine.activate_prefilled(incoming.request)
             elif state is KVPoll.FAILED:
                 del self._incoming[request_id]
-                self._times.pop(request_id, None)
+                del self._arrivals[request_id]
                 self._drop(incoming.request)
                 reason = self.receiver.failure_reason(request_id) or "KV transfer failed"
                 self.core.metrics.transfer_failed(self.core.transport, reason)
@@ -123,7 +118,7 @@ class DecodeWorker(PoolWorker):
 
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         incoming = self._incoming.pop(request_id, None)
-        self._times.pop(request_id, None)
+        self._arrivals.pop(request_id, None)
         if incoming is None:
             engine.abort([request_id])
             return
@@ -136,8 +131,7 @@ class DecodeWorker(PoolWorker):
     def _on_output(self, out: RequestOutput) -> None:
         timings = None
         if out.finished:
-            times = self._times.pop(out.request_id, None)
-            timings = _timings(times)
+            timings = _timings(self._arrivals.pop(out.request_id, None))
         self.outbox.put([StepOutput(
             request_id=out.request_id,
             new_token_ids=tuple(out.new_token_ids),
@@ -149,13 +143,13 @@ class DecodeWorker(PoolWorker):
         )])
 
 
-def _timings(times: _Times | None) -> StageTimes | None:
-    if times is None or times.kv_landed is None:
+def _timings(arrival: _Arrival | None) -> StageTimes | None:
+    if arrival is None or arrival.kv_landed is None:
         return None
     now = time.monotonic()
-    scheduled = times.request.first_scheduled_time or times.kv_landed
+    scheduled = arrival.request.first_scheduled_time or arrival.kv_landed
     return StageTimes(
-        kv_transfer=times.kv_landed - times.accepted,
-        decode_queue=scheduled - times.kv_landed,
+        kv_transfer=arrival.kv_landed - arrival.accepted,
+        decode_queue=scheduled - arrival.kv_landed,
         decode=now - scheduled,
     )

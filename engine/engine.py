@@ -12,7 +12,6 @@ one Ray actor per other rank, and the runner publishes each step's inputs to the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -185,7 +184,6 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self.last_step_num_batched_tokens = out.num_batched_tokens
-        self._stamp_scheduled(out)
         result = self.runner.execute(out)
         updated = self.scheduler.update(out, result)
         for rid, lp in result.logprobs.items():
@@ -232,13 +230,6 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
         self._logprobs.pop(request_id, None)
-
-    def _stamp_scheduled(self, out) -> None:  # noqa: ANN001 - SchedulerOutput
-        now = time.monotonic()
-        for s in out.scheduled:
-            request = self.scheduler.get_request(s.request_id)
-            if request is not None and request.first_scheduled_time is None:
-                request.first_scheduled_time = now
 
     def attach_external_cache(self, cache: ExternalKVCache) -> None:
         """A cache below HBM (e.g. kvtransfer's CPU / NVMe tiers): evicted prefix blocks spill

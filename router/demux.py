@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from router.registry import WorkerRegistry
+from router.tasks import cancel_and_wait
 from router.worker_api import StepOutput, WorkerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,5 @@ class StepDemux:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"demux-{self.worker_id}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from router.tasks import cancel_and_wait
 from router.worker_api import (
     CostModel,
     DecodeRequest,
@@ -282,10 +283,5 @@ class FakeWorker:
         await asyncio.sleep(seconds)  # sleep(0) still yields, as a real step would
 
     async def close(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
-            self._loop_task = None
+        await cancel_and_wait(self._loop_task)
+        self._loop_task = None

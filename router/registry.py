@@ -23,6 +23,7 @@ from typing import Any
 
 from router.policy import WorkerView
 from router.prefix_index import PrefixIndex
+from router.tasks import cancel_and_wait, fail_loudly
 from router.worker_api import CostModel, LoadSnapshot
 
 log = logging.getLogger(__name__)
@@ -181,18 +182,8 @@ class WorkerRegistry:
     def start(self) -> None:
         assert self._task is None, "already started"
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registry-heartbeat")
-        self._task.add_done_callback(_fail_loudly)
+        self._task.add_done_callback(fail_loudly)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-
-
-def _fail_loudly(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s died", task.get_name(), exc_info=task.exception())
+        await cancel_and_wait(self._task)
+        self._task = None

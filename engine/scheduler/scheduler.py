@@ -210,7 +210,7 @@ class Scheduler:
                 if not self._make_room(queue, i, n, preempted):
                     break  # the request preempted itself: everything after it already went
                 self.kv.allocate_slots(request, n)
-            scheduled.append(self._scheduled(request, n))
+            scheduled.append(self._scheduled(request, n, now))
             budget -= n
             i += 1
         self._running = {r.request_id: r for r in queue}
@@ -266,7 +266,7 @@ class Scheduler:
                 break  # no overtaking: the head waits for room
             del self._waiting[request.request_id]
             self._running[request.request_id] = request
-            scheduled.append(self._scheduled(request, n))
+            scheduled.append(self._scheduled(request, n, now))
             budget -= n
 
     def _admit_swapped(self, request: Request, budget: int, reserved: int) -> int:
@@ -301,7 +301,9 @@ class Scheduler:
         return n
 
     @staticmethod
-    def _scheduled(request: Request, n: int) -> ScheduledRequest:
+    def _scheduled(request: Request, n: int, now: float) -> ScheduledRequest:
+        if request.first_scheduled_time is None:  # the end of its queueing, for stage timings
+            request.first_scheduled_time = now
         start = request.num_computed_tokens
         return ScheduledRequest(
             request_id=request.request_id,
