@@ -68,7 +68,7 @@ def _p2p_worker(rank: int, port: int, args: argparse.Namespace, results: dict) -
     store, shape = dist.distributed_c10d._get_default_store(), SMALL if args.cpu else LLAMA3_8B
     max_blocks = max(args.tokens) // shape["block"]
     view = _cache(shape, max_blocks + 1, device)
-    link = P2PLink(dist.group.WORLD, rank)
+    link = P2PLink(dist.PrefixStore("kv/", store), rank, 2, "gloo" if args.cpu else "nccl")  # its own group
     side = (TorchP2PSender(view, link, worker_id="p", model_salt="m", on_release=lambda t, b: None)
             if rank == 0 else TorchP2PReceiver(view, link, on_release=lambda t, b: None, timeout_s=120))
     rows = []
@@ -108,6 +108,7 @@ def _p2p_worker(rank: int, port: int, args: argparse.Namespace, results: dict) -
         results["p2p"] = rows
     side.close()
     dist.barrier()
+    link.close()
     dist.destroy_process_group()
 
 

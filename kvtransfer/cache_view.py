@@ -107,9 +107,38 @@ class KVCacheView:
         dst = dst if heads is None else dst[..., h0:h1, :]
         _as_words(dst).index_copy_(2, index, _as_words(data.contiguous()))
 
-    def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
-        ids = list(block_ids)
-        bad = [b for b in ids if not 0 < b < self.num_blocks]
+    def read_rows(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Copy of blocks `block_ids` as rows [n, bytes_per_block] of uint8, each the bytes of one
+        block's [L, 2, block_size, h, D] (the tier store's layout): one gather over the cache."""
+        if type(self).read_blocks is not KVCacheView.read_blocks:  # reads go elsewhere (a TP group)
+            blocks = self.read_blocks(block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+            return blocks.view(torch.uint8).reshape(len(block_ids), -1)
+        index = self._index(block_ids, "block_ids")
+        rows = _as_words(self.kv_cache).permute(2, 0, 1, 3, 4, 5).index_select(0, index)
+        return rows.view(torch.uint8).reshape(len(block_ids), -1)
+
+    def write_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """Writes rows from `read_rows` (any device) into blocks `block_ids`: one scatter."""
+        if rows.shape != (len(block_ids), self.bytes_per_block()) or rows.dtype != torch.uint8:
+            raise KVLayoutError("rows", f"expected uint8 [{len(block_ids)}, {self.bytes_per_block()}], got {rows.dtype} {tuple(rows.shape)}")
+        blocks = rows.to(self.device, non_blocking=True).view(self.dtype).reshape(len(block_ids), *self.block_shape())
+        if type(self).write_blocks is not KVCacheView.write_blocks:
+            self.write_blocks(block_ids, blocks.permute(1, 2, 0, 3, 4, 5))
+            return
+        index = self._index(block_ids, "block_ids")
+        _as_words(self.kv_cache).permute(2, 0, 1, 3, 4, 5).index_copy_(0, index, _as_words(blocks))
+
+    def check_block_ids(self, block_ids: Sequence[int], field: str) -> None:
+        """Raises InvalidBlockIdsError unless every id names a block of this cache (never 0)."""
+        bad = [b for b in block_ids if not 0 < b < self.num_blocks]
         if bad:
             raise InvalidBlockIdsError(field, f"{bad[:4]} outside [1, {self.num_blocks}) (0 is the null block)")
-        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+
+    def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
+        """The checked ids as an index tensor on the cache's device. On CUDA the copy is enqueued
+        from pinned memory: a pageable copy would wait for every kernel already queued."""
+        self.check_block_ids(block_ids, field)
+        ids = torch.tensor(list(block_ids), dtype=torch.int64)
+        if self.device.type != "cuda":
+            return ids
+        return ids.pin_memory().to(self.device, non_blocking=True)

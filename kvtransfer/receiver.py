@@ -127,7 +127,7 @@ class ThreadedReceiver(KVReceiver):
         handle.layout.check_compatible(view_layout(self.view))
         if len(dst_block_ids) != handle.num_blocks:
             raise InvalidBlockIdsError("dst_block_ids", f"{len(dst_block_ids)} ids for {handle.num_blocks} blocks")
-        self.view._index(dst_block_ids, "dst_block_ids")
+        self.view.check_block_ids(dst_block_ids, "dst_block_ids")
         plan = plan_for_destination(self.view.tp.tp_rank, self.view.tp.tp_size, handle.layout.tp_size, handle.layout.num_kv_heads)
         job = Transfer(handle, list(dst_block_ids), plan, self._clock() + self._timeout_s, self.view)
         with self._lock:

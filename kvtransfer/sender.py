@@ -41,7 +41,8 @@ class LeasedSender(KVSender):
         self.leases = LeaseTable(lease_s, on_release, clock)
         self._handles: dict[str, KVHandle] = {}
         # Test seam: called with the transfer id before each chunk is read (e.g. to stall or
-        # kill the sender mid-stream in the conformance suite). None in production.
+        # kill the sender mid-stream in the conformance suite; the p2p sender calls it before
+        # gathering and again before posting its sends). None in production.
         self.chunk_hook: Callable[[str], None] | None = None
 
     def register(
@@ -55,7 +56,7 @@ class LeasedSender(KVSender):
         source_addresses: Sequence[str] | None = None,
         source_p2p_ranks: Sequence[int] | None = None,
     ) -> KVHandle:
-        self.view._index(block_ids, "block_ids")  # validates before leasing
+        self.view.check_block_ids(block_ids, "block_ids")  # before leasing
         handle = KVHandle(
             transfer_id=transfer_id,
             source_worker_id=self.worker_id,

@@ -6,12 +6,15 @@ Contract (every call on the engine thread):
 * `spill(block_id, block_hash)` runs when the pool reuses a cached free block: the block still
   holds that hash's KV. The cache may buffer it; `flush_spills()` (called by the KV manager
   right after each allocation, before anything writes to the evicted blocks) copies every
-  buffered block out in one batch. Failures are the cache's to swallow and count: a spill that
-  did not happen is a future miss, never an error.
+  buffered block out in one batch. On a GPU that copy may be enqueued rather than finished:
+  it must be ordered (on the engine's current stream, or by an event that stream waits on)
+  before any later kernel that writes the blocks. Failures are the cache's to swallow and
+  count: a spill that did not happen is a future miss, never an error.
 * `count_prefix(hashes)` says how many leading hashes the cache holds now (no side effects).
 * `fetch(hashes)` copies the cached prefix into a staging copy and returns it with the number
   of blocks that landed (fewer than asked when an entry vanished or failed its checksum: a
-  miss); `write(staged, block_ids)` then puts it into HBM blocks. The two are split because
+  miss); `write(staged, block_ids)` then puts it into HBM blocks. Both may be enqueued on the
+  engine's current stream without a host wait (the step that reads the blocks follows them). The two are split because
   allocating the destination blocks may evict HBM blocks whose spills push the very entries
   being loaded out of the cache: fetching first makes that harmless.
 Keys are the block-hash spec's hashes (salted by model), so another model's blocks never hit.

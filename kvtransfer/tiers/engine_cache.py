@@ -3,7 +3,12 @@ and the engine's own KV cache view. Attach with `LLMEngine.attach_external_cache
 
 Evicted HBM blocks spill into the CPU tier (and on down to NVMe); prefix lookups continue from
 HBM into the tiers along the hash chain; hits are copied back into HBM blocks. Everything runs
-on the engine thread, so the blocks named here are stable during each call."""
+on the engine thread, so the blocks named here are stable during each call.
+
+Nothing here waits for the device: a spill gathers the evicted blocks on the engine's stream
+(ordered before any kernel that reuses them) and copies them to pinned memory on a side
+stream (TieredStore.spill); a hit's host -> device copy and its scatter into the new blocks are
+enqueued on the engine's stream, ahead of the step that reads them."""
 
 from __future__ import annotations
 
@@ -28,12 +33,12 @@ class TieredEngineCache:
         self._pending.append((block_id, block_hash))
 
     def flush_spills(self) -> None:
-        """One batched copy of every block evicted by the last allocation."""
+        """One batched background copy of every block evicted by the last allocation."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
         try:
-            self.store.store([h for _, h in pending], self.view, [b for b, _ in pending])
+            self.store.spill([h for _, h in pending], self.view, [b for b, _ in pending])
         except Exception:  # a lost spill is a future miss, never the engine's failure
             self.num_spill_failures += len(pending)
             log.exception("KV tier spill of %d blocks failed", len(pending))

@@ -76,6 +76,14 @@ class SlotLRU:
         (self._pinned if pinned else self._lru)[key] = slot
         return slot, evicted
 
+    def num_evictable(self) -> int:
+        """Slots an allocation can take now: free ones and unpinned entries."""
+        return len(self._free) + len(self._lru)
+
+    def unpin(self, key: Hashable) -> None:
+        """Makes a pinned key evictable again, as the most recently used."""
+        self._lru[key] = self._pinned.pop(key)
+
     def remove(self, key: Hashable) -> int | None:
         slot = self._lru.pop(key, None)
         if slot is None:

@@ -36,7 +36,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 NOTICE_TIMEOUT_S = 2.0
-PrepareSendHandler = Callable[[pb.PrepareSendRequest], pb.PrepareSendReply]
+PrepareSendHandler = Callable[[pb.PrepareSendRequest, grpc.ServicerContext], pb.PrepareSendReply]
 
 
 def block_bytes(chunk: torch.Tensor) -> tuple[bytes, list[int]]:
@@ -71,7 +71,7 @@ class _Servicer(pb_grpc.KVTransferServicer):
         if handler is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sender has no p2p transport")
             raise AssertionError("unreachable: abort raises")
-        return handler(request)
+        return handler(request, context)
 
 
 class GrpcSender(LeasedSender):

@@ -87,23 +87,29 @@ class AckReply(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class PrepareSendRequest(_message.Message):
-    __slots__ = ("transfer_id", "receiver_rank", "head_start", "head_end")
+    __slots__ = ("transfer_id", "receiver_rank", "head_start", "head_end", "epoch")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_RANK_FIELD_NUMBER: _ClassVar[int]
     HEAD_START_FIELD_NUMBER: _ClassVar[int]
     HEAD_END_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     receiver_rank: int
     head_start: int
     head_end: int
-    def __init__(self, transfer_id: _Optional[str] = ..., receiver_rank: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, transfer_id: _Optional[str] = ..., receiver_rank: _Optional[int] = ..., head_start: _Optional[int] = ..., head_end: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PrepareSendReply(_message.Message):
-    __slots__ = ("accepted", "reason", "num_bytes")
+    __slots__ = ("accepted", "reason", "num_bytes", "epoch", "retry")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     num_bytes: int
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...
+    epoch: int
+    retry: bool
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_bytes: _Optional[int] = ..., epoch: _Optional[int] = ..., retry: _Optional[bool] = ...) -> None: ...

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import threading
 import time
 import uuid
@@ -11,7 +10,6 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from kvtransfer.cache_view import KVCacheView
 from kvtransfer.handle import KVHandle
@@ -21,6 +19,7 @@ from kvtransfer.sender import LeasedSender
 from kvtransfer.transports.fake import FakeFabric, FakeReceiver, FakeSender
 from kvtransfer.transports.grpc_stream import GrpcReceiver, GrpcSender
 from kvtransfer.transports.torch_p2p import P2PLink, TorchP2PReceiver, TorchP2PSender
+from tests.distributed.kv_links import in_process_links
 
 L, N, BS, H, D = 2, 24, 4, 2, 8
 SALT = "test-model"
@@ -63,22 +62,6 @@ class Harness:
         return self.sender.register(tid, block_ids, [], len(block_ids) * BS, source_p2p_ranks=self.p2p_ranks or None)
 
 
-def _gloo_pair() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    store = dist.HashStore()
-    groups: list[dist.ProcessGroup | None] = [None, None]
-
-    def make(rank: int) -> None:
-        groups[rank] = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=20))
-
-    threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert groups[0] is not None and groups[1] is not None
-    return groups[0], groups[1]
-
-
 def _views() -> tuple[KVCacheView, KVCacheView]:
     return KVCacheView(torch.randn(L, 2, N, BS, H, D)), KVCacheView(torch.zeros(L, 2, N, BS, H, D))
 
@@ -89,6 +72,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     sent, received, clock = Released(), Released(), FakeClock()
     common = dict(model_salt=SALT, on_release=sent, lease_s=60.0, clock=clock)
     p2p_ranks: tuple[int, ...] = ()
+    links: list[P2PLink] = []
     if request.param == "fake":
         fabric = FakeFabric()
         sender: LeasedSender = FakeSender(fabric, "p0", src, **common)
@@ -99,14 +83,16 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         receiver = GrpcReceiver(dst, on_release=received, timeout_s=2.0, chunk_bytes=CHUNK)
         kill = sender.stop_serving
     else:
-        g0, g1 = _gloo_pair()
-        sender = TorchP2PSender(src, P2PLink(g0, 0), worker_id="p0", send_timeout_s=2.0, **common)
-        receiver = TorchP2PReceiver(dst, P2PLink(g1, 1), on_release=received, timeout_s=2.0)
+        links = in_process_links(2, timeout_s=20.0, rebuild_timeout_s=5.0)
+        sender = TorchP2PSender(src, links[0], worker_id="p0", send_timeout_s=2.0, **common)
+        receiver = TorchP2PReceiver(dst, links[1], on_release=received, timeout_s=2.0)
         kill = lambda: (sender.stop_serving(), sender.stop_sending())  # noqa: E731
         p2p_ranks = (0,)
     yield Harness(sender, receiver, src, dst, sent, received, clock, kill, p2p_ranks)
     receiver.close()
     sender.close()
+    for link in links:
+        link.close()
 
 
 def wait_terminal(h: Harness, tid: str, within_s: float = 6.0) -> KVPoll:

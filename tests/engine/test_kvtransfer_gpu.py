@@ -59,3 +59,17 @@ def test_pinned_cpu_and_nvme_tiers_round_trip_from_cuda(tmp_path: Path) -> None:
     torch.cuda.synchronize()
     assert torch.equal(dst.read_blocks([50, 51]), src.read_blocks([40, 41]))
     store.close()
+
+
+def test_background_spill_from_cuda_keeps_evicted_bytes_when_blocks_are_reused_at_once() -> None:
+    src, dst = _view(True), _view(False)
+    store = TieredStore(src, model_salt="m", cpu_bytes=64 * src.bytes_per_block())
+    ids, hs = list(range(1, 33)), hash_blocks(list(range(32 * 16)), 16, "m")
+    evicted = src.read_blocks(ids).clone()
+    assert store.spill(hs, src, ids) == 32  # gathered on this stream, copied out on a side stream
+    src.kv_cache[:, :, 1:33].fill_(3.0)  # a kernel reuses the blocks at once, no host wait between
+    store.flush()
+    assert store.load(hs, dst, list(range(33, 65))) == 32
+    torch.cuda.synchronize()
+    assert torch.equal(dst.read_blocks(list(range(33, 65))), evicted)
+    store.close()

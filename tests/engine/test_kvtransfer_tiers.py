@@ -143,3 +143,19 @@ def test_swap_round_trip_is_exact_and_pinned(tmp_path: Path) -> None:
     assert torch.equal(dst.read_blocks([7, 8]), src.read_blocks([4, 9]))
     assert store.stats()[Tier.CPU].blocks == 1
     store.close()
+
+
+def test_background_spill_keeps_evicted_bytes_when_blocks_are_reused_at_once(tmp_path: Path) -> None:
+    src = view()
+    evicted = src.read_blocks([1, 2, 3, 4, 5])
+    per = src.bytes_per_block()
+    store = TieredStore(src, model_salt="m", cpu_bytes=8 * per, max_staging_bytes=2 * per)  # 3 batches
+    hs = hashes(5)
+    assert store.spill(hs, src, [1, 2, 3, 4, 5]) == 5
+    src.kv_cache[:, :, 1:6] = 7.0  # the engine reuses the blocks right after evicting them
+    assert store.spill(hs, src, [1, 2, 3, 4, 5]) == 0  # in flight or landed: never copied twice
+    store.flush()
+    dst = view(fill=False)
+    assert store.load(hs, dst, [6, 7, 8, 9, 10]) == 5
+    assert torch.equal(dst.read_blocks([6, 7, 8, 9, 10]), evicted)
+    store.close()
