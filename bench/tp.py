@@ -3,12 +3,18 @@ dummy weights that are the same logical model at every TP size).
 
     python bench/tp.py [--tp 2] [--model preset:llama-3-8b]
 
-Measures, for each TP size: greedy tokens of 8 prompts (the first 16 must be identical across
-TP sizes), batch-1 decode step time and tokens/s, batch-64 decode throughput; and for TP > 1
-the share of rank 0's decode step spent in all-reduce: torch.profiler over decode steps, the
-summed device time of NCCL kernels (which includes waiting for the peer) divided by the
-unprofiled wall time per step. Prints a table; writes $OUT/tp.json when OUT is set.
-The batch-1 figure sits next to its weight-streaming floor (bf16 weights / HBM bandwidth / N).
+Engines measured, one after the other in this process: TP = 1; TP = N with the all-reduce the
+engine picks (`tp_all_reduce="auto"`: the one-shot symmetric-memory kernel when available);
+TP = N with NCCL all-reduces; and TP = N with `tp_all_reduce="skip"` (no collective at all:
+wrong tokens, timing only). For each: greedy tokens of 8 prompts (the first 16 must be identical
+to TP = 1), batch-1 decode step time and tokens/s, batch-64 decode throughput.
+
+The all-reduce share of a step = (step with all-reduces - step without) / step with, for the
+same engine build and batch: the ablation includes everything the collectives cost on the
+critical path (kernel time and waiting for the slower rank), with CUDA graphs on.
+(`--profile` adds torch.profiler's device time of collective kernels, eager engines only.)
+Prints a table; writes $OUT/tp.json when OUT is set. The batch-1 figure sits next to its
+weight-streaming floor (bf16 weights / HBM bandwidth / N).
 """
 
 from __future__ import annotations
@@ -47,11 +53,11 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, f
         engine.step()
     for _ in range(5):
         engine.step()  # past any chunked prefill: every request is decoding
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
+    _sync()
     step_s = (time.perf_counter() - start) / steps
     result = {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
     if profile:
@@ -67,88 +73,119 @@ def _nccl_ms_per_step(llm: LLM, steps: int) -> float:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             llm.engine.step()
-        torch.cuda.synchronize()
+        _sync()
     total_us = 0.0
     for event in prof.key_averages():
-        if "nccl" in event.key.lower():
+        if "nccl" in event.key.lower() or "all_reduce" in event.key.lower():
             total_us += getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
     return total_us / 1e3 / steps
 
 
+GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # every engine here captures the same decode buckets
+
+
 def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False,
-           profile: bool = False) -> dict:
-    llm = LLM(model, load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp, max_model_len=2048,
-              max_num_seqs=max(batch, 8), gpu_memory_utilization=0.85, show_progress=False,
-              enforce_eager=enforce_eager)
+           profile: bool = False, all_reduce: str = "auto", dtype: str = "bfloat16") -> dict:
+    t0 = time.perf_counter()
+    llm = LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, max_model_len=2048,
+              max_num_seqs=max(batch, 8), gpu_memory_utilization=0.80, show_progress=False,
+              enforce_eager=enforce_eager, tp_all_reduce=all_reduce,
+              cuda_graph_batch_sizes=tuple(b for b in GRAPH_SIZES if b <= max(batch, 8)))
+    label = f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode}"
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         tokens = [o.token_ids for o in llm.generate(_prompts(8, 32, llm.engine.vocab_size, seed=0), greedy)]
-        print(f"TP={tp}: loaded, greedy done", flush=True)
+        executor = getattr(llm.engine, "tp", None)
+        channel = getattr(executor, "_channel", None)
+        print(f"{label}: loaded in {time.perf_counter() - t0:.0f} s, greedy done", flush=True)
         out = {
             "tp": tp,
+            "all_reduce": llm.engine.runner.all_reduce_mode,
+            "step_channel": getattr(channel, "transport", None),
             "tokens": tokens,
             "batch1": _decode_rate(llm, 1, decode_steps, profile=profile and tp > 1),
             f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile and tp > 1),
             "weight_bytes_per_rank": sum(p.numel() * p.element_size()
                                          for p in llm.engine.runner.model.parameters()),
         }
-        print(f"TP={tp}: batch 1 {out['batch1']}, batch {batch} {out[f'batch{batch}']}", flush=True)
+        print(f"{label}: batch 1 {out['batch1']}, batch {batch} {out[f'batch{batch}']}", flush=True)
         return out
     finally:
         llm.shutdown()
         del llm
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _floor_ms(weight_bytes: int) -> float | None:
-    name = torch.cuda.get_device_name()
+    name = _device_name()
     tbps = next((v for k, v in HBM_TBPS.items() if k in name), None)
     return None if tbps is None else weight_bytes / (tbps * 1e12) * 1e3
 
 
-def report(base: dict, tp: dict, batch: int) -> dict:
-    same = [a == b for a, b in zip(base["tokens"], tp["tokens"])]
+def _identical(base: dict, run: dict) -> tuple[int, list[int | None]]:
     first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                  for a, b in zip(base["tokens"], tp["tokens"])]
-    b1, t1 = base["batch1"], tp["batch1"]
-    bb, tb = base[f"batch{batch}"], tp[f"batch{batch}"]
-    summary = {
-        "device": torch.cuda.get_device_name(), "tp": tp["tp"], "prompts_identical": sum(same),
-        "first_divergence_per_prompt": first_diff,
-        "batch1_step_ms": {"tp1": b1["step_ms"], f"tp{tp['tp']}": t1["step_ms"]},
-        "batch1_floor_ms": {"tp1": _floor_ms(base["weight_bytes_per_rank"]),
-                            f"tp{tp['tp']}": _floor_ms(tp["weight_bytes_per_rank"])},
-        "batch1_speedup": b1["step_ms"] / t1["step_ms"],
-        f"batch{batch}_tokens_per_s": {"tp1": bb["tokens_per_s"], f"tp{tp['tp']}": tb["tokens_per_s"]},
-        f"batch{batch}_speedup": tb["tokens_per_s"] / bb["tokens_per_s"],
-        "allreduce_share_batch1": t1.get("allreduce_share"),
-        f"allreduce_share_batch{batch}": tb.get("allreduce_share"),
-        "allreduce_method": "torch.profiler on rank 0: NCCL kernel device time / unprofiled step wall time",
-    }
+                  for a, b in zip(base["tokens"], run["tokens"])]
+    return sum(d is None for d in first_diff), first_diff
+
+
+def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
+    """`runs`: variant name -> run_tp() result; "skip" (if present) is the no-collective ablation."""
+    skip = runs.get("skip")
+    rows = {}
+    for name, run in {"tp1": base, **runs}.items():
+        same, diff = _identical(base, run)
+        row = {
+            "tp": run["tp"], "all_reduce": run["all_reduce"], "step_channel": run["step_channel"],
+            "prompts_identical_to_tp1": None if name in ("tp1", "skip") else same,
+            "first_divergence": None if name in ("tp1", "skip") else diff,
+            "batch1_step_ms": run["batch1"]["step_ms"],
+            "batch1_floor_ms": _floor_ms(run["weight_bytes_per_rank"]),
+            "batch1_speedup": base["batch1"]["step_ms"] / run["batch1"]["step_ms"],
+            f"batch{batch}_tokens_per_s": run[f"batch{batch}"]["tokens_per_s"],
+            f"batch{batch}_speedup": run[f"batch{batch}"]["tokens_per_s"] / base[f"batch{batch}"]["tokens_per_s"],
+        }
+        if skip is not None and name not in ("tp1", "skip"):
+            for key in ("batch1", f"batch{batch}"):
+                with_ar, without = run[key]["step_ms"], skip[key]["step_ms"]
+                row[f"allreduce_ms_{key}"] = with_ar - without
+                row[f"allreduce_share_{key}"] = (with_ar - without) / with_ar
+        for key in ("batch1", f"batch{batch}"):
+            if "allreduce_share" in run[key]:
+                row[f"profiled_allreduce_share_{key}"] = run[key]["allreduce_share"]
+        rows[name] = row
+    summary = {"device": _device_name(), "rows": rows,
+               "allreduce_method": "ablation: step time minus the same engine's step with tp_all_reduce='skip'"}
     _print(summary, batch)
     return summary
 
 
 def _print(s: dict, batch: int) -> None:
-    n = s["tp"]
-    print(f"device: {s['device']}   greedy prompts identical (16 tokens): {s['prompts_identical']}/8 "
-          f"first divergence: {s['first_divergence_per_prompt']}")
-    print(f"{'figure':34s} {'TP=1':>12s} {f'TP={n}':>12s} {'ratio':>8s}")
-    b1 = s["batch1_step_ms"]
-    print(f"{'batch-1 decode step (ms)':34s} {b1['tp1']:12.3f} {b1[f'tp{n}']:12.3f} {s['batch1_speedup']:7.2f}x")
-    fl = s["batch1_floor_ms"]
-    if fl["tp1"] is not None:
-        print(f"{'  weight-streaming floor (ms)':34s} {fl['tp1']:12.3f} {fl[f'tp{n}']:12.3f}")
-    bt = s[f"batch{batch}_tokens_per_s"]
-    print(f"{f'batch-{batch} decode (tokens/s)':34s} {bt['tp1']:12.0f} {bt[f'tp{n}']:12.0f} "
-          f"{s[f'batch{batch}_speedup']:7.2f}x")
-    if s["allreduce_share_batch1"] is None:
-        print("all-reduce share: not measured (run with --profile)")
-        return
-    print(f"{'all-reduce share of step, batch 1':34s} {'':12s} {100 * s['allreduce_share_batch1']:11.1f}%")
-    print(f"{f'all-reduce share of step, batch {batch}':34s} {'':12s} "
-          f"{100 * s[f'allreduce_share_batch{batch}']:11.1f}%   ({s['allreduce_method']})")
+    print(f"device: {s['device']}")
+    print(f"{'engine':18s} {'all-reduce':>10s} {'channel':>8s} {'same 16 tok':>11s} {'b1 ms':>8s} {'floor':>7s} "
+          f"{'b1 x':>6s} {f'b{batch} tok/s':>11s} {f'b{batch} x':>6s} {'AR share b1':>11s} {f'AR share b{batch}':>12s}")
+    for name, r in s["rows"].items():
+        same = "-" if r["prompts_identical_to_tp1"] is None else f"{r['prompts_identical_to_tp1']}/8"
+        floor = "-" if r["batch1_floor_ms"] is None else f"{r['batch1_floor_ms']:.2f}"
+        share1 = r.get("allreduce_share_batch1")
+        shareb = r.get(f"allreduce_share_batch{batch}")
+        print(f"{name:18s} {r['all_reduce']:>10s} {str(r['step_channel']):>8s} {same:>11s} "
+              f"{r['batch1_step_ms']:8.3f} {floor:>7s} {r['batch1_speedup']:5.2f}x "
+              f"{r[f'batch{batch}_tokens_per_s']:11.0f} {r[f'batch{batch}_speedup']:5.2f}x "
+              f"{'-' if share1 is None else f'{100 * share1:.1f}%':>11s} "
+              f"{'-' if shareb is None else f'{100 * shareb:.1f}%':>12s}")
+    print(f"all-reduce share: {s['allreduce_method']}; 'skip' rows compute wrong tokens by design. "
+          "Targets: TP=2 batch-1 >= 1.8x, all-reduce <= 10% of the batch-1 step.")
 
 
 def main() -> None:
@@ -157,16 +194,29 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP sizes)")
-    parser.add_argument("--profile", action="store_true", help="all-reduce share via torch.profiler")
+    parser.add_argument("--variants", default="auto,nccl,skip",
+                        help="TP = N engines to run after TP = 1: tp_all_reduce modes")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every engine)")
+    parser.add_argument("--profile", action="store_true", help="also torch.profiler (use with --enforce-eager)")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    base = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager, args.profile)
-    tp = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager, args.profile)
-    summary = report(base, tp, args.batch) | {"cuda_graphs": not args.enforce_eager}
+    results: dict = {"args": vars(args)}
+    base = results["tp1"] = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager,
+                                   dtype=args.dtype)
+    runs = {}
+    for variant in args.variants.split(","):
+        try:
+            runs[variant] = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager,
+                                   args.profile and variant != "skip", all_reduce=variant, dtype=args.dtype)
+        except Exception as err:  # noqa: BLE001 - report the variant that failed, keep the others
+            print(f"TP={args.tp} all_reduce={variant}: failed: {err}", flush=True)
+            results[f"failed_{variant}"] = str(err)
+    results |= {f"tp{args.tp}_{k}": v for k, v in runs.items()}
+    results["summary"] = report(base, runs, args.batch) | {"cuda_graphs": not args.enforce_eager}
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "tp.json"), "w") as f:
-            json.dump({"summary": summary, "tp1": base, f"tp{args.tp}": tp}, f, indent=1)
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

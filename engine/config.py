@@ -143,6 +143,11 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20  # the KV budget on CPU
     num_kv_blocks: int | None = None  # overrides the sizing (tests use tiny pools)
     tensor_parallel_size: int = 1
+    # How TP ranks sum partial results: "auto" (one-shot symmetric-memory kernel for small
+    # messages on CUDA when every rank can map its peers, else NCCL), "nccl", "symm_mem", or
+    # "skip" (measurement only: no collective at all, outputs are wrong; bench/tp.py uses it to
+    # time a step without its all-reduces).
+    tp_all_reduce: str = "auto"
     attention_backend: str | None = None  # None picks Triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = field(
@@ -158,6 +163,7 @@ class EngineConfig:
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "kv_cache_bytes": self.kv_cache_bytes > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
+            "tp_all_reduce": self.tp_all_reduce in ("auto", "nccl", "symm_mem", "skip"),
             "load_format": self.load_format in ("auto", "safetensors", "dummy"),
             "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks >= 2,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 2,

@@ -27,6 +27,13 @@ PRESETS: dict[str, dict] = {
         rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
     ),
+    # CPU smoke runs of the benchmark scripts (shape only, like the others)
+    "tiny": dict(
+        architectures=["LlamaForCausalLM"], vocab_size=2048, hidden_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+    ),
 }
 
 _CORPUS = """Tandem serves language models on two pools of accelerators. The prefill pool reads the

@@ -31,7 +31,7 @@ from engine.scheduler.scheduler import Scheduler, SchedulerStats
 from engine.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
-    from engine.distributed.executor import TPExecutor
+    from engine.distributed.executor import TPExecutor, TPOptions
 
 
 def resolve_model_config(cfg: EngineConfig) -> ModelConfig:
@@ -53,7 +53,8 @@ def _desired_max_model_len(cfg: EngineConfig, model: ModelConfig) -> int:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+    def __init__(self, config: EngineConfig, show_progress: bool = True, tp_options: TPOptions | None = None) -> None:
+        """`tp_options`: timeouts and placement of the TP group (tensor_parallel_size > 1 only)."""
         from engine.demo_model import resolve_model_path
 
         self.config = config
@@ -64,7 +65,7 @@ class LLMEngine:
         wanted = _desired_max_model_len(config, self.model_config)
         torch.manual_seed(config.seed)
         self.tp: TPExecutor | None = None
-        self.runner = self._build_runner(wanted, show_progress)
+        self.runner = self._build_runner(wanted, show_progress, tp_options)
         capacity = (self.runner.num_blocks - 1) * config.block_size
         self.max_model_len = min(wanted, capacity) if config.max_model_len is None else wanted
         salt = config.model_salt or f"{self.model_path}|{self.model_config.torch_dtype}|{config.load_format}|{config.seed}"
@@ -84,13 +85,13 @@ class LLMEngine:
         self._logprobs: dict[str, list] = {}
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
-    def _build_runner(self, max_model_len: int, show_progress: bool) -> ModelRunner:
+    def _build_runner(self, max_model_len: int, show_progress: bool, tp_options: TPOptions | None) -> ModelRunner:
         args = (self.config, self.model_config, self.model_path, max_model_len)
         if self.config.tensor_parallel_size == 1:
             return ModelRunner(*args, self.device, show_progress)
         from engine.distributed.executor import TPExecutor
 
-        tp = self.tp = TPExecutor.launch(*args)
+        tp = self.tp = TPExecutor.launch(*args, tp_options)
         self.device = tp.device
         return tp.build_leader(lambda: ModelRunner(*args, tp.device, show_progress, step_scope=tp.step))
 

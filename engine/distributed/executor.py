@@ -4,7 +4,8 @@ Life cycle (`TPState`):
     STARTING   launch(): Ray up, placement group, followers spawned and started (they build
                their shards while rank 0 builds its own in build_leader())
     RUNNING    every engine step goes through step(inputs): publish the StepInputs to the
-               followers, then rank 0 runs forward, logits and sampling inside the scope
+               followers, then rank 0 runs forward, logits and sampling inside the scope;
+               read_kv / write_kv move KV blocks of every rank (engine.distributed.kv_ops)
     FAILED     a follower died, raised or hung: the step raises TPGroupError naming the rank,
                followers are killed and every later step raises the same error
     SHUT_DOWN  shutdown(): followers get SHUTDOWN, the group is torn down (idempotent)
@@ -13,7 +14,13 @@ Failure bounds: a dead follower breaks gloo's sockets at once and resolves its w
 `run_loop` future (the watchdog aborts NCCL for graph-replayed collectives); a hung one trips
 the collective timeout (`collective_timeout_s`) or the watchdog's step deadline
 (`step_timeout_s`). After the leader sees an error it waits up to `diagnose_s` for Ray to
-report which rank died, so the error names it.
+report which rank died, so the error names it. A failed KV op fails the group the same way.
+
+Threads: the engine thread runs steps while KV transports and tier threads call read_kv /
+write_kv from their own threads. Every message and collective of a step or a KV op must reach
+the followers in one order, so `step()` holds `_lock` for the whole step and each KV op holds
+it too (an RLock: a preemption swap on the engine thread may move KV between steps or, in
+principle, inside one).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -28,9 +36,10 @@ from typing import Any, TypeVar
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.distributed import ray_launch
+from engine.distributed import kv_ops, ray_launch
 from engine.distributed.errors import TPGroupError
 from engine.distributed.follower import FollowerSpec
+from engine.distributed.kv_ops import KVOp
 from engine.distributed.process_group import destroy_tp_group, host_store, init_tp_group
 from engine.distributed.step_channel import StepChannel
 from engine.distributed.watchdog import Failure, FollowerWatchdog
@@ -46,6 +55,9 @@ class TPOptions:
     step_timeout_s: float = 60.0  # a whole step in flight (catches NCCL inside CUDA graphs)
     startup_timeout_s: float = 600.0  # actors up, placement, loading skew between ranks
     diagnose_s: float = 5.0  # after an error, how long Ray gets to report which rank died
+    # Rank 0 is a Ray actor that a launcher placed in bundle 0 of a group reserved for every
+    # rank: followers take its bundles 1.. (a new group when there is none).
+    use_current_placement_group: bool = False
 
 
 class TPState(enum.Enum):
@@ -57,15 +69,20 @@ class TPState(enum.Enum):
 
 class TPExecutor:
     def __init__(self, size: int, device: torch.device, followers: list[Any], pg: Any,
-                 options: TPOptions, watchdog: FollowerWatchdog) -> None:
+                 options: TPOptions, watchdog: FollowerWatchdog, num_kv_heads: int) -> None:
         self.size = size
         self.device = device
         self.followers = followers  # followers[i] is rank i + 1
         self.follower_pids: list[int] = []
+        self.follower_node_ids: list[str] = []
         self.options = options
         self.state = TPState.STARTING
         self.num_steps = 0
-        self._pg = pg
+        self.num_kv_ops = 0
+        self.num_kv_heads = num_kv_heads  # over the whole group
+        self._pg = pg  # None when the placement group is not ours to remove
+        self._lock = threading.RLock()
+        self._depth = 0  # nesting of step / KV op scopes under `_lock`
         self._watchdog = watchdog
         self._channel: StepChannel | None = None
         self._start_futures: dict[int, Any] = {}
@@ -82,12 +99,13 @@ class TPExecutor:
         opts = options or TPOptions()
         size, use_gpu = config.tensor_parallel_size, config.resolved_device().type == "cuda"
         ray_launch.ensure_ray()
-        pg = ray_launch.placement_group(size, use_gpu, opts.startup_timeout_s)
+        place = ray_launch.group_placement(size, use_gpu, opts.startup_timeout_s, opts.use_current_placement_group)
         store = host_store(size, RENDEZVOUS_TIMEOUT_S)
         specs = [FollowerSpec(config, model_config, model_path, max_model_len, rank, size, store.port,
                               opts.collective_timeout_s, opts.startup_timeout_s) for rank in range(1, size)]
-        followers = [ray_launch.spawn_follower(pg, s.rank, use_gpu, s) for s in specs]
-        executor = cls(size, torch.device("cpu"), followers, pg, opts, FollowerWatchdog(opts.step_timeout_s))
+        followers = [ray_launch.spawn_follower(place.pg, s.rank, place.bundles[s.rank], s) for s in specs]
+        executor = cls(size, torch.device("cpu"), followers, place.pg if place.owned else None, opts,
+                       FollowerWatchdog(opts.step_timeout_s), model_config.num_kv_heads)
         with executor._failing_as_group():
             executor.device = executor._leader_device(use_gpu)
             starts = {rank: f.start.remote() for rank, f in enumerate(followers, start=1)}
@@ -103,6 +121,7 @@ class TPExecutor:
         timeout = self.options.startup_timeout_s
         ids = ray.get([f.gpu_ids.remote() for f in self.followers], timeout=timeout)
         self.follower_pids = ray.get([f.pid.remote() for f in self.followers], timeout=timeout)
+        self.follower_node_ids = ray.get([f.node_id.remote() for f in self.followers], timeout=timeout)
         if not use_gpu:
             return torch.device("cpu")
         device = ray_launch.leader_cuda_device([i for gpu in ids for i in gpu])
@@ -131,20 +150,61 @@ class TPExecutor:
         """Publish `inputs` to every follower; the body runs rank 0's share of the step.
 
         Raises TPGroupError (naming the rank when known) if any rank failed before or during
-        the step, including failures the watchdog saw while the body ran."""
-        if self.state is not TPState.RUNNING:
-            raise self._error or TPGroupError(None, f"is {self.state.value}; no step can run")
-        assert self._channel is not None
-        self._watchdog.step_started()
-        try:
-            with self._failing_as_group():
-                self._channel.publish(inputs, self.num_steps)
-                yield
-                if self._watchdog.failure is not None:  # e.g. aborted NCCL let the body finish
-                    raise RuntimeError("the watchdog saw a follower fail during the step")
-        finally:
-            self._watchdog.step_finished()
+        the step, including failures the watchdog saw while the body ran. Holds the group's
+        lock throughout: KV ops from other threads wait for the step to end."""
+        with self._in_flight("step") as channel:
+            channel.publish(inputs, self.num_steps)
+            yield
         self.num_steps += 1
+
+    # ---------------------------------------------------------------- KV ops
+
+    def read_kv(self, cache: torch.Tensor, op: KVOp) -> torch.Tensor:
+        """Blocks of every rank (`op.heads` global heads, `op.layers`) as one tensor on rank 0's
+        device, from rank 0's `cache` and the followers'. Any thread; raises TPGroupError (the
+        group is failed) if a rank fails. `op` must be valid: the followers do not check it."""
+        assert not op.write and op.block_ids
+        with self._in_flight("KV read") as channel:
+            channel.publish_kv(op, self.num_kv_ops)
+            out = kv_ops.leader_read(_current_group(), cache, op, self.num_kv_heads,
+                                     self.options.collective_timeout_s)
+            self.num_kv_ops += 1
+        return out
+
+    def write_kv(self, cache: torch.Tensor, op: KVOp, data: torch.Tensor) -> None:
+        """Stores `data` [l, 2, n, bs, h, D] (on rank 0's device) on every rank holding its heads."""
+        assert op.write and op.block_ids
+        with self._in_flight("KV write") as channel:
+            channel.publish_kv(op, self.num_kv_ops)
+            kv_ops.leader_write(_current_group(), cache, op, data, self.num_kv_heads,
+                                self.options.collective_timeout_s)
+            self.num_kv_ops += 1
+
+    @contextlib.contextmanager
+    def _in_flight(self, what: str) -> Iterator[StepChannel]:
+        """Holds the lock, refuses a group that is not RUNNING, times the outermost scope with
+        the watchdog and turns any failure into the group's TPGroupError, including one the
+        watchdog saw before or while the body ran (aborted NCCL lets a body finish)."""
+        with self._lock:
+            if self.state is not TPState.RUNNING:
+                raise self._error or TPGroupError(None, f"is {self.state.value}; no {what} can run")
+            assert self._channel is not None
+            self._depth += 1
+            if self._depth == 1:
+                self._watchdog.step_started()
+            try:
+                with self._failing_as_group():
+                    self._check_watchdog(what)
+                    yield self._channel
+                    self._check_watchdog(what)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._watchdog.step_finished()
+
+    def _check_watchdog(self, what: str) -> None:
+        if self._watchdog.failure is not None:
+            raise RuntimeError(f"the watchdog saw a follower fail around this {what}")
 
     @contextlib.contextmanager
     def _failing_as_group(self) -> Iterator[None]:
@@ -173,14 +233,15 @@ class TPExecutor:
         """Stop the followers and leave the group; safe to call in any state, twice."""
         import ray
 
-        if self.state is TPState.RUNNING and self._channel is not None:
-            self._watchdog.watch({}, may_return=True)
-            with contextlib.suppress(Exception):
-                self._channel.publish_shutdown()
-                ray.get(list(self._run_futures.values()), timeout=self.options.collective_timeout_s)
-        if self.state is not TPState.FAILED:
-            self.state = TPState.SHUT_DOWN
-        self._teardown()
+        with self._lock:
+            if self.state is TPState.RUNNING and self._channel is not None:
+                self._watchdog.watch({}, may_return=True)
+                with contextlib.suppress(Exception):
+                    self._channel.publish_shutdown()
+                    ray.get(list(self._run_futures.values()), timeout=self.options.collective_timeout_s)
+            if self.state is not TPState.FAILED:
+                self.state = TPState.SHUT_DOWN
+            self._teardown()
 
     def _teardown(self) -> None:
         self._watchdog.stop()

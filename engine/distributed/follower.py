@@ -2,9 +2,11 @@
 
     start()     join the process group, build this rank's ModelRunner (loads only its slices,
                 agrees on the KV block count with every rank); returns the block count
-    run_loop()  until SHUTDOWN: receive StepInputs from rank 0 -> runner.forward ->
+    run_loop()  until SHUTDOWN: receive a message from rank 0. STEP: runner.forward ->
                 runner.compute_logits (the LM head's all-gather is a collective every rank
-                joins); the logits are dropped (rank 0 samples); returns the steps run
+                joins); the logits are dropped (rank 0 samples). KV_READ / KV_WRITE: send
+                rank 0 this rank's heads of the blocks, or store the heads it sends
+                (engine.distributed.kv_ops). Returns the steps run
 
 Hazards: `run_loop` blocks for the actor's life, so no other call reaches the actor meanwhile
 (Ray is used only to start, stop and watch it). A follower never times out while the leader is
@@ -20,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.kv_ops import follower_serve
+from engine.distributed.parallel_state import TPGroup
 from engine.distributed.process_group import destroy_tp_group, init_tp_group
 from engine.distributed.step_channel import MessageKind, StepChannel
 
@@ -47,6 +51,7 @@ class TPFollower:
         self.spec = spec
         self.runner: ModelRunner | None = None
         self.channel: StepChannel | None = None
+        self.tp = TPGroup()
 
     def gpu_ids(self) -> list[int]:
         """Physical GPU ids Ray gave this actor (empty on CPU)."""
@@ -56,6 +61,12 @@ class TPFollower:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (placement checks)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     def _device(self) -> torch.device:
         if self.spec.config.resolved_device().type == "cuda":
@@ -67,7 +78,8 @@ class TPFollower:
         from engine.runner.model_runner import ModelRunner
 
         s, device = self.spec, self._device()
-        tp = init_tp_group(s.rank, s.size, s.store_port, device, s.collective_timeout_s, s.control_timeout_s)
+        tp = self.tp = init_tp_group(s.rank, s.size, s.store_port, device, s.collective_timeout_s,
+                                     s.control_timeout_s)
         torch.manual_seed(s.config.seed)
         runner = self.runner = ModelRunner(s.config, s.model_config, s.model_path, s.max_model_len, device,
                                            show_progress=False)
@@ -82,6 +94,9 @@ class TPFollower:
                 message = self.channel.receive()
                 if message.kind is MessageKind.SHUTDOWN:
                     return steps
+                if message.kv is not None:
+                    follower_serve(self.tp, self.runner.kv_cache, message.kv, self.spec.model_config.num_kv_heads)
+                    continue
                 assert message.inputs is not None
                 self.runner.compute_logits(self.runner.forward(message.inputs))
                 steps += 1

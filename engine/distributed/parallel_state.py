@@ -12,6 +12,7 @@ one TP group of size > 1 at a time (torch.distributed's default group is process
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +26,22 @@ class TPGroup:
     group: dist.ProcessGroup | None = None
     cpu_group: dist.ProcessGroup | None = None
     control_timeout_s: float = 600.0  # bounds the leader's waits on `cpu_group`
+    # engine.distributed.fast_allreduce installs these (every rank alike) before the model is built
+    fast_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # with .fits(x)
+    skip_all_reduce: bool = False  # measurement only: partial sums stay partial
 
     @property
     def is_leader(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` across ranks in place and return it."""
-        if self.size == 1:
+        """The sum of `x` across ranks: `x` itself summed in place (NCCL, gloo), or a new tensor
+        (the one-shot kernel for small messages); callers use the return value."""
+        if self.size == 1 or self.skip_all_reduce:
             return x
+        fast = self.fast_all_reduce
+        if fast is not None and fast.fits(x):  # type: ignore[attr-defined]
+            return fast(x)
         dist.all_reduce(x, group=self.group)
         return x
 

@@ -1,6 +1,11 @@
 """Ray plumbing for a TP group: a local Ray instance when none is running, one STRICT_PACK
 placement group per group (bundle r for rank r), one follower actor per rank >= 1.
 
+The placement group is this module's own (`placement_group`, removed at teardown), or, for a
+pool worker that a launcher already placed in bundle 0 of a group reserved for its ranks, that
+group (`current_placement`: followers take bundles 1.. with exactly their resources; the
+launcher owns and removes it).
+
 Ray is used to start, stop and watch followers only; step traffic goes through
 torch.distributed (engine.distributed.step_channel).
 """
@@ -9,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,13 +41,47 @@ def ensure_ray() -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
 
 
+class GroupPlacement(NamedTuple):
+    pg: Any
+    bundles: list[dict[str, float]]  # bundles[r]: rank r's resources
+    owned: bool  # created for this group: removed at teardown
+
+
+def group_placement(size: int, use_gpu: bool, timeout_s: float, use_current: bool) -> GroupPlacement:
+    """Where the ranks go: the current placement group (`use_current` and there is one), else a
+    new one. Raises EngineConfigError if the cluster or the current group cannot hold them."""
+    current = current_placement(size, use_gpu) if use_current else None
+    if current is not None:
+        return current
+    return GroupPlacement(placement_group(size, use_gpu, timeout_s), [_bundle(use_gpu)] * size, True)
+
+
+def current_placement(size: int, use_gpu: bool) -> GroupPlacement | None:
+    """The placement group this process (a Ray actor in bundle 0) runs in; None outside one."""
+    from ray.util import get_current_placement_group
+
+    pg = get_current_placement_group()
+    if pg is None:
+        return None
+    bundles = [dict(b) for b in pg.bundle_specs]
+    if len(bundles) < size or (use_gpu and any(b.get("GPU", 0.0) < 1.0 for b in bundles[:size])):
+        raise EngineConfigError(
+            f"tensor_parallel_size: {size} ranks{' (a GPU each)' if use_gpu else ''} do not fit the "
+            f"placement group this worker runs in (bundles {bundles})"
+        )
+    return GroupPlacement(pg, bundles[:size], False)
+
+
+def _bundle(use_gpu: bool) -> dict[str, float]:
+    return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
+
+
 def placement_group(size: int, use_gpu: bool, timeout_s: float) -> Any:
     """One bundle per rank on one node; raises EngineConfigError if the cluster cannot hold it."""
     import ray
     from ray.util.placement_group import placement_group as make_pg
 
-    bundle = {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
-    pg = make_pg([dict(bundle) for _ in range(size)], strategy="STRICT_PACK")
+    pg = make_pg([_bundle(use_gpu) for _ in range(size)], strategy="STRICT_PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         ray.util.remove_placement_group(pg)
@@ -53,15 +92,18 @@ def placement_group(size: int, use_gpu: bool, timeout_s: float) -> Any:
     return pg
 
 
-def spawn_follower(pg: Any, rank: int, use_gpu: bool, spec: Any) -> Any:
+def spawn_follower(pg: Any, rank: int, bundle: dict[str, float], spec: Any) -> Any:
+    """Rank `rank`'s actor in bundle `rank` of `pg`, asking for exactly `bundle` (less node pins)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from engine.distributed.follower import TPFollower
 
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU") and not k.startswith("node:")}
     cls = ray.remote(TPFollower)
     return cls.options(
-        num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=0, max_task_retries=0,
+        num_cpus=bundle.get("CPU", 0.0), num_gpus=bundle.get("GPU", 0.0), resources=custom,
+        max_restarts=0, max_task_retries=0,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
     ).remote(spec)
 

@@ -1,11 +1,18 @@
-"""The leader's per-step message to its followers: a StepInputs, or the order to stop.
+"""The leader's messages to its followers: a step's StepInputs, a KV op, or the order to stop.
 
-Wire format (gloo broadcasts over the TP group's CPU group, rank 0 the source):
+Transport: on one x86-64 host (every TP group: its ranks are packed on one node) messages go
+through a shared-memory broadcast (engine.distributed.shm_channel) that the first message sets
+up with one gloo handshake; otherwise (or if the mapping fails on any rank) each message is a
+gloo broadcast over the TP group's CPU group, rank 0 the source.
+
+Wire format:
     header  int64[8]: kind, num_tokens T, num_seqs B, block table width W, num_sampled S,
                       decode_only, step number, payload length
     payload int64[3T + (B + 1) + B + B*W + S]: input_ids | positions | slot_mapping |
                       query_start_loc | seq_lens | block_tables (row-major) | sample_indices
-Two collectives per step whatever the batch: never one per layer, request or token. The tensors
+    KV ops  header: KV_READ | KV_WRITE, num_blocks n, h0, h1, l0, l1, op sequence number, n;
+            payload int64[n]: block ids (the KV bytes move on the model group: kv_ops)
+Two messages per step whatever the batch: never one per layer, request or token. The tensors
 are the runner's flat step inputs (block ids and counts), not requests.
 
 Hazard: followers wait on `receive()` for as long as the leader is idle (the CPU group's timeout
@@ -16,26 +23,37 @@ hangs instead of receiving fails the leader's step rather than stalling it.
 from __future__ import annotations
 
 import enum
+import logging
+import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from engine.distributed import shm_channel
+from engine.distributed.kv_ops import KVOp
 from engine.distributed.parallel_state import TPGroup, wait_bounded
 from engine.runner.inputs import StepInputs
 
+log = logging.getLogger(__name__)
+
 HEADER_LEN = 8
+SHM_DATA_BYTES = 8 << 20  # one part of a message; larger messages go in several parts
+PATH_BYTES = 512
 
 
 class MessageKind(enum.IntEnum):
     STEP = 1
     SHUTDOWN = 2
+    KV_READ = 3  # a whole-group KV block read (engine.distributed.kv_ops)
+    KV_WRITE = 4
 
 
 class StepMessage(NamedTuple):
     kind: MessageKind
-    step: int
-    inputs: StepInputs | None  # None for SHUTDOWN
+    step: int  # the step number, or the KV op's sequence number
+    inputs: StepInputs | None  # None for SHUTDOWN and KV ops
+    kv: KVOp | None = None  # the KV op of KV_READ / KV_WRITE
 
 
 def pack(inputs: StepInputs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,21 +79,99 @@ def unpack(header: list[int], payload: torch.Tensor) -> StepInputs:
     )
 
 
+def pack_kv(op: KVOp, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header, payload) of a KV op: header kind, n, h0, h1, l0, l1, seq, n; payload the n block ids."""
+    kind = MessageKind.KV_WRITE if op.write else MessageKind.KV_READ
+    n = len(op.block_ids)
+    header = torch.tensor([kind, n, *op.heads, *op.layers, seq, n], dtype=torch.int64)
+    return header, torch.tensor(op.block_ids, dtype=torch.int64)
+
+
+def unpack_kv(header: list[int], payload: torch.Tensor) -> KVOp:
+    kind, _, h0, h1, l0, l1, _, _ = header
+    return KVOp(kind == MessageKind.KV_WRITE, tuple(payload.tolist()), (h0, h1), (l0, l1))
+
+
 class StepChannel:
     """Rank 0 publishes; every other rank receives, in the same order."""
 
-    def __init__(self, tp: TPGroup, timeout_s: float) -> None:
+    def __init__(self, tp: TPGroup, timeout_s: float, shared_memory: bool | None = None) -> None:
         assert tp.size > 1 and tp.cpu_group is not None
         self.tp = tp
         self.timeout_s = timeout_s
+        if shared_memory is None:
+            shared_memory = shm_channel.supported() and os.environ.get("TANDEM_STEP_CHANNEL", "shm") == "shm"
+        self._want_shm = shared_memory
+        self._connected = False
+        self._shm: shm_channel.ShmBroadcast | None = None
 
-    def _broadcast(self, t: torch.Tensor) -> None:
+    @property
+    def transport(self) -> str:
+        """"shm" or "gloo" once the first message went through; "unconnected" before."""
+        if not self._connected:
+            return "unconnected"
+        return "shm" if self._shm is not None else "gloo"
+
+    def _gloo_broadcast(self, t: torch.Tensor) -> None:
         work = dist.broadcast(t, src=0, group=self.tp.cpu_group, async_op=True)
         wait_bounded(work, self.timeout_s if self.tp.is_leader else None)
+
+    def _connect(self) -> None:
+        """First message, every rank: agree on shared memory (all ranks mapped it) or gloo."""
+        self._connected = True
+        if not self._want_shm:
+            return
+        shm: shm_channel.ShmBroadcast | None = None
+        path = torch.zeros(PATH_BYTES, dtype=torch.uint8)
+        if self.tp.is_leader:
+            try:
+                shm = shm_channel.ShmBroadcast.create(self.tp.size - 1, SHM_DATA_BYTES)
+                encoded = shm.path.encode()
+                path[: len(encoded)] = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+            except OSError as err:
+                log.warning("step channel: no shared memory (%s); using gloo", err)
+        self._gloo_broadcast(path)
+        name = bytes(path.tolist()).rstrip(b"\0").decode()
+        if not self.tp.is_leader and name:
+            try:
+                shm = shm_channel.ShmBroadcast.attach(name, self.tp.size - 1, self.tp.rank - 1)
+            except OSError as err:
+                log.warning("step channel: rank %d cannot map %s (%s); using gloo", self.tp.rank, name, err)
+        ok = torch.tensor([int(shm is not None)], dtype=torch.int64)
+        work = dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.tp.cpu_group, async_op=True)
+        wait_bounded(work, self.timeout_s if self.tp.is_leader else None)
+        if shm is not None and self.tp.is_leader:
+            shm.unlink()
+        if shm is not None and not int(ok.item()):
+            shm.close()
+            shm = None
+        self._shm = shm
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        """Rank 0's contiguous CPU tensor `t` lands in every follower's `t` (same size)."""
+        if not self._connected:
+            self._connect()
+        if self._shm is None:
+            self._gloo_broadcast(t)
+        elif self.tp.is_leader:
+            self._shm.send(t.numpy(), self.timeout_s)
+        else:
+            self._shm.recv_into(t.numpy())
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
     def publish(self, inputs: StepInputs, step: int) -> None:
         """Leader only. Raises RuntimeError if a follower does not take it within `timeout_s`."""
         header, payload = pack(inputs, step)
+        self._broadcast(header)
+        self._broadcast(payload)
+
+    def publish_kv(self, op: KVOp, seq: int) -> None:
+        """Leader only: a KV read or write every follower joins (block ids must not be empty)."""
+        header, payload = pack_kv(op, seq)
         self._broadcast(header)
         self._broadcast(payload)
 
@@ -94,4 +190,6 @@ class StepChannel:
             return StepMessage(kind, header[6], None)
         payload = torch.empty(header[7], dtype=torch.int64)
         self._broadcast(payload)
+        if kind in (MessageKind.KV_READ, MessageKind.KV_WRITE):
+            return StepMessage(kind, header[6], None, unpack_kv(header, payload))
         return StepMessage(kind, header[6], unpack(header, payload))

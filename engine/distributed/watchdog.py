@@ -61,8 +61,8 @@ class FollowerWatchdog:
         while not self._stop.wait(self.poll_s) and self._failure is None:
             failure = self.check(0.0) or self._overdue()
             if failure is not None:
+                abort_groups()  # first: whoever sees the failure may tear the groups down at once
                 self._failure = failure
-                abort_groups()
 
     def _overdue(self) -> Failure | None:
         started = self._step_started

@@ -21,7 +21,7 @@ import torch
 
 from engine.attention.select import get_attention_backend
 from engine.config import EngineConfig, ModelConfig, resolve_dtype
-from engine.distributed import get_tp_group
+from engine.distributed import fast_allreduce, get_tp_group
 from engine.models.llama import ForwardContext
 from engine.models.registry import model_class
 from engine.runner.cuda_graphs import DecodeGraphs
@@ -54,6 +54,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_cfg.torch_dtype)
         self.block_size = engine.block_size
         self.max_model_len = max_model_len
+        # Collective on a TP group (every rank builds its runner in the same order); layers read
+        # the group when they are built, so this comes first.
+        self.all_reduce_mode = fast_allreduce.install(engine.tp_all_reduce, device)
         self.model = self._load_model(show_progress)
         self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads
         self.bytes_per_block = block_bytes(model_cfg, self.num_kv_heads_local, self.block_size, self.dtype)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU-host call (nvidia-h200-x2) for every figure issues 4 and 5 still owe, in order of
+# value, each step bounded by its own timeout so a slow or hung step costs only its share:
+#   1. bench/allreduce.py   NCCL vs one-shot all-reduce latency in CUDA graphs
+#   2. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, and the no-collective ablation):
+#                           bf16 greedy equality (16 tokens x 8 prompts), speedups, all-reduce share
+#   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT; NCCL-path token equality
+#   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
+#   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
+# Everything a step prints goes to $OUT/run.log (appended, never piped through tail: a killed
+# step keeps what it printed); each bench writes its own JSON to $OUT. About 9 minutes in all.
+#
+#   device run: mkdir -p /tmp/t && tar ... (see docs/BENCHMARKS.md) && bash bench/gpu_session.sh
+source bench/gpu_env.sh
+LOG=$OUT/run.log
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  echo "=== $name: rc=$? ($(date -u +%T))" | tee -a "$LOG"
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
+step allreduce 90 python3 bench/allreduce.py
+step tp 240 python3 bench/tp.py --decode-steps 30 --variants auto,skip
+step kv_ttft 120 python3 bench/kv_ttft.py
+step tier_prefix 60 python3 bench/tier_prefix.py
+step kvtransfer 60 python3 bench/kvtransfer.py
+grep -v -E "Warning|warn\(|logging.cc|^\s*@|^\s*$" "$LOG" | tail -80

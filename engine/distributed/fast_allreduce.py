@@ -1,0 +1,99 @@
+"""Small all-reduces for TP decode: a one-shot kernel over symmetric memory instead of NCCL.
+
+A decode step at batch 1 issues two all-reduces per layer of one row of `hidden` (8 KiB for
+Llama-3-8B). NCCL's ring/tree machinery costs several microseconds of latency each; the
+one-shot kernel (`torch.ops.symm_mem.one_shot_all_reduce_copy_out`) copies the local partial
+sum into a buffer every rank has mapped (CUDA IPC over NVLink), meets its peers at a barrier
+on signal pads, and reads and sums every rank's buffer directly: one kernel, no proxy thread,
+and it is CUDA-graph safe (the barrier lives in device memory).
+
+Messages above `max_bytes` (prefill) go to NCCL, which is bandwidth-optimal there.
+
+Set-up (`install`) is collective over the TP group: every rank allocates and rendezvouses the
+buffer in the same order (ModelRunner calls it before building the model, on every rank), runs
+a self-test against a known sum, and the ranks agree (NCCL MIN) on using it; any failure on any
+rank falls back to NCCL everywhere with a warning.
+
+Hazard: NVLink multicast stays off (`TORCH_SYMM_MEM_DISABLE_MULTICAST=1`, see ARCHITECTURE.md);
+the one-shot kernel does not need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+from engine.distributed.parallel_state import TPGroup, get_tp_group, set_tp_group
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "nccl", "symm_mem", "skip")
+DEFAULT_MAX_BYTES = 1 << 20  # up to 128 rows of a 4096-wide bf16 hidden state
+
+
+class SymmMemAllReduce:
+    """Rank-local handle: a symmetric buffer of `max_bytes` and the group it is mapped in."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, max_bytes: int) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        self.group_name = group.group_name
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:
+            enable(self.group_name)
+        self.max_bytes = max_bytes
+        self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+        symm_mem.rendezvous(self.buffer, self.group_name)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.numel() * x.element_size() <= self.max_bytes and x.is_contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        symm = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
+        out = torch.empty_like(x)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name, out)
+
+
+def _self_test(fast: SymmMemAllReduce, tp: TPGroup, device: torch.device) -> bool:
+    x = torch.full((3, 1000), float(tp.rank + 1), dtype=torch.bfloat16, device=device)
+    y = fast(x)
+    torch.cuda.synchronize(device)
+    return bool(torch.all(y == float(tp.size * (tp.size + 1) // 2)).item())
+
+
+def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """Give the process's TP group its all-reduce for `mode`; returns the mode in effect.
+
+    Collective when the group has more than one rank: call on every rank in the same order."""
+    tp = get_tp_group()
+    if mode not in MODES:
+        raise ValueError(f"tp_all_reduce: {mode!r} is not one of {MODES}")
+    if tp.size == 1:
+        return "none"
+    if mode == "skip":
+        log.warning("tp_all_reduce='skip': ranks do not sum partial results; outputs are wrong "
+                    "(measurement only)")
+        set_tp_group(dataclasses.replace(tp, skip_all_reduce=True))
+        return "skip"
+    if mode == "nccl" or device.type != "cuda":
+        return "nccl" if device.type == "cuda" else "gloo"
+    fast: SymmMemAllReduce | None = None
+    try:
+        fast = SymmMemAllReduce(tp.group, device, max_bytes)  # type: ignore[arg-type]
+        ok = _self_test(fast, tp, device)
+    except Exception as err:  # noqa: BLE001 - any failure means: use NCCL, on every rank
+        log.warning("symmetric-memory all-reduce unavailable on rank %d: %s", tp.rank, err)
+        ok = False
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
+    if not int(flag.item()):
+        if mode == "symm_mem":
+            raise RuntimeError("tp_all_reduce='symm_mem' was asked for but is unavailable on some rank")
+        return "nccl"
+    set_tp_group(dataclasses.replace(tp, fast_all_reduce=fast))
+    return "symm_mem"
