@@ -1,7 +1,11 @@
 """What every pool worker shares: an engine on its own thread, its KV cache view, its load
 snapshot (the heartbeat), its cost model calibrated at start, and its Prometheus metrics served
 on `metrics_host:metrics_port` (0: any free port; None: not served). Decode and colocated
-workers import this too."""
+workers import this too.
+
+With `tensor_parallel_size > 1` the worker is rank 0 of a TP group: its followers take bundles
+1.. of the placement group the launcher put this actor in (bundle 0), and its KV view is the
+whole group's (kvtransfer.tp_view: every KV head, one TP = 1 layout to every transport)."""
 
 from __future__ import annotations
 
@@ -42,10 +46,8 @@ class WorkerCore:
     ) -> None:
         self.tier_store: Any = None  # a kvtransfer TieredStore once attach_tiers ran
         self.worker_id = worker_id
-        self.engine = LLMEngine(EngineConfig(**engine_kwargs), show_progress=False)
-        runner = self.engine.runner
-        cfg = self.engine.model_config
-        self.view = KVCacheView(runner.kv_cache, TPLayout(0, 1, cfg.num_kv_heads))
+        self.engine = _build_engine(EngineConfig(**engine_kwargs))
+        self.view = _kv_view(self.engine)
         self.transport = transport
         self._on_output = on_output
         self.aengine = AsyncEngine(self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate)
@@ -141,6 +143,24 @@ class WorkerCore:
         self.engine.shutdown()
 
 
+def _build_engine(config: EngineConfig) -> LLMEngine:
+    if config.tensor_parallel_size == 1:
+        return LLMEngine(config, show_progress=False)
+    from engine.distributed.executor import TPOptions
+
+    return LLMEngine(config, show_progress=False, tp_options=TPOptions(use_current_placement_group=True))
+
+
+def _kv_view(engine: LLMEngine) -> KVCacheView:
+    """Rank 0's cache at TP = 1; at TP > 1 a view of every rank's (whole-group collectives)."""
+    num_kv_heads = engine.model_config.num_kv_heads
+    if engine.tp is None:
+        return KVCacheView(engine.runner.kv_cache, TPLayout(0, 1, num_kv_heads))
+    from kvtransfer.tp_view import TPGroupKVView
+
+    return TPGroupKVView(engine.runner.kv_cache, engine.tp, engine.tp.size, num_kv_heads)
+
+
 class PoolWorker:
     """The actor methods every pool worker answers the same way, from its `core`."""
 
@@ -160,6 +180,11 @@ class PoolWorker:
         import ray
 
         return str(ray.get_runtime_context().get_node_id())
+
+    async def rank_node_ids(self) -> list[str]:
+        """The Ray node of every TP rank, rank order (placement checks)."""
+        tp = self.core.engine.tp
+        return [await self.node_id(), *(tp.follower_node_ids if tp is not None else [])]
 
     async def info(self) -> dict[str, Any]:
         return self.core.info()

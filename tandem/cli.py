@@ -61,7 +61,7 @@ def serve(
     num_prefill: Annotated[int | None, typer.Option(min=1, help="Prefill workers (default: 1, or half the GPUs).")] = None,
     num_decode: Annotated[int | None, typer.Option(min=1, help="Decode workers (default: 1, or the other GPUs).")] = None,
     num_colocated: Annotated[int | None, typer.Option(min=1, help="Colocated workers (--mode colocated).")] = None,
-    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="TP ranks per worker (only 1 is wired today).")] = 1,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="TP ranks per worker (one GPU each on CUDA); KV moves over grpc when > 1.")] = 1,
     host: Annotated[str, typer.Option(help="The router's bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="The router's port (0: any free port).")] = 50051,
     device: Annotated[Device, typer.Option(help="Where workers run (auto: one GPU each when present).")] = Device.auto,

@@ -3,11 +3,16 @@
 `LocalCluster` is what `tandem serve`, `make demo` and the cluster tests run: a local Ray
 instance (or the one this process joined), one actor per worker, and the asyncio gRPC router
 in this process. Every server of ours binds 127.0.0.1 unless told otherwise.
+
+A worker with `tensor_parallel_size > 1` gets a STRICT_PACK placement group of one bundle per
+rank; its actor (rank 0) sits in bundle 0 and starts its followers in the others. `stop()`
+removes the groups (the followers die with their rank 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +27,8 @@ from router.worker_api import (
     PrefillResult,
     StepOutput,
 )
+
+PLACEMENT_TIMEOUT_S = 120.0  # a TP worker's group of bundles must be placed within this
 
 
 class RayWorker:
@@ -63,6 +70,8 @@ class ClusterConfig:
     host: str = "127.0.0.1"
     port: int = 0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # pool -> engine kwargs over `engine_kwargs` for that pool's workers, e.g. a TP size per pool
+    pool_engine_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     calibrate: bool = True
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
@@ -85,6 +94,7 @@ class LocalCluster:
         self.server: RouterServer | None = None
         self.info: dict[str, Any] = {}
         self._kv_groups: dict[str, Any] = {}
+        self._placement_groups: list[Any] = []  # one per TP > 1 worker
         self.metrics_targets: dict[str, str] = {}  # "router" or worker id -> "host:port"
         self.sd_path: str | None = None
 
@@ -95,8 +105,6 @@ class LocalCluster:
             return
         if c.kv_transport != "p2p":
             raise ValueError(f"kv_transport: {c.kv_transport!r} is not 'grpc' or 'p2p'")
-        if int(c.engine_kwargs.get("tensor_parallel_size", 1)) > 1:
-            raise ValueError("kv_transport: 'p2p' with tensor_parallel_size > 1 is not supported yet; use 'grpc'")
         from kvtransfer.pool_link import KVGroupSpec
 
         port = _free_port(c.host)
@@ -112,10 +120,30 @@ class LocalCluster:
             (f"decode-{i}", "decode") for i in range(c.num_decode)
         ]
 
+    def _engine_kwargs(self, pool: str) -> dict[str, Any]:
+        c = self.config
+        return {"model": c.model, **c.engine_kwargs, **c.pool_engine_kwargs.get(pool, {})}
+
+    def _tp_size(self, pool: str) -> int:
+        return int(self._engine_kwargs(pool).get("tensor_parallel_size", 1))
+
+    def _placement(self, pool: str) -> dict[str, Any]:
+        """Ray options placing a worker of `pool`: bundle 0 of a new group at TP > 1."""
+        size = self._tp_size(pool)
+        if size == 1:
+            return {}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from engine.distributed.ray_launch import placement_group
+
+        pg = placement_group(size, self.config.use_gpus, PLACEMENT_TIMEOUT_S)
+        self._placement_groups.append(pg)
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
+
     def _spawn(self, worker_id: str, pool: str) -> Any:
         c = self.config
         kwargs: dict[str, Any] = {"worker_id": worker_id, "calibrate": c.calibrate,
-                                  "engine_kwargs": {"model": c.model, **c.engine_kwargs}}
+                                  "engine_kwargs": self._engine_kwargs(pool)}
         if pool == "prefill":
             kwargs |= {"host": c.host, "lease_s": c.lease_s}
         if pool == "decode":
@@ -126,7 +154,7 @@ class LocalCluster:
         from tandem.actors import create_worker_actor  # shared with tandem.launch
 
         return create_worker_actor(pool, kwargs, name=f"tandem-{worker_id}", num_cpus=1,
-                                   num_gpus=1 if c.use_gpus else 0)
+                                   num_gpus=1 if c.use_gpus else 0, **self._placement(pool))
 
     async def start(self) -> str:
         """Start the actors and the router; returns the router's address."""
@@ -192,6 +220,10 @@ class LocalCluster:
             except Exception:  # already dead
                 pass
         self.actors.clear()
+        for pg in self._placement_groups:
+            with contextlib.suppress(Exception):  # Ray already shut down
+                ray.util.remove_placement_group(pg)
+        self._placement_groups.clear()
 
 
 def _free_port(host: str) -> int:

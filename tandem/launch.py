@@ -1,18 +1,18 @@
 """`tandem launch` / `tandem down`: a Tandem cluster on an existing Ray cluster, from a spec.
 
 launch(spec_path, address) stages, each failing with a typed error that names a field:
-  1. validate the spec (`SpecError`) and refuse what the workers cannot do yet (`LaunchError`);
-     nothing has contacted Ray at this point;
+  1. validate the spec (`SpecError`); nothing has contacted Ray at this point;
   2. join Ray (`ray.init(address=..., namespace=spec.ray.namespace)`), refuse a cluster without
      token auth when `ray.require_token_auth`, plan from `ray.nodes()` (`PlacementError`);
   3. per worker (a TP group): a detached STRICT_PACK placement group of the plan's pinned bundles,
-     then its detached, named actor in bundle 0; wait until every worker loaded its model;
+     then its detached, named actor in bundle 0, which starts its TP followers in bundles 1..
+     (they share its fate); wait until every worker loaded its model;
   4. the router: a detached async actor pinned to the head node (`tandem.router_actor`), which
      binds `router.host:router.port` and registers the workers;
   5. write the Prometheus file-SD list to `metrics.service_discovery_file`.
 A failure after stage 3 began tears down what was created (the same path as `down`), so a
-failed launch leaves nothing behind. KV moves over gRPC: where the plan chose NCCL, launch says
-so and uses gRPC (pool workers wire NCCL only inside `LocalCluster` so far).
+failed launch leaves nothing behind. KV moves over NCCL when every planned prefill -> decode link
+is NCCL (one KV group over the workers' rank 0s, `kv_groups`), over gRPC otherwise.
 
 Hazard: several Ray nodes on one IP (a simulated cluster) would collide on the plan's per-node
 metrics ports; launch then binds any free port and writes the bound targets to the file-SD list.
@@ -32,7 +32,6 @@ from tandem.launch_config import (
     kv_groups,
     kv_transport_notes,
     router_config,
-    unsupported,
     worker_kwargs,
 )
 from tandem.placement import ClusterPlan, WorkerPlan, nodes_from_ray, plan_cluster
@@ -62,9 +61,6 @@ class DownResult:
 def launch(spec_path: str, address: str | None = None, *, timeout_s: float = 600.0,
            say: Say = log.info) -> LaunchResult:
     spec = load_spec(spec_path)
-    problem = unsupported(spec)
-    if problem is not None:
-        raise problem
     connect(spec, address)
     check_token_auth(spec)
     nodes = nodes_from_ray(_ray().nodes())

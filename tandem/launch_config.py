@@ -1,11 +1,12 @@
 """What `tandem launch` hands each process, derived from the spec and the placement plan. Pure:
 no Ray calls, so every mapping here is unit-testable without a cluster.
 
-- `unsupported(spec)`: spec features the processes do not implement yet, as a `LaunchError`
-  naming the field (checked before anything starts).
 - `worker_kwargs(spec, plan, worker, ...)`: the constructor arguments of one worker actor.
 - `router_config(spec, plan, info, ...)`: the router's `RouterConfig`.
 - `kv_transport_notes(plan)`: one line per KV link whose planned transport is not what runs.
+
+A TP > 1 worker's placement group (one bundle per rank, `WorkerPlan.pinned_bundles`) holds its
+rank 0 actor in bundle 0; rank 0 starts its followers in the other bundles itself.
 """
 
 from __future__ import annotations
@@ -31,18 +32,6 @@ class LaunchError(TandemError, ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-def unsupported(spec: ClusterSpec) -> LaunchError | None:
-    """The first spec setting the workers or the router cannot honour yet, or None."""
-    for role, pool in spec.pools.items():
-        if pool.tensor_parallel_size > 1:
-            return LaunchError(
-                f"pools.{role.value}.tensor_parallel_size",
-                f"{pool.tensor_parallel_size}: tensor parallelism inside pool workers is not wired "
-                "yet (a worker's KV cache view and transfers cover one rank); use 1",
-            )
-    return None
 
 
 def pool_of(spec: ClusterSpec, role: PoolRole) -> Any:
@@ -128,7 +117,8 @@ def router_config(spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fi
 
 def kv_transport_notes(plan: ClusterPlan) -> list[str]:
     """A line per link whose planned transport is not the one that runs: a plan that mixes NCCL
-    and gRPC links runs gRPC everywhere (one KV group per cluster today)."""
+    and gRPC links runs gRPC everywhere (one KV group per cluster today). A TP > 1 worker joins
+    the KV group with its rank 0, which moves the whole group's KV (kvtransfer.tp_view)."""
     transports = {link.transport for link in plan.kv_links}
     if len(transports) < 2:
         return []

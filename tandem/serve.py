@@ -56,14 +56,12 @@ def gpu_count(device: str) -> int:
 
 
 def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
-    if o.tensor_parallel_size > 1:
-        raise ServeError("--tensor-parallel-size", f"{o.tensor_parallel_size}: tensor parallelism "
-                         "inside pool workers is not wired yet; use 1")
     if o.device == "cuda" and num_gpus == 0:
         raise ServeError("--device", "cuda asked for, but no CUDA GPU is visible")
     use_gpus = num_gpus > 0
     counts = _worker_counts(o, num_gpus)
-    engine_kwargs = {"device": "cuda" if use_gpus else "cpu", "dtype": o.dtype, **o.extra_engine_kwargs}
+    engine_kwargs = {"device": "cuda" if use_gpus else "cpu", "dtype": o.dtype,
+                     "tensor_parallel_size": o.tensor_parallel_size, **o.extra_engine_kwargs}
     if o.max_model_len is not None:
         engine_kwargs["max_model_len"] = o.max_model_len
     return ClusterConfig(model=o.model, mode=o.mode, use_gpus=use_gpus, host=o.host, port=o.port,
@@ -71,20 +69,25 @@ def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
 
 
 def _worker_counts(o: ServeOptions, num_gpus: int) -> dict[str, Any]:
+    """Workers per pool; on GPUs each worker is a TP group of `tensor_parallel_size` GPUs."""
+    tp = o.tensor_parallel_size
+    groups = num_gpus // tp  # the workers the visible GPUs hold
+    if num_gpus and not groups:
+        raise ServeError("--tensor-parallel-size", f"{tp} GPUs per worker; {num_gpus} visible")
     if o.mode == "colocated":
-        n = o.num_colocated or max(num_gpus, 1)
-        if num_gpus and n > num_gpus:
-            raise ServeError("--num-colocated", f"{n} workers need {n} GPUs; {num_gpus} visible")
+        n = o.num_colocated or max(groups, 1)
+        if num_gpus and n > groups:
+            raise ServeError("--num-colocated", f"{n} workers need {n * tp} GPUs; {num_gpus} visible")
         return {"num_colocated": n}
-    if num_gpus == 1 and (o.num_prefill or 1) + (o.num_decode or 1) > 1:
-        raise ServeError("--mode", "disaggregated needs 2 GPUs (one per worker); 1 is visible: "
-                         "use --mode colocated, or --device cpu")
-    half = max(num_gpus // 2, 1)
+    if groups == 1 and (o.num_prefill or 1) + (o.num_decode or 1) > 1:
+        raise ServeError("--mode", f"disaggregated needs {2 * tp} GPUs ({tp} per worker); {num_gpus} "
+                         "visible: use --mode colocated, or --device cpu")
+    half = max(groups // 2, 1)
     prefill = o.num_prefill or half
-    decode = o.num_decode or max(num_gpus - prefill, 1)
-    if num_gpus and prefill + decode > num_gpus:
+    decode = o.num_decode or max(groups - prefill, 1)
+    if num_gpus and prefill + decode > groups:
         raise ServeError("--num-decode", f"{prefill} prefill + {decode} decode workers need "
-                         f"{prefill + decode} GPUs; {num_gpus} visible")
+                         f"{(prefill + decode) * tp} GPUs; {num_gpus} visible")
     return {"num_prefill": prefill, "num_decode": decode}
 
 

@@ -42,7 +42,6 @@ def test_help_lists_every_command():
 @pytest.mark.parametrize(
     ("args", "flag"),
     [
-        (["serve", "--device", "cpu", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
         (["serve", "--device", "cpu", "--transport", "nccl"], "--transport"),
         (["serve", "--device", "cpu", "--mode", "colocated", "--transport", "nccl"], "--transport"),
     ],
@@ -76,15 +75,6 @@ def test_invalid_spec_fails_naming_the_field(tmp_path):
         result = runner.invoke(app, [command, "--config", str(path), "--address", "127.0.0.1:1"])
         assert result.exit_code == 1, result.output
         assert "pools.decode.tensor_parallel_size" in result.output and "Traceback" not in result.output
-
-
-def test_unsupported_spec_feature_fails_before_ray(tmp_path):
-    spec = yaml.safe_load((REPO / "deploy" / "tandem.yaml").read_text())  # TP 2 and 4
-    path = tmp_path / "tp.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    result = runner.invoke(app, ["launch", "--config", str(path), "--address", "127.0.0.1:1"])
-    assert result.exit_code == 1
-    assert "pools.decode.tensor_parallel_size" in result.output and "not wired" in result.output
 
 
 def test_launch_without_a_ray_cluster_is_one_line():

@@ -12,7 +12,6 @@ from tandem.launch_config import (
     kv_transport_notes,
     router_config,
     slo_classes,
-    unsupported,
     worker_kwargs,
 )
 from tandem.placement import KVTransport, NodeInfo, plan_cluster
@@ -38,17 +37,36 @@ def _nodes() -> list[NodeInfo]:
     return [head, prefill, decode]
 
 
-def test_shipped_multi_gpu_spec_is_refused_for_tensor_parallelism():
-    problem = unsupported(load_spec(REPO / "deploy" / "tandem.yaml"))
-    assert problem is not None and problem.field == "pools.decode.tensor_parallel_size"
-    assert unsupported(load_spec(REPO / "deploy" / "tandem-local.yaml")) is None
+def test_shipped_tensor_parallel_spec_places_each_group_on_its_pool_node():
+    spec = load_spec(REPO / "deploy" / "tandem.yaml")  # prefill TP 2, decode TP 4
+    plan = plan_cluster(spec, _nodes())
+    for worker in plan.workers:
+        pool = spec.pools.prefill if worker.role == PoolRole.PREFILL else spec.pools.decode
+        assert pool is not None and worker.tensor_parallel_size == pool.tensor_parallel_size
+        assert worker.node_ip == ("10.0.0.2" if worker.role == PoolRole.PREFILL else "10.0.0.3")
+        assert all(b[f"node:{worker.node_ip}"] > 0 and b["GPU"] == 1.0 for b in worker.pinned_bundles())
+        assert worker_kwargs(spec, worker, True)["engine_kwargs"]["tensor_parallel_size"] == pool.tensor_parallel_size
+        assert actor_resources(worker)["num_gpus"] == 1.0  # rank 0's bundle only: followers take the rest
+    assert kv_groups(plan, fixed_ports=True, free_port=lambda: 1) == {}  # two nodes, no fabric: gRPC
+
+
+def test_nccl_kv_between_tensor_parallel_workers_joins_their_rank_0s():
+    spec = _gpu_spec(gpu_fabric=True)
+    spec["pools"]["decode"]["tensor_parallel_size"] = 2
+    plan = plan_cluster(parse_spec(spec), _nodes())
+    assert {link.transport for link in plan.kv_links} == {KVTransport.NCCL}  # auto chose it
+    groups = kv_groups(plan, fixed_ports=True, free_port=lambda: 1)
+    kv_workers = [w for w in plan.workers if w.role in (PoolRole.PREFILL, PoolRole.DECODE)]
+    assert sorted(groups) == sorted(w.name for w in kv_workers)  # one member per TP group
+    assert sorted(g.rank for g in groups.values()) == list(range(len(kv_workers)))
+    assert {g.world_size for g in groups.values()} == {len(kv_workers)}
+    assert kv_transport_notes(plan) == []
 
 
 def test_tls_settings_reach_the_router():
     spec = _gpu_spec()
     spec["router"]["tls"] |= {"enabled": True, "cert_file": "/tls/c.crt", "key_file": "/tls/c.key"}
     parsed = parse_spec(spec)
-    assert unsupported(parsed) is None
     config = router_config(parsed, plan_cluster(parsed, _nodes()), INFO, fixed_ports=True)
     assert (config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file) == ("/tls/c.crt", "/tls/c.key", None)
 

@@ -1,6 +1,7 @@
 """`tandem launch` / `tandem down` on a simulated three-node Ray cluster on this machine: a head,
-a prefill node (`tandem_prefill`) and a decode node (`tandem_decode`), CPU only, every process on
-127.0.0.1. The demo model serves end to end with KV moving between the nodes over gRPC."""
+a prefill node (`tandem_prefill`) and a decode node (`tandem_decode`, room for a TP 2 group), CPU
+only, every process on 127.0.0.1. The demo model serves end to end with KV moving between the
+nodes over gRPC, from a TP = 1 prefill worker into a tensor_parallel_size 2 decode group."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def write_spec(path: Path, sd_file: Path, **ray_overrides: object) -> Path:
         },
         "pools": {
             "prefill": {"node_type": "prefill_node", "num_workers": 1, "device": "cpu", "engine": engine},
-            "decode": {"node_type": "decode_node", "num_workers": 1, "device": "cpu", "engine": engine},
+            "decode": {"node_type": "decode_node", "num_workers": 1, "device": "cpu", "engine": engine,
+                       "tensor_parallel_size": 2},
         },
         "kv": {"transport": "auto", "lease_s": 10, "grpc_port_base": 20000, "grpc_ports_per_node": 4},
         "router": {"host": "127.0.0.1", "port": _free_port()},
@@ -64,7 +66,7 @@ def ray_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     nodes = {"head": cluster.head_node}
     nodes["prefill"] = cluster.add_node(num_cpus=1, resources={"tandem_prefill": 1})
-    nodes["decode"] = cluster.add_node(num_cpus=1, resources={"tandem_decode": 1})
+    nodes["decode"] = cluster.add_node(num_cpus=2, resources={"tandem_decode": 2})  # a TP 2 group
     cluster.wait_for_nodes()
     try:
         yield cluster, {role: node.node_id for role, node in nodes.items()}
@@ -76,6 +78,13 @@ def ray_cluster():
         else:
             os.environ[LOOPBACK_SWITCH] = saved[0]
         ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
+def _offline_greedy(prompt: str, n: int) -> list[int]:
+    from engine import LLM, SamplingParams
+
+    llm = LLM("demo", device="cpu", dtype="float32", show_progress=False)
+    return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0].token_ids
 
 
 def _tandem_actors() -> list[str]:
@@ -128,6 +137,11 @@ def test_launch_generate_down_across_nodes(ray_cluster, tmp_path):
         assert placed == {ROUTER_ACTOR_NAME: node_ids["head"], "tandem-prefill-0-rank0": node_ids["prefill"],
                           "tandem-decode-0-rank0": node_ids["decode"]}
         assert sorted(_live_groups()) == ["tandem-decode-0", "tandem-prefill-0"]
+        decode = ray.get_actor("tandem-decode-0-rank0", namespace=NAMESPACE)
+        ranks = ray.get(decode.rank_node_ids.remote(), timeout=30)
+        assert ranks == [node_ids["decode"]] * 2  # the follower took bundle 1 of the launcher's group
+        created = [e for e in ray.util.placement_group_table().values() if e["state"] == "CREATED"]
+        assert len(created) == 2  # the launcher's two: rank 0 made none of its own
 
         with Client(result.endpoint, timeout=60) as client:
             assert client.health() == "SERVING"
@@ -135,6 +149,7 @@ def test_launch_generate_down_across_nodes(ray_cluster, tmp_path):
             for final in client.generate("KV crosses nodes", temperature=0.0, max_tokens=12, ignore_eos=True):
                 tokens.extend(final.token_ids)
             assert len(tokens) == 12 and final.completion_tokens == 12
+            assert tokens == _offline_greedy("KV crosses nodes", 12)  # prefilled on TP 1, decoded on TP 2
             assert final.timings.kv_transfer > 0 and final.timings.prefill > 0  # P -> D over gRPC
             status = client.cluster_status()
             assert sorted((w.worker_id, w.pool) for w in status.workers) == [
