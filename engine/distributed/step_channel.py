@@ -10,6 +10,11 @@ Wire format:
                       decode_only, step number, payload length
     payload int64[3T + (B + 1) + B + B*W + S]: input_ids | positions | slot_mapping |
                       query_start_loc | seq_lens | block_tables (row-major) | sample_indices
+    STEP_DIFF (most decode steps): the same header with kind STEP_DIFF and payload length 2n;
+            payload int64[2n]: n positions of the step payload that changed since the previous
+            step's, then their n new values (block tables and the other rows that did not
+            change are not sent again). Used when the payload's length is unchanged and the diff
+            is the smaller message; both sides keep the previous step's payload.
     KV ops  header: KV_READ | KV_WRITE, num_blocks n, h0, h1, l0, l1, op sequence number, n;
             payload int64[n]: block ids (the KV bytes move on the model group: kv_ops)
 Two messages per step whatever the batch: never one per layer, request or token. The tensors
@@ -47,6 +52,7 @@ class MessageKind(enum.IntEnum):
     SHUTDOWN = 2
     KV_READ = 3  # a whole-group KV block read (engine.distributed.kv_ops)
     KV_WRITE = 4
+    STEP_DIFF = 5  # a step sent as the changes to the previous step's payload
 
 
 class StepMessage(NamedTuple):
@@ -104,6 +110,8 @@ class StepChannel:
         self._want_shm = shared_memory
         self._connected = False
         self._shm: shm_channel.ShmBroadcast | None = None
+        self._last_payload: torch.Tensor | None = None  # the previous step's, on every rank
+        self.num_diff_steps = 0  # steps sent (leader) or received (followers) as a diff
 
     @property
     def transport(self) -> str:
@@ -166,6 +174,12 @@ class StepChannel:
     def publish(self, inputs: StepInputs, step: int) -> None:
         """Leader only. Raises RuntimeError if a follower does not take it within `timeout_s`."""
         header, payload = pack(inputs, step)
+        last, self._last_payload = self._last_payload, payload
+        diff = _diff(last, payload)
+        if diff is not None:
+            header[0], header[7] = MessageKind.STEP_DIFF, diff.numel()
+            payload = diff
+            self.num_diff_steps += 1
         self._broadcast(header)
         self._broadcast(payload)
 
@@ -192,4 +206,27 @@ class StepChannel:
         self._broadcast(payload)
         if kind in (MessageKind.KV_READ, MessageKind.KV_WRITE):
             return StepMessage(kind, header[6], None, unpack_kv(header, payload))
-        return StepMessage(kind, header[6], unpack(header, payload))
+        if kind is MessageKind.STEP_DIFF:
+            assert self._last_payload is not None, "a diff before any full step"
+            payload = _apply_diff(self._last_payload, payload)
+            self.num_diff_steps += 1
+        self._last_payload = payload
+        return StepMessage(MessageKind.STEP, header[6], unpack(header, payload))
+
+
+def _diff(last: torch.Tensor | None, payload: torch.Tensor) -> torch.Tensor | None:
+    """[positions | values] of the words of `payload` that differ from `last`, or None when a
+    full payload is as cheap (different length, or half or more of it changed)."""
+    if last is None or last.numel() != payload.numel():
+        return None
+    changed = (payload != last).nonzero().flatten()
+    if changed.numel() * 2 >= payload.numel():
+        return None
+    return torch.cat([changed, payload[changed]])
+
+
+def _apply_diff(last: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    n = diff.numel() // 2
+    payload = last.clone()
+    payload[diff[:n]] = diff[n:]
+    return payload

@@ -57,6 +57,7 @@ def test_engine_api_and_restart(checkpoints, local_ray):
 
     assert engine.tp is not None and engine.tp._channel is not None
     assert engine.tp._channel.transport == ("shm" if shm_channel.supported() else "gloo")
+    assert engine.tp._channel.num_diff_steps > 0  # decode steps went as diffs of the previous one
     engine.shutdown()
     engine.shutdown()  # idempotent
     assert finished[0].token_ids == _generate(Path(path), 1)[1]
