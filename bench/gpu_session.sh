@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One GPU-host call (nvidia-h200-x2) for every figure issues 4 and 5 still owe, in order of
-# value, each step bounded by its own timeout so a slow or hung step costs only its share:
+# The GPU-host calls (nvidia-h200-x2) for every figure issues 4 and 5 still owe, each step
+# bounded by its own timeout so a slow or hung step costs only its share. Two calls, each
+# under the 10-minute limit of one device call:  `bash bench/gpu_session.sh tp`  (steps 1-2,
+# ~7 min: an 8B engine takes ~2 min to build and capture at TP = 2) and
+# `bash bench/gpu_session.sh kv`  (steps 3-5, ~5 min):
 #   1. bench/allreduce.py   NCCL vs one-shot all-reduce latency in CUDA graphs
 #   2. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, and the no-collective ablation):
 #                           bf16 greedy equality (16 tokens x 8 prompts), speedups, all-reduce share
@@ -8,9 +11,9 @@
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
 # Everything a step prints goes to $OUT/run.log (appended, never piped through tail: a killed
-# step keeps what it printed); each bench writes its own JSON to $OUT. About 9 minutes in all.
-#
-#   device run: mkdir -p /tmp/t && tar ... (see docs/BENCHMARKS.md) && bash bench/gpu_session.sh
+# step keeps what it printed); each bench writes its own JSON to $OUT.
+# Carry `.whl` and `.carry` (bench/gpu_env.sh installs them). Never start a second device call
+# while one runs: the device answers "already running" and the first call's output is lost.
 source bench/gpu_env.sh
 LOG=$OUT/run.log
 step() {
@@ -21,9 +24,13 @@ step() {
   echo "=== $name: rc=$? ($(date -u +%T))" | tee -a "$LOG"
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
-step allreduce 90 python3 bench/allreduce.py
-step tp 240 python3 bench/tp.py --decode-steps 30 --variants auto,skip
-step kv_ttft 120 python3 bench/kv_ttft.py
-step tier_prefix 60 python3 bench/tier_prefix.py
-step kvtransfer 60 python3 bench/kvtransfer.py
+part=${1:-tp}
+if [ "$part" = tp ]; then
+  step allreduce 60 python3 bench/allreduce.py
+  step tp 420 python3 bench/tp.py --decode-steps 30 --variants auto,skip
+else
+  step kv_ttft 150 python3 bench/kv_ttft.py
+  step tier_prefix 90 python3 bench/tier_prefix.py
+  step kvtransfer 90 python3 bench/kvtransfer.py
+fi
 grep -v -E "Warning|warn\(|logging.cc|^\s*@|^\s*$" "$LOG" | tail -80
