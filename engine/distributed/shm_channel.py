@@ -172,11 +172,28 @@ class ShmBroadcast:
             if start >= len(raw):
                 return
 
-    def recv_bytes(self) -> np.ndarray:
-        """Receive a single-part message whose size the reader does not know in advance."""
+    def send_framed(self, message: np.ndarray, timeout_s: float) -> None:
+        """Publish `message` with its byte length in front, for `recv_framed` (one part up to
+        the data region's size, so one hand-over per message in the common case)."""
+        raw = message.reshape(-1).view(np.uint8)
+        framed = np.empty(8 + len(raw), dtype=np.uint8)
+        framed[:8].view(np.int64)[0] = len(raw)
+        framed[8:] = raw
+        self.send(framed, timeout_s)
+
+    def recv_framed(self) -> np.ndarray:
+        """The next message from `send_framed`, as uint8, whatever its size."""
         n = self._next_part()
-        out = self._data[:n].copy()
+        total = int(self._data[:8].view(np.int64)[0])
+        out = np.empty(total, dtype=np.uint8)
+        got = n - 8
+        out[:got] = self._data[8:n]
         self._ack()
+        while got < total:
+            n = self._next_part()
+            out[got:got + n] = self._data[:n]
+            got += n
+            self._ack()
         return out
 
     def _ack(self) -> None:

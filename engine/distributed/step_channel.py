@@ -17,7 +17,8 @@ Wire format:
             is the smaller message; both sides keep the previous step's payload.
     KV ops  header: KV_READ | KV_WRITE, num_blocks n, h0, h1, l0, l1, op sequence number, n;
             payload int64[n]: block ids (the KV bytes move on the model group: kv_ops)
-Two messages per step whatever the batch: never one per layer, request or token. The tensors
+One message per step whatever the batch (shared memory; two broadcasts over gloo): never one
+per layer, request or token. The tensors
 are the runner's flat step inputs (block ids and counts), not requests.
 
 Hazard: followers wait on `receive()` for as long as the leader is idle (the CPU group's timeout
@@ -32,6 +33,7 @@ import logging
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -155,16 +157,31 @@ class StepChannel:
             shm = None
         self._shm = shm
 
-    def _broadcast(self, t: torch.Tensor) -> None:
-        """Rank 0's contiguous CPU tensor `t` lands in every follower's `t` (same size)."""
+    def _send(self, header: torch.Tensor, payload: torch.Tensor) -> None:
+        """Leader: one message (shared memory: header and payload in one hand-over)."""
         if not self._connected:
             self._connect()
         if self._shm is None:
-            self._gloo_broadcast(t)
-        elif self.tp.is_leader:
-            self._shm.send(t.numpy(), self.timeout_s)
+            self._gloo_broadcast(header)
+            if payload.numel():
+                self._gloo_broadcast(payload)
         else:
-            self._shm.recv_into(t.numpy())
+            self._shm.send_framed(torch.cat([header, payload]).numpy(), self.timeout_s)
+
+    def _recv(self) -> tuple[list[int], torch.Tensor]:
+        """Follower: the next (header, payload)."""
+        if not self._connected:
+            self._connect()
+        if self._shm is not None:
+            words = torch.from_numpy(self._shm.recv_framed().view(np.int64))
+            return words[:HEADER_LEN].tolist(), words[HEADER_LEN:]
+        header_t = torch.empty(HEADER_LEN, dtype=torch.int64)
+        self._gloo_broadcast(header_t)
+        header = header_t.tolist()
+        payload = torch.empty(header[7] if header[0] != MessageKind.SHUTDOWN else 0, dtype=torch.int64)
+        if payload.numel():
+            self._gloo_broadcast(payload)
+        return header, payload
 
     def close(self) -> None:
         if self._shm is not None:
@@ -180,30 +197,24 @@ class StepChannel:
             header[0], header[7] = MessageKind.STEP_DIFF, diff.numel()
             payload = diff
             self.num_diff_steps += 1
-        self._broadcast(header)
-        self._broadcast(payload)
+        self._send(header, payload)
 
     def publish_kv(self, op: KVOp, seq: int) -> None:
         """Leader only: a KV read or write every follower joins (block ids must not be empty)."""
         header, payload = pack_kv(op, seq)
-        self._broadcast(header)
-        self._broadcast(payload)
+        self._send(header, payload)
 
     def publish_shutdown(self) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[0] = MessageKind.SHUTDOWN
-        self._broadcast(header)
+        self._send(header, torch.zeros(0, dtype=torch.int64))
 
     def receive(self) -> StepMessage:
         """Follower only: blocks until the leader publishes."""
-        header_t = torch.empty(HEADER_LEN, dtype=torch.int64)
-        self._broadcast(header_t)
-        header = header_t.tolist()
+        header, payload = self._recv()
         kind = MessageKind(header[0])
         if kind is MessageKind.SHUTDOWN:
             return StepMessage(kind, header[6], None)
-        payload = torch.empty(header[7], dtype=torch.int64)
-        self._broadcast(payload)
         if kind in (MessageKind.KV_READ, MessageKind.KV_WRITE):
             return StepMessage(kind, header[6], None, unpack_kv(header, payload))
         if kind is MessageKind.STEP_DIFF:
