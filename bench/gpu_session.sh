@@ -3,13 +3,15 @@
 # bounded by its own timeout so a slow or hung step costs only its share. Two calls, each
 # under the 10-minute limit of one device call:  `bash bench/gpu_session.sh tp`  (steps 1-2,
 # ~7 min: an 8B engine takes ~2 min to build and capture at TP = 2) and
-# `bash bench/gpu_session.sh kv`  (steps 3-5, ~5 min):
+# `bash bench/gpu_session.sh kv`  (steps 3-6, ~7 min):
 #   1. bench/allreduce.py   NCCL vs one-shot all-reduce latency in CUDA graphs
 #   2. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, and the no-collective ablation):
 #                           bf16 greedy equality (16 tokens x 8 prompts), speedups, all-reduce share
 #   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT; NCCL-path token equality
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
+#   6. the multi-GPU tests: the KV group's NCCL rebuild, TP-group KV views over NCCL (incl. a
+#      killed follower, whose NCCL teardown is now bounded)
 # Everything a step prints goes to $OUT/run.log (appended, never piped through tail: a killed
 # step keeps what it printed); each bench writes its own JSON to $OUT.
 # Carry `.whl` and `.carry` (bench/gpu_env.sh installs them). Never start a second device call
@@ -32,5 +34,7 @@ else
   step kv_ttft 150 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py
   step kvtransfer 90 python3 bench/kvtransfer.py
+  step nccl_tests 150 python3 -m pytest -q -m multi_gpu tests/distributed/test_kv_link_nccl.py \
+    tests/distributed/test_tp_kv_view.py --timeout 120 -p no:cacheprovider
 fi
 grep -v -E "Warning|warn\(|logging.cc|^\s*@|^\s*$" "$LOG" | tail -80
