@@ -138,6 +138,9 @@ def workload(cluster: ClusterThread, prom: PrometheusServer) -> tuple[Tally, int
     total = sum(tally.finished.values())
     prom.wait_value("sum(tandem_requests_finished_total)", total)
     prom.wait_value("sum(tandem_kv_transfers_total)", tally.decoded)
+    # The rejections come last in the script: once a scrape holds them, it holds every earlier
+    # router figure too (a scrape between the last finish and the rejects once failed this module).
+    prom.wait_value("sum(tandem_requests_rejected_total)", slo_rejects + invalid)
     return tally, slo_rejects, invalid
 
 
