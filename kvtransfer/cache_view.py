@@ -110,23 +110,21 @@ class KVCacheView:
     def read_rows(self, block_ids: Sequence[int]) -> torch.Tensor:
         """Copy of blocks `block_ids` as rows [n, bytes_per_block] of uint8, each the bytes of one
         block's [L, 2, block_size, h, D] (the tier store's layout): one gather over the cache."""
-        if type(self).read_blocks is not KVCacheView.read_blocks:  # reads go elsewhere (a TP group)
-            blocks = self.read_blocks(block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
-            return blocks.view(torch.uint8).reshape(len(block_ids), -1)
         index = self._index(block_ids, "block_ids")
         rows = _as_words(self.kv_cache).permute(2, 0, 1, 3, 4, 5).index_select(0, index)
         return rows.view(torch.uint8).reshape(len(block_ids), -1)
 
     def write_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
         """Writes rows from `read_rows` (any device) into blocks `block_ids`: one scatter."""
-        if rows.shape != (len(block_ids), self.bytes_per_block()) or rows.dtype != torch.uint8:
-            raise KVLayoutError("rows", f"expected uint8 [{len(block_ids)}, {self.bytes_per_block()}], got {rows.dtype} {tuple(rows.shape)}")
-        blocks = rows.to(self.device, non_blocking=True).view(self.dtype).reshape(len(block_ids), *self.block_shape())
-        if type(self).write_blocks is not KVCacheView.write_blocks:
-            self.write_blocks(block_ids, blocks.permute(1, 2, 0, 3, 4, 5))
-            return
+        blocks = self._blocks_of_rows(block_ids, rows)
         index = self._index(block_ids, "block_ids")
         _as_words(self.kv_cache).permute(2, 0, 1, 3, 4, 5).index_copy_(0, index, _as_words(blocks))
+
+    def _blocks_of_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+        """`rows` checked and viewed as blocks [n, L, 2, block_size, h, D] on this cache's device."""
+        if rows.shape != (len(block_ids), self.bytes_per_block()) or rows.dtype != torch.uint8:
+            raise KVLayoutError("rows", f"expected uint8 [{len(block_ids)}, {self.bytes_per_block()}], got {rows.dtype} {tuple(rows.shape)}")
+        return rows.to(self.device, non_blocking=True).view(self.dtype).reshape(len(block_ids), *self.block_shape())
 
     def check_block_ids(self, block_ids: Sequence[int], field: str) -> None:
         """Raises InvalidBlockIdsError unless every id names a block of this cache (never 0)."""

@@ -75,9 +75,18 @@ class TPGroupKVView(KVCacheView):
         if op.block_ids:
             self.group.write_kv(self.kv_cache, op, data.to(device=self.device, dtype=self.dtype))
 
+    def read_rows(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """KVCacheView.read_rows over every rank's heads (one whole-group read)."""
+        blocks = self.read_blocks(block_ids).permute(2, 0, 1, 3, 4, 5).contiguous()
+        return blocks.view(torch.uint8).reshape(len(block_ids), -1)
+
+    def write_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
+        """KVCacheView.write_rows onto every rank holding the heads (one whole-group write)."""
+        self.write_blocks(block_ids, self._blocks_of_rows(block_ids, rows).permute(1, 2, 0, 3, 4, 5))
+
     def _op(self, write: bool, block_ids: Sequence[int], heads: tuple[int, int] | None,
             layers: tuple[int, int] | None) -> KVOp:
-        self._index(block_ids, "block_ids")
+        self.check_block_ids(block_ids, "block_ids")
         heads = _checked_range("heads", heads, self.num_local_heads)
         layers = _checked_range("layers", layers, self.num_layers)
         return KVOp(write, tuple(int(b) for b in block_ids), heads, layers)
