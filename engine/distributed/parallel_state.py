@@ -12,11 +12,19 @@ one TP group of size > 1 at a time (torch.distributed's default group is process
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+
+
+class FastAllReduce(Protocol):
+    """A sum over the group for the messages it `fits` (engine.distributed.fast_allreduce)."""
+
+    def fits(self, x: torch.Tensor) -> bool: ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,7 @@ class TPGroup:
     cpu_group: dist.ProcessGroup | None = None
     control_timeout_s: float = 600.0  # bounds the leader's waits on `cpu_group`
     # engine.distributed.fast_allreduce installs these (every rank alike) before the model is built
-    fast_all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # with .fits(x)
+    fast_all_reduce: FastAllReduce | None = None
     skip_all_reduce: bool = False  # measurement only: partial sums stay partial
 
     @property
@@ -40,7 +48,7 @@ class TPGroup:
         if self.size == 1 or self.skip_all_reduce:
             return x
         fast = self.fast_all_reduce
-        if fast is not None and fast.fits(x):  # type: ignore[attr-defined]
+        if fast is not None and fast.fits(x):
             return fast(x)
         dist.all_reduce(x, group=self.group)
         return x

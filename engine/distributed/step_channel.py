@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from typing import NamedTuple
 
 import numpy as np
@@ -108,9 +107,7 @@ class StepChannel:
         assert tp.size > 1 and tp.cpu_group is not None
         self.tp = tp
         self.timeout_s = timeout_s
-        if shared_memory is None:
-            shared_memory = shm_channel.supported() and os.environ.get("TANDEM_STEP_CHANNEL", "shm") == "shm"
-        self._want_shm = shared_memory
+        self._want_shm = shm_channel.supported() if shared_memory is None else shared_memory
         self._connected = False
         self._shm: shm_channel.ShmBroadcast | None = None
         self._last_payload: torch.Tensor | None = None  # the previous step's, on every rank
