@@ -4,9 +4,12 @@
 # under the 10-minute limit of one device call:  `bash bench/gpu_session.sh tp`  (steps 1-2,
 # ~7 min: an 8B engine takes ~2 min to build and capture at TP = 2) and
 # `bash bench/gpu_session.sh kv`  (steps 3-6, ~7 min):
-#   1. bench/allreduce.py   NCCL vs one-shot all-reduce latency in CUDA graphs
-#   2. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, and the no-collective ablation):
-#                           bf16 greedy equality (16 tokens x 8 prompts), speedups, all-reduce share
+#   1. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, the same with partial sums rounded
+#                           before the all-reduce, and the no-collective ablation): bf16 greedy
+#                           equality (16 tokens x 8 prompts), speedups, all-reduce share, the
+#                           step breakdown; then again with torch.profiler's kernel table; then
+#                           the multi-GPU TP tests (equality over NCCL, a killed follower)
+#   2. bench/allreduce.py   (`allreduce`) NCCL vs one-shot all-reduce latency in CUDA graphs
 #   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT; NCCL-path token equality
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
@@ -28,8 +31,13 @@ step() {
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
 part=${1:-tp}
 if [ "$part" = tp ]; then
+  step tp 240 python3 bench/tp.py --decode-steps 30 --variants auto,auto-bf16reduce,skip
+  cp "$OUT/tp.json" "$OUT/tp-main.json"
+  step tp_profile 150 python3 bench/tp.py --decode-steps 30 --variants auto --profile
+  step tp_tests 180 python3 -m pytest -q -m multi_gpu tests/distributed/test_tp_equality.py \
+    --timeout 120 -p no:cacheprovider
+elif [ "$part" = allreduce ]; then
   step allreduce 60 python3 bench/allreduce.py
-  step tp 420 python3 bench/tp.py --decode-steps 30 --variants auto,skip
 else
   step kv_ttft 150 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py

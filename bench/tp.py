@@ -12,7 +12,7 @@ to TP = 1), batch-1 decode step time and tokens/s, batch-64 decode throughput.
 The all-reduce share of a step = (step with all-reduces - step without) / step with, for the
 same engine build and batch: the ablation includes everything the collectives cost on the
 critical path (kernel time and waiting for the slower rank), with CUDA graphs on.
-(`--profile` adds torch.profiler's device time of collective kernels, eager engines only.)
+(`--profile` adds torch.profiler's per-kernel device time on rank 0, CUDA graphs included.)
 Prints a table; writes $OUT/tp.json when OUT is set. The batch-1 figure sits next to its
 weight-streaming floor (bf16 weights / HBM bandwidth / N).
 """
@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not bench/engine.py
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.runner import model_runner as model_runner_module  # noqa: E402
 
 PROMPT_LEN = 128  # tokens per prompt in the decode measurements
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}  # datasheet peak; the roofline only
@@ -43,10 +45,109 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(min(1000, vocab // 2), vocab, (length,), generator=gen).tolist() for _ in range(n)]
 
 
+class _StepBreakdown:
+    """Where rank 0's decode step goes: host timers around the engine's stages and CUDA events
+    around its device work, installed by wrapping the engine's own methods (nothing changes in
+    the engine). Host stages: schedule, inputs (host step tensors), publish (to the followers),
+    forward (host side: input copies and the graph launch), logits (LM head launch), sample (the
+    sampler, including its wait for the device), update (scheduler bookkeeping). Device:
+    `graph_ms` from before the decode graph's input copies to its end, `device_ms` from the
+    first forward kernel to the sampled tokens; `wall - device` is host time the GPU does not
+    hide."""
+
+    STAGES = ("schedule", "inputs", "publish", "forward", "logits", "sample", "update")
+
+    def __init__(self, llm: LLM) -> None:
+        engine, runner = llm.engine, llm.engine.runner
+        self.host = {name: 0.0 for name in self.STAGES}
+        self.events: list[tuple[str, Any, Any]] = []
+        self._undo: list[tuple[Any, str, Any]] = []
+        self._timed(engine.scheduler, "schedule", "schedule")
+        self._timed(engine.scheduler, "update", "update")
+        self._timed(model_runner_module, "build_step_inputs", "inputs")
+        self._timed(runner, "forward", "forward", device_start=True)
+        self._timed(runner, "compute_logits", "logits")
+        self._timed(runner, "sampler", "sample", device_end=True)
+        scope = runner.step_scope
+
+        def publish_scope(host):  # the publish happens on entering the step scope
+            t = time.perf_counter()
+            cm = scope(host)
+            cm.__enter__()
+            self.host["publish"] += time.perf_counter() - t
+            return _Exit(cm)
+
+        self._set(runner, "step_scope", publish_scope)
+        if runner.graphs is not None and torch.cuda.is_available():
+            run = runner.graphs.run
+
+            def graph_run(host, dev):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = run(host, dev)
+                end.record()
+                self.events.append(("graph", start, end))
+                return out
+
+            self._set(runner.graphs, "run", graph_run)
+        self._device_start: Any = None
+
+    def _set(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, obj.__dict__.get(name)))
+        setattr(obj, name, value)
+
+    def _timed(self, obj: Any, name: str, stage: str, device_start: bool = False, device_end: bool = False) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            if device_start and torch.cuda.is_available():
+                self._device_start = torch.cuda.Event(enable_timing=True)
+                self._device_start.record()
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.host[stage] += time.perf_counter() - t
+            if device_end and self._device_start is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.events.append(("device", self._device_start, end))
+                self._device_start = None
+            return out
+
+        self._set(obj, name, wrapper)
+
+    def remove(self) -> None:
+        for obj, name, old in reversed(self._undo):
+            if old is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        _sync()
+        out = {f"host_{k}_ms": v * 1e3 / steps for k, v in self.host.items()}
+        for kind in ("graph", "device"):
+            times = [s.elapsed_time(e) for k, s, e in self.events if k == kind]
+            if times:
+                out[f"{kind}_ms"] = sorted(times)[len(times) // 2]
+        return out
+
+
+class _Exit:
+    def __init__(self, cm: Any) -> None:
+        self.cm = cm
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.cm.__exit__(*exc)
+
+
 def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, float]:
-    """Time `steps` decode steps of `batch` requests after their prefill."""
+    """Time `steps` decode steps of `batch` requests after their prefill, then as many again
+    under _StepBreakdown (timers cost a little: the headline figure comes from the clean run)."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 40, ignore_eos=True)
     for i, p in enumerate(_prompts(batch, PROMPT_LEN, engine.vocab_size, seed=batch)):
         engine.add_request(f"b{batch}-{i}", p, params)
     while engine.stats().num_waiting > 0 or engine.stats().num_running < batch:
@@ -60,38 +161,60 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, f
     _sync()
     step_s = (time.perf_counter() - start) / steps
     result = {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
-    if profile:
-        result["allreduce_ms_per_step"] = _nccl_ms_per_step(llm, 20)
-        result["allreduce_share"] = result["allreduce_ms_per_step"] / result["step_ms"]
+    breakdown = _StepBreakdown(llm)
+    try:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync()
+        result["profiled_step_ms"] = (time.perf_counter() - start) / steps * 1e3
+        result |= breakdown.per_step_ms(steps)
+    finally:
+        breakdown.remove()
+    if profile and torch.cuda.is_available():
+        result["kernels"] = _kernel_table(llm, 10, f"TP={llm.engine.config.tensor_parallel_size} batch {batch}")
     engine.abort([f"b{batch}-{i}" for i in range(batch)])
     return result
 
 
-def _nccl_ms_per_step(llm: LLM, steps: int) -> float:
+def _kernel_table(llm: LLM, steps: int, label: str) -> list[dict]:
+    """torch.profiler's device time of every kernel over `steps` steps on rank 0 (the kernels
+    inside CUDA-graph replays included), per step, largest first; printed and returned."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             llm.engine.step()
         _sync()
-    total_us = 0.0
+    rows = []
     for event in prof.key_averages():
-        if "nccl" in event.key.lower() or "all_reduce" in event.key.lower():
-            total_us += getattr(event, "device_time_total", 0.0) or getattr(event, "cuda_time_total", 0.0)
-    return total_us / 1e3 / steps
+        us = getattr(event, "self_device_time_total", 0.0) or 0.0
+        if us > 0:
+            rows.append({"kernel": event.key, "us_per_step": us / steps, "calls_per_step": event.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"{label}: kernel time {total / 1e3:.3f} ms per step over {sum(r['calls_per_step'] for r in rows):.0f} "
+          "kernels (torch.profiler, rank 0)")
+    for r in rows[:24]:
+        print(f"  {r['us_per_step']:9.1f} us {100 * r['us_per_step'] / total:5.1f}% {r['calls_per_step']:6.1f}x "
+              f"{r['us_per_step'] / r['calls_per_step']:7.2f} us each  {r['kernel'][:90]}")
+    return rows
 
 
 GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # every engine here captures the same decode buckets
 
 
 def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False,
-           profile: bool = False, all_reduce: str = "auto", dtype: str = "bfloat16") -> dict:
+           profile: bool = False, all_reduce: str = "auto", dtype: str = "bfloat16",
+           fp32_reduce: bool = True) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, max_model_len=2048,
               max_num_seqs=max(batch, 8), gpu_memory_utilization=0.80, show_progress=False,
               enforce_eager=enforce_eager, tp_all_reduce=all_reduce,
+              tp_fp32_reduce_max_tokens=1024 if fp32_reduce else 0,
               cuda_graph_batch_sizes=tuple(b for b in GRAPH_SIZES if b <= max(batch, 8)))
-    label = f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode}"
+    label = (f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode} "
+             f"fp32 reduce <= {llm.engine.runner.fp32_reduce_max_tokens} tokens")
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
         tokens = [o.token_ids for o in llm.generate(_prompts(8, 32, llm.engine.vocab_size, seed=0), greedy)]
@@ -103,8 +226,8 @@ def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bo
             "all_reduce": llm.engine.runner.all_reduce_mode,
             "step_channel": getattr(channel, "transport", None),
             "tokens": tokens,
-            "batch1": _decode_rate(llm, 1, decode_steps, profile=profile and tp > 1),
-            f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile and tp > 1),
+            "batch1": _decode_rate(llm, 1, decode_steps, profile=profile),
+            f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile),
             "weight_bytes_per_rank": sum(p.numel() * p.element_size()
                                          for p in llm.engine.runner.model.parameters()),
         }
@@ -141,7 +264,7 @@ def _identical(base: dict, run: dict) -> tuple[int, list[int | None]]:
 
 def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
     """`runs`: variant name -> run_tp() result; "skip" (if present) is the no-collective ablation."""
-    skip = runs.get("skip")
+    skip = runs.get("skip")  # the ablation of the default (float32) reduce
     rows = {}
     for name, run in {"tp1": base, **runs}.items():
         same, diff = _identical(base, run)
@@ -154,6 +277,8 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
             "batch1_speedup": base["batch1"]["step_ms"] / run["batch1"]["step_ms"],
             f"batch{batch}_tokens_per_s": run[f"batch{batch}"]["tokens_per_s"],
             f"batch{batch}_speedup": run[f"batch{batch}"]["tokens_per_s"] / base[f"batch{batch}"]["tokens_per_s"],
+            "breakdown": {key: {k: v for k, v in run[key].items() if k.endswith("_ms")}
+                          for key in ("batch1", f"batch{batch}")},
         }
         if skip is not None and name not in ("tp1", "skip"):
             for key in ("batch1", f"batch{batch}"):
@@ -184,6 +309,14 @@ def _print(s: dict, batch: int) -> None:
               f"{r[f'batch{batch}_tokens_per_s']:11.0f} {r[f'batch{batch}_speedup']:5.2f}x "
               f"{'-' if share1 is None else f'{100 * share1:.1f}%':>11s} "
               f"{'-' if shareb is None else f'{100 * shareb:.1f}%':>12s}")
+    print("where rank 0's step goes (ms per step; host stages by wall clock, device by CUDA events):")
+    stages = ["profiled_step_ms", "device_ms", "graph_ms"] + [f"host_{k}_ms" for k in _StepBreakdown.STAGES]
+    print(f"{'engine':18s} {'batch':>5s} " + " ".join(f"{k.replace('_ms', ''):>14s}" for k in stages))
+    for name, r in s["rows"].items():
+        for key in ("batch1", f"batch{batch}"):
+            b = r["breakdown"][key]
+            print(f"{name:18s} {key[5:]:>5s} " + " ".join(
+                f"{b[k]:14.3f}" if k in b else f"{'-':>14s}" for k in stages))
     print(f"all-reduce share: {s['allreduce_method']}; 'skip' rows compute wrong tokens by design. "
           "Targets: TP=2 batch-1 >= 1.8x, all-reduce <= 10% of the batch-1 step.")
 
@@ -195,20 +328,24 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--variants", default="auto,nccl,skip",
-                        help="TP = N engines to run after TP = 1: tp_all_reduce modes")
+                        help="TP = N engines to run after TP = 1: tp_all_reduce modes, each optionally "
+                             "suffixed '-bf16reduce' (partial sums rounded before the all-reduce)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every engine)")
-    parser.add_argument("--profile", action="store_true", help="also torch.profiler (use with --enforce-eager)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also torch.profiler's per-kernel device time on rank 0 (every engine but 'skip')")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     results: dict = {"args": vars(args)}
     base = results["tp1"] = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager,
-                                   dtype=args.dtype)
+                                   args.profile, dtype=args.dtype)
     runs = {}
     for variant in args.variants.split(","):
         try:
+            mode, _, option = variant.partition("-")
             runs[variant] = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager,
-                                   args.profile and variant != "skip", all_reduce=variant, dtype=args.dtype)
+                                   args.profile and mode != "skip", all_reduce=mode, dtype=args.dtype,
+                                   fp32_reduce=option != "bf16reduce")
         except Exception as err:  # noqa: BLE001 - report the variant that failed, keep the others
             print(f"TP={args.tp} all_reduce={variant}: failed: {err}", flush=True)
             results[f"failed_{variant}"] = str(err)

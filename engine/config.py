@@ -148,6 +148,11 @@ class EngineConfig:
     # "skip" (measurement only: no collective at all, outputs are wrong; bench/tp.py uses it to
     # time a step without its all-reduces).
     tp_all_reduce: str = "auto"
+    # Row-parallel layers of steps with at most this many tokens emit their partial sums in
+    # float32 and all-reduce them in float32, rounding to the model dtype once, after the sum,
+    # as TP = 1 does: bf16 TP = N then tracks TP = 1 token for token. Longer (prefill) steps
+    # reduce in the model dtype, where the all-reduce's bytes matter. 0: never.
+    tp_fp32_reduce_max_tokens: int = 1024
     attention_backend: str | None = None  # None picks Triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = field(
@@ -164,6 +169,7 @@ class EngineConfig:
             "kv_cache_bytes": self.kv_cache_bytes > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
             "tp_all_reduce": self.tp_all_reduce in ("auto", "nccl", "symm_mem", "skip"),
+            "tp_fp32_reduce_max_tokens": self.tp_fp32_reduce_max_tokens >= 0,
             "load_format": self.load_format in ("auto", "safetensors", "dummy"),
             "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks >= 2,
             "max_model_len": self.max_model_len is None or self.max_model_len >= 2,

@@ -32,7 +32,7 @@ from engine.distributed.parallel_state import TPGroup, get_tp_group, set_tp_grou
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "nccl", "symm_mem", "skip")
-DEFAULT_MAX_BYTES = 1 << 20  # up to 128 rows of a 4096-wide bf16 hidden state
+DEFAULT_MAX_BYTES = 2 << 20  # up to 128 rows of a 4096-wide hidden state in float32
 
 
 class SymmMemAllReduce:
@@ -97,3 +97,22 @@ def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES)
         return "nccl"
     set_tp_group(dataclasses.replace(tp, fast_all_reduce=fast))
     return "symm_mem"
+
+
+def install_fp32_reduce(max_rows: int, device: torch.device) -> int:
+    """Row-parallel partial sums in float32 for steps of at most `max_rows` tokens (see
+    EngineConfig.tp_fp32_reduce_max_tokens); returns the bound in effect (0 when the group has
+    one rank, or when this torch build lacks CUDA's bf16 -> fp32 matmul: then every rank
+    warns and rounds before the sum, as every rank runs the same torch)."""
+    tp = get_tp_group()
+    if tp.size == 1 or max_rows == 0:
+        return 0
+    if device.type == "cuda":
+        try:
+            a = torch.ones(2, 8, dtype=torch.bfloat16, device=device)
+            torch.mm(a, a.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError) as err:
+            log.warning("float32 partial sums unavailable (%s): TP reduces in the model dtype", err)
+            return 0
+    set_tp_group(dataclasses.replace(tp, fp32_reduce_max_rows=max_rows))
+    return max_rows

@@ -25,6 +25,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.distributed.kv_ops import follower_serve
 from engine.distributed.parallel_state import TPGroup
 from engine.distributed.process_group import destroy_tp_group, init_tp_group
+from engine.distributed.ray_launch import follower_cuda_device
 from engine.distributed.step_channel import MessageKind, StepChannel
 
 if TYPE_CHECKING:
@@ -70,8 +71,9 @@ class TPFollower:
 
     def _device(self) -> torch.device:
         if self.spec.config.resolved_device().type == "cuda":
-            torch.cuda.set_device(0)  # Ray narrowed CUDA_VISIBLE_DEVICES to this actor's GPU
-            return torch.device("cuda", 0)
+            device = follower_cuda_device(self.gpu_ids())  # every GPU visible: pick Ray's
+            torch.cuda.set_device(device)
+            return device
         return torch.device("cpu")
 
     def start(self) -> int:

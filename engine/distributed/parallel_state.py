@@ -37,6 +37,7 @@ class TPGroup:
     # engine.distributed.fast_allreduce installs these (every rank alike) before the model is built
     fast_all_reduce: FastAllReduce | None = None
     skip_all_reduce: bool = False  # measurement only: partial sums stay partial
+    fp32_reduce_max_rows: int = 0  # row-parallel partial sums in float32 up to this many rows
 
     @property
     def is_leader(self) -> bool:

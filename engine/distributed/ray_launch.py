@@ -20,6 +20,7 @@ import torch
 
 from engine.errors import EngineConfigError
 
+NOSET_CUDA_VISIBLE_DEVICES = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 LOCAL_RAY_MIN_CPUS = 8  # followers reserve CPUs; small machines still need room for a few groups
 
 
@@ -101,26 +102,48 @@ def spawn_follower(pg: Any, rank: int, bundle: dict[str, float], spec: Any) -> A
 
     custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU") and not k.startswith("node:")}
     cls = ray.remote(TPFollower)
+    # A follower sees every GPU of its node and selects its own (follower_cuda_device): CUDA
+    # IPC peers (the symmetric-memory all-reduce) must have distinct device indices, and Ray's
+    # narrowing would make every rank's GPU "cuda:0".
+    runtime_env = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}} if bundle.get("GPU", 0.0) else None
     return cls.options(
         num_cpus=bundle.get("CPU", 0.0), num_gpus=bundle.get("GPU", 0.0), resources=custom,
-        max_restarts=0, max_task_retries=0,
+        max_restarts=0, max_task_retries=0, runtime_env=runtime_env,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
     ).remote(spec)
 
 
-def leader_cuda_device(follower_gpu_ids: list[int]) -> torch.device:
-    """This process's first visible GPU that no follower holds (the driver is outside Ray's
-    GPU accounting; its bundle 0 only reserves the count)."""
+def _visible_gpus() -> list[int]:
+    """Ray's ids of this process's CUDA devices, in device-index order."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     count = torch.cuda.device_count()
     try:
         physical = [int(x) for x in visible.split(",")] if visible else list(range(count))
     except ValueError:  # UUIDs: assume Ray and this process number GPUs alike
         physical = list(range(count))
-    for index, gpu in enumerate(physical[:count]):
+    return physical[:count]
+
+
+def leader_cuda_device(follower_gpu_ids: list[int]) -> torch.device:
+    """This process's first visible GPU that no follower holds (the driver is outside Ray's
+    GPU accounting; its bundle 0 only reserves the count)."""
+    physical = _visible_gpus()
+    for index, gpu in enumerate(physical):
         if gpu not in follower_gpu_ids:
             return torch.device("cuda", index)
     raise EngineConfigError(f"tensor_parallel_size: every visible GPU {physical} is held by a follower")
+
+
+def follower_cuda_device(gpu_ids: list[int]) -> torch.device:
+    """The device index of the GPU Ray gave this follower (spawned with every GPU visible).
+
+    Hazard: a leader that is itself a Ray actor sees only its own GPU as "cuda:0"; if the
+    follower's index is 0 as well, the symmetric-memory all-reduce refuses the pair at its
+    self-test and the group uses NCCL (correct, slower)."""
+    physical = _visible_gpus()
+    if len(gpu_ids) != 1 or gpu_ids[0] not in physical:
+        raise EngineConfigError(f"tensor_parallel_size: follower got GPUs {gpu_ids}, sees {physical}")
+    return torch.device("cuda", physical.index(gpu_ids[0]))
 
 
 def kill_actors(actors: list[Any], pg: Any | None) -> None:

@@ -109,5 +109,15 @@ class RowParallelLinear(nn.Module):
         copy_into(param, read_all(src), "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        if self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows:
+            y = self.tp.all_reduce(_linear_fp32_out(x, self.weight)).to(x.dtype)
+        else:
+            y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
+
+
+def _linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T accumulated and returned in float32 (no rounding to x's dtype before the sum)."""
+    if x.is_cuda:
+        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+    return F.linear(x.float(), weight.float())  # CPU has no mixed-dtype matmul: small models only
