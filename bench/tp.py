@@ -23,6 +23,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import tempfile
 import time
 from typing import Any
 
@@ -37,6 +39,7 @@ from engine import LLM, SamplingParams  # noqa: E402
 from engine.runner import model_runner as model_runner_module  # noqa: E402
 
 PROMPT_LEN = 128  # tokens per prompt in the decode measurements
+TOP_N = 5  # logprobs kept per greedy token: the margin at a divergence
 HBM_TBPS = {"H100": 3.35, "H200": 4.8}  # datasheet peak; the roofline only
 
 
@@ -216,8 +219,13 @@ def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bo
     label = (f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode} "
              f"fp32 reduce <= {llm.engine.runner.fp32_reduce_max_tokens} tokens")
     try:
-        greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-        tokens = [o.token_ids for o in llm.generate(_prompts(8, 32, llm.engine.vocab_size, seed=0), greedy)]
+        greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=TOP_N)
+        prompts = _prompts(8, 32, llm.engine.vocab_size, seed=0)
+        outs = llm.generate(prompts, greedy)
+        tokens = [o.token_ids for o in outs]
+        top = [[lp.top for lp in (o.logprobs or [])] for o in outs]
+        # The TP = 1 peer: the same engine, each prompt alone (other GEMM shapes and kernels)
+        alone = [llm.generate([p], greedy)[0].token_ids for p in prompts] if tp == 1 else None
         executor = getattr(llm.engine, "tp", None)
         channel = getattr(executor, "_channel", None)
         print(f"{label}: loaded in {time.perf_counter() - t0:.0f} s, greedy done", flush=True)
@@ -226,6 +234,8 @@ def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bo
             "all_reduce": llm.engine.runner.all_reduce_mode,
             "step_channel": getattr(channel, "transport", None),
             "tokens": tokens,
+            "top_logprobs": top,
+            "tokens_one_prompt_at_a_time": alone,
             "batch1": _decode_rate(llm, 1, decode_steps, profile=profile),
             f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile),
             "weight_bytes_per_rank": sum(p.numel() * p.element_size()
@@ -256,10 +266,33 @@ def _floor_ms(weight_bytes: int) -> float | None:
     return None if tbps is None else weight_bytes / (tbps * 1e12) * 1e3
 
 
+def _first_diffs(base_tokens: list[list[int]], tokens: list[list[int]]) -> list[int | None]:
+    return [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(base_tokens, tokens)]
+
+
 def _identical(base: dict, run: dict) -> tuple[int, list[int | None]]:
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                  for a, b in zip(base["tokens"], run["tokens"])]
+    first_diff = _first_diffs(base["tokens"], run["tokens"])
     return sum(d is None for d in first_diff), first_diff
+
+
+def _margins(base: dict, first_diff: list[int | None], tokens: list[list[int]]) -> list[float | None]:
+    """At each first divergence: TP = 1's log-probability of its own token minus that of the
+    token the other engine chose (None when that token is outside TP = 1's top N): a near-tie
+    (a margin of a few hundredths) is a rounding flip, a large one would be a wrong result."""
+    out: list[float | None] = []
+    for p, i in enumerate(first_diff):
+        if i is None:
+            continue
+        top = dict((int(t), lp) for t, lp in base["top_logprobs"][p][i])
+        chosen = tokens[p][i]
+        out.append(None if chosen not in top else top[base["tokens"][p][i]] - top[chosen])
+    return out
+
+
+def _tp1_margins(base: dict) -> float:
+    """Median over TP = 1's greedy tokens of the log-probability gap between its top two."""
+    gaps = sorted(t[0][1] - t[1][1] for rows in base["top_logprobs"] for t in rows if len(t) > 1)
+    return gaps[len(gaps) // 2] if gaps else float("nan")
 
 
 def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
@@ -269,6 +302,7 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
     for name, run in {"tp1": base, **runs}.items():
         same, diff = _identical(base, run)
         row = {
+            "margins_at_divergence": None if name == "skip" else _margins(base, diff, run["tokens"]),
             "tp": run["tp"], "all_reduce": run["all_reduce"], "step_channel": run["step_channel"],
             "prompts_identical_to_tp1": None if name in ("tp1", "skip") else same,
             "first_divergence": None if name in ("tp1", "skip") else diff,
@@ -289,10 +323,19 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
             if "allreduce_share" in run[key]:
                 row[f"profiled_allreduce_share_{key}"] = run[key]["allreduce_share"]
         rows[name] = row
+    peer = base.get("tokens_one_prompt_at_a_time")
+    peer_diff = _first_diffs(base["tokens"], peer) if peer else []
     summary = {"device": _device_name(), "rows": rows,
+               "tp1_alone_identical_to_tp1_batched": sum(d is None for d in peer_diff) if peer else None,
+               "tp1_alone_margins_at_divergence": _margins(base, peer_diff, peer) if peer else None,
+               "tp1_median_top2_gap": _tp1_margins(base),
                "allreduce_method": "ablation: step time minus the same engine's step with tp_all_reduce='skip'"}
     _print(summary, batch)
     return summary
+
+
+def _fmt(values: list | None) -> str:
+    return "-" if not values else "[" + ", ".join("?" if v is None else f"{v:.3f}" for v in values) + "]"
 
 
 def _print(s: dict, batch: int) -> None:
@@ -309,6 +352,13 @@ def _print(s: dict, batch: int) -> None:
               f"{r[f'batch{batch}_tokens_per_s']:11.0f} {r[f'batch{batch}_speedup']:5.2f}x "
               f"{'-' if share1 is None else f'{100 * share1:.1f}%':>11s} "
               f"{'-' if shareb is None else f'{100 * shareb:.1f}%':>12s}")
+    print(f"greedy equality (16 tokens x 8 prompts, bf16): TP=1 against itself with each prompt alone: "
+          f"{s['tp1_alone_identical_to_tp1_batched']}/8 identical, log-prob margins at divergence "
+          f"{_fmt(s['tp1_alone_margins_at_divergence'])}; TP=1's median top-2 gap {s['tp1_median_top2_gap']:.3f}")
+    for name, r in s["rows"].items():
+        if r["margins_at_divergence"]:
+            print(f"  {name}: margins at divergence {_fmt(r['margins_at_divergence'])}, first divergence "
+                  f"{r['first_divergence']}")
     print("where rank 0's step goes (ms per step; host stages by wall clock, device by CUDA events):")
     stages = ["profiled_step_ms", "device_ms", "graph_ms"] + [f"host_{k}_ms" for k in _StepBreakdown.STAGES]
     print(f"{'engine':18s} {'batch':>5s} " + " ".join(f"{k.replace('_ms', ''):>14s}" for k in stages))
@@ -319,6 +369,18 @@ def _print(s: dict, batch: int) -> None:
                 f"{b[k]:14.3f}" if k in b else f"{'-':>14s}" for k in stages))
     print(f"all-reduce share: {s['allreduce_method']}; 'skip' rows compute wrong tokens by design. "
           "Targets: TP=2 batch-1 >= 1.8x, all-reduce <= 10% of the batch-1 step.")
+
+
+def _run_isolated(args: argparse.Namespace, tp: int, variant: str, timeout_s: float) -> dict:
+    """One engine in its own process: a TP group's symmetric memory and NCCL state live and die
+    with it, and a hung engine costs at most `timeout_s`."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, "--model", args.model, "--decode-steps", str(args.decode_steps),
+               "--batch", str(args.batch), "--dtype", args.dtype, "--one", f"{tp}:{variant}", "--result", f.name]
+        cmd += ["--enforce-eager"] * args.enforce_eager + ["--profile"] * args.profile
+        subprocess.run(cmd, timeout=timeout_s, check=True)
+        with open(f.name) as result:
+            return json.load(result)
 
 
 def main() -> None:
@@ -334,20 +396,28 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every engine)")
     parser.add_argument("--profile", action="store_true",
                         help="also torch.profiler's per-kernel device time on rank 0 (every engine but 'skip')")
+    parser.add_argument("--engine-timeout", type=float, default=240.0, help="seconds per engine process")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # "tp:variant": run one engine in this process
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.one:
+        tp, variant = args.one.split(":")
+        mode, _, option = variant.partition("-")
+        out = run_tp(args.model, int(tp), args.decode_steps, args.batch, args.enforce_eager,
+                     args.profile and mode != "skip", all_reduce=mode, dtype=args.dtype,
+                     fp32_reduce=option != "bf16reduce")
+        with open(args.result, "w") as f:
+            json.dump(out, f)
+        return
     results: dict = {"args": vars(args)}
-    base = results["tp1"] = run_tp(args.model, 1, args.decode_steps, args.batch, args.enforce_eager,
-                                   args.profile, dtype=args.dtype)
+    base = results["tp1"] = _run_isolated(args, 1, "auto", args.engine_timeout)
     runs = {}
     for variant in args.variants.split(","):
         try:
-            mode, _, option = variant.partition("-")
-            runs[variant] = run_tp(args.model, args.tp, args.decode_steps, args.batch, args.enforce_eager,
-                                   args.profile and mode != "skip", all_reduce=mode, dtype=args.dtype,
-                                   fp32_reduce=option != "bf16reduce")
-        except Exception as err:  # noqa: BLE001 - report the variant that failed, keep the others
-            print(f"TP={args.tp} all_reduce={variant}: failed: {err}", flush=True)
+            runs[variant] = _run_isolated(args, args.tp, variant, args.engine_timeout)
+        except (subprocess.SubprocessError, OSError, ValueError) as err:  # report it, keep the others
+            print(f"TP={args.tp} {variant}: failed: {err}", flush=True)
             results[f"failed_{variant}"] = str(err)
     results |= {f"tp{args.tp}_{k}": v for k, v in runs.items()}
     results["summary"] = report(base, runs, args.batch) | {"cuda_graphs": not args.enforce_eager}

@@ -66,6 +66,15 @@ def _self_test(fast: SymmMemAllReduce, tp: TPGroup, device: torch.device) -> boo
     return bool(torch.all(y == float(tp.size * (tp.size + 1) // 2)).item())
 
 
+_REGISTERED: set[str] = set()  # group names this process enabled symmetric memory for
+
+
+def _all_ranks(tp: TPGroup, device: torch.device, ok: bool) -> bool:
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
+    return bool(int(flag.item()))
+
+
 def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Give the process's TP group its all-reduce for `mode`; returns the mode in effect.
 
@@ -83,15 +92,23 @@ def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES)
     if mode == "nccl" or device.type != "cuda":
         return "nccl" if device.type == "cuda" else "gloo"
     fast: SymmMemAllReduce | None = None
-    try:
-        fast = SymmMemAllReduce(tp.group, device, max_bytes)  # type: ignore[arg-type]
-        ok = _self_test(fast, tp, device)
-    except Exception as err:  # noqa: BLE001 - any failure means: use NCCL, on every rank
-        log.warning("symmetric-memory all-reduce unavailable on rank %d: %s", tp.rank, err)
-        ok = False
-    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tp.group)
-    if not int(flag.item()):
+    # torch registers symmetric memory per group name for the life of the process, and a TP
+    # group's name repeats when a process builds a second group (an engine restarted in the
+    # same process): the stale registration would hang the rendezvous. Every rank first agrees
+    # that none of them has registered this name before.
+    ok = _all_ranks(tp, device, tp.group.group_name not in _REGISTERED)  # type: ignore[union-attr]
+    if not ok:
+        log.warning("symmetric memory already registered for this process group name in this process "
+                    "(a restarted TP group): using NCCL all-reduces")
+    else:
+        try:
+            _REGISTERED.add(tp.group.group_name)  # type: ignore[union-attr]
+            fast = SymmMemAllReduce(tp.group, device, max_bytes)  # type: ignore[arg-type]
+            ok = _self_test(fast, tp, device)
+        except Exception as err:  # noqa: BLE001 - any failure means: use NCCL, on every rank
+            log.warning("symmetric-memory all-reduce unavailable on rank %d: %s", tp.rank, err)
+            ok = False
+    if not _all_ranks(tp, device, ok):
         if mode == "symm_mem":
             raise RuntimeError("tp_all_reduce='symm_mem' was asked for but is unavailable on some rank")
         return "nccl"

@@ -1,6 +1,8 @@
 """RMSNorm, alone and fused with the residual add (Llama / Hugging Face semantics).
 
-    new_residual = x + residual                      (rounded to the activation dtype)
+    new_residual = x + residual                      (rounded to the residual's dtype; x may be a
+                                                      float32 all-reduce result, rounded to that
+                                                      dtype first, exactly as an activation is)
     normed = weight * (h * rsqrt(mean(h^2) + eps)).to(dtype),  h = new_residual in float32
 
 One program per row of [N, hidden]; the whole row sits in registers (hidden <= 65536). Rows are
@@ -47,19 +49,21 @@ def _fused_add_rmsnorm_kernel(
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-    h = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
+    h = (x.to(res.dtype).to(tl.float32) + res.to(tl.float32)).to(res.dtype)
     tl.store(res_out_ptr + row * stride_res_out + offs, h, mask=mask)
     _rmsnorm_row(h, w_ptr, out_ptr + row * stride_out, offs, mask, hidden, eps)
 
 
-def _check_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+def _check_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> None:
+    """`dtype`: the activation dtype (x's unless given)."""
     check_rows("x", x, 2)
     check_tensor("weight", weight, 1)
     check_same_device(x=x, weight=weight)
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight: length {weight.shape[0]} != hidden size {x.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} != activation dtype {x.dtype}")
+    dtype = x.dtype if dtype is None else dtype
+    if weight.dtype != dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} != activation dtype {dtype}")
     if not 0 < x.shape[1] <= MAX_HIDDEN:
         raise ValueError(f"x: hidden size {x.shape[1]} outside (0, {MAX_HIDDEN}]")
     if eps <= 0:
@@ -87,14 +91,16 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (normed, new_residual) with new_residual = x + residual, both [N, hidden]."""
-    _check_norm_args(x, weight, eps)
+    """Returns (normed, new_residual) with new_residual = x + residual, both [N, hidden] in the
+    residual's dtype. x has that dtype, or float32 (a row-parallel layer's float32 sum)."""
+    _check_norm_args(x, weight, eps, residual.dtype)
     check_rows("residual", residual, 2)
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"residual: {tuple(residual.shape)}/{residual.dtype} != x {tuple(x.shape)}/{x.dtype}")
+    if residual.shape != x.shape or x.dtype not in (residual.dtype, torch.float32):
+        raise ValueError(f"residual: {tuple(residual.shape)}/{residual.dtype} does not match x "
+                         f"{tuple(x.shape)}/{x.dtype}")
     check_same_device(x=x, residual=residual)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    new_residual = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+    new_residual = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
     if x.shape[0] == 0:
         return out, new_residual
     block, num_warps = _launch_params(x.shape[1])
@@ -116,5 +122,5 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 def fused_add_rmsnorm_ref(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    new_residual = x + residual
+    new_residual = x.to(residual.dtype) + residual
     return rmsnorm_ref(new_residual, weight, eps), new_residual

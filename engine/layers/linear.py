@@ -109,8 +109,11 @@ class RowParallelLinear(nn.Module):
         copy_into(param, read_all(src), "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, out]: in x's dtype, or in float32 when the partial sums were reduced in float32
+        (TPGroup.fp32_reduce_max_rows); the consumer, the residual add, rounds it then, so
+        that no separate cast runs (engine.layers.norm)."""
         if self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows:
-            y = self.tp.all_reduce(_linear_fp32_out(x, self.weight)).to(x.dtype)
+            y = self.tp.all_reduce(_linear_fp32_out(x, self.weight))
         else:
             y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias

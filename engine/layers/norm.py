@@ -22,7 +22,8 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """`norm(x)`, or with a residual `(norm(x + residual), x + residual)`."""
+        """`norm(x)`, or with a residual `(norm(x + residual), x + residual)` in the residual's
+        dtype (x may be a float32 row-parallel sum: rounded to that dtype before the add)."""
         if x.is_cuda and x.shape[-1] == self.weight.shape[0] and x.dim() == 2:
             from engine.kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
 
@@ -31,5 +32,5 @@ class RMSNorm(nn.Module):
             return fused_add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is None:
             return rmsnorm_ref(x, self.weight, self.eps)
-        residual = x + residual
+        residual = x.to(residual.dtype) + residual
         return rmsnorm_ref(residual, self.weight, self.eps), residual
