@@ -146,7 +146,7 @@ class _Exit:
         return self.cm.__exit__(*exc)
 
 
-def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, float]:
+def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, Any]:
     """Time `steps` decode steps of `batch` requests after their prefill, then as many again
     under _StepBreakdown (timers cost a little: the headline figure comes from the clean run)."""
     engine = llm.engine
@@ -163,7 +163,7 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, f
         engine.step()
     _sync()
     step_s = (time.perf_counter() - start) / steps
-    result = {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
+    result: dict[str, Any] = {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
     breakdown = _StepBreakdown(llm)
     try:
         start = time.perf_counter()
