@@ -7,8 +7,8 @@
 #   1. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, the same with partial sums rounded
 #                           before the all-reduce, and the no-collective ablation): bf16 greedy
 #                           equality (16 tokens x 8 prompts), speedups, all-reduce share, the
-#                           step breakdown; then again with torch.profiler's kernel table; then
-#                           the multi-GPU TP tests (equality over NCCL, a killed follower)
+#                           step breakdown and torch.profiler's kernel table, each engine in its
+#                           own process; then the multi-GPU TP equality tests
 #   2. bench/allreduce.py   (`allreduce`) NCCL vs one-shot all-reduce latency in CUDA graphs
 #   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT; NCCL-path token equality
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
@@ -31,10 +31,9 @@ step() {
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
 part=${1:-tp}
 if [ "$part" = tp ]; then
-  step tp 240 python3 bench/tp.py --decode-steps 30 --variants auto,auto-bf16reduce,skip
-  cp "$OUT/tp.json" "$OUT/tp-main.json"
-  step tp_profile 150 python3 bench/tp.py --decode-steps 30 --variants auto --profile
-  step tp_tests 180 python3 -m pytest -q -m multi_gpu tests/distributed/test_tp_equality.py \
+  step tp 420 python3 bench/tp.py --decode-steps 30 --variants auto,auto-bf16reduce,skip --profile \
+    --engine-timeout 120
+  step tp_tests 120 python3 -m pytest -q -m multi_gpu tests/distributed/test_tp_equality.py \
     --timeout 120 -p no:cacheprovider
 elif [ "$part" = allreduce ]; then
   step allreduce 60 python3 bench/allreduce.py
