@@ -150,9 +150,11 @@ class EngineConfig:
     tp_all_reduce: str = "auto"
     # Row-parallel layers of steps with at most this many tokens emit their partial sums in
     # float32 and all-reduce them in float32, rounding to the model dtype once, after the sum,
-    # as TP = 1 does: bf16 TP = N then tracks TP = 1 token for token. Longer (prefill) steps
-    # reduce in the model dtype, where the all-reduce's bytes matter. 0: never.
-    tp_fp32_reduce_max_tokens: int = 1024
+    # as TP = 1 does. On CPU that makes bf16 TP = N equal TP = 1; on CUDA the column-parallel
+    # GEMMs already round differently (cuBLAS picks other kernels for the narrower shards), so
+    # it bought no greedy agreement on 2 x H200 and cost 6% of batch-64 throughput (the
+    # all-reduce moves twice the bytes): off by default (docs/BENCHMARKS.md).
+    tp_fp32_reduce_max_tokens: int = 0
     attention_backend: str | None = None  # None picks Triton on CUDA, torch on CPU
     enforce_eager: bool = False  # no CUDA graphs
     cuda_graph_batch_sizes: tuple[int, ...] = field(

@@ -96,9 +96,12 @@ class LLMEngine:
         return tp.build_leader(lambda: ModelRunner(*args, tp.device, show_progress, step_scope=tp.step))
 
     def shutdown(self) -> None:
-        """Stop tensor-parallel followers; the engine cannot step afterwards. Idempotent."""
+        """Stop tensor-parallel followers and give the model's, KV cache's and CUDA graphs'
+        device memory back (a later engine in this process sizes its KV cache from what is
+        free); the engine cannot step afterwards. Idempotent."""
         if self.tp is not None:
             self.tp.shutdown()
+        self.runner.release()
 
     # ------------------------------------------------------------------ input
 

@@ -12,6 +12,7 @@ TPExecutor.step) publishes each step's inputs to the followers, which run `forwa
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -73,6 +74,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not engine.enforce_eager:
             self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
+
+    def release(self) -> None:
+        """Drop the CUDA graphs, the KV cache and the weights (engine shutdown): their device
+        memory goes back to the driver unless something else still holds them."""
+        self.graphs = None
+        self.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.model = None
+        if self.device.type == "cuda":
+            gc.collect()  # tensors in reference cycles (a graph's pool) go now, not at some later GC
+            torch.cuda.empty_cache()
 
     def _load_model(self, show_progress: bool) -> Any:  # a LlamaForCausalLM (registry picks it)
         cls = model_class(self.model_cfg)

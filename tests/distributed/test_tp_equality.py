@@ -162,4 +162,6 @@ def test_tp2_equals_tp1_bf16(checkpoints, local_ray):
     """In bfloat16 too: row-parallel partial sums are reduced in float32 and rounded once, as
     TP = 1 rounds its single matmul (EngineConfig.tp_fp32_reduce_max_tokens)."""
     reference = _generate(checkpoints["llama31"], 1, dtype="bfloat16")
-    assert _generate(checkpoints["llama31"], 2, dtype="bfloat16", max_num_batched_tokens=64) == reference
+    tp2 = _generate(checkpoints["llama31"], 2, dtype="bfloat16", max_num_batched_tokens=64,
+                    tp_fp32_reduce_max_tokens=1024)
+    assert tp2 == reference
