@@ -33,6 +33,9 @@ class KVGroupSpec:
     backend: str = "nccl"  # "gloo" on CPU
     timeout_s: float = 120.0  # the first join; also the backend's own operation timeout
     rebuild_timeout_s: float = 30.0  # every member must rejoin within this after a failure
+    # The ranks this member moves KV with, both ways (None: every other member). Their pair
+    # communicators are set up with each epoch; must be symmetric across the group.
+    peers: tuple[int, ...] | None = None
 
 
 _links: dict[tuple[str, int], Any] = {}
@@ -40,7 +43,8 @@ _links_lock = threading.Lock()
 
 
 def join(spec: KVGroupSpec) -> Any:
-    """This process's P2PLink of `spec`'s group (built on first use, a collective)."""
+    """This process's P2PLink of `spec`'s group (built on first use, a collective). On NCCL it
+    lives on the current CUDA device, which must be the KV cache's."""
     import torch.distributed as dist
 
     from kvtransfer.transports.p2p_link import P2PLink
@@ -54,7 +58,8 @@ def join(spec: KVGroupSpec) -> Any:
             store = dist.TCPStore(url.hostname, url.port, spec.world_size, is_master=spec.rank == 0,
                                   timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
             _links[key] = P2PLink(dist.PrefixStore(STORE_PREFIX, store), spec.rank, spec.world_size, spec.backend,
-                                  timeout_s=spec.timeout_s, rebuild_timeout_s=spec.rebuild_timeout_s)
+                                  timeout_s=spec.timeout_s, rebuild_timeout_s=spec.rebuild_timeout_s,
+                                  peers=spec.peers)
         return _links[key]
 
 

@@ -5,16 +5,17 @@ process's default group, and rebuilt under a new generation number (epoch) after
 Life cycle (keys live in the group's store, itself a PrefixStore of one TCPStore):
   join     every member constructs a P2PLink concurrently (a collective): it counts itself in
            under `e1/join`, waits until all `world_size` members did, then builds the epoch-1
-           backend over `PrefixStore("e1/pg/")`.
+           backend over `PrefixStore("e1/pg/")` and sets up its pairs (below), all within
+           `timeout_s`.
   use      transports take the current `Generation` with `acquire(deadline)` (the sender asks
            for the receiver's epoch) and hand it back with `release`; every wait on an operation
            is bounded by a deadline (`wait`).
   break    an operation that fails or times out calls `fail(gen, reason)`: the generation is
            marked broken, and the watcher sets `e{E}/broken`, which tells every other member.
   rebuild  each member's watcher thread sees `e{E}/broken` (its own or another's), hands out
-           no more epoch-E operations, joins epoch E+1 (all members within
-           `rebuild_timeout_s`) and builds its backend. A member that does not come back leaves
-           the link FAILED with a reason saying so; the transports then use gRPC.
+           no more epoch-E operations, joins epoch E+1 and builds its backend and pairs (all
+           members within `rebuild_timeout_s`). A member that does not come back leaves the
+           link FAILED with a reason saying so; the transports then use gRPC.
   retire   a broken generation is torn down (communicators aborted) once no operation of this
            process uses it; uses are deadline-bounded, so that happens within one transfer
            timeout.
@@ -22,18 +23,18 @@ Life cycle (keys live in the group's store, itself a PrefixStore of one TCPStore
 
 Communicators: one backend per epoch, shared by every peer of this process (never one per
 transfer or per peer object). NCCL inside it makes a 2-rank communicator per pair that moves
-KV, lazily at the pair's first send/recv: at most (prefill x decode) pairs per epoch, and a
-rebuild tears the previous epoch's down.
+KV; `peers` names the pairs (default: every other member, all pairs of the group), and each is
+set up eagerly while the epoch is built, by a tiny exchange each way (p2p_pairs.py), so no
+transfer's post ever blocks on set-up. A rebuild tears the previous epoch's down.
 
 Hazards:
 - NCCL matches sends and receives per pair in issue order: an operation whose partner never
   posts leaves the pair out of step for good, so every failure (timeout, error, a control
   message whose outcome is unknown) must break the generation; it is never reused.
-- NCCL's lazy pair set-up blocks inside the first `post_send` / `post_recv` of a pair and epoch
-  until the peer posts too, with no deadline of ours: never post before the peer is sure to
-  post (the p2p sender posts after PrepareSend answered). A peer that dies in between leaves
-  that thread blocked; its transfer still fails at its deadline (the receiver frees blocks
-  without the thread) and the link fails once the member does not rejoin.
+- NCCL's pair set-up blocks until the peer sets up too, with no deadline of ours: it runs on a
+  helper thread bounded by the build's deadline (a member that does not set its pairs up fails
+  the build, and the link). A pair outside `peers` would be set up lazily at its first post,
+  which blocks: `peers` must be symmetric and name every pair that moves KV.
 - On CUDA a broken generation's waits return at once (they poll the work); gloo's waits
   cannot be interrupted (neither `abort()` nor a peer's failure ends them), so on CPU they end
   at their deadline.
@@ -53,25 +54,17 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol, cast
+from collections.abc import Callable, Collection
+from typing import cast
 
 import torch
 import torch.distributed as dist
 
+from kvtransfer.copy_stream import poll_until
 from kvtransfer.errors import KVTransferError
+from kvtransfer.transports.p2p_pairs import TAG, Backend, PairSetupError, pair_order, warm_up
 
 log = logging.getLogger(__name__)
-_TAG = 7
-_CUDA_POLL_S = 0.0002
-
-
-class Backend(Protocol):
-    """What the link uses of a torch.distributed backend (ProcessGroupGloo / ProcessGroupNCCL)."""
-
-    def send(self, tensors: list[torch.Tensor], dst_rank: int, tag: int) -> dist.Work: ...
-
-    def recv(self, tensors: list[torch.Tensor], src_rank: int, tag: int) -> dist.Work: ...
 
 
 class LinkBrokenError(KVTransferError):
@@ -107,15 +100,15 @@ class Generation:
         self.users = 0
 
     def post_send(self, tensor: torch.Tensor, peer: int) -> dist.Work:
-        return self.backend.send([tensor], peer, _TAG)
+        return self.backend.send([tensor], peer, TAG)
 
     def post_recv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
-        return self.backend.recv([tensor], peer, _TAG)
+        return self.backend.recv([tensor], peer, TAG)
 
 
 def make_backend(kind: str, store: dist.Store, rank: int, size: int, timeout_s: float, name: str) -> Backend:
     """A standalone gloo or NCCL backend over `store` (a collective for gloo, lazy for NCCL:
-    each pair's communicator is made at its first send/recv, both sides at once)."""
+    each pair's communicator is made at its first send/recv, both sides at once: `warm_up`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if kind == "gloo":
         return cast(Backend, dist.ProcessGroupGloo(store, rank, size, timeout))  # the stubs lack send/recv
@@ -146,7 +139,9 @@ def teardown(backend: Backend) -> None:
 
 
 class P2PLink:
-    """See the module docstring. `rank` is this process's rank in the KV group."""
+    """See the module docstring. `rank` is this process's rank in the KV group; `peers` the
+    ranks it moves KV with (None: every other member); `device` the device its KV tensors are
+    on (None: the current CUDA device for NCCL, the CPU for gloo)."""
 
     def __init__(
         self,
@@ -158,8 +153,12 @@ class P2PLink:
         timeout_s: float = 120.0,
         rebuild_timeout_s: float = 30.0,
         watch_s: float = 0.05,
+        peers: Collection[int] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.store, self.rank, self.world_size, self.backend_name = store, rank, world_size, backend
+        self.peers = pair_order(rank, world_size, peers)
+        self.device = device or _default_device(backend)
         self._timeout_s, self._rebuild_timeout_s, self._watch_s = timeout_s, rebuild_timeout_s, watch_s
         self._cond = threading.Condition()
         self._stopped = threading.Event()
@@ -254,15 +253,14 @@ class P2PLink:
             raise LinkBrokenError(reason) from exc
 
     def wait(self, gen: Generation, work: dist.Work, tensor: torch.Tensor, deadline: float) -> None:
-        """Waits for `work` until `deadline`; any failure breaks `gen` and raises LinkBrokenError."""
+        """Waits for `work` until `deadline`; any failure breaks `gen` and raises LinkBrokenError.
+        On CUDA the calling thread's current stream is then ordered after the operation."""
         try:
             if tensor.is_cuda:  # NCCL's work.wait() only orders streams: poll the CUDA event
-                while not work.is_completed():
+                if not poll_until(work.is_completed, deadline, gen.broken.is_set):
                     if gen.broken.is_set():
                         raise LinkBrokenError(f"epoch {gen.epoch} broke: {self.reason}")
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError("p2p operation timed out")
-                    time.sleep(_CUDA_POLL_S)
+                    raise TimeoutError("p2p operation timed out")
             work.wait(datetime.timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except LinkBrokenError:
             raise
@@ -337,7 +335,8 @@ class P2PLink:
             teardown(gen.backend)
 
     def _build(self, epoch: int, timeout_s: float) -> Generation:
-        """Joins epoch `epoch` (all members within `timeout_s`) and builds its backend."""
+        """Joins epoch `epoch`, builds its backend and sets up its pairs (all members, within
+        `timeout_s`)."""
         key = f"e{epoch}/join"
         try:
             self.store.add(key, 1)
@@ -353,11 +352,19 @@ class P2PLink:
                 time.sleep(min(0.01, self._watch_s))
             backend = make_backend(self.backend_name, dist.PrefixStore(f"e{epoch}/pg/", self.store),
                                    self.rank, self.world_size, self._timeout_s, f"tandem-kv-e{epoch}")
+            warm_up(backend, self.rank, self.peers, self.device, deadline)
         except LinkFailedError:
             raise
-        except Exception as exc:  # the store or the backend's rendezvous failed
-            raise LinkFailedError(f"KV group epoch {epoch} did not form: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # the store, the backend's rendezvous or a pair's set-up failed
+            hint = "; p2p transfers are off, gRPC still works" if isinstance(exc, PairSetupError) else ""
+            raise LinkFailedError(f"KV group epoch {epoch} did not form: {type(exc).__name__}: {exc}{hint}") from exc
         return Generation(epoch, backend)
+
+
+def _default_device(backend: str) -> torch.device:
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _broken_key(epoch: int) -> str:

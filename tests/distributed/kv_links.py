@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection, Sequence
 
 import torch.distributed as dist
 
 from kvtransfer.transports.p2p_link import P2PLink
 
 
-def in_process_links(world_size: int = 2, **kwargs: float) -> list[P2PLink]:
-    """Builds the links concurrently (joining is a collective), one per rank."""
+def in_process_links(world_size: int = 2, peers: Sequence[Collection[int] | None] | None = None,
+                     **kwargs: float) -> list[P2PLink]:
+    """Builds the links concurrently (joining is a collective), one per rank; `peers[rank]` is
+    that rank's `peers` (default: every other rank)."""
     store = dist.HashStore()
     links: list[P2PLink | None] = [None] * world_size
     errors: list[BaseException] = []
 
     def make(rank: int) -> None:
         try:
-            links[rank] = P2PLink(dist.PrefixStore("kv/", store), rank, world_size, "gloo", **kwargs)
+            links[rank] = P2PLink(dist.PrefixStore("kv/", store), rank, world_size, "gloo",
+                                  peers=None if peers is None else peers[rank], **kwargs)
         except BaseException as exc:  # noqa: BLE001 - re-raised below on the test's thread
             errors.append(exc)
 
