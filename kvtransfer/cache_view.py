@@ -51,6 +51,11 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
 class KVCacheView:
     """Block-granular reads and writes of one rank's cache (optionally of a local head slice)."""
 
+    # Each read or write is a device-local copy, enqueued (on CUDA, on the current stream).
+    # False in views whose calls are group operations that wait for the engine's step in
+    # flight (TPGroupKVView): callers move as much per call as they can there.
+    local_copies = True
+
     def __init__(self, kv_cache: torch.Tensor, tp: TPLayout | None = None) -> None:
         if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
             raise KVLayoutError("kv_cache", f"expected [L, 2, N, bs, H, D], got {tuple(kv_cache.shape)}")
@@ -85,10 +90,7 @@ class KVCacheView:
         self, block_ids: Sequence[int], heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Copy of blocks `block_ids` (local heads `heads`, layers `layers`): [L, 2, n, block_size, h, D]."""
-        index = self._index(block_ids, "block_ids")
-        src = self.kv_cache if layers is None else self.kv_cache[layers[0] : layers[1]]
-        src = src if heads is None else src[..., heads[0] : heads[1], :]
-        return _as_words(src).index_select(2, index).view(src.dtype)
+        return self.read_indexed(self.block_index(block_ids), heads, layers)
 
     def write_blocks(
         self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None,
@@ -96,10 +98,30 @@ class KVCacheView:
     ) -> None:
         """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (local heads `heads`,
         layers `layers`)."""
-        index = self._index(block_ids, "block_ids")
+        self.write_indexed(self.block_index(block_ids), data, heads, layers)
+
+    def block_index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """`block_ids`, checked, as the index that `read_indexed` / `write_indexed` take: built once
+        for several reads or writes of the same blocks (e.g. layer by layer). On CUDA its copy to
+        the device is enqueued on the current stream: use it on that stream."""
+        return self._index(block_ids, "block_ids")
+
+    def read_indexed(
+        self, index: torch.Tensor, heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """`read_blocks` of the blocks `index` names (from `block_index`)."""
+        src = self.kv_cache if layers is None else self.kv_cache[layers[0] : layers[1]]
+        src = src if heads is None else src[..., heads[0] : heads[1], :]
+        return _as_words(src).index_select(2, index).view(src.dtype)
+
+    def write_indexed(
+        self, index: torch.Tensor, data: torch.Tensor, heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+    ) -> None:
+        """`write_blocks` into the blocks `index` names (from `block_index`)."""
         h0, h1 = heads if heads is not None else (0, self.num_local_heads)
         l0, l1 = layers if layers is not None else (0, self.num_layers)
-        expected = (l1 - l0, 2, len(block_ids), self.block_size, h1 - h0, self.head_dim)
+        expected = (l1 - l0, 2, index.numel(), self.block_size, h1 - h0, self.head_dim)
         if tuple(data.shape) != expected:
             raise KVLayoutError("data", f"expected shape {expected}, got {tuple(data.shape)}")
         data = data.to(device=self.device, dtype=self.dtype, non_blocking=True)

@@ -47,6 +47,8 @@ class KVGroup(Protocol):
 class TPGroupKVView(KVCacheView):
     """Every KV head of a TP group, from rank 0's `kv_cache` and `group`'s collectives."""
 
+    local_copies = False
+
     def __init__(self, kv_cache: torch.Tensor, group: KVGroup, tp_size: int, num_kv_heads: int) -> None:
         super().__init__(kv_cache, TPLayout(0, tp_size, num_kv_heads))  # checks rank 0's shard
         self.group = group
@@ -74,6 +76,22 @@ class TPGroupKVView(KVCacheView):
             raise KVLayoutError("data", f"expected shape {self._shape(op)}, got {tuple(data.shape)}")
         if op.block_ids:
             self.group.write_kv(self.kv_cache, op, data.to(device=self.device, dtype=self.dtype))
+
+    def block_index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The checked ids as a CPU tensor: the group's ops take ids, not a device index."""
+        self.check_block_ids(block_ids, "block_ids")
+        return torch.tensor([int(b) for b in block_ids], dtype=torch.int64)
+
+    def read_indexed(
+        self, index: torch.Tensor, heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return self.read_blocks(index.tolist(), heads, layers)
+
+    def write_indexed(
+        self, index: torch.Tensor, data: torch.Tensor, heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+    ) -> None:
+        self.write_blocks(index.tolist(), data, heads, layers)
 
     def read_rows(self, block_ids: Sequence[int]) -> torch.Tensor:
         """KVCacheView.read_rows over every rank's heads (one whole-group read)."""

@@ -26,3 +26,14 @@ def test_odd_layouts_fall_back_to_elements() -> None:
     assert _as_words(cache).dtype == torch.float16
     view = KVCacheView(cache)
     assert torch.equal(view.read_blocks([4, 1]), cache[:, :, [4, 1]])
+
+
+def test_one_index_serves_every_layer_range() -> None:
+    cache = torch.randn(4, 2, 9, 16, 2, 8)
+    view = KVCacheView(cache)
+    blocks = [6, 1, 3]
+    index = view.block_index(blocks)
+    parts = [view.read_indexed(index, layers=(l0, l1)) for l0, l1 in [(0, 1), (1, 3), (3, 4)]]
+    assert torch.equal(torch.cat(parts), view.read_blocks(blocks))
+    view.write_indexed(view.block_index([2, 8, 5]), parts[1], layers=(1, 3))
+    assert torch.equal(cache[1:3, :, [2, 8, 5]], cache[1:3, :, blocks])
