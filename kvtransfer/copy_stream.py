@@ -1,16 +1,30 @@
-"""How a transport's threads wait for device work.
+"""Where a transport's block copies run, and how its threads wait for device work.
+
+`CopyStream`: on CUDA a dedicated stream per transport object, so gathers and scatters neither
+queue behind the engine's forward passes nor hold them up; on CPU nothing (copies there are
+synchronous). The engine's own stream is tied in by events recorded on the engine thread
+(`mark_current`): a sender's gather waits for the step that wrote the KV (recorded at
+`register`), a receiver's scatter for the engine work queued before `start` (whatever last
+used the destination blocks). Nothing waits for engine steps queued later.
 
 `poll_until`: every wait of a transport thread on device work is a poll with a deadline, never a
 blocking synchronize (a peer that never posts must not hold a thread past its deadline). The
 interval grows with the time waited, so a short wait ends within microseconds of the work and a
 long one costs at most ~1,000 wake-ups per second.
+
+Hazard: a copy enqueued on the copy stream is still running when the call that enqueued it
+returns. A caller that hands the blocks back (lease end, transfer failure) must first `settle()`
+the stream, inside the blocks' access gate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+import torch
 
 _MAX_POLL_S = 0.001
 _POLL_FRACTION = 8  # poll every 1/8 of the time waited so far: a wait ends at most ~12% late
@@ -27,3 +41,42 @@ def poll_until(done: Callable[[], bool], deadline: float = math.inf,
             return False
         time.sleep(min(_MAX_POLL_S, (now - start) / _POLL_FRACTION, deadline - now))
     return True
+
+
+def mark_current(device: torch.device) -> torch.cuda.Event | None:
+    """An event at the end of the calling thread's current stream on `device` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class CopyStream:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        """Makes the copy stream the calling thread's current stream (no-op on CPU)."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def wait_for(self, event: torch.cuda.Event | None) -> None:
+        """Later work on the copy stream starts after `event` (device-side: never blocks)."""
+        if self.stream is not None and event is not None:
+            self.stream.wait_event(event)
+
+    def settle(self) -> None:
+        """Returns once everything enqueued on the copy stream so far has run. Unbounded on
+        purpose: that work waits only on this device (engine work queued before a mark, and
+        receives that already completed), never on a peer."""
+        if self.stream is None:
+            return
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        poll_until(event.query)

@@ -13,6 +13,11 @@ State machine (`TransferState`), advanced only under the job's lock:
 ABORTING is reported as TRANSFERRING (or WAITING if nothing landed): the destination blocks
 are still being written. FAILED is reported only after the job's gate closed, i.e. no write can
 land any more, and `on_release(transfer_id, dst_block_ids)` runs exactly once at that moment.
+
+Device ordering (CUDA): `start` records `engine_ready` on the caller's (the engine's) stream; a
+transport that writes on its own stream waits for it first, and lets a write finish on the
+device before it leaves the gate (`write_layers`' `settle`), so DONE and FAILED both mean no
+write to the destination blocks is still running.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from kvtransfer.cache_view import KVCacheView
+from kvtransfer.copy_stream import mark_current
 from kvtransfer.errors import InvalidBlockIdsError, TransferAbortedError
 from kvtransfer.gate import AccessGate
 from kvtransfer.handle import KVHandle
@@ -63,6 +70,8 @@ class Transfer:
     gate: AccessGate = field(default_factory=AccessGate)
     cancelled: threading.Event = field(default_factory=threading.Event)
     abort_hooks: list[Callable[[], None]] = field(default_factory=list)
+    engine_ready: torch.cuda.Event | None = None  # the engine's stream at start() (CUDA)
+    stamps: dict[str, float] = field(default_factory=dict)  # transport stages (perf_counter)
 
     @property
     def transfer_id(self) -> str:
@@ -70,22 +79,31 @@ class Transfer:
 
     def write(self, first: int, blocks: torch.Tensor, part: HeadSlice) -> None:
         """Writes `blocks` [n, L, 2, bs, h, D] at handle block index `first` (any thread)."""
+        dst = self.dst_block_ids[first : first + blocks.shape[0]]
+        with self._writing():
+            self.view.write_blocks(dst, blocks.permute(1, 2, 0, 3, 4, 5), (part.dst_start, part.dst_end))
+
+    def write_layers(self, layers: tuple[int, int], data: torch.Tensor, part: HeadSlice, index: torch.Tensor,
+                     settle: Callable[[], None]) -> None:
+        """Writes layer-major `data` [l, 2, n, bs, h, D] (every block of the handle) into the
+        destination blocks' layers `layers` (any thread). `index` is the view's `block_index`
+        of the destination blocks; `settle()` returns once the write ran on the device (it
+        runs inside the gate: a release never frees blocks that a copy is still writing)."""
+        with self._writing():
+            self.view.write_indexed(index, data, (part.dst_start, part.dst_end), layers)
+            settle()
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write into the destination blocks; refused once cancelled or released."""
         if self.cancelled.is_set():
             raise TransferAbortedError("transfer cancelled")
-        dst = self.dst_block_ids[first : first + blocks.shape[0]]
         with self.gate.access():
-            self.view.write_blocks(dst, blocks.permute(1, 2, 0, 3, 4, 5), (part.dst_start, part.dst_end))
+            yield
             self.wrote = True
 
-    def write_layers(self, layers: tuple[int, int], data: torch.Tensor, part: HeadSlice) -> None:
-        """Writes layer-major `data` [l, 2, n, bs, h, D] (every block of the handle) into the
-        destination blocks' layers `layers` (any thread)."""
-        if self.cancelled.is_set():
-            raise TransferAbortedError("transfer cancelled")
-        dst = self.dst_block_ids[: data.shape[2]]
-        with self.gate.access():
-            self.view.write_blocks(dst, data, (part.dst_start, part.dst_end), layers)
-            self.wrote = True
+    def stamp(self, stage: str) -> None:
+        self.stamps[stage] = time.perf_counter()
 
     def on_abort(self, hook: Callable[[], None]) -> None:
         """Registers a hook that unblocks the transport (e.g. cancels an RPC) on abort."""
@@ -129,7 +147,8 @@ class ThreadedReceiver(KVReceiver):
             raise InvalidBlockIdsError("dst_block_ids", f"{len(dst_block_ids)} ids for {handle.num_blocks} blocks")
         self.view.check_block_ids(dst_block_ids, "dst_block_ids")
         plan = plan_for_destination(self.view.tp.tp_rank, self.view.tp.tp_size, handle.layout.tp_size, handle.layout.num_kv_heads)
-        job = Transfer(handle, list(dst_block_ids), plan, self._clock() + self._timeout_s, self.view)
+        job = Transfer(handle, list(dst_block_ids), plan, self._clock() + self._timeout_s, self.view,
+                       engine_ready=mark_current(self.view.device))
         with self._lock:
             if handle.transfer_id in self._active or handle.transfer_id in self._finished:
                 raise ValueError(f"transfer_id: {handle.transfer_id!r} already started")
@@ -152,6 +171,12 @@ class ThreadedReceiver(KVReceiver):
         if job is None:
             return f"unknown transfer id {transfer_id!r}"
         return job.reason if job.state is TransferState.FAILED else None
+
+    def stamps(self, transfer_id: str) -> dict[str, float]:
+        """The transport's stage times of a transfer (time.perf_counter; for benchmarks)."""
+        with self._lock:
+            job = self._active.get(transfer_id) or self._finished.get(transfer_id)
+        return dict(job.stamps) if job is not None else {}
 
     def cancel(self, transfer_id: str) -> None:
         with self._lock:

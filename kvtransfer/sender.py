@@ -42,7 +42,8 @@ class LeasedSender(KVSender):
         self._handles: dict[str, KVHandle] = {}
         # Test seam: called with the transfer id before each chunk is read (e.g. to stall or
         # kill the sender mid-stream in the conformance suite; the p2p sender calls it before
-        # gathering and again before posting its sends). None in production.
+        # checking the epoch and again before accepting, right before its sends are posted).
+        # None in production.
         self.chunk_hook: Callable[[str], None] | None = None
 
     def register(
