@@ -4,8 +4,8 @@
 # under the 10-minute limit of one device call:  `bash bench/gpu_session.sh tp`  (steps 1-2,
 # ~7 min: an 8B engine takes ~2 min to build and capture at TP = 2) and
 # `bash bench/gpu_session.sh kv`  (steps 3-6, ~7 min):
-#   1. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, the same with float32 partial sums,
-#                           and the no-collective ablation): bf16 greedy
+#   1. bench/tp.py          TP=1 vs TP=2 (auto all-reduce, the all-reduce fused with the
+#                           residual add and RMSNorm, and the no-collective ablation): bf16 greedy
 #                           equality (16 tokens x 8 prompts), speedups, all-reduce share, the
 #                           step breakdown and torch.profiler's kernel table, each engine in its
 #                           own process; then the multi-GPU TP equality tests
@@ -31,10 +31,10 @@ step() {
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
 part=${1:-tp}
 if [ "$part" = tp ]; then
-  step tp 420 python3 bench/tp.py --decode-steps 30 --variants auto,auto-fp32reduce,skip --profile \
+  step tp 420 python3 bench/tp.py --decode-steps 30 --variants auto,fused,skip --profile \
     --engine-timeout 120
-  step tp_tests 120 python3 -m pytest -q -m multi_gpu tests/distributed/test_tp_equality.py \
-    --timeout 120 -p no:cacheprovider
+  step tp_tests 150 python3 -m pytest -q tests/kernels/test_allreduce_add_rmsnorm.py \
+    tests/distributed/test_tp_equality.py -k "allreduce_add or nccl" --timeout 60 -p no:cacheprovider
 elif [ "$part" = allreduce ]; then
   step allreduce 60 python3 bench/allreduce.py
 else

@@ -144,7 +144,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides the sizing (tests use tiny pools)
     tensor_parallel_size: int = 1
     # How TP ranks sum partial results: "auto" (one-shot symmetric-memory kernel for small
-    # messages on CUDA when every rank can map its peers, else NCCL), "nccl", "symm_mem", or
+    # messages on CUDA when every rank can map its peers, else NCCL), "nccl", "symm_mem",
+    # "fused" (symm_mem, and for decode-sized steps the row-parallel all-reduce fused with the
+    # residual add and RMSNorm in one kernel; engine.distributed.fused_norm), or
     # "skip" (measurement only: no collective at all, outputs are wrong; bench/tp.py uses it to
     # time a step without its all-reduces).
     tp_all_reduce: str = "auto"
@@ -170,7 +172,7 @@ class EngineConfig:
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "kv_cache_bytes": self.kv_cache_bytes > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
-            "tp_all_reduce": self.tp_all_reduce in ("auto", "nccl", "symm_mem", "skip"),
+            "tp_all_reduce": self.tp_all_reduce in ("auto", "nccl", "symm_mem", "fused", "skip"),
             "tp_fp32_reduce_max_tokens": self.tp_fp32_reduce_max_tokens >= 0,
             "load_format": self.load_format in ("auto", "safetensors", "dummy"),
             "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks >= 2,

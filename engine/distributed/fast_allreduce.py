@@ -27,11 +27,12 @@ import os
 import torch
 import torch.distributed as dist
 
+from engine.distributed import fused_norm
 from engine.distributed.parallel_state import TPGroup, get_tp_group, set_tp_group
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "nccl", "symm_mem", "skip")
+MODES = ("auto", "nccl", "symm_mem", "fused", "skip")
 DEFAULT_MAX_BYTES = 2 << 20  # up to 128 rows of a 4096-wide hidden state in float32
 
 
@@ -75,10 +76,14 @@ def _all_ranks(tp: TPGroup, device: torch.device, ok: bool) -> bool:
     return bool(int(flag.item()))
 
 
-def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+def install(mode: str, device: torch.device, hidden: int = 0, dtype: torch.dtype = torch.float32,
+            max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Give the process's TP group its all-reduce for `mode`; returns the mode in effect.
 
-    Collective when the group has more than one rank: call on every rank in the same order."""
+    "fused" also gives it the all-reduce fused with the residual add and RMSNorm for rows of
+    `hidden` x `dtype` (engine.distributed.fused_norm): the symmetric-memory kernel on CUDA, the
+    reference composition elsewhere ("fused-reference"). Collective when the group has more
+    than one rank: call on every rank in the same order."""
     tp = get_tp_group()
     if mode not in MODES:
         raise ValueError(f"tp_all_reduce: {mode!r} is not one of {MODES}")
@@ -89,6 +94,9 @@ def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES)
                     "(measurement only)")
         set_tp_group(dataclasses.replace(tp, skip_all_reduce=True))
         return "skip"
+    if mode == "fused" and device.type != "cuda":
+        set_tp_group(dataclasses.replace(tp, fused_norm=fused_norm.ReferenceFusedNorm(tp.all_reduce, fused_norm.MAX_ROWS)))
+        return "fused-reference"
     if mode == "nccl" or device.type != "cuda":
         return "nccl" if device.type == "cuda" else "gloo"
     fast: SymmMemAllReduce | None = None
@@ -109,11 +117,30 @@ def install(mode: str, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES)
             log.warning("symmetric-memory all-reduce unavailable on rank %d: %s", tp.rank, err)
             ok = False
     if not _all_ranks(tp, device, ok):
-        if mode == "symm_mem":
-            raise RuntimeError("tp_all_reduce='symm_mem' was asked for but is unavailable on some rank")
+        if mode in ("symm_mem", "fused"):
+            raise RuntimeError(f"tp_all_reduce={mode!r} was asked for but symmetric memory is unavailable on some rank")
         return "nccl"
     set_tp_group(dataclasses.replace(tp, fast_all_reduce=fast))
-    return "symm_mem"
+    if mode != "fused":
+        return "symm_mem"
+    return _install_fused(device, hidden, dtype)
+
+
+def _install_fused(device: torch.device, hidden: int, dtype: torch.dtype) -> str:
+    tp = get_tp_group()
+    op: fused_norm.SymmMemFusedNorm | None = None
+    try:
+        op = fused_norm.SymmMemFusedNorm(tp.group, device, hidden, dtype, tp.all_reduce)  # type: ignore[arg-type]
+        ok = fused_norm.self_test(op, tp.rank, tp.size, hidden, dtype, device)
+    except Exception as err:  # noqa: BLE001 - any failure: every rank keeps the unfused path
+        log.warning("fused all-reduce + norm unavailable on rank %d: %s", tp.rank, err)
+        ok = False
+    if not _all_ranks(tp, device, ok):
+        raise RuntimeError("tp_all_reduce='fused' was asked for but failed its self-test on some rank")
+    assert op is not None
+    op.reset_order()
+    set_tp_group(dataclasses.replace(tp, fused_norm=op))
+    return "fused"
 
 
 def install_fp32_reduce(max_rows: int, device: torch.device) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,7 @@ class TPGroup:
     fast_all_reduce: FastAllReduce | None = None
     skip_all_reduce: bool = False  # measurement only: partial sums stay partial
     fp32_reduce_max_rows: int = 0  # row-parallel partial sums in float32 up to this many rows
+    fused_norm: Any = None  # engine.distributed.fused_norm: all-reduce + residual add + RMSNorm
 
     @property
     def is_leader(self) -> bool:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
+from engine.distributed.fused_norm import PartialSum
 from engine.layers.weight_source import WeightSource, copy_into, read_all, read_narrow
 
 
@@ -100,6 +101,9 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(out_features) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self._load_bias  # type: ignore[attr-defined]
+        # The fused all-reduce + norm's buffer slot: row-parallel layers alternate in the order
+        # they are built, which is the order they run (o_proj, down_proj of each block).
+        self.slot = tp.fused_norm.assign_slot() if tp.fused_norm is not None else 0
 
     def _load_weight(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
         loaded = read_narrow(src, 1, self.tp.rank * self.in_local, self.in_local)
@@ -108,10 +112,17 @@ class RowParallelLinear(nn.Module):
     def _load_bias(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
         copy_into(param, read_all(src), "row-parallel bias")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSum:
         """[T, out]: in x's dtype, or in float32 when the partial sums were reduced in float32
         (TPGroup.fp32_reduce_max_rows); the consumer, the residual add, rounds it then, so
-        that no separate cast runs (engine.layers.norm)."""
+        that no separate cast runs (engine.layers.norm). With the group's fused all-reduce +
+        norm, small steps return the unreduced PartialSum: the norm that follows sums it."""
+        fused = self.tp.fused_norm
+        if fused is not None and self.bias is None:
+            partial = F.linear(x, self.weight)
+            if fused.fits(partial):
+                return PartialSum(partial, self.slot, fused)
+            return self.tp.all_reduce(partial)
         if self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows:
             y = self.tp.all_reduce(_linear_fp32_out(x, self.weight))
         else:

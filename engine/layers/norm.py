@@ -5,12 +5,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.distributed.fused_norm import PartialSum
+
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face Llama semantics: normalise in float32, cast back, then scale."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(norm(x + residual), x + residual)` in the residual's dtype (x may be a float32
+    row-parallel sum: rounded to that dtype before the add). Triton on CUDA, torch elsewhere."""
+    if x.is_cuda and x.shape[-1] == weight.shape[0] and x.dim() == 2:
+        from engine.kernels.fused_add_rmsnorm import fused_add_rmsnorm
+
+        return fused_add_rmsnorm(x, residual, weight, eps)
+    residual = x.to(residual.dtype) + residual
+    return rmsnorm_ref(residual, weight, eps), residual
 
 
 class RMSNorm(nn.Module):
@@ -20,17 +33,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | PartialSum, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """`norm(x)`, or with a residual `(norm(x + residual), x + residual)` in the residual's
-        dtype (x may be a float32 row-parallel sum: rounded to that dtype before the add)."""
+        """`norm(x)`, or with a residual `add_rmsnorm(x, residual)`. x may be a row-parallel
+        layer's PartialSum: with a residual the sum happens inside the norm (one fused kernel
+        under TP, engine.distributed.fused_norm)."""
+        if isinstance(x, PartialSum):
+            if residual is not None:
+                return x.add_rmsnorm(residual, self.weight, self.eps)
+            x = x.reduce()
+        if residual is not None:
+            return add_rmsnorm(x, residual, self.weight, self.eps)
         if x.is_cuda and x.shape[-1] == self.weight.shape[0] and x.dim() == 2:
-            from engine.kernels.fused_add_rmsnorm import fused_add_rmsnorm, rmsnorm
+            from engine.kernels.fused_add_rmsnorm import rmsnorm
 
-            if residual is None:
-                return rmsnorm(x, self.weight, self.eps)
-            return fused_add_rmsnorm(x, residual, self.weight, self.eps)
-        if residual is None:
-            return rmsnorm_ref(x, self.weight, self.eps)
-        residual = x.to(residual.dtype) + residual
-        return rmsnorm_ref(residual, self.weight, self.eps), residual
+            return rmsnorm(x, self.weight, self.eps)
+        return rmsnorm_ref(x, self.weight, self.eps)

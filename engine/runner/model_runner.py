@@ -57,7 +57,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         # Collective on a TP group (every rank builds its runner in the same order); layers read
         # the group when they are built, so this comes first.
-        self.all_reduce_mode = fast_allreduce.install(engine.tp_all_reduce, device)
+        self.all_reduce_mode = fast_allreduce.install(engine.tp_all_reduce, device, model_cfg.hidden_size, self.dtype)
         self.fp32_reduce_max_tokens = fast_allreduce.install_fp32_reduce(engine.tp_fp32_reduce_max_tokens, device)
         self.model = self._load_model(show_progress)
         self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads

@@ -20,8 +20,9 @@ NUM_NEW = 32
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, min_tokens=NUM_NEW)
 
 
-def _generate(path: Path, tp: int, **kwargs) -> list[list[int]]:
+def _generate(path: Path, tp: int, mode: str | None = None, **kwargs) -> list[list[int]]:
     llm = LLM(str(path), device="cpu", show_progress=False, tensor_parallel_size=tp, **kwargs)
+    assert mode is None or llm.engine.runner.all_reduce_mode == mode
     try:
         outs = llm.generate(prompts(), GREEDY)
         stats = llm.engine.stats()
@@ -39,6 +40,15 @@ def test_tp2_equals_tp1(name, checkpoints, local_ray):
     reference = _generate(checkpoints[name], 1)
     assert all(len(r) == NUM_NEW for r in reference)
     assert _generate(checkpoints[name], 2, max_num_batched_tokens=64) == reference
+
+
+@pytest.mark.parametrize("name", ["llama31", "qwen2"])
+def test_tp2_fused_norm_equals_tp1(name, checkpoints, local_ray):
+    """tp_all_reduce="fused": row-parallel outputs travel as PartialSum into the norm that sums
+    them (the reference composition on CPU; the CUDA kernel in the multi-GPU test below)."""
+    reference = _generate(checkpoints[name], 1)
+    tp2 = _generate(checkpoints[name], 2, "fused-reference", max_num_batched_tokens=64, tp_all_reduce="fused")
+    assert tp2 == reference
 
 
 def test_engine_api_and_restart(checkpoints, local_ray):
@@ -144,12 +154,14 @@ def _check_vocab_shard(local: torch.Tensor, full: torch.Tensor, rank: int) -> No
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("name", ["llama31", "mistral"])
-def test_tp2_equals_tp1_nccl(name, checkpoints, local_ray):
-    """On two GPUs (NCCL, CUDA graphs, float32): the same equality."""
+@pytest.mark.parametrize("name,all_reduce", [("llama31", "fused"), ("llama31", "auto"), ("mistral", "auto")])
+def test_tp2_equals_tp1_nccl(name, all_reduce, checkpoints, local_ray):
+    """On two GPUs (CUDA graphs, float32): the same equality, with the fused all-reduce + norm
+    kernel (first: symmetric memory serves only a process's first TP group) and then with the
+    all-reduces "auto" picks (NCCL for the restarted groups)."""
     def run(tp: int) -> list[list[int]]:
         llm = LLM(str(checkpoints[name]), dtype="float32", show_progress=False, tensor_parallel_size=tp,
-                  gpu_memory_utilization=0.5)
+                  gpu_memory_utilization=0.3, tp_all_reduce=all_reduce)
         try:
             return [o.token_ids for o in llm.generate(prompts(), GREEDY)]
         finally:
