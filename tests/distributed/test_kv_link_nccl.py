@@ -2,7 +2,9 @@
 group as a worker's TP group would): a transfer; a break between transfers (the next one runs
 on epoch 2); a break while a receive that will never match is posted (its wait returns at once,
 and the epoch's communicator is aborted with the receive still on its stream); then a transfer
-on epoch 3."""
+on epoch 3; a transfer whose lease ended, answered with filler messages that the receiver drains
+(epoch 3 survives); and a transfer of several messages (60 blocks: 3 messages of 1, 2, 1
+layers)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch.multiprocessing as mp
 
 from kvtransfer.cache_view import KVCacheView
 from kvtransfer.handle import KVHandle
-from kvtransfer.interfaces import KVPoll
+from kvtransfer.interfaces import KVPoll, KVReceiver, KVSender
 from kvtransfer.pool_link import KVGroupSpec, join, make_receiver, make_sender
 from kvtransfer.transports.p2p_link import LinkBrokenError, LinkState, P2PLink
 
@@ -26,6 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 L, N, BS, H, D = 4, 64, 16, 8, 128
 SRC_IDS = [3, 17, 5, 29, 8, 11, 40, 41]
 DST_IDS = {"t1": [30, 2, 9, 14, 21, 6, 50, 51], "t2": [1, 2, 3, 4, 5, 6, 7, 8], "t3": [60, 61, 62, 63, 10, 11, 12, 13]}
+MANY_SRC, MANY_DST = list(range(1, 61)), list(range(63, 3, -1))  # 60 blocks, 15 MiB: 3 messages
 
 
 def _free_port() -> int:
@@ -61,14 +64,31 @@ def _sender(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> None:
             link.fail(link.current, "injected: failure while a receive is posted")
             _wait_epoch(link, 3)
         store.set(f"handle-{tid}", sender.register(tid, SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0]).to_bytes())
-        deadline = time.monotonic() + 30
-        while tid not in released and time.monotonic() < deadline:
-            sender.poll()
-            time.sleep(0.002)
-        assert tid in released
+        _wait_released(sender, released, tid)
+    handle = sender.register("t4", SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0])
+    sender.fail("t4", "injected: the request was aborted")  # its lease ends before the receiver asks
+    _wait_released(sender, released, "t4")
+    store.set("handle-t4", handle.to_bytes())
+    store.set("handle-t5", sender.register("t5", MANY_SRC, [], len(MANY_SRC) * BS, source_p2p_ranks=[0]).to_bytes())
+    _wait_released(sender, released, "t5")
     store.get("receiver-done")
     assert link.epoch == 3
     sender.close()
+
+
+def _wait_released(sender: KVSender, released: list[str], tid: str) -> None:
+    deadline = time.monotonic() + 30
+    while tid not in released and time.monotonic() < deadline:
+        sender.poll()
+        time.sleep(0.002)
+    assert tid in released
+
+
+def _finish(receiver: KVReceiver, tid: str) -> KVPoll:
+    deadline = time.monotonic() + 30
+    while (state := receiver.poll(tid)) not in (KVPoll.DONE, KVPoll.FAILED) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return state
 
 
 def _receiver(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> None:
@@ -80,13 +100,17 @@ def _receiver(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> Non
         if tid == "t3":
             _dangling_recv(link, store, device)
         receiver.start(KVHandle.from_bytes(store.get(f"handle-{tid}")), dst)
-        deadline = time.monotonic() + 30
-        while receiver.poll(tid) not in (KVPoll.DONE, KVPoll.FAILED) and time.monotonic() < deadline:
-            time.sleep(0.002)
-        assert receiver.poll(tid) is KVPoll.DONE, receiver.failure_reason(tid)
+        assert _finish(receiver, tid) is KVPoll.DONE, receiver.failure_reason(tid)
         torch.cuda.synchronize()
         assert torch.equal(view.read_blocks(dst), expected), tid
-    assert link.epoch == 3
+    receiver.start(KVHandle.from_bytes(store.get("handle-t4")), DST_IDS["t1"])
+    assert _finish(receiver, "t4") is KVPoll.FAILED
+    assert "filled" in (receiver.failure_reason("t4") or ""), receiver.failure_reason("t4")
+    receiver.start(KVHandle.from_bytes(store.get("handle-t5")), MANY_DST)
+    assert _finish(receiver, "t5") is KVPoll.DONE, receiver.failure_reason("t5")
+    torch.cuda.synchronize()
+    assert torch.equal(view.read_blocks(MANY_DST), KVCacheView(_cache(True, device)).read_blocks(MANY_SRC))
+    assert link.epoch == 3  # the filler kept the pair in step
     store.set("receiver-done", b"1")
     receiver.close()
 
