@@ -3,10 +3,10 @@ dummy weights that are the same logical model at every TP size).
 
     python bench/tp.py [--tp 2] [--model preset:llama-3-8b]
 
-Engines measured, one after the other in this process: TP = 1; TP = N with the all-reduce the
-engine picks (`tp_all_reduce="auto"`: the one-shot symmetric-memory kernel when available);
-TP = N with NCCL all-reduces; and TP = N with `tp_all_reduce="skip"` (no collective at all:
-wrong tokens, timing only). For each: greedy tokens of 8 prompts (the first 16 must be identical
+Engines measured, one after the other, each in its own process: TP = 1, then TP = N for each
+`--variants` entry, a `tp_all_reduce` mode: "auto" (what the engine picks: the all-reduce fused
+with the residual add and RMSNorm when available), "symm_mem" (the one-shot kernel, unfused),
+"nccl", "fused", and "skip" (no collective at all: wrong tokens, timing only). For each: greedy tokens of 8 prompts (the first 16 must be identical
 to TP = 1), batch-1 decode step time and tokens/s, batch-64 decode throughput.
 
 The all-reduce share of a step = (step with all-reduces - step without) / step with, for the
@@ -389,7 +389,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--variants", default="auto,nccl,skip",
+    parser.add_argument("--variants", default="auto,symm_mem,skip",
                         help="TP = N engines to run after TP = 1: tp_all_reduce modes, each optionally "
                              "suffixed '-fp32reduce' (row-parallel partial sums reduced in float32)")
     parser.add_argument("--dtype", default="bfloat16")

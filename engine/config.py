@@ -143,10 +143,11 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20  # the KV budget on CPU
     num_kv_blocks: int | None = None  # overrides the sizing (tests use tiny pools)
     tensor_parallel_size: int = 1
-    # How TP ranks sum partial results: "auto" (one-shot symmetric-memory kernel for small
-    # messages on CUDA when every rank can map its peers, else NCCL), "nccl", "symm_mem",
-    # "fused" (symm_mem, and for decode-sized steps the row-parallel all-reduce fused with the
-    # residual add and RMSNorm in one kernel; engine.distributed.fused_norm), or
+    # How TP ranks sum partial results: "auto" ("fused" on CUDA when every rank can map its
+    # peers, else "symm_mem" when that works, else NCCL), "nccl", "symm_mem" (a one-shot
+    # symmetric-memory kernel for small messages), "fused" (symm_mem, and for steps of <= 128
+    # tokens the row-parallel all-reduce fused with the residual add and RMSNorm in one kernel;
+    # engine.distributed.fused_norm), or
     # "skip" (measurement only: no collective at all, outputs are wrong; bench/tp.py uses it to
     # time a step without its all-reduces).
     tp_all_reduce: str = "auto"

@@ -7,12 +7,16 @@ sum into a buffer every rank has mapped (CUDA IPC over NVLink), meets its peers 
 on signal pads, and reads and sums every rank's buffer directly: one kernel, no proxy thread,
 and it is CUDA-graph safe (the barrier lives in device memory).
 
-Messages above `max_bytes` (prefill) go to NCCL, which is bandwidth-optimal there.
+Messages above `max_bytes` (prefill) go to NCCL, which is bandwidth-optimal there. On top of
+the one-shot kernel, "fused" / "auto" install the row-parallel all-reduce fused with the
+residual add and RMSNorm (engine.distributed.fused_norm): on 2 x H200 at batch 1 it cut the
+all-reduce share of a decode step from 10.5% to 7.2% (docs/BENCHMARKS.md).
 
 Set-up (`install`) is collective over the TP group: every rank allocates and rendezvouses the
 buffer in the same order (ModelRunner calls it before building the model, on every rank), runs
 a self-test against a known sum, and the ranks agree (NCCL MIN) on using it; any failure on any
-rank falls back to NCCL everywhere with a warning.
+rank falls back to NCCL everywhere with a warning. Symmetric memory serves only the first TP
+group a process builds (torch keeps the registration per group name for the process's life).
 
 Hazard: NVLink multicast stays off (`TORCH_SYMM_MEM_DISABLE_MULTICAST=1`, see ARCHITECTURE.md);
 the one-shot kernel does not need it.
@@ -80,10 +84,10 @@ def install(mode: str, device: torch.device, hidden: int = 0, dtype: torch.dtype
             max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Give the process's TP group its all-reduce for `mode`; returns the mode in effect.
 
-    "fused" also gives it the all-reduce fused with the residual add and RMSNorm for rows of
-    `hidden` x `dtype` (engine.distributed.fused_norm): the symmetric-memory kernel on CUDA, the
-    reference composition elsewhere ("fused-reference"). Collective when the group has more
-    than one rank: call on every rank in the same order."""
+    "fused" (and "auto" where it can) also gives it the all-reduce fused with the residual add
+    and RMSNorm for rows of `hidden` x `dtype` (engine.distributed.fused_norm): the symmetric-
+    memory kernel on CUDA, the reference composition elsewhere ("fused-reference").
+    Collective when the group has more than one rank: call on every rank in the same order."""
     tp = get_tp_group()
     if mode not in MODES:
         raise ValueError(f"tp_all_reduce: {mode!r} is not one of {MODES}")
@@ -121,12 +125,13 @@ def install(mode: str, device: torch.device, hidden: int = 0, dtype: torch.dtype
             raise RuntimeError(f"tp_all_reduce={mode!r} was asked for but symmetric memory is unavailable on some rank")
         return "nccl"
     set_tp_group(dataclasses.replace(tp, fast_all_reduce=fast))
-    if mode != "fused":
+    if mode == "symm_mem" or (mode == "auto" and not fused_norm.supported(tp.size, hidden)):
         return "symm_mem"
-    return _install_fused(device, hidden, dtype)
+    return _install_fused(device, hidden, dtype, required=mode == "fused")
 
 
-def _install_fused(device: torch.device, hidden: int, dtype: torch.dtype) -> str:
+def _install_fused(device: torch.device, hidden: int, dtype: torch.dtype, required: bool) -> str:
+    """The fused all-reduce + norm on every rank, or (not `required`) on none: "symm_mem"."""
     tp = get_tp_group()
     op: fused_norm.SymmMemFusedNorm | None = None
     try:
@@ -136,7 +141,9 @@ def _install_fused(device: torch.device, hidden: int, dtype: torch.dtype) -> str
         log.warning("fused all-reduce + norm unavailable on rank %d: %s", tp.rank, err)
         ok = False
     if not _all_ranks(tp, device, ok):
-        raise RuntimeError("tp_all_reduce='fused' was asked for but failed its self-test on some rank")
+        if required:
+            raise RuntimeError("tp_all_reduce='fused' was asked for but failed its self-test on some rank")
+        return "symm_mem"
     assert op is not None
     op.reset_order()
     set_tp_group(dataclasses.replace(tp, fused_norm=op))

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 128  # every program of a call must be resident at once (132 SMs on H100 / H200)
 
 
+def supported(world: int, hidden: int) -> bool:
+    """Group sizes and row widths the CUDA kernel takes."""
+    from engine.kernels.allreduce_add_rmsnorm import MAX_WORLD
+
+    return 1 < world <= MAX_WORLD and 0 < hidden <= 65536
+
+
 class PartialSum:
     """A row-parallel layer's unreduced output; the norm that consumes it reduces it (fused).
 
