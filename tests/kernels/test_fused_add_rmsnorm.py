@@ -64,3 +64,14 @@ def test_rows_beyond_int32_offsets_gpu() -> None:
     out = rmsnorm(x, weight, 1e-6)
     tail = slice(num_rows - 16, num_rows)
     assert_close(out[tail], rmsnorm_ref(x[tail].float(), weight.float(), 1e-6), torch.bfloat16)
+
+
+def test_fused_add_rmsnorm_rounds_a_float32_sum_first() -> None:
+    """x in float32 (a row-parallel float32 sum): rounded to the residual's dtype before the add,
+    exactly as if the caller had cast it."""
+    x, residual = _rows(4, 128, torch.float32, 5), _rows(4, 128, torch.bfloat16, 6)
+    weight = _rows(1, 128, torch.bfloat16, 7)[0]
+    normed, new_residual = fused_add_rmsnorm(x, residual, weight, 1e-6)
+    want_normed, want_residual = fused_add_rmsnorm(x.to(torch.bfloat16), residual, weight, 1e-6)
+    assert normed.dtype == new_residual.dtype == torch.bfloat16
+    assert torch.equal(new_residual, want_residual) and torch.equal(normed, want_normed)
