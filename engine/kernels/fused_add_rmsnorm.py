@@ -49,7 +49,7 @@ def _fused_add_rmsnorm_kernel(
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-    h = (x.to(res.dtype).to(tl.float32) + res.to(tl.float32)).to(res.dtype)
+    h = (x.to(res.dtype, fp_downcast_rounding="rtne").to(tl.float32) + res.to(tl.float32)).to(res.dtype)
     tl.store(res_out_ptr + row * stride_res_out + offs, h, mask=mask)
     _rmsnorm_row(h, w_ptr, out_ptr + row * stride_out, offs, mask, hidden, eps)
 

@@ -68,10 +68,15 @@ def test_rows_beyond_int32_offsets_gpu() -> None:
 
 def test_fused_add_rmsnorm_rounds_a_float32_sum_first() -> None:
     """x in float32 (a row-parallel float32 sum): rounded to the residual's dtype before the add,
-    exactly as if the caller had cast it."""
+    as if the caller had cast it: bit for bit on a GPU; within bf16 tolerance in the Triton
+    interpreter, which truncates float32 -> bfloat16 instead of rounding to nearest."""
     x, residual = _rows(4, 128, torch.float32, 5), _rows(4, 128, torch.bfloat16, 6)
     weight = _rows(1, 128, torch.bfloat16, 7)[0]
     normed, new_residual = fused_add_rmsnorm(x, residual, weight, 1e-6)
     want_normed, want_residual = fused_add_rmsnorm(x.to(torch.bfloat16), residual, weight, 1e-6)
     assert normed.dtype == new_residual.dtype == torch.bfloat16
-    assert torch.equal(new_residual, want_residual) and torch.equal(normed, want_normed)
+    if DEVICE.type == "cuda":
+        assert torch.equal(new_residual, want_residual) and torch.equal(normed, want_normed)
+    else:
+        assert_close(new_residual, want_residual.float(), torch.bfloat16)
+        assert_close(normed, want_normed.float(), torch.bfloat16)
