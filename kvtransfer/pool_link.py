@@ -38,6 +38,16 @@ class KVGroupSpec:
     peers: tuple[int, ...] | None = None
 
 
+def prefill_decode_peers(roles: list[str]) -> list[tuple[int, ...]]:
+    """Each member's peers in a KV group whose members have `roles` ("prefill" / "decode", by
+    rank): KV moves only between the two pools, so a prefill rank pairs with every decode rank
+    and the reverse; no prefill-prefill or decode-decode communicator is ever set up."""
+    unknown = sorted({r for r in roles} - {"prefill", "decode"})
+    if unknown:
+        raise ValueError(f"roles: {unknown} are not 'prefill' or 'decode'")
+    return [tuple(j for j, other in enumerate(roles) if other != role) for role in roles]
+
+
 _links: dict[tuple[str, int], Any] = {}
 _links_lock = threading.Lock()
 

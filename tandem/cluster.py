@@ -105,12 +105,14 @@ class LocalCluster:
             return
         if c.kv_transport != "p2p":
             raise ValueError(f"kv_transport: {c.kv_transport!r} is not 'grpc' or 'p2p'")
-        from kvtransfer.pool_link import KVGroupSpec
+        from kvtransfer.pool_link import KVGroupSpec, prefill_decode_peers
 
         port = _free_port(c.host)
         backend = "nccl" if c.use_gpus else "gloo"
+        peers = prefill_decode_peers([pool for _, pool in plan])
         for rank, (worker_id, _) in enumerate(plan):
-            self._kv_groups[worker_id] = KVGroupSpec(f"tcp://{c.host}:{port}", rank, len(plan), backend)
+            self._kv_groups[worker_id] = KVGroupSpec(f"tcp://{c.host}:{port}", rank, len(plan), backend,
+                                                     peers=peers[rank])
 
     def _plan(self) -> list[tuple[str, str]]:
         c = self.config

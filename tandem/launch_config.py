@@ -18,7 +18,7 @@ from typing import Any
 from engine.errors import TandemError
 from router.config import RouterConfig
 from router.slo import DEFAULT_SLO_CLASSES, SloClass
-from kvtransfer.pool_link import KVGroupSpec
+from kvtransfer.pool_link import KVGroupSpec, prefill_decode_peers
 from tandem.placement import ClusterPlan, KVTransport, WorkerPlan
 from tandem.spec import NODE_IP, ClusterSpec, PoolRole
 
@@ -57,7 +57,9 @@ def kv_groups(plan: ClusterPlan, fixed_ports: bool, free_port: Callable[[], int]
     store = members[0]
     port = store.kv_grpc_ports[0] if fixed_ports else free_port()
     address = f"tcp://{store.node_ip}:{port}"
-    return {w.name: KVGroupSpec(address, rank, len(members), "nccl") for rank, w in enumerate(members)}
+    peers = prefill_decode_peers(["prefill" if w.role == PoolRole.PREFILL else "decode" for w in members])
+    return {w.name: KVGroupSpec(address, rank, len(members), "nccl", peers=peers[rank])
+            for rank, w in enumerate(members)}
 
 
 def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool,

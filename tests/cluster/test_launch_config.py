@@ -60,6 +60,9 @@ def test_nccl_kv_between_tensor_parallel_workers_joins_their_rank_0s():
     assert sorted(groups) == sorted(w.name for w in kv_workers)  # one member per TP group
     assert sorted(g.rank for g in groups.values()) == list(range(len(kv_workers)))
     assert {g.world_size for g in groups.values()} == {len(kv_workers)}
+    for w in kv_workers:  # pair communicators only across the two pools
+        other = PoolRole.DECODE if w.role == PoolRole.PREFILL else PoolRole.PREFILL
+        assert groups[w.name].peers == tuple(groups[v.name].rank for v in kv_workers if v.role == other)
     assert kv_transport_notes(plan) == []
 
 

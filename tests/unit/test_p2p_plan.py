@@ -49,3 +49,12 @@ def test_small_transfers_go_in_one_message() -> None:
     assert layer_chunks(32, 2 * MIN_CHUNK_BYTES - 1) == [(0, 32)]
     assert layer_chunks(1, 1 << 30) == [(0, 1)]
     assert layer_chunks(2, 0) == [(0, 2)]
+
+
+def test_prefill_decode_peers_pair_only_across_pools():
+    from kvtransfer.pool_link import prefill_decode_peers
+
+    assert prefill_decode_peers(["prefill", "prefill", "decode"]) == [(2,), (2,), (0, 1)]
+    assert prefill_decode_peers(["decode", "prefill"]) == [(1,), (0,)]
+    with pytest.raises(ValueError, match="colocated"):
+        prefill_decode_peers(["prefill", "colocated"])

@@ -47,4 +47,5 @@ def test_p2p_kv_group_with_a_tp_pool_holds_each_workers_rank_0():
     cluster._plan_kv_groups(cluster._plan())
     assert sorted(cluster._kv_groups) == ["decode-0", "prefill-0"]
     assert {g.world_size for g in cluster._kv_groups.values()} == {2}  # the follower is no member
+    assert cluster._kv_groups["prefill-0"].peers == (1,) and cluster._kv_groups["decode-0"].peers == (0,)
     assert cluster._engine_kwargs("decode")["tensor_parallel_size"] == 2 and cluster._tp_size("prefill") == 1
