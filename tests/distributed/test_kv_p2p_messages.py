@@ -125,8 +125,20 @@ def test_every_message_lands_exactly(pair: Pair, monkeypatch: pytest.MonkeyPatch
 
 
 def test_sender_cut_after_its_first_message_frees_both_sides(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
-    link = pair.links[0]
-    _on_second_send(monkeypatch, link, lambda gen: link.fail(gen, "injected: the communicator died mid-stream"))
+    """The sender's communicator dies after its first message and stays dead for this transfer
+    (every later send of it fails, on any epoch: a receiver that retries on a rebuilt epoch
+    would otherwise succeed, which is the link's job but not this test's): the receiver fails
+    within its timeout and both sides free every block; the rebuilt link then moves the next."""
+    link, real, sends, cut = pair.links[0], pair.links[0].post_send, [0], threading.Event()
+    cut.set()
+
+    def post_send(gen: Generation, tensor: torch.Tensor, peer: int) -> object:
+        sends[0] += 1
+        if cut.is_set() and sends[0] >= 2:
+            link.fail(gen, "injected: the communicator died mid-stream")
+        return real(gen, tensor, peer)
+
+    monkeypatch.setattr(link, "post_send", post_send)
     start = time.monotonic()
     pair.receiver.start(pair.register("t1", SRC), DST)
     assert pair.finish("t1") is KVPoll.FAILED
@@ -134,8 +146,10 @@ def test_sender_cut_after_its_first_message_frees_both_sides(pair: Pair, monkeyp
     assert pair.received == [("t1", DST)]
     assert pair.sender_released("t1") == ["t1"]  # the failure notice ended the lease
     assert pair.sender.leases.num_live() == 0
+    cut.clear()
     deadline = time.monotonic() + 5
-    while not all(link.epoch == 2 and link.state is LinkState.READY for link in pair.links):
+    while not (len({link.epoch for link in pair.links}) == 1 and pair.links[0].epoch >= 2
+               and all(link.state is LinkState.READY for link in pair.links)):
         assert time.monotonic() < deadline, pair.epochs()
         time.sleep(0.01)
     pair.receiver.start(pair.register("t2", SRC), DST)
