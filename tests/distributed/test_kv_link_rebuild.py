@@ -12,54 +12,28 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvtransfer.cache_view import KVCacheView
 from kvtransfer.interfaces import KVPoll
-from kvtransfer.transports.p2p_link import LinkFailedError, LinkState, P2PLink
-from kvtransfer.transports.torch_p2p import TorchP2PReceiver, TorchP2PSender
-from tests.distributed.kv_links import in_process_links
+from kvtransfer.transports.p2p_link import LinkFailedError, LinkState
+from tests.distributed.kv_links import P2PPair, in_process_links
 
 L, N, BS, H, D = 2, 24, 4, 2, 8
 TIMEOUT_S = 2.0
 
 
-class Pair:
-    def __init__(self, links: list[P2PLink]) -> None:
-        self.links = links
-        self.src = KVCacheView(torch.randn(L, 2, N, BS, H, D))
-        self.dst = KVCacheView(torch.zeros(L, 2, N, BS, H, D))
-        self.sent: list[tuple[str, list[int]]] = []
-        self.received: list[tuple[str, list[int]]] = []
-        self.sender = TorchP2PSender(self.src, links[0], worker_id="p0", model_salt="m", send_timeout_s=TIMEOUT_S,
-                                     on_release=lambda t, b: self.sent.append((t, b)))
-        self.receiver = TorchP2PReceiver(self.dst, links[1], timeout_s=TIMEOUT_S,
-                                         on_release=lambda t, b: self.received.append((t, b)))
-
+class Pair(P2PPair):
     def transfer(self, tid: str, src_ids: list[int], dst_ids: list[int]) -> tuple[KVPoll, float]:
-        handle = self.sender.register(tid, src_ids, [], len(src_ids) * BS, source_p2p_ranks=[0])
         start = time.monotonic()
-        self.receiver.start(handle, dst_ids)
-        while (state := self.receiver.poll(tid)) not in (KVPoll.DONE, KVPoll.FAILED):
-            assert time.monotonic() - start < 3 * TIMEOUT_S, f"{tid} still {state}"
-            time.sleep(0.005)
-        return state, time.monotonic() - start
+        self.receiver.start(self.register(tid, src_ids), dst_ids)
+        return self.finish(tid), time.monotonic() - start
 
     def wait_sender_released(self, tid: str) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        while tid not in [t for t, _ in self.sent] and time.monotonic() < deadline:
-            self.sender.poll()
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        self.receiver.close()
-        self.sender.close()
-        for link in self.links:
-            link.close()
+        self.sender_released(tid, within_s=TIMEOUT_S)
 
 
 @pytest.fixture
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     rebuild_timeout_s = getattr(request, "param", 5.0)
-    p = Pair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=rebuild_timeout_s))
+    p = Pair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=rebuild_timeout_s), (L, 2, N, BS, H, D), TIMEOUT_S)
     yield p
     p.close()
 

@@ -16,12 +16,10 @@ import pytest
 import torch
 
 from kvtransfer.cache_view import KVCacheView
-from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import KVPoll
 from kvtransfer.transports import p2p_receiver, p2p_sender
 from kvtransfer.transports.p2p_link import Generation, LinkState, P2PLink
-from kvtransfer.transports.torch_p2p import TorchP2PReceiver, TorchP2PSender
-from tests.distributed.kv_links import in_process_links
+from tests.distributed.kv_links import P2PPair, in_process_links
 
 L, N, BS, H, D = 4, 24, 4, 2, 8
 TIMEOUT_S = 2.0
@@ -48,49 +46,14 @@ class GroupLikeView(KVCacheView):
         super().write_indexed(index, data, heads, layers)
 
 
-class Pair:
-    def __init__(self, links: list[P2PLink], view: type[KVCacheView] = KVCacheView) -> None:
-        self.links = links
-        self.src = view(torch.randn(L, 2, N, BS, H, D))
-        self.dst = view(torch.zeros(L, 2, N, BS, H, D))
-        self.sent: list[tuple[str, list[int]]] = []
-        self.received: list[tuple[str, list[int]]] = []
-        self.sender = TorchP2PSender(self.src, links[0], worker_id="p0", model_salt="m", send_timeout_s=TIMEOUT_S,
-                                     on_release=lambda t, b: self.sent.append((t, b)))
-        self.receiver = TorchP2PReceiver(self.dst, links[1], timeout_s=TIMEOUT_S,
-                                         on_release=lambda t, b: self.received.append((t, b)))
-
-    def register(self, tid: str, src_ids: list[int]) -> KVHandle:
-        return self.sender.register(tid, src_ids, [], len(src_ids) * BS, source_p2p_ranks=[0])
-
-    def finish(self, tid: str, within_s: float = 3 * TIMEOUT_S) -> KVPoll:
-        deadline = time.monotonic() + within_s
-        while (state := self.receiver.poll(tid)) not in (KVPoll.DONE, KVPoll.FAILED):
-            assert time.monotonic() < deadline, f"{tid} still {state}"
-            time.sleep(0.002)
-        return state
-
-    def sender_released(self, tid: str) -> list[str]:
-        deadline = time.monotonic() + 2 * TIMEOUT_S
-        while tid not in [t for t, _ in self.sent] and time.monotonic() < deadline:
-            self.sender.poll()
-            time.sleep(0.005)
-        return [t for t, _ in self.sent]
-
-    def epochs(self) -> list[int]:
-        return [link.epoch for link in self.links]
-
-
 @pytest.fixture
-def pair(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Pair]:
+def pair(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[P2PPair]:
     for module in (p2p_sender, p2p_receiver):
         monkeypatch.setattr(module, "layer_chunks", lambda num_layers, num_bytes: [(i, i + 1) for i in range(num_layers)])
-    p = Pair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=5.0), getattr(request, "param", KVCacheView))
+    p = P2PPair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=5.0), (L, 2, N, BS, H, D), TIMEOUT_S,
+                getattr(request, "param", KVCacheView))
     yield p
-    p.receiver.close()
-    p.sender.close()
-    for link in p.links:
-        link.close()
+    p.close()
 
 
 def _on_second_send(monkeypatch: pytest.MonkeyPatch, link: P2PLink, action: object) -> None:
@@ -106,7 +69,7 @@ def _on_second_send(monkeypatch: pytest.MonkeyPatch, link: P2PLink, action: obje
     monkeypatch.setattr(link, "post_send", post_send)
 
 
-def test_every_message_lands_exactly(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_message_lands_exactly(pair: P2PPair, monkeypatch: pytest.MonkeyPatch) -> None:
     link, receives = pair.links[1], []
     real_post_recv = link.post_recv
 
@@ -124,7 +87,7 @@ def test_every_message_lands_exactly(pair: Pair, monkeypatch: pytest.MonkeyPatch
     assert pair.sender_released("t1") == ["t1"] and pair.received == []
 
 
-def test_sender_cut_after_its_first_message_frees_both_sides(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sender_cut_after_its_first_message_frees_both_sides(pair: P2PPair, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sender's communicator dies after its first message and stays dead for this transfer
     (every later send of it fails, on any epoch: a receiver that retries on a rebuilt epoch
     would otherwise succeed, which is the link's job but not this test's): the receiver fails
@@ -157,7 +120,7 @@ def test_sender_cut_after_its_first_message_frees_both_sides(pair: Pair, monkeyp
     assert torch.equal(pair.dst.read_blocks(DST), pair.src.read_blocks(SRC))
 
 
-def test_cancel_mid_stream_fails_at_once_and_keeps_the_pair_in_step(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_mid_stream_fails_at_once_and_keeps_the_pair_in_step(pair: P2PPair, monkeypatch: pytest.MonkeyPatch) -> None:
     stalled, go_on = threading.Event(), threading.Event()
     _on_second_send(monkeypatch, pair.links[0], lambda gen: (stalled.set(), go_on.wait(10.0)))
     pair.receiver.start(pair.register("t1", SRC), DST)
@@ -180,7 +143,7 @@ def test_cancel_mid_stream_fails_at_once_and_keeps_the_pair_in_step(pair: Pair, 
     assert pair.received == [("t1", DST)]
 
 
-def test_a_transfer_whose_lease_ended_is_filled_and_the_epoch_survives(pair: Pair) -> None:
+def test_a_transfer_whose_lease_ended_is_filled_and_the_epoch_survives(pair: P2PPair) -> None:
     handle = pair.register("t1", SRC)
     pair.sender.fail("t1", "request aborted")
     assert pair.sender.poll() == ["t1"]
@@ -194,7 +157,7 @@ def test_a_transfer_whose_lease_ended_is_filled_and_the_epoch_survives(pair: Pai
     assert pair.epochs() == [1, 1]
 
 
-def test_an_id_the_sender_never_registered_breaks_the_epoch_and_frees_both_sides(pair: Pair) -> None:
+def test_an_id_the_sender_never_registered_breaks_the_epoch_and_frees_both_sides(pair: P2PPair) -> None:
     handle = dataclasses.replace(pair.register("t1", SRC), transfer_id="never-registered")
     start = time.monotonic()
     pair.receiver.start(handle, DST)
@@ -213,7 +176,7 @@ def test_an_id_the_sender_never_registered_breaks_the_epoch_and_frees_both_sides
 
 
 @pytest.mark.parametrize("pair", [GroupLikeView], indirect=True)
-def test_a_view_of_group_copies_is_read_and_written_once_per_transfer(pair: Pair) -> None:
+def test_a_view_of_group_copies_is_read_and_written_once_per_transfer(pair: P2PPair) -> None:
     pair.receiver.start(pair.register("t1", SRC), DST)
     assert pair.finish("t1") is KVPoll.DONE, pair.receiver.failure_reason("t1")
     assert isinstance(pair.src, GroupLikeView) and isinstance(pair.dst, GroupLikeView)
