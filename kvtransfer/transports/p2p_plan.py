@@ -5,7 +5,9 @@ nothing about it crosses the wire. A message is a layer range of the layer-major
 [l, 2, n, bs, h, D]; the sender gathers message k+1 while message k is on the link, and the
 receiver scatters message k while k+1 is on the link. So that this pipeline hides the copies:
   - messages of about CHUNK_BYTES: NVLink is near its peak from ~32 MiB (301 GB/s for one
-    32 MiB message, 343 GB/s at 134 MiB on 2 x H200), and small messages waste it;
+    32 MiB message, 343 GB/s at 134 MiB on 2 x H200), but every message costs ~45 us more
+    (2 x H200, 2026-11-21: a transfer's data phase took raw time + ~45 us per message, at 32
+    and at 64 MiB messages alike), so messages are made large: 128 MiB;
   - at least MIN_CHUNKS messages as long as each keeps MIN_CHUNK_BYTES (a transfer under
     2 x MIN_CHUNK_BYTES is one message), so that even 1k tokens overlap their copies;
   - with MIN_CHUNKS messages or more, of 4 layers or more, two short ones (a quarter of the
@@ -16,7 +18,7 @@ Layers are indivisible: at 64 MiB per layer (16k tokens of Llama-3-8B) a message
 
 from __future__ import annotations
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 128 << 20
 MIN_CHUNK_BYTES = 4 << 20
 MIN_CHUNKS = 4
 

@@ -1,4 +1,4 @@
-"""The p2p transfer's message plan: covers every layer in order, keeps messages near 32 MiB and
+"""The p2p transfer's message plan: covers every layer in order, keeps messages near 128 MiB and
 at least 4 where that keeps them >= 4 MiB, and makes the first and last ones short."""
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def test_enough_messages_and_none_small_but_the_ends(num_layers: int, num_bytes:
     inner = [(l1 - l0) * per_layer for l0, l1 in chunks[1:-1]] or [(l1 - l0) * per_layer for l0, l1 in chunks]
     assert len(chunks) >= min(MIN_CHUNKS, num_layers, num_bytes // MIN_CHUNK_BYTES)
     assert min(inner) >= min(MIN_CHUNK_BYTES, per_layer) * 0.999
-    if per_layer <= CHUNK_BYTES / 2:  # layers small enough to make ~32 MiB messages
+    if per_layer <= CHUNK_BYTES / 2:  # layers small enough to make ~CHUNK_BYTES messages
         assert max(inner) <= 1.5 * max(CHUNK_BYTES, num_bytes / MIN_CHUNKS)
 
 
 @pytest.mark.parametrize(("tokens", "expected_mib"), [
     (1024, [8, 28, 28, 28, 28, 8]),  # 128 MiB: short ends, so the unhidden copies are small
-    (4096, [32] * 16),  # 512 MiB
-    (16384, [64] * 32),  # 2 GiB: one layer (64 MiB) per message
+    (4096, [32, 112, 112, 112, 112, 32]),  # 512 MiB
+    (16384, [128] * 16),  # 2 GiB: two layers (64 MiB each) per message
 ])
 def test_llama3_8b_plans(tokens: int, expected_mib: list[int]) -> None:
     num_bytes = tokens // 16 * (2 << 20)  # 2 MiB per 16-token block
