@@ -20,12 +20,14 @@ weight-streaming floor (bf16 weights / HBM bandwidth / N).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not bench/engine.py
 
+from bench.common import gpu_name, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.runner import model_runner as model_runner_module  # noqa: E402
 
@@ -73,12 +76,12 @@ class _StepBreakdown:
         self._timed(runner, "sampler", "sample", device_end=True)
         scope = runner.step_scope
 
-        def publish_scope(host):  # the publish happens on entering the step scope
+        @contextlib.contextmanager
+        def publish_scope(host: Any) -> Iterator[None]:  # the publish happens on entering the scope
             t = time.perf_counter()
-            cm = scope(host)
-            cm.__enter__()
-            self.host["publish"] += time.perf_counter() - t
-            return _Exit(cm)
+            with scope(host):
+                self.host["publish"] += time.perf_counter() - t
+                yield
 
         self._set(runner, "step_scope", publish_scope)
         if runner.graphs is not None and torch.cuda.is_available():
@@ -126,24 +129,13 @@ class _StepBreakdown:
                 setattr(obj, name, old)
 
     def per_step_ms(self, steps: int) -> dict[str, float]:
-        _sync()
+        sync()
         out = {f"host_{k}_ms": v * 1e3 / steps for k, v in self.host.items()}
         for kind in ("graph", "device"):
             times = [s.elapsed_time(e) for k, s, e in self.events if k == kind]
             if times:
                 out[f"{kind}_ms"] = sorted(times)[len(times) // 2]
         return out
-
-
-class _Exit:
-    def __init__(self, cm: Any) -> None:
-        self.cm = cm
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.cm.__exit__(*exc)
 
 
 def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, Any]:
@@ -157,11 +149,11 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, A
         engine.step()
     for _ in range(5):
         engine.step()  # past any chunked prefill: every request is decoding
-    _sync()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    _sync()
+    sync()
     step_s = (time.perf_counter() - start) / steps
     result: dict[str, Any] = {"step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
     breakdown = _StepBreakdown(llm)
@@ -169,7 +161,7 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, A
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        _sync()
+        sync()
         result["profiled_step_ms"] = (time.perf_counter() - start) / steps * 1e3
         result |= breakdown.per_step_ms(steps)
     finally:
@@ -188,7 +180,7 @@ def _kernel_table(llm: LLM, steps: int, label: str) -> list[dict]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             llm.engine.step()
-        _sync()
+        sync()
     rows = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0.0) or 0.0
@@ -251,17 +243,8 @@ def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bo
             torch.cuda.empty_cache()
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
 def _floor_ms(weight_bytes: int) -> float | None:
-    name = _device_name()
+    name = gpu_name()
     tbps = next((v for k, v in HBM_TBPS.items() if k in name), None)
     return None if tbps is None else weight_bytes / (tbps * 1e12) * 1e3
 
@@ -325,7 +308,7 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
         rows[name] = row
     peer = base.get("tokens_one_prompt_at_a_time")
     peer_diff = _first_diffs(base["tokens"], peer) if peer else []
-    summary = {"device": _device_name(), "rows": rows,
+    summary = {"device": gpu_name(), "rows": rows,
                "tp1_alone_identical_to_tp1_batched": sum(d is None for d in peer_diff) if peer else None,
                "tp1_alone_margins_at_divergence": _margins(base, peer_diff, peer) if peer else None,
                "tp1_median_top2_gap": _tp1_margins(base),

@@ -43,8 +43,9 @@ MAX_ROWS = 128  # every program of a call must be resident at once (132 SMs on H
 def supported(world: int, hidden: int) -> bool:
     """Group sizes and row widths the CUDA kernel takes."""
     from engine.kernels.allreduce_add_rmsnorm import MAX_WORLD
+    from engine.kernels.fused_add_rmsnorm import MAX_HIDDEN
 
-    return 1 < world <= MAX_WORLD and 0 < hidden <= 65536
+    return 1 < world <= MAX_WORLD and 0 < hidden <= MAX_HIDDEN
 
 
 class PartialSum:
@@ -56,10 +57,6 @@ class PartialSum:
         self.partial = partial
         self.slot = slot
         self.op = op
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.partial.shape
 
     def reduce(self) -> torch.Tensor:
         return self.op.all_reduce(self.partial)
@@ -88,16 +85,28 @@ class _SlotOrder:
         self.last = slot
 
 
-class ReferenceFusedNorm:
-    """The fused contract from parts: all-reduce, then add + RMSNorm (any device)."""
+class _FusedNorm:
+    """What both implementations share: the group's unfused all-reduce (`PartialSum.reduce`)
+    and the slot order."""
 
-    def __init__(self, all_reduce: Any, max_rows: int) -> None:
+    def __init__(self, all_reduce: Any) -> None:
         self.all_reduce = all_reduce
-        self.max_rows = max_rows
         self._order = _SlotOrder()
 
     def assign_slot(self) -> int:
         return self._order.assign()
+
+    def reset_order(self) -> None:
+        """After a self-test (its calls alternate slots too): layers get slots from 0 again."""
+        self._order = _SlotOrder()
+
+
+class ReferenceFusedNorm(_FusedNorm):
+    """The fused contract from parts: all-reduce, then add + RMSNorm (any device)."""
+
+    def __init__(self, all_reduce: Any, max_rows: int) -> None:
+        super().__init__(all_reduce)
+        self.max_rows = max_rows
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and x.shape[0] <= self.max_rows
@@ -110,7 +119,7 @@ class ReferenceFusedNorm:
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
 
-class SymmMemFusedNorm:
+class SymmMemFusedNorm(_FusedNorm):
     """Rank-local handle of the fused kernel: two slots of `max_rows` x `hidden` rows and their
     flags in one symmetric allocation, every rank's views of it, a failure flag.
 
@@ -121,13 +130,11 @@ class SymmMemFusedNorm:
                  all_reduce: Any, max_rows: int = MAX_ROWS) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        from engine.kernels.allreduce_add_rmsnorm import MAX_WORLD
-
+        super().__init__(all_reduce)
         self.rank, self.world = group.rank(), group.size()
-        if not 1 < self.world <= MAX_WORLD:
-            raise ValueError(f"fused all-reduce + norm supports 2..{MAX_WORLD} ranks, not {self.world}")
+        if not supported(self.world, hidden):
+            raise ValueError(f"fused all-reduce + norm: {self.world} ranks of {hidden}-wide rows unsupported")
         self.hidden, self.dtype, self.max_rows = hidden, dtype, min(max_rows, MAX_ROWS)
-        self.all_reduce = all_reduce
         esize = torch.tensor([], dtype=dtype).element_size()
         self._slot_elems = self.max_rows * hidden
         self._flag_elems = self.max_rows * self.world
@@ -141,16 +148,8 @@ class SymmMemFusedNorm:
         self._flags = [[handle.get_buffer(r, [self._flag_elems], torch.int32, flag_offset + s * self._flag_elems)
                         for s in (0, 1)] for r in range(self.world)]
         self.failed = torch.zeros(1, dtype=torch.int32, device=device)
-        self._order = _SlotOrder()
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone raises one
-
-    def assign_slot(self) -> int:
-        return self._order.assign()
-
-    def reset_order(self) -> None:
-        """After the self-test (its calls alternate slots too): layers get slots from 0 again."""
-        self._order = _SlotOrder()
 
     def fits(self, x: torch.Tensor) -> bool:
         return (x.is_cuda and x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden

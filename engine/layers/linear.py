@@ -117,16 +117,15 @@ class RowParallelLinear(nn.Module):
         (TPGroup.fp32_reduce_max_rows); the consumer, the residual add, rounds it then, so
         that no separate cast runs (engine.layers.norm). With the group's fused all-reduce +
         norm, small steps return the unreduced PartialSum: the norm that follows sums it."""
-        fused = self.tp.fused_norm
-        if fused is not None and self.bias is None:
-            partial = F.linear(x, self.weight)
-            if fused.fits(partial):
-                return PartialSum(partial, self.slot, fused)
-            return self.tp.all_reduce(partial)
-        if self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows:
-            y = self.tp.all_reduce(_linear_fp32_out(x, self.weight))
+        fused = self.tp.fused_norm if self.bias is None else None
+        fp32 = self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows
+        if fused is None and fp32:
+            partial = _linear_fp32_out(x, self.weight)
         else:
-            y = self.tp.all_reduce(F.linear(x, self.weight))
+            partial = F.linear(x, self.weight)
+            if fused is not None and fused.fits(partial):
+                return PartialSum(partial, self.slot, fused)
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
 
