@@ -4,6 +4,8 @@
     step()            out = scheduler.schedule(); result = runner.execute(out);
                       updated = scheduler.update(out, result); then text and stop strings
     abort(ids)        frees the requests' blocks at once
+    stream_held_kv(f) tells `f` of each `hold_kv` request's KV as soon as the step that
+                      completes its prompt is enqueued (a KV sender starts then, layer by layer)
     shutdown()        stops tensor-parallel followers (a no-op at TP = 1)
 
 With `tensor_parallel_size > 1` this process is rank 0: engine.distributed's TPExecutor starts
@@ -12,7 +14,8 @@ one Ray actor per other rank, and the runner publishes each step's inputs to the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,11 +30,28 @@ from engine.request import Request, RequestStatus
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler.config import SchedulerConfig
+from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler, SchedulerStats
 from engine.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from engine.distributed.executor import TPExecutor, TPOptions
+
+
+@dataclass(frozen=True)
+class HeldKVEnqueued:
+    """A `hold_kv` request whose prompt's last step is enqueued but not finished.
+
+    `block_ids` are the blocks the request will hold (`held_block_ids`) once that step ends
+    with its first token (the request must end there: max_tokens 1), `block_hashes` those of
+    its full prompt blocks. Layer l of the KV is written once `layer_ready[l]` completes: a CUDA
+    event on the engine's stream (ordered work on another stream waits for it), or None on
+    CPU, where the layer already ran."""
+
+    request: Request
+    block_ids: list[int]
+    block_hashes: list[bytes]
+    layer_ready: list[torch.cuda.Event | None]
 
 
 def resolve_model_config(cfg: EngineConfig) -> ModelConfig:
@@ -83,6 +103,7 @@ class LLMEngine:
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list] = {}
+        self._held_kv_listener: Callable[[HeldKVEnqueued], None] | None = None
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
     def _build_runner(self, max_model_len: int, show_progress: bool, tp_options: TPOptions | None) -> ModelRunner:
@@ -188,12 +209,37 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self.last_step_num_batched_tokens = out.num_batched_tokens
-        result = self.runner.execute(out)
+        result = self.runner.execute(out, self._held_kv_hook(out))
         updated = self.scheduler.update(out, result)
         for rid, lp in result.logprobs.items():
             if rid in self._logprobs:
                 self._logprobs[rid].append(lp)
         return [self._output(r) for r in updated]
+
+    def stream_held_kv(self, listener: Callable[[HeldKVEnqueued], None] | None) -> None:
+        """Calls `listener` (on the engine thread, inside `step()`) for every `hold_kv` request
+        whose prompt completes in the step, once its forward pass is enqueued and before the
+        step waits for it. A listener must not raise: the step would fail with it."""
+        self._held_kv_listener = listener
+
+    def _held_kv_hook(self, out: SchedulerOutput) -> Callable[[list[torch.cuda.Event | None]], None] | None:
+        listener = self._held_kv_listener
+        if listener is None:
+            return None
+        finals = []
+        for s in out.scheduled:
+            request = self.scheduler.get_request(s.request_id)
+            if s.sample and request is not None and request.hold_kv and request.num_output_tokens == 0:
+                finals.append((request, list(s.block_ids)))
+        if not finals:
+            return None
+
+        def hook(layer_ready: list[torch.cuda.Event | None]) -> None:
+            for request, block_ids in finals:
+                hashes = self.kv_manager.block_hashes(request, request.num_prompt_tokens // self.config.block_size)
+                listener(HeldKVEnqueued(request, block_ids, hashes, layer_ready))
+
+        return hook
 
     def _output(self, request: Request) -> RequestOutput:
         rid = request.request_id
@@ -254,7 +300,7 @@ class LLMEngine:
         self,
         request_id: str,
         prompt_ids: list[int],
-        first_token: int,
+        first_token: int | None,
         params: SamplingParams,
         priority: int = 0,
         deadline: float | None = None,
@@ -262,27 +308,40 @@ class LLMEngine:
     ) -> Request | None:
         """Accept a request prefilled elsewhere: allocate blocks for its prompt's KV, which a
         transfer will write. Returns the request (not yet running), or None when the pool has
-        no room now (nothing is held then). Call `activate_prefilled` once the KV landed."""
+        no room now (nothing is held then). Call `activate_prefilled` once the KV landed.
+        `first_token` None: the prefill has not sampled it yet (its KV streams in while it
+        computes); pass it to `set_first_token` before activating."""
         prompt_ids = self.tokenize(prompt_ids)
         self.validate(prompt_ids, params)
         request = Request(
             request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=params,
             eos_token_ids=self.model_config.eos_token_ids, priority=priority, deadline=deadline,
-            output_token_ids=[first_token],
         )
         if not self.kv_manager.can_allocate_slots(request, len(prompt_ids)):
             return None
         self.kv_manager.allocate_slots(request, len(prompt_ids))
-        if self.tokenizer is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids + [first_token], params.skip_special_tokens)
-            detok.text = first_text
-            self._detok[request_id] = detok
         if params.logprobs is not None:
             self._logprobs[request_id] = []
+        if first_token is not None:
+            self.set_first_token(request, first_token, first_text)
         return request
 
+    def set_first_token(self, request: Request, first_token: int, first_text: str = "") -> None:
+        """The first token (and its text) of a request from `add_prefilled(first_token=None)`."""
+        if request.output_token_ids:
+            raise ValueError(f"request {request.request_id!r} already has its first token")
+        request.output_token_ids.append(first_token)
+        if self.tokenizer is not None:
+            params = request.sampling_params
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids + [first_token], params.skip_special_tokens)
+            detok.text = first_text
+            self._detok[request.request_id] = detok
+
     def activate_prefilled(self, request: Request) -> None:
-        """The prompt's KV is in the request's blocks: join the running batch."""
+        """The prompt's KV is in the request's blocks (and its first token is set): join the
+        running batch."""
+        if not request.output_token_ids:
+            raise ValueError(f"request {request.request_id!r} has no first token yet (set_first_token)")
         request.num_computed_tokens = request.num_prompt_tokens
         self.scheduler.add_running(request)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from kvtransfer.handle import KVHandle
 
@@ -46,8 +47,15 @@ class KVSender(ABC):
         num_readers: int = 1,
         source_addresses: Sequence[str] | None = None,
         source_p2p_ranks: Sequence[int] | None = None,
+        layer_ready: Sequence[Any] | None = None,
     ) -> KVHandle:
         """Leases `block_ids` and returns the handle that names them.
+
+        The blocks' KV may still be computing: by default, reads are ordered after the work
+        queued on the caller's (the engine's) stream so far. `layer_ready` (one CUDA event per
+        layer, from `engine.engine.HeldKVEnqueued`) lets a transport read layer l as soon as
+        its event completed, while later layers compute; transports that read on the engine's
+        stream may ignore it.
 
         `num_readers`: destination ranks that will pull from this source rank
         (`reshard.readers_of_source`); the lease ends on the last ack. For a source with TP > 1,

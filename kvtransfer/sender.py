@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +57,10 @@ class LeasedSender(KVSender):
         num_readers: int = 1,
         source_addresses: Sequence[str] | None = None,
         source_p2p_ranks: Sequence[int] | None = None,
+        layer_ready: Sequence[Any] | None = None,
     ) -> KVHandle:
+        """KVSender.register. `layer_ready` is not used here: blocks are read on the reading
+        thread's current stream, the device's default stream, which the engine's runs on."""
         self.view.check_block_ids(block_ids, "block_ids")  # before leasing
         handle = KVHandle(
             transfer_id=transfer_id,

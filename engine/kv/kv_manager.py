@@ -117,6 +117,11 @@ class KVManager:
         parent = hashes[-1] if hashes else None
         hashes.extend(hash_blocks(tokens, self.block_size, self.salt, parent=parent))
 
+    def block_hashes(self, request: Request, num_full_blocks: int) -> list[bytes]:
+        """The hashes of the request's first `num_full_blocks` blocks (computed if need be)."""
+        self._ensure_hashes(request, num_full_blocks)
+        return list(request.block_hashes[:num_full_blocks])
+
     # ----------------------------------------------------------- prefix hits
 
     def get_computed_blocks(self, request: Request) -> ComputedBlocks:

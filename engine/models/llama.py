@@ -6,6 +6,7 @@ goes through the step's AttentionBackend over the paged KV cache (engine/attenti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,9 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     kv_cache: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+    # Called with each layer's index once that layer's kernels are enqueued (its KV written,
+    # in stream order): a KV sender starts on a layer while later layers still compute.
+    layer_done: Callable[[int], None] | None = None
 
 
 class Attention(nn.Module):
@@ -110,8 +114,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden, residual = layer(positions, hidden, residual, cos_sin, ctx)
+            if ctx.layer_done is not None:
+                ctx.layer_done(i)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -31,10 +31,15 @@ class StepInputs:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> StepInputs:
+        """The tensors on `device`. To a GPU through pinned memory (PyTorch's caching host
+        allocator: cheap after the first steps): a copy from pageable memory would wait for
+        every kernel already queued on the stream, e.g. a prefix's onload from the CPU tier,
+        which the host can then no longer overlap with enqueueing this step's forward."""
         if self.input_ids.device == device:
             return self
+        pin = device.type == "cuda"
         moved = {
-            name: getattr(self, name).to(device, non_blocking=True)
+            name: (getattr(self, name).pin_memory() if pin else getattr(self, name)).to(device, non_blocking=True)
             for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
                          "block_tables", "sample_indices")
         }

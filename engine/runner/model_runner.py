@@ -97,14 +97,21 @@ class ModelRunner:
         return model.eval()
 
     @torch.inference_mode()
-    def forward(self, host: StepInputs) -> torch.Tensor:
-        """Hidden states of the sampled rows [S, hidden] (every rank of a TP group runs this)."""
+    def forward(self, host: StepInputs, layer_marks: list[torch.cuda.Event | None] | None = None) -> torch.Tensor:
+        """Hidden states of the sampled rows [S, hidden] (every rank of a TP group runs this).
+
+        `layer_marks`, when given, gets one entry per layer: on CUDA an event recorded once that
+        layer's kernels are enqueued (a CUDA graph records one event for every layer, after
+        the graph); on CPU None, the layer having run by then."""
         dev = host.to(self.device)
+        mark = None if layer_marks is None else lambda i: layer_marks.append(_mark(self.device))
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, dev)
         else:
-            ctx = ForwardContext(self.backend, attention_metadata(host, dev), self.kv_cache)
+            ctx = ForwardContext(self.backend, attention_metadata(host, dev), self.kv_cache, layer_done=mark)
             hidden = self.model(dev.input_ids, dev.positions, ctx)
+        if layer_marks is not None and not layer_marks:
+            layer_marks.extend([_mark(self.device)] * self.model_cfg.num_layers)
         return hidden.index_select(0, dev.sample_indices)
 
     @torch.inference_mode()
@@ -112,14 +119,30 @@ class ModelRunner:
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput,
+                on_kv_enqueued: Callable[[list[torch.cuda.Event | None]], None] | None = None) -> RunnerOutput:
+        """`on_kv_enqueued(layer_marks)` runs once the forward pass is enqueued, before the
+        sampler waits for it (see `forward` for the marks)."""
         if out.is_empty:
             return RunnerOutput(sampled_token_ids={})
         host = build_step_inputs(out, self.block_size)
         requests = [s for s in out.scheduled if s.sample]
         with self.step_scope(host):
-            logits = self.compute_logits(self.forward(host))
+            marks: list[torch.cuda.Event | None] | None = None if on_kv_enqueued is None else []
+            hidden = self.forward(host, marks)
+            if on_kv_enqueued is not None and marks is not None:
+                on_kv_enqueued(marks)
+            logits = self.compute_logits(hidden)
             result = self.sampler(logits, requests)
         sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+
+def _mark(device: torch.device) -> torch.cuda.Event | None:
+    """An event at this point of the current stream on `device` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event

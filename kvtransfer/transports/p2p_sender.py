@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
@@ -77,7 +78,7 @@ class TorchP2PSender(GrpcSender):
         self.send_timeout_s = send_timeout_s
         self.prepare_send_handler = self._prepare_send
         self._copies = CopyStream(view.device)
-        self._kv_ready: dict[str, torch.cuda.Event] = {}  # transfer id -> the engine's stream at register
+        self._kv_ready: dict[str, list[Any]] = {}  # transfer id -> per layer: its KV is written
         self._registered: OrderedDict[str, _Registered] = OrderedDict()  # the last _REMEMBERED
         self._queues: dict[int, queue.Queue[_Send | None]] = {}
         self._threads: list[threading.Thread] = []
@@ -94,13 +95,18 @@ class TorchP2PSender(GrpcSender):
         num_readers: int = 1,
         source_addresses: Sequence[str] | None = None,
         source_p2p_ranks: Sequence[int] | None = None,
+        layer_ready: Sequence[Any] | None = None,
     ) -> KVHandle:
-        """LeasedSender.register; on CUDA it also marks the caller's (the engine's) stream: the
-        gathers of this transfer wait for the work queued there so far, which wrote the KV."""
+        """LeasedSender.register. On CUDA each message's gather waits on the device for the KV
+        of its layers: for `layer_ready[l1 - 1]` (l1: the message's last layer + 1), so messages
+        leave while later layers still compute; without `layer_ready`, for the work queued on
+        the caller's (the engine's) stream so far."""
         handle = super().register(transfer_id, block_ids, block_hashes, num_tokens, num_readers=num_readers,
                                   source_addresses=source_addresses, source_p2p_ranks=source_p2p_ranks)
-        ready = mark_current(self.view.device)
-        if ready is not None:
+        if layer_ready is not None and len(layer_ready) != self.view.num_layers:
+            raise ValueError(f"layer_ready: {len(layer_ready)} events for {self.view.num_layers} layers")
+        ready = list(layer_ready) if layer_ready is not None else [mark_current(self.view.device)] * self.view.num_layers
+        if self.view.device.type == "cuda":
             self._kv_ready[transfer_id] = ready
         with self._lock:
             self._registered[transfer_id] = _Registered(len(block_ids), {})
@@ -235,12 +241,18 @@ class TorchP2PSender(GrpcSender):
         with self._lock:
             if (registered := self._registered.get(item.transfer_id)) is not None:
                 registered.stamps["sending"] = time.perf_counter()
-        self._copies.wait_for(self._kv_ready.get(item.transfer_id))  # the KV is written
+        ready = self._kv_ready.get(item.transfer_id)
         index = view.block_index(item.block_ids)
         if not view.local_copies:  # a group read waits for the engine: one for every message
+            self._copies.wait_for(ready[-1] if ready else None)
             whole = view.read_indexed(index, item.heads)
             return lambda layers: whole[layers[0] : layers[1]].contiguous()
-        return lambda layers: view.read_indexed(index, item.heads, layers)
+
+        def gather(layers: tuple[int, int]) -> torch.Tensor:
+            self._copies.wait_for(ready[layers[1] - 1] if ready else None)  # these layers' KV is written
+            return view.read_indexed(index, item.heads, layers)
+
+        return gather
 
     def stop_sending(self) -> None:
         """Posts no more sends and stops the send threads (as if the process died)."""
