@@ -10,10 +10,12 @@
 #                           step breakdown and torch.profiler's kernel table, each engine in its
 #                           own process; then the multi-GPU TP equality tests
 #   2. bench/allreduce.py   (`allreduce`) NCCL vs one-shot all-reduce latency in CUDA graphs
-#   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT; NCCL-path token equality
+#   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT, after the prefill and
+#                           streamed layer by layer during it; NCCL-path token equality (both)
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
-#   6. the multi-GPU tests: the KV group's NCCL rebuild, TP-group KV views over NCCL (incl. a
+#   6. the GPU tests of the KV transports and tiers, HF equality (step inputs), and
+#      the multi-GPU tests: the KV group's NCCL rebuild, TP-group KV views over NCCL (incl. a
 #      killed follower, whose NCCL teardown is now bounded)
 # Everything a step prints goes to $OUT/run.log (appended, never piped through tail: a killed
 # step keeps what it printed); each bench writes its own JSON to $OUT.
@@ -38,9 +40,11 @@ if [ "$part" = tp ]; then
 elif [ "$part" = allreduce ]; then
   step allreduce 60 python3 bench/allreduce.py
 else
-  step kv_ttft 150 python3 bench/kv_ttft.py
+  step kv_ttft 200 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py
   step kvtransfer 90 python3 bench/kvtransfer.py
+  step gpu_tests 90 python3 -m pytest -q -m gpu tests/engine/test_kvtransfer_gpu.py tests/engine/test_hf_equality.py \
+    --timeout 60 -p no:cacheprovider
   step nccl_tests 150 python3 -m pytest -q -m multi_gpu tests/distributed/test_kv_link_nccl.py \
     tests/distributed/test_tp_kv_view.py --timeout 120 -p no:cacheprovider
 fi

@@ -31,20 +31,35 @@ class StepInputs:
         return self.input_ids.shape[0]
 
     def to(self, device: torch.device) -> StepInputs:
-        """The tensors on `device`. To a GPU through pinned memory (PyTorch's caching host
-        allocator: cheap after the first steps): a copy from pageable memory would wait for
-        every kernel already queued on the stream, e.g. a prefix's onload from the CPU tier,
-        which the host can then no longer overlap with enqueueing this step's forward."""
+        """The tensors on `device`: to a GPU as one copy from one pinned buffer (see `packed_to`)."""
         if self.input_ids.device == device:
             return self
-        pin = device.type == "cuda"
-        moved = {
-            name: (getattr(self, name).pin_memory() if pin else getattr(self, name)).to(device, non_blocking=True)
-            for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-                         "block_tables", "sample_indices")
-        }
-        return StepInputs(**moved, decode_only=self.decode_only)
+        moved = packed_to([getattr(self, name) for name in _TENSORS], device, pin=device.type == "cuda")
+        return StepInputs(**dict(zip(_TENSORS, moved)), decode_only=self.decode_only)
 
+
+_TENSORS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_indices")
+
+
+def packed_to(tensors: list[torch.Tensor], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """Host tensors moved to `device` as views of one buffer, copied once.
+
+    The bytes are packed (each tensor 8-byte aligned) into one buffer, pinned when `pin`
+    (PyTorch's caching host allocator: cheap after the first steps, and not reused before the
+    copy ran). One copy instead of one per tensor; and from pinned memory it is truly
+    asynchronous: a copy from pageable memory waits for every kernel already queued on the
+    stream, e.g. a prefix's onload from the CPU tier, which the host could otherwise overlap
+    with enqueueing this step's forward pass."""
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + -(-size // 8) * 8)
+    buf = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pin)
+    for t, start, size in zip(tensors, offsets, sizes):
+        if size:
+            buf[start : start + size].copy_(t.contiguous().view(-1).view(torch.uint8))
+    moved = buf.to(device, non_blocking=True)
+    return [moved[start : start + size].view(t.dtype).view(t.shape) for t, start, size in zip(tensors, offsets, sizes)]
 
 def attention_metadata(host: StepInputs, dev: StepInputs, max_seq_len: int | None = None) -> AttentionMetadata:
     """Metadata over the device tensors, with the host copies the reference path reads.

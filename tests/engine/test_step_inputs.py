@@ -38,3 +38,17 @@ def test_positions_slots_tables_match_reference():
         for row, s in zip(got.block_tables.tolist(), out.scheduled):
             assert row[: len(s.block_ids)] == s.block_ids and not any(row[len(s.block_ids):])
         assert got.block_tables.dtype == torch.int32 and got.slot_mapping.dtype == torch.int64
+
+
+def test_packed_copy_keeps_every_tensor():
+    rng = random.Random(1)
+    out = _random_step(rng, 16)
+    host = build_step_inputs(out, 16)
+    names = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_indices")
+    from engine.runner.inputs import packed_to
+
+    tensors = [getattr(host, n) for n in names] + [torch.empty(0, dtype=torch.int32), torch.tensor([7], dtype=torch.int32)]
+    moved = packed_to(tensors, torch.device("cpu"), pin=False)
+    for a, b in zip(tensors, moved):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        assert b.data_ptr() % b.element_size() == 0
