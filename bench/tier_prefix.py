@@ -11,7 +11,9 @@ median of 3. One more instrumented run splits the tier TTFT into its stages, eac
 the engine's stream synchronised around it: onload (fetch: pinned -> device; write: scatter
 into the new blocks), the spill of the blocks the admission evicts that stays on the critical
 path (gather + enqueue; its device -> host copy runs on a side stream), and the rest (the
-uncached tail's prefill and the step). Writes $OUT/tier_prefix.json when OUT is set.
+uncached tail's prefill and the step). The uninstrumented runs also time the tail step's forward
+pass with CUDA events (no syncs): when the host called and had enqueued it, when the device
+started and how long it ran, so a host-bound step shows apart from a device-bound one. Writes $OUT/tier_prefix.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -72,9 +74,55 @@ class TimedCache(TieredEngineCache):
         self._timed("spill on the critical path", super().flush_spills)
 
 
+def _event() -> Any:
+    if not torch.cuda.is_available():
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class ForwardProbe:
+    """Wraps the runner's `forward`: when each forward pass was called and enqueued on the host,
+    and (CUDA events, no host wait) when the device reached and finished it, relative to the
+    start of `ttft()`. Tells a host-bound step from a device-bound one without syncing."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.runner = llm.engine.runner
+        self.inner = self.runner.forward
+        self.runner.forward = self  # type: ignore[method-assign]
+        self.start: tuple[float, Any] = (0.0, None)
+        self.calls: list[tuple[float, float, Any, Any]] = []
+
+    def begin(self) -> None:
+        self.start, self.calls = (time.perf_counter(), _event()), []
+
+    def __call__(self, host: Any, layer_marks: Any = None) -> torch.Tensor:
+        called, before = time.perf_counter(), _event()
+        out = self.inner(host, layer_marks)
+        self.calls.append((called, time.perf_counter(), before, _event()))
+        return out
+
+    def last(self) -> dict[str, float]:
+        """Times (ms) of the last forward pass of the run, once the run has ended."""
+        called, enqueued, before, after = self.calls[-1]
+        t0, e0 = self.start
+        row = {"host: forward called at": (called - t0) * 1e3, "host: forward enqueued at": (enqueued - t0) * 1e3}
+        if e0 is not None:
+            after.synchronize()
+            row["device: forward started at"] = e0.elapsed_time(before)
+            row["device: forward took"] = before.elapsed_time(after)
+        return row
+
+
+PROBE: ForwardProbe | None = None
+
+
 def ttft(llm: LLM, prompt: list[int], rid: str) -> float:
     engine = llm.engine
     stream_sync()
+    if PROBE is not None:
+        PROBE.begin()
     start = time.perf_counter()
     engine.add_request(rid, prompt, ONE)
     while engine.has_unfinished():
@@ -115,13 +163,17 @@ def main() -> None:
     llm.engine.attach_external_cache(cache)
     vocab = llm.engine.vocab_size
     ttft(llm, random_prompts(1, min(512, args.prompt), vocab, 99)[0], "warm")
-    cold, tiered = [], []
+    global PROBE
+    PROBE = ForwardProbe(llm)
+    cold, tiered, anatomy = [], [], []
     for i in range(4):  # the last round is the instrumented one
         prompt = random_prompts(1, args.prompt, vocab, i)[0]
         cold.append(ttft(llm, prompt, f"cold{i}"))
         push_out(llm, store, args, i, str(i))
         cache.timing = i == 3
         took = tier_run(llm, store, prompt, f"tier{i}")
+        if i < 3:
+            anatomy.append({**PROBE.last(), "first token at": took * 1e3})
         flush_start = time.perf_counter()
         store.flush()
         still_copying_ms = (time.perf_counter() - flush_start) * 1e3
@@ -138,9 +190,13 @@ def main() -> None:
     rows += [["TTFT, instrumented run", f"{instrumented_ms:.2f}"], ["recompute TTFT (median)", f"{c * 1e3:.2f}"],
              ["spill copy still running after the first token", f"{last_flush_ms:.2f}"]]
     print_table("where the tier TTFT goes (one instrumented run, engine stream synced per stage)", ["stage", "ms"], rows)
+    timeline = {k: statistics.median(a[k] for a in anatomy) for k in anatomy[0]}
+    print_table("the tail step's forward pass in the tier runs (ms from the start, medians; events, no syncs)",
+                ["moment", "ms"], [[k, f"{v:.2f}"] for k, v in timeline.items()])
     write_json("tier_prefix", {"device": gpu_name() if args.device == "cuda" else "cpu", "recompute_s": cold[:3],
                                "cpu_tier_s": tiered, "ratio": t / c, "stages_ms": stages,
-                               "instrumented_ttft_ms": instrumented_ms, "spill_after_first_token_ms": last_flush_ms})
+                               "instrumented_ttft_ms": instrumented_ms, "spill_after_first_token_ms": last_flush_ms,
+                               "tail_forward_ms": timeline, "tail_forward_runs": anatomy})
     store.close()
 
 

@@ -37,6 +37,18 @@ from engine.sampling.truncation import truncate
 from engine.scheduler.output import ScheduledRequest, TokenLogprobs
 
 
+def to_host(t: torch.Tensor) -> list:
+    """`t.tolist()`, waiting for the device with the GIL released. `.tolist()` holds the GIL for
+    as long as the device takes to get there, a whole step: every other thread of the process
+    (a KV sender posting a streamed prefill's messages, gRPC servers, the actor's event loop)
+    would stand still meanwhile. `Event.synchronize` waits without the GIL."""
+    if t.is_cuda:
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(t.device))
+        done.synchronize()
+    return t.tolist()
+
+
 @dataclass(frozen=True)
 class SamplerResult:
     """`token_ids[i]` and `logprobs[i]` belong to row i; logprobs are None where not requested."""
@@ -65,13 +77,14 @@ class Sampler:
         assert logits.shape[1] >= self.vocab_size, "logits narrower than the vocabulary"
         logits = logits[:, : self.vocab_size]
         if not any(needs_full_path(r) for r in requests):
-            return SamplerResult(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+            return SamplerResult(to_host(logits.argmax(dim=-1)), [None] * len(requests))
         logits = logits.to(torch.float32, copy=True)
         apply_min_tokens(logits, requests, self.eos_token_ids)
         apply_penalties(logits, requests)
         token_ids = self._pick(logits, requests)
+        host_ids = to_host(token_ids)
         logprobs = gather_logprobs(logits, token_ids, [r.sampling_params.logprobs for r in requests])
-        return SamplerResult(token_ids.tolist(), logprobs)
+        return SamplerResult(host_ids, logprobs)
 
     def _pick(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """[B] int64 on the device: argmax everywhere, then sampled rows overwritten."""
