@@ -2,9 +2,12 @@
 
 Stages of one request:
   1. `start(req)`: on the engine thread, allocate blocks for the prompt's KV (or refuse with
-     WorkerRejectedError, holding nothing) and start pulling it through the KV receiver;
+     WorkerRejectedError, holding nothing) and start pulling it through the KV receiver. A
+     streamed prefill's request comes before its first token (`first_token_id` None): a second
+     `start` brings the token;
   2. before every engine step, poll each incoming transfer without blocking: DONE -> the
-     request joins the running batch; FAILED -> a final error output;
+     request joins the running batch once its first token is known (a landed request waits
+     at most `transfer_timeout_s` for it); FAILED -> a final error output;
   3. the engine decodes every running request each step; all their new tokens leave as one
      batch through `next_outputs()` (the router's long poll).
 Block ownership: on DONE the destination blocks are the request's; after FAILED or a cancel,
@@ -42,6 +45,11 @@ class _Arrival:
     accepted: float
     num_blocks: int  # blocks the transfer writes (for the bytes-received metric)
     kv_landed: float | None = None
+    first_token_at: float | None = None  # when a streamed request's first token came
+
+    @property
+    def has_first_token(self) -> bool:
+        return bool(self.request.output_token_ids)
 
 
 class DecodeWorker(PoolWorker):
@@ -52,6 +60,8 @@ class DecodeWorker(PoolWorker):
         self.outbox = Outbox()
         self._arrivals: dict[str, _Arrival] = {}  # until the request finishes
         self._incoming: dict[str, _Arrival] = {}  # the subset whose KV has not landed
+        self._landed: dict[str, _Arrival] = {}  # KV landed, first token not yet here (streamed)
+        self.transfer_timeout_s = transfer_timeout_s
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_transfers,
                                has_work=lambda: bool(self._incoming), transport="nccl" if kv_group else "grpc",
                                calibrate=calibrate, pool="decode", metrics_host=metrics_host, metrics_port=metrics_port)
@@ -61,11 +71,6 @@ class DecodeWorker(PoolWorker):
         self.core.start()
 
     # ----------------------------------------------------------- actor API
-
-    async def start(self, req: DecodeRequest) -> None:
-        self.outbox.bind()
-        handle = KVHandle.from_bytes(req.kv_handle)
-        await self.core.aengine.run(lambda engine: self._accept(engine, req, handle))
 
     async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
         return await self.outbox.next_outputs(max_wait_s)
@@ -80,8 +85,28 @@ class DecodeWorker(PoolWorker):
 
     # --------------------------------------------------- engine-thread side
 
+    async def start(self, req: DecodeRequest) -> None:
+        self.outbox.bind()
+        arrival = self._arrivals.get(req.request_id)
+        if arrival is not None and not arrival.has_first_token and req.first_token_id is not None:
+            await self.core.aengine.run(lambda engine: self._first_token(engine, req))
+            return
+        handle = KVHandle.from_bytes(req.kv_handle)
+        await self.core.aengine.run(lambda engine: self._accept(engine, req, handle))
+
+    def _first_token(self, engine: LLMEngine, req: DecodeRequest) -> None:
+        """The first token of a request whose KV was started early; it decodes once both are in."""
+        arrival = self._arrivals.get(req.request_id)
+        if arrival is None or arrival.has_first_token:
+            raise WorkerRejectedError(f"request {req.request_id!r} is not waiting for its first token")
+        assert req.first_token_id is not None
+        engine.set_first_token(arrival.request, req.first_token_id, req.first_text)
+        arrival.first_token_at = time.monotonic()
+        if self._landed.pop(req.request_id, None) is not None:
+            engine.activate_prefilled(arrival.request)
+
     def _accept(self, engine: LLMEngine, req: DecodeRequest, handle: KVHandle) -> None:
-        if req.request_id in self._incoming or engine.scheduler.get_request(req.request_id):
+        if req.request_id in self._arrivals or engine.scheduler.get_request(req.request_id):
             raise WorkerRejectedError(f"request {req.request_id!r} is already here")
         request = engine.add_prefilled(
             req.request_id, list(req.prompt_token_ids), req.first_token_id, req.sampling_params,
@@ -101,15 +126,28 @@ class DecodeWorker(PoolWorker):
                 landed = incoming.kv_landed = time.monotonic()
                 num_bytes = incoming.num_blocks * self.core.view.bytes_per_block()
                 self.core.metrics.transfer_done(self.core.transport, num_bytes, landed - incoming.accepted)
-                self.core.engine.activate_prefilled(incoming.request)
+                if incoming.has_first_token:
+                    self.core.engine.activate_prefilled(incoming.request)
+                else:
+                    self._landed[request_id] = incoming
             elif state is KVPoll.FAILED:
                 del self._incoming[request_id]
-                del self._arrivals[request_id]
-                self._drop(incoming.request)
                 reason = self.receiver.failure_reason(request_id) or "KV transfer failed"
                 self.core.metrics.transfer_failed(self.core.transport, reason)
-                self.outbox.put([StepOutput(request_id, (), finished=True, finish_reason="abort",
-                                            error=f"KV transfer failed: {reason}")])
+                self._drop(incoming.request)
+                self._fail(request_id, f"KV transfer failed: {reason}")
+        now = time.monotonic()
+        for request_id, waiting in list(self._landed.items()):
+            assert waiting.kv_landed is not None
+            if now - waiting.kv_landed > self.transfer_timeout_s:  # the router is gone: free the KV
+                del self._landed[request_id]
+                self.core.engine.release_blocks(self.core.engine.drop_prefilled(waiting.request))
+                self._fail(request_id, f"no first token within {self.transfer_timeout_s:g}s of the KV")
+
+    def _fail(self, request_id: str, error: str) -> None:
+        """A final error output for a request that never ran (the caller saw to its blocks)."""
+        self._arrivals.pop(request_id, None)
+        self.outbox.put([StepOutput(request_id, (), finished=True, finish_reason="abort", error=error)])
 
     def _drop(self, request: Request) -> None:
         """Forget a request whose KV never landed. Its blocks are exactly the transfer's
@@ -118,7 +156,11 @@ class DecodeWorker(PoolWorker):
 
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         incoming = self._incoming.pop(request_id, None)
+        landed = self._landed.pop(request_id, None)
         self._arrivals.pop(request_id, None)
+        if landed is not None:  # its KV is in its blocks, which nothing else owns
+            engine.release_blocks(engine.drop_prefilled(landed.request))
+            return
         if incoming is None:
             engine.abort([request_id])
             return
@@ -144,12 +186,16 @@ class DecodeWorker(PoolWorker):
 
 
 def _timings(arrival: _Arrival | None) -> StageTimes | None:
+    """kv_transfer: from accepting the request (streamed: from its first token, the prefill
+    having run meanwhile) until its KV landed (0 when it had landed before)."""
     if arrival is None or arrival.kv_landed is None:
         return None
     now = time.monotonic()
-    scheduled = arrival.request.first_scheduled_time or arrival.kv_landed
+    since = arrival.first_token_at or arrival.accepted
+    ready = max(arrival.kv_landed, since)
+    scheduled = arrival.request.first_scheduled_time or ready
     return StageTimes(
-        kv_transfer=arrival.kv_landed - arrival.accepted,
-        decode_queue=scheduled - arrival.kv_landed,
+        kv_transfer=max(0.0, arrival.kv_landed - since),
+        decode_queue=max(0.0, scheduled - ready),
         decode=now - scheduled,
     )

@@ -4,7 +4,9 @@ Each iteration has three stages:
   1. run queued commands (`call(fn)`: add, abort, stats, transfer bookkeeping) in order;
   2. `before_step()` hook (e.g. poll KV receivers and senders; never blocks);
   3. if anything is unfinished: `outputs = engine.step()` and `on_outputs(outputs)`;
-     otherwise wait for the next command (up to `idle_wait_s`, so hooks still run).
+     otherwise wait for the next command (up to `idle_wait_s`, so hooks still run; up to
+     _HOOK_POLL_S while `has_work()`, e.g. KV transfers landing: a blocking wait, never a
+     spin, since a spinning loop holds the GIL that the transports' threads need to finish).
 
 Step listeners (`on_step(callback)`, for metrics) hear `callback(num_batched_tokens, seconds)`
 after every step, on this thread, before `on_outputs`: keep them cheap. A listener that raises
@@ -30,6 +32,7 @@ from engine.outputs import RequestOutput
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_HOOK_POLL_S = 0.0002  # between `before_step()` calls while only the hooks have work
 
 
 class EngineLoopError(RuntimeError):
@@ -88,7 +91,8 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stopping.is_set():
-                self._run_commands(block=not (self.engine.has_unfinished() or self._has_work()))
+                busy = self.engine.has_unfinished()
+                self._run_commands(None if busy else _HOOK_POLL_S if self._has_work() else self._idle_wait_s)
                 self._before_step()
                 if self.engine.has_unfinished():
                     started = time.perf_counter()
@@ -112,9 +116,10 @@ class EngineLoop:
                 log.exception("step listener %r failed; dropping it", callback)
                 self._step_listeners.remove(callback)
 
-    def _run_commands(self, block: bool) -> None:
+    def _run_commands(self, wait_s: float | None) -> None:
+        """Runs the queued commands, waiting up to `wait_s` for the first (None: not at all)."""
         try:
-            item = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+            item = self._commands.get(timeout=wait_s) if wait_s is not None else self._commands.get_nowait()
         except queue.Empty:
             return
         while item is not None:

@@ -4,9 +4,15 @@ Stages of one request:
   1. `prefill(req)` queues it in the engine (its scheduler orders by priority, deadline and age,
      with a starvation guard) as a prefill-only request: max_tokens 1, KV held at the end;
   2. the engine loop prefills it (chunked with the other prompts) and samples the first token;
-  3. on the engine thread: if the request ends at its first token, its blocks are freed; else
-     they are leased through the KV sender (`transfer_id` = request id) and the handle returns;
-  4. the lease ends on the decode side's ack, on `abort`, or at expiry; `on_release` frees the
+  3. streamed (the default where the KV view copies locally: TP = 1): as soon as the step that
+     completes the prompt is enqueued, its blocks are leased through the KV sender
+     (`transfer_id` = request id) with one CUDA event per layer, and `kv_handle(request_id)`
+     answers with the handle: the decode side receives while the prefill computes, each
+     layer's KV leaving once written. Not streamed (TP > 1): the blocks are leased when the
+     first token is out;
+  4. the first token returns with the handle; a request that ends at its first token frees
+     its blocks (streamed: by failing its lease, so a transfer under way drains first);
+  5. the lease ends on the decode side's ack, on `abort`, or at expiry; `on_release` frees the
      blocks on the engine thread.
 Every sender callback and every block operation runs on the engine thread.
 """
@@ -14,11 +20,13 @@ Every sender callback and every block operation runs on the engine thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engine.engine import LLMEngine
+from engine.engine import HeldKVEnqueued, LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.pool_link import KVGroupSpec, make_sender
@@ -31,6 +39,9 @@ from router.worker_api import (
     deadline_to_monotonic,
 )
 
+log = logging.getLogger(__name__)
+_ENDED_REMEMBERED = 1024  # prefills whose early handle nobody awaited yet: kv_handle answers b""
+
 
 @dataclass
 class _Pending:
@@ -39,6 +50,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     submitted: float
     real_max_tokens: int | None
+    handle: bytes = b""  # leased while the prompt's last step computed (streamed)
 
 
 class PrefillWorker(PoolWorker):
@@ -47,6 +59,8 @@ class PrefillWorker(PoolWorker):
                  metrics_host: str = "127.0.0.1", metrics_port: int | None = 0, prefix_cpu_bytes: int = 0) -> None:
         """`prefix_cpu_bytes`: a CPU tier that evicted prefix blocks spill into and hits load from."""
         self._pending: dict[str, _Pending] = {}
+        self._early: dict[str, asyncio.Future] = {}  # kv_handle() calls waiting, by request id
+        self._ended: OrderedDict[str, bytes] = OrderedDict()  # handles (or b"") nobody awaited yet
         self.kv_group = kv_group
         self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
                                transport="nccl" if kv_group else "grpc", calibrate=calibrate, pool="prefill",
@@ -54,6 +68,9 @@ class PrefillWorker(PoolWorker):
         self.sender = make_sender(self.core.view, kv_group, worker_id=worker_id, model_salt=self.core.salt,
                                   on_release=self._on_release, lease_s=lease_s, host=host)
         self.prefix_store = self.core.attach_tiers(prefix_cpu_bytes, swap=False)
+        self.streams_kv = self.core.view.local_copies  # a TP group's view reads through collectives
+        if self.streams_kv:
+            self.core.engine.stream_held_kv(self._on_kv_enqueued)
         self.core.start()
 
     # ----------------------------------------------------------- actor API
@@ -72,10 +89,24 @@ class PrefillWorker(PoolWorker):
             self._pending[req.request_id] = _Pending(request, future, loop, time.monotonic(), params.max_tokens)
 
         try:
-            await self.core.aengine.run(add)
-        except ValueError as exc:  # InvalidRequestError: the router validated, so this is rare
-            raise WorkerRejectedError(str(exc)) from exc
-        return await future
+            try:
+                await self.core.aengine.run(add)
+            except ValueError as exc:  # InvalidRequestError: the router validated, so this is rare
+                raise WorkerRejectedError(str(exc)) from exc
+            return await future
+        finally:  # a kv_handle() call still waiting gets b"" (no-op once it had the handle)
+            self._publish_early(req.request_id, b"")
+
+    async def kv_handle(self, request_id: str) -> bytes:
+        if not self.streams_kv:
+            return b""
+        if request_id in self._ended:
+            return self._ended.pop(request_id)
+        future = self._early.setdefault(request_id, asyncio.get_running_loop().create_future())
+        try:
+            return await future
+        finally:
+            self._early.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
         def abort(engine: LLMEngine) -> None:
@@ -103,6 +134,34 @@ class PrefillWorker(PoolWorker):
     def _on_release(self, transfer_id: str, block_ids: list[int]) -> None:
         self.core.engine.release_blocks(block_ids)
 
+    def _on_kv_enqueued(self, held: HeldKVEnqueued) -> None:
+        """The prompt's last step is enqueued: lease its blocks now and hand out the handle."""
+        rid = held.request.request_id
+        pending = self._pending.get(rid)
+        if pending is None:
+            return
+        try:
+            pending.handle = self.sender.register(
+                rid, held.block_ids, held.block_hashes, held.request.num_prompt_tokens,
+                source_p2p_ranks=[self.kv_group.rank] if self.kv_group else None, layer_ready=held.layer_ready,
+            ).to_bytes()
+        except Exception:  # the step must go on: the handle then comes with the first token
+            log.exception("kvtransfer: streaming the KV of %s failed", rid)
+            return
+        pending.loop.call_soon_threadsafe(self._publish_early, rid, pending.handle)
+
+    def _publish_early(self, request_id: str, handle: bytes) -> None:
+        """On the actor's event loop: answers a waiting `kv_handle`, or keeps the answer for
+        one to come (the first answer for an id stands)."""
+        future = self._early.get(request_id)
+        if future is not None:
+            if not future.done():
+                future.set_result(handle)
+            return
+        self._ended.setdefault(request_id, handle)
+        while len(self._ended) > _ENDED_REMEMBERED:
+            self._ended.popitem(last=False)
+
     def _on_output(self, out: RequestOutput) -> None:
         pending = self._pending.pop(out.request_id, None)
         if pending is None or not out.finished:
@@ -114,7 +173,13 @@ class PrefillWorker(PoolWorker):
             num_prompt + 1 >= engine.max_model_len
         )
         handle = b""
-        if ends_here:
+        if pending.handle:  # streamed: leased at the last step
+            assert request.held_block_ids, f"{out.request_id}: streamed, but no blocks held"
+            if ends_here:  # the lease frees the blocks once a transfer under way stopped reading
+                self.sender.fail(out.request_id, "the request ended at its first token")
+            else:
+                handle = pending.handle
+        elif ends_here:
             engine.release_blocks(request.held_block_ids)
         else:
             num_full = num_prompt // engine.config.block_size

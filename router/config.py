@@ -39,6 +39,9 @@ class RouterConfig:
     max_inflight_prefills: int = 1024
     max_queue: int = 4096
     starvation_s: float = 5.0
+    # Start the decode worker on a prompt's KV as soon as the prefill worker hands out its
+    # handle (the KV streams while the prefill computes), not once the first token is out.
+    stream_kv: bool = True
     slo_classes: Mapping[str, SloClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     kv_salt: str = ""
     metrics_targets: tuple[str, ...] = ()

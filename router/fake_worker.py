@@ -68,6 +68,7 @@ class _Seq:
     outputs: list[int] = field(default_factory=list)
     text: str = ""
     first_step: float | None = None
+    awaiting_first: bool = False  # started on a streamed KV handle, first token not yet here
 
 
 class FakeWorker:
@@ -81,8 +82,12 @@ class FakeWorker:
         eos_token_id: int | None = None,
         detok: Callable[[int], str] = _default_detok,
         cost: CostModel | None = None,
+        streams_kv: bool = False,
     ) -> None:
+        """`streams_kv`: `kv_handle` answers as the prefill starts (else b"")."""
         self.worker_id = worker_id
+        self.streams_kv = streams_kv
+        self._early: dict[str, asyncio.Future[bytes]] = {}
         self.delays = delays
         self.num_total_blocks = num_blocks
         self.num_free_blocks = num_blocks
@@ -125,21 +130,46 @@ class FakeWorker:
         self.prefills.append(req.request_id)
         start = time.monotonic()
         self._prefilling[req.request_id] = len(req.prompt_token_ids)
+        handle = _HANDLE_PREFIX + self.worker_id.encode() + b"|" + req.request_id.encode()
+        if self.streams_kv:  # leased and handed out before the first token
+            self.leases[req.request_id] = self._blocks(len(req.prompt_token_ids))
+            self._publish_early(req.request_id, handle)
         try:
             await self._sleep(self._prefill_delay(len(req.prompt_token_ids)))
         finally:
             del self._prefilling[req.request_id]
+            self._publish_early(req.request_id, b"")
         seq = _Seq(req.request_id, req.prompt_token_ids, req.sampling_params, 0, False)
         token, reason = self._next_token(seq)
         times = StageTimes(prefill_queue=0.0, prefill=time.monotonic() - start)
         if req.request_id in self._aborted:
             reason = "abort"
-        handle = b""
         if reason is None:
-            handle = _HANDLE_PREFIX + self.worker_id.encode() + b"|" + req.request_id.encode()
-            self.leases[req.request_id] = self._blocks(len(req.prompt_token_ids))
+            if not self.streams_kv:  # (streamed: leased at the start, maybe acked already)
+                self.leases[req.request_id] = self._blocks(len(req.prompt_token_ids))
+        else:
+            handle = b""
+            self.leases.pop(req.request_id, None)
         return PrefillResult(req.request_id, token, self._detok(token), reason is not None, reason, handle,
                              len(req.prompt_token_ids), 0, None, times)  # fmt: skip
+
+    async def kv_handle(self, request_id: str) -> bytes:
+        await self._check_alive()
+        if not self.streams_kv:
+            return b""
+        future = self._early.setdefault(request_id, asyncio.get_running_loop().create_future())
+        try:
+            return await future
+        finally:
+            self._early.pop(request_id, None)
+
+    def _publish_early(self, request_id: str, handle: bytes) -> None:
+        """Answers a `kv_handle` call (made before or after; the first answer stands)."""
+        if not self.streams_kv or (not handle and request_id not in self._early):
+            return
+        future = self._early.setdefault(request_id, asyncio.get_running_loop().create_future())
+        if not future.done():
+            future.set_result(handle)
 
     def _prefill_delay(self, num_tokens: int) -> float:
         return self.delays.prefill_s + self.delays.prefill_s_per_token * num_tokens
@@ -151,11 +181,20 @@ class FakeWorker:
     async def start(self, req: DecodeRequest) -> None:
         await self._check_alive()
         self.starts.append(req.request_id)
+        waiting = self._seqs.get(req.request_id)
+        if waiting is not None and waiting.awaiting_first and req.first_token_id is not None:
+            waiting.outputs.append(req.first_token_id)  # a streamed start's second half
+            waiting.text, waiting.awaiting_first = req.first_text, False
+            self._work.set()
+            return
         if not req.kv_handle.startswith(_HANDLE_PREFIX):
             raise WorkerRejectedError(f"unreadable KV handle for {req.request_id}")
         seq = self._admit(req.request_id, req.prompt_token_ids, req.sampling_params, needs_prefill=False)
-        seq.outputs.append(req.first_token_id)
-        seq.text = req.first_text
+        if req.first_token_id is None:
+            seq.awaiting_first = True
+        else:
+            seq.outputs.append(req.first_token_id)
+            seq.text = req.first_text
         source = _DIRECTORY.get(req.kv_handle.split(b"|")[1].decode())
         if source is not None:
             source._ack_lease(req.request_id)  # the KV "arrived"
@@ -212,7 +251,7 @@ class FakeWorker:
             await self._sleep(self.delays.step_s + (self._prefill_delay(pending) if pending else 0.0))
             if self._fail is not FailMode.NONE:
                 continue  # a dead worker produces nothing
-            self._emit([self._step(seq) for seq in list(self._seqs.values())])
+            self._emit([self._step(seq) for seq in list(self._seqs.values()) if not seq.awaiting_first])
 
     def _step(self, seq: _Seq) -> StepOutput:
         now = time.monotonic()

@@ -4,9 +4,12 @@ Stages of `Orchestrator.run`:
   1. router queue: wait for a dispatch slot (EDF by priority, TTFT deadline);
   2. place: pick decode + prefill workers (or one colocated worker), or reject
      (RESOURCE_EXHAUSTED) before any worker is called;
-  3. prefill: the first token is sent to the client at once; the slot is released;
-  4. decode: `start` on the decode worker, then its StepOutputs (routed by the worker's
-     StepDemux) are streamed, several per message when they queue up;
+  3. prefill: the first token is sent to the client at once; the slot is released. While the
+     prefill runs, the prefill worker may hand out the KV handle (`kv_handle`: its KV streams
+     layer by layer as the last step computes): the decode worker is then started at once,
+     without the first token, and receives meanwhile (`RouterConfig.stream_kv`);
+  4. decode: `start` on the decode worker (with the first token), then its StepOutputs (routed
+     by the worker's StepDemux) are streamed, several per message when they queue up;
   5. the last message carries finish reason, token counts and stage timings, which add up to
      the end-to-end latency (`router.stage_clock` attributes the router's own hops).
 
@@ -160,8 +163,9 @@ class Orchestrator:
             if not finished:
                 self._abort_on_workers(active)
 
-    def _abort_on_workers(self, active: _Active) -> None:
-        for entry in active.workers:
+    def _abort_on_workers(self, active: _Active, workers: list[WorkerEntry] | None = None) -> None:
+        """Aborts the request on its workers (or on `workers`), in the background."""
+        for entry in active.workers if workers is None else workers:
             task = asyncio.ensure_future(self._abort_one(entry, active.request_id))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
@@ -235,20 +239,50 @@ class Orchestrator:
         preq = PrefillRequest(active.request_id, req.prompt_token_ids, req.sampling_params,
                               ttft_deadline, req.slo.priority, d.worker_id)  # fmt: skip
         active.dispatched_at = time.monotonic()
+        prefill = asyncio.ensure_future(self._watch(p, active, p.handle.prefill(preq)))
         try:
-            result: PrefillResult = await self._watch(p, active, p.handle.prefill(preq))
+            receiving = await self._start_streamed(req, active, p, d, deadline, prefill)
+            result: PrefillResult = await prefill
         finally:
+            if not prefill.done():
+                prefill.cancel()
             p.pending_prefill_tokens -= uncached
             slot.release()
         first = await self._send_first(active, result, send)
         if first is not None:
+            if receiving:  # its KV went to the decode worker for nothing
+                self._abort_on_workers(active, [d])
             return [first], result.timings
-        self._demux[d.worker_id].open(active.request_id, active.queue)
+        if not receiving:
+            self._demux[d.worker_id].open(active.request_id, active.queue)
         dreq = DecodeRequest(active.request_id, req.prompt_token_ids, result.first_token_id, result.kv_handle,
                              req.sampling_params, deadline, req.slo.priority, p.worker_id, result.text_delta)  # fmt: skip
         active.decode_started_at = time.monotonic()
         await self._watch(d, active, d.handle.start(dreq))
         return await self._stream(active, send), result.timings
+
+    async def _start_streamed(
+        self, req: ValidatedRequest, active: _Active, p: WorkerEntry, d: WorkerEntry, deadline: float | None,
+        prefill: asyncio.Future[PrefillResult],
+    ) -> bool:  # fmt: skip
+        """Starts the decode worker on the prompt's KV while the prefill computes, once the
+        prefill worker hands out the handle. False when it did not (it does not stream, or the
+        prefill ended first): the decode worker then starts with the first token."""
+        if not self._config.stream_kv or req.sampling_params.max_tokens == 1:  # 1: no decode follows
+            return False
+        early = asyncio.ensure_future(self._watch(p, active, p.handle.kv_handle(active.request_id)))
+        try:
+            await asyncio.wait((early, prefill), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not early.done():
+                early.cancel()
+        if prefill.done() or early.cancelled() or early.exception() is not None or not early.result():
+            return False
+        self._demux[d.worker_id].open(active.request_id, active.queue)
+        dreq = DecodeRequest(active.request_id, req.prompt_token_ids, None, early.result(), req.sampling_params,
+                             deadline, req.slo.priority, p.worker_id)  # fmt: skip
+        await self._watch(d, active, d.handle.start(dreq))
+        return True
 
     async def _colocated(
         self, req: ValidatedRequest, active: _Active, plan: Placement, deadline: float | None,

@@ -180,11 +180,15 @@ class DecodeRequest:
 
     `deadline` (UNIX s) is the end-to-end deadline (None: none). `num_output_tokens_so_far` is 1
     (the first token counts toward max_tokens and stop checks).
+
+    `first_token_id` None: the prefill is still computing (the handle came from
+    `PrefillWorker.kv_handle`): the worker starts receiving the KV now and decodes once a second
+    `start` for the same id brings the first token (that call's `kv_handle` is ignored).
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    first_token_id: int
+    first_token_id: int | None
     kv_handle: bytes
     sampling_params: SamplingParams
     deadline: float | None = None
@@ -219,6 +223,14 @@ class PrefillWorker(Protocol):
         """Queue (EDF), prefill and sample the first token. Raises WorkerRejectedError if refused."""
         ...
 
+    async def kv_handle(self, request_id: str) -> bytes:
+        """The KV handle of a request being prefilled, as soon as the step that completes its
+        prompt is enqueued (its KV streams out layer by layer while that step computes), so
+        the decode side can start receiving before the first token exists. b"" when this
+        worker does not stream or the prefill ended without a handle; call it while `prefill`
+        is in flight. The `PrefillResult` carries the same handle."""
+        ...
+
     async def abort(self, request_id: str) -> None: ...
 
     async def load(self) -> LoadSnapshot: ...
@@ -249,7 +261,8 @@ class DecodeWorker(_StepStream, Protocol):
         """Accept a request (returns once queued, before its KV arrives).
 
         Raises WorkerRejectedError when it cannot take it (no KV room): nothing is then held.
-        Its tokens after the first arrive through `next_outputs()`.
+        Its tokens after the first arrive through `next_outputs()`. With `first_token_id` None
+        it only receives the KV; a second `start` with the first token lets it decode.
         """
         ...
 

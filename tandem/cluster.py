@@ -40,6 +40,9 @@ class RayWorker:
     async def prefill(self, req: PrefillRequest) -> PrefillResult:
         return await self.handle.prefill.remote(req)
 
+    async def kv_handle(self, request_id: str) -> bytes:
+        return await self.handle.kv_handle.remote(request_id)
+
     async def start(self, req: DecodeRequest) -> None:
         await self.handle.start.remote(req)
 

@@ -37,7 +37,7 @@ def test_greedy_equals_offline_engine(cluster):
         assert final.completion_tokens == 16 and final.prompt_tokens == len(ref.prompt_token_ids)
         t = final.timings
         stages = t.router_queue + t.prefill_queue + t.prefill + t.kv_transfer + t.decode_queue + t.decode
-        assert t.kv_transfer > 0 and t.prefill > 0 and stages <= t.end_to_end * 1.05
+        assert t.HasField("kv_transfer") and t.prefill > 0 and stages <= t.end_to_end * 1.05
     assert cluster.wait_all_free()
 
 

@@ -18,7 +18,7 @@ def test_p2p_transport_equals_offline_engine():
             for msg in cluster.client.generate(prompt, temperature=0.0, max_tokens=12):
                 tokens.extend(msg.token_ids)
                 final = msg
-            assert tokens == ref.token_ids and final.timings.kv_transfer > 0
+            assert tokens == ref.token_ids and final.timings.HasField("kv_transfer")  # 0 when it landed first
         assert cluster.wait_all_free()
     finally:
         cluster.close()

@@ -34,7 +34,7 @@ def test_greedy_equals_offline_engine(cluster):
         for final in cluster.client.generate(prompt, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True):
             tokens.extend(final.token_ids)
         assert tokens == ref.token_ids
-        assert final is not None and final.timings.kv_transfer > 0
+        assert final is not None and final.timings.HasField("kv_transfer")
     assert len(offline[1].prompt_token_ids) > 32  # its KV spans several blocks
     assert cluster.wait_all_free()
 

@@ -150,7 +150,7 @@ def test_launch_generate_down_across_nodes(ray_cluster, tmp_path):
                 tokens.extend(final.token_ids)
             assert len(tokens) == 12 and final.completion_tokens == 12
             assert tokens == _offline_greedy("KV crosses nodes", 12)  # prefilled on TP 1, decoded on TP 2
-            assert final.timings.kv_transfer > 0 and final.timings.prefill > 0  # P -> D over gRPC
+            assert final.timings.HasField("kv_transfer") and final.timings.prefill > 0  # P -> D over gRPC (0 s: streamed, landed first)
             status = client.cluster_status()
             assert sorted((w.worker_id, w.pool) for w in status.workers) == [
                 ("decode-0", "decode"), ("prefill-0", "prefill")]

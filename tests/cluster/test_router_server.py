@@ -111,6 +111,67 @@ def test_one_token_request_ends_at_prefill() -> None:
     run(body())
 
 
+def streaming_pd(prefill_s: float = 0.2, step_s: float = 0.0) -> dict[str, tuple[str, FakeWorker]]:
+    return {
+        "p0": ("prefill", FakeWorker("p0", delays=FakeDelays(prefill_s=prefill_s), streams_kv=True)),
+        "d0": ("decode", FakeWorker("d0", delays=FakeDelays(step_s=step_s))),
+    }
+
+
+def test_streamed_kv_starts_the_decode_worker_before_the_first_token() -> None:
+    async def body() -> None:
+        workers = streaming_pd()
+        p, d = workers["p0"][1], workers["d0"][1]
+        async with cluster(workers) as (_, client):
+            request = asyncio.ensure_future(collect(client, "hello", max_tokens=12, request_id="s-1"))
+            await until(lambda: d.starts == ["s-1"])
+            assert "s-1" in p._prefilling, "the decode worker started while the prefill ran"
+            msgs = await request
+        assert bytes(t for m in msgs for t in m.token_ids).decode() == "hellohellohe"
+        assert d.starts == ["s-1", "s-1"]  # the KV handle, then the first token
+        assert p.leases == {} and d.num_free_blocks == d.num_total_blocks
+
+    run(body())
+
+
+def test_streamed_kv_off_in_the_config_starts_decode_once() -> None:
+    async def body() -> None:
+        workers = streaming_pd(prefill_s=0.02)
+        async with cluster(workers, stream_kv=False) as (_, client):
+            text, _ = await client.generate_text("hello", max_tokens=7)
+        assert text == "helloh" + "e" and workers["d0"][1].starts == [workers["p0"][1].prefills[0]]
+
+    run(body())
+
+
+def test_streamed_request_that_ends_at_its_first_token_is_aborted_on_the_decode_worker() -> None:
+    async def body() -> None:
+        workers = streaming_pd()
+        p, d = workers["p0"][1], workers["d0"][1]
+        async with cluster(workers) as (_, client):
+            text, final = await client.generate_text("xyz", max_tokens=20, stop_token_ids=[ord("x")], request_id="s-2")
+            assert text == "x" and final.finish_reason == pb.FINISH_REASON_STOP
+            await until(lambda: "s-2" in d.aborts)
+        assert d.starts == ["s-2"] and p.leases == {} and d.num_free_blocks == d.num_total_blocks
+
+    run(body())
+
+
+def test_cancel_while_the_streamed_prefill_runs_aborts_both_workers() -> None:
+    async def body() -> None:
+        workers = streaming_pd(prefill_s=0.5)
+        p, d = workers["p0"][1], workers["d0"][1]
+        async with cluster(workers) as (_, client):
+            request = asyncio.ensure_future(collect(client, "abc", max_tokens=50, request_id="s-3"))
+            await until(lambda: d.starts == ["s-3"])
+            request.cancel()
+            await until(lambda: "s-3" in p.aborts and "s-3" in d.aborts)
+            await until(lambda: d.num_running == 0)
+        assert p.leases == {} and d.num_free_blocks == d.num_total_blocks
+
+    run(body())
+
+
 def test_64_concurrent_streams_complete() -> None:
     async def body() -> None:
         async with cluster(pd(step_s=0.001)) as (_, client):
