@@ -15,7 +15,8 @@
 #   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
 #   6. the GPU tests of the KV transports and tiers, HF equality (step inputs), and
-#      the multi-GPU tests: the KV group's NCCL rebuild, TP-group KV views over NCCL (incl. a
+#      the multi-GPU tests (`serve`, its own call: bench/serve.py, the real cluster on 2 GPUs,
+#      KV streamed during the prefill vs started after it vs colocated); the KV group's NCCL rebuild, TP-group KV views over NCCL (incl. a
 #      killed follower, whose NCCL teardown is now bounded)
 # Everything a step prints goes to $OUT/run.log (appended, never piped through tail: a killed
 # step keeps what it printed); each bench writes its own JSON to $OUT.
@@ -39,6 +40,8 @@ if [ "$part" = tp ]; then
     tests/distributed/test_tp_equality.py -k "allreduce_add or nccl" --timeout 60 -p no:cacheprovider
 elif [ "$part" = allreduce ]; then
   step allreduce 60 python3 bench/allreduce.py
+elif [ "$part" = serve ]; then
+  step serve 400 python3 bench/serve.py --prompt 4096 --rate 4 --requests 48 --output 64
 else
   step kv_ttft 200 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py

@@ -3,8 +3,10 @@
     python bench/serve.py [--requests 64] [--rate 4] [--prompt 1024] [--output 128]
 
 Llama-3-8B shape with dummy bf16 weights. Disaggregated: one prefill GPU and one decode GPU,
-KV over torch.distributed p2p (NCCL); colocated: one engine per GPU on the same GPUs, the
-baseline. Prints TTFT and TPOT p50 / p99 and each stage's share of TTFT (from the stage
+KV over torch.distributed p2p (NCCL), streamed while the prompt is prefilled (the default);
+`disaggregated-nostream`: the same, with the decode worker started only once the first token
+is out (RouterConfig.stream_kv off), the peer of the streamed path; colocated: one engine per
+GPU on the same GPUs, the baseline. Prints TTFT and TPOT p50 / p99 and each stage's share of TTFT (from the stage
 timings every final response carries).
 """
 
@@ -35,15 +37,18 @@ def pct(values: list[float], q: float) -> float:
 async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float) -> dict:
     await asyncio.sleep(delay)
     start = time.perf_counter()
-    first, n, final = None, 0, None
+    first, second, n, final = None, None, 0, None
     async for msg in client.generate(prompt, temperature=0.0, max_tokens=out_len, ignore_eos=True,
                                      best_effort=True):  # measure latency, do not shed load
         first = first or time.perf_counter()
         n += len(msg.token_ids)
+        if n >= 2 and second is None:
+            second = time.perf_counter()
         final = msg
     end = time.perf_counter()
     t = final.timings
     return {"ttft": first - start, "tpot": (end - first) / max(n - 1, 1), "tokens": n,
+            "second_gap": (second or end) - first,
             "stages": {s: getattr(t, s) for s in STAGES}, "server_ttft": t.time_to_first_token}
 
 
@@ -64,9 +69,11 @@ async def workload(address: str, args: argparse.Namespace) -> list[dict]:
 
 async def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
     engine_kwargs = {"load_format": "dummy", "dtype": "bfloat16", "gpu_memory_utilization": 0.85,
-                     "max_model_len": 4096}
-    config = ClusterConfig(model="preset:llama-3-8b", mode=mode, num_colocated=2, use_gpus=True,
-                           engine_kwargs=engine_kwargs, kv_transport="p2p" if mode == "disaggregated" else "grpc")
+                     "max_model_len": max(4096, args.prompt + args.output)}
+    disaggregated = mode.startswith("disaggregated")
+    config = ClusterConfig(model="preset:llama-3-8b", mode="disaggregated" if disaggregated else mode, num_colocated=2,
+                           use_gpus=True, engine_kwargs=engine_kwargs, kv_transport="p2p" if disaggregated else "grpc",
+                           stream_kv=mode != "disaggregated-nostream")
     cluster = LocalCluster(config)
     address = await cluster.start()
     try:
@@ -80,10 +87,13 @@ def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
     tpot = [r["tpot"] for r in results]
     server_ttft = statistics.mean(r["server_ttft"] for r in results) or 1e-9
     shares = {s: statistics.mean(r["stages"][s] for r in results) / server_ttft for s in STAGES[:4]}
+    gap = [r["second_gap"] for r in results]
+    kv_ms = statistics.median(r["stages"]["kv_transfer"] for r in results) * 1e3
     row = [mode, f"{pct(ttft, .5) * 1e3:.0f}", f"{pct(ttft, .99) * 1e3:.0f}", f"{pct(tpot, .5) * 1e3:.1f}",
-           f"{pct(tpot, .99) * 1e3:.1f}"] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
+           f"{pct(tpot, .99) * 1e3:.1f}", f"{pct(gap, .5) * 1e3:.1f}", f"{kv_ms:.2f}"] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
     return row, {"ttft_p50": pct(ttft, .5), "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5),
-                 "tpot_p99": pct(tpot, .99), "ttft_shares": shares}
+                 "tpot_p99": pct(tpot, .99), "second_token_gap_p50": pct(gap, .5), "kv_transfer_stage_ms_p50": kv_ms,
+                 "ttft_shares": shares}
 
 
 def main() -> None:
@@ -92,7 +102,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--output", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=["disaggregated", "colocated"])
+    parser.add_argument("--modes", nargs="+", default=["disaggregated", "disaggregated-nostream", "colocated"])
     args = parser.parse_args()
     rows, report = [], {"args": vars(args)}
     for mode in args.modes:
@@ -100,8 +110,8 @@ def main() -> None:
         row, report[mode] = summarize(mode, results)
         rows.append(row)
     print_table(f"{args.requests} requests, Poisson {args.rate}/s, {args.prompt} in / {args.output} out (ms)",
-                ["mode", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-                 "router q", "prefill q", "prefill", "KV transfer"], rows)
+                ["mode", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "1st->2nd token p50",
+                 "kv_transfer stage p50", "router q", "prefill q", "prefill", "KV transfer"], rows)
     write_json("serve", report)
 
 

@@ -79,6 +79,7 @@ class ClusterConfig:
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
     kv_transport: str = "grpc"  # or "p2p": torch.distributed send/recv (NCCL on GPUs, gloo on CPU)
+    stream_kv: bool = True  # decode receives a prompt's KV while it is prefilled (RouterConfig.stream_kv)
     metrics_port: int | None = 0  # the router's metrics port (0: any free); None: no metrics anywhere
     metrics_sd_path: str | None = None  # Prometheus file-SD target list; None: service_discovery.default_sd_path()
 
@@ -200,7 +201,7 @@ class LocalCluster:
         return RouterConfig(
             max_model_len=self.info["max_model_len"], model_name=self.config.model,
             vocab_size=self.info["vocab_size"], host=self.config.host, port=self.config.port,
-            kv_salt=self.info["kv_salt"], metrics_port=self.config.metrics_port,
+            kv_salt=self.info["kv_salt"], metrics_port=self.config.metrics_port, stream_kv=self.config.stream_kv,
         )
 
     def _tokenizer(self) -> Any:

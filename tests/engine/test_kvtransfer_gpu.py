@@ -69,7 +69,7 @@ def test_background_spill_from_cuda_keeps_evicted_bytes_when_blocks_are_reused_a
     assert store.spill(hs, src, ids) == 32  # gathered on this stream, copied out on a side stream
     src.kv_cache[:, :, 1:33].fill_(3.0)  # a kernel reuses the blocks at once, no host wait between
     store.flush()
-    assert store.load(hs, dst, list(range(33, 65))) == 32
+    assert store.load(hs, dst, list(range(32, 64))) == 32  # (a 64-block cache: ids 1 .. 63)
     torch.cuda.synchronize()
-    assert torch.equal(dst.read_blocks(list(range(33, 65))), evicted)
+    assert torch.equal(dst.read_blocks(list(range(32, 64))), evicted)
     store.close()
