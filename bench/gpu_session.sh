@@ -12,7 +12,8 @@
 #   2. bench/allreduce.py   (`allreduce`) NCCL vs one-shot all-reduce latency in CUDA graphs
 #   3. bench/kv_ttft.py     what the p2p KV transfer adds to a 4k TTFT, after the prefill and
 #                           streamed layer by layer during it; NCCL-path token equality (both)
-#   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown
+#   4. bench/tier_prefix.py CPU-tier prefix TTFT against recompute, with the stage breakdown;
+#      bench/tiers.py       CPU / NVMe tier GB/s next to plain pinned copies and file I/O
 #   5. bench/kvtransfer.py  p2p transport GB/s next to raw send/recv
 #   6. the GPU tests of the KV transports and tiers, HF equality (step inputs), and
 #      the multi-GPU tests (`serve`, its own call: bench/serve.py, the real cluster on 2 GPUs,
@@ -45,6 +46,7 @@ elif [ "$part" = serve ]; then
 else
   step kv_ttft 200 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py
+  step tiers 120 python3 bench/tiers.py --nvme-dir /tmp/tandem-nvme
   step kvtransfer 90 python3 bench/kvtransfer.py
   step gpu_tests 90 python3 -m pytest -q -m gpu tests/engine/test_kvtransfer_gpu.py tests/engine/test_hf_equality.py \
     --timeout 60 -p no:cacheprovider

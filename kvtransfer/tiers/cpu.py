@@ -20,7 +20,7 @@ import torch
 from kvtransfer.tiers.placement import SlotLRU
 
 
-def _runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     """(position in `slots`, first slot, length) of each run of consecutive slots."""
     runs: list[tuple[int, int, int]] = []
     for i, s in enumerate(slots):
@@ -100,7 +100,7 @@ class CpuTier:
         (device rows: not awaited). Host rows wait for earlier device reads first."""
         if not rows.is_cuda:
             self.wait_for_reads()
-        for pos, first, n in _runs(slots):
+        for pos, first, n in slot_runs(slots):
             self.slab[first : first + n].copy_(rows[pos : pos + n], non_blocking=True)
 
     def wait_for_reads(self) -> None:
@@ -122,7 +122,7 @@ class CpuTier:
             slots.append(slot)
         device = device or self.slab.device
         out = torch.empty((len(slots), self.bytes_per_block), dtype=torch.uint8, device=device)
-        for pos, first, n in _runs(slots):
+        for pos, first, n in slot_runs(slots):
             out[pos : pos + n].copy_(self.slab[first : first + n], non_blocking=True)
         if out.is_cuda:  # enqueued, not awaited: later writes of these slots wait for it
             self._last_read = torch.cuda.Event()
@@ -131,6 +131,12 @@ class CpuTier:
 
     def remove(self, key: Hashable) -> None:
         self.lru.remove(key)
+
+    def unreserve(self, keys: Sequence[Hashable]) -> None:
+        """Reserved keys whose slots were never filled (their copy failed) are dropped."""
+        for key in keys:
+            self._hidden.discard(key)
+            self.lru.remove(key)
 
     def _write_rows(self, slots: list[int], rows: torch.Tensor) -> None:
         self.copy_into(slots, rows)

@@ -217,6 +217,7 @@ class TieredStore:
     def close(self) -> None:
         with self._lock:
             self._publish_offloads(wait=True)
+        self._offloads.close()
         self._queue.put(None)
         self._thread.join(timeout=10)
 
@@ -253,7 +254,10 @@ class TieredStore:
 
     def _publish_offloads(self, wait: bool = False) -> None:
         for spill in self._offloads.pop_finished(wait):
-            self.cpu.publish(spill.keys)
+            if spill.failed:
+                self.cpu.unreserve(spill.keys)
+            else:
+                self.cpu.publish(spill.keys)
 
     def _where(self, key: bytes) -> Tier | None:
         if key in self.cpu:

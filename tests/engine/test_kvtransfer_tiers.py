@@ -159,3 +159,15 @@ def test_background_spill_keeps_evicted_bytes_when_blocks_are_reused_at_once(tmp
     assert store.load(hs, dst, [6, 7, 8, 9, 10]) == 5
     assert torch.equal(dst.read_blocks([6, 7, 8, 9, 10]), evicted)
     store.close()
+
+
+def test_a_failed_spill_is_never_served_and_gives_its_slots_back(tmp_path: Path) -> None:
+    from kvtransfer.tiers.cpu import CpuTier
+
+    tier = CpuTier(64, 4 * 64, pin_memory=False)
+    slots, _ = tier.reserve(["a", "b"])
+    assert len(slots) == 2 and tier.holds("a") and "a" not in tier
+    tier.unreserve(["a", "b"])  # what the store does with a spill whose copy raised
+    assert not tier.holds("a") and not tier.holds("b") and tier.lru.num_evictable() == 4
+    slots, _ = tier.reserve(["c", "d", "e", "f"])
+    assert len(slots) == 4
