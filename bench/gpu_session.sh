@@ -46,6 +46,7 @@ elif [ "$part" = serve ]; then
 else
   step kv_ttft 200 python3 bench/kv_ttft.py
   step tier_prefix 90 python3 bench/tier_prefix.py
+  mkdir -p /tmp/tandem-nvme
   step tiers 120 python3 bench/tiers.py --nvme-dir /tmp/tandem-nvme
   step kvtransfer 90 python3 bench/kvtransfer.py
   step gpu_tests 90 python3 -m pytest -q -m gpu tests/engine/test_kvtransfer_gpu.py tests/engine/test_hf_equality.py \

@@ -7,15 +7,11 @@ recomputing it (Llama-3-8B shape, dummy bf16, one GPU).
 A small HBM pool (so the prompt's blocks get evicted), a pinned CPU tier under it. Measures:
 cold TTFT (full prefill), then after other prompts pushed the prefix out of HBM into the CPU
 tier, the TTFT of the same prompt served from the tier (load + the last block's prefill),
-median of 3. One more instrumented run splits the tier TTFT into its stages, each timed with
-the engine's stream synchronised around it: onload (fetch: pinned -> device; write: scatter
-into the new blocks), the spill of the blocks the admission evicts that stays on the critical
-path (gather + enqueue; its device -> host copy runs on a side stream), and the rest (the
-uncached tail's prefill and the step). The uninstrumented runs also time the tail step's forward
-pass with CUDA events (no syncs): when the host called and had enqueued it, when the device
-started and how long it ran, so a host-bound step shows apart from a device-bound one. An experiment last: the same tier
-runs with the blocks the admission evicts dropped instead of spilled (what their device ->
-host copies cost the TTFT). Writes $OUT/tier_prefix.json when OUT is set.
+median of 3 (after one warm-up round). Each tier run is timed without a sync (`Timeline`:
+host times and CUDA events around the onload's fetch and write, the spill of the blocks the
+admission evicts, and each forward pass), so a host-bound stage shows apart from a
+device-bound one. An experiment last: the same tier runs with the blocks the admission evicts
+dropped instead of spilled (what their device -> host copies cost the TTFT). Writes $OUT/tier_prefix.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -42,44 +38,6 @@ from kvtransfer.tiers.store import TieredStore  # noqa: E402
 ONE = SamplingParams(temperature=0.0, max_tokens=1)
 
 
-def stream_sync() -> None:
-    """Waits for the engine's stream only (a spill's side-stream copy keeps running)."""
-    if torch.cuda.is_available():
-        torch.cuda.current_stream().synchronize()
-
-
-class TimedCache(TieredEngineCache):
-    """The engine's tier cache; while `timing`, each call is timed between stream syncs."""
-
-    def __init__(self, store: TieredStore, view: KVCacheView) -> None:
-        super().__init__(store, view)
-        self.timing = False
-        self.drop_spills = False  # the experiment: evicted blocks are dropped, no spill traffic
-        self.ms: dict[str, float] = {"onload: fetch": 0.0, "onload: write": 0.0, "spill on the critical path": 0.0}
-
-    def _timed(self, name: str, call: Callable[[], Any]) -> Any:
-        if not self.timing:
-            return call()
-        stream_sync()
-        start = time.perf_counter()
-        out = call()
-        stream_sync()
-        self.ms[name] += (time.perf_counter() - start) * 1e3
-        return out
-
-    def fetch(self, block_hashes: Sequence[bytes]) -> tuple[int, object]:
-        return self._timed("onload: fetch", lambda: super(TimedCache, self).fetch(block_hashes))
-
-    def write(self, staged: object, block_ids: Sequence[int]) -> None:
-        self._timed("onload: write", lambda: super(TimedCache, self).write(staged, block_ids))
-
-    def flush_spills(self) -> None:
-        if self.drop_spills:
-            self._pending.clear()
-            return
-        self._timed("spill on the critical path", super().flush_spills)
-
-
 def _event() -> Any:
     if not torch.cuda.is_available():
         return None
@@ -88,47 +46,81 @@ def _event() -> Any:
     return event
 
 
-class ForwardProbe:
-    """Wraps the runner's `forward`: when each forward pass was called and enqueued on the host,
-    and (CUDA events, no host wait) when the device reached and finished it, relative to the
-    start of `ttft()`. Tells a host-bound step from a device-bound one without syncing."""
+class Timeline:
+    """Where one TTFT run goes, without a sync: for the tier's onload (fetch: pinned -> device;
+    write: the scatter into the new blocks), the spill of the blocks the admission evicts
+    (gather + enqueue; its device -> host copy runs on a pump thread) and each forward pass,
+    the host time of the call and CUDA events on the engine's stream around it, relative to
+    the start of `ttft()`. Tells a host-bound stage from a device-bound one."""
 
-    def __init__(self, llm: LLM) -> None:
-        self.runner = llm.engine.runner
-        self.inner = self.runner.forward
-        self.runner.forward = self  # type: ignore[method-assign]
+    def __init__(self) -> None:
         self.start: tuple[float, Any] = (0.0, None)
-        self.calls: list[tuple[float, float, Any, Any]] = []
+        self.marks: list[tuple[str, float, float, Any, Any]] = []
 
     def begin(self) -> None:
-        self.start, self.calls = (time.perf_counter(), _event()), []
+        self.start, self.marks = (time.perf_counter(), _event()), []
 
-    def __call__(self, host: Any, layer_marks: Any = None) -> torch.Tensor:
+    def timed(self, name: str, call: Callable[[], Any]) -> Any:
         called, before = time.perf_counter(), _event()
-        out = self.inner(host, layer_marks)
-        self.calls.append((called, time.perf_counter(), before, _event()))
+        out = call()
+        self.marks.append((name, called, time.perf_counter(), before, _event()))
         return out
 
-    def last(self) -> dict[str, float]:
-        """Times (ms) of the last forward pass of the run, once the run has ended."""
-        called, enqueued, before, after = self.calls[-1]
+    def rows(self) -> dict[str, float]:
+        """ms from the start, per stage (the last of each name), once the run has ended."""
         t0, e0 = self.start
-        row = {"host: forward called at": (called - t0) * 1e3, "host: forward enqueued at": (enqueued - t0) * 1e3}
-        if e0 is not None:
-            after.synchronize()
-            row["device: forward started at"] = e0.elapsed_time(before)
-            row["device: forward took"] = before.elapsed_time(after)
+        row: dict[str, float] = {}
+        for name, called, returned, before, after in self.marks:
+            row[f"{name}: host called at"] = (called - t0) * 1e3
+            row[f"{name}: host returned at"] = (returned - t0) * 1e3
+            if e0 is not None:
+                after.synchronize()
+                row[f"{name}: device started at"] = e0.elapsed_time(before)
+                row[f"{name}: device took"] = before.elapsed_time(after)
         return row
 
 
-PROBE: ForwardProbe | None = None
+class TimedCache(TieredEngineCache):
+    """The engine's tier cache, its calls on the timeline."""
+
+    def __init__(self, store: TieredStore, view: KVCacheView, timeline: Timeline) -> None:
+        super().__init__(store, view)
+        self.timeline = timeline
+        self.drop_spills = False  # the experiment: evicted blocks are dropped, no spill traffic
+
+    def fetch(self, block_hashes: Sequence[bytes]) -> tuple[int, object]:
+        return self.timeline.timed("onload fetch", lambda: super(TimedCache, self).fetch(block_hashes))
+
+    def write(self, staged: object, block_ids: Sequence[int]) -> None:
+        self.timeline.timed("onload write", lambda: super(TimedCache, self).write(staged, block_ids))
+
+    def flush_spills(self) -> None:
+        if self.drop_spills:
+            self._pending.clear()
+            return
+        self.timeline.timed("spill", super().flush_spills)
+
+
+class ForwardProbe:
+    """Wraps the runner's `forward`: each call on the timeline (the last is the tail step's)."""
+
+    def __init__(self, llm: LLM, timeline: Timeline) -> None:
+        self.timeline = timeline
+        self.inner = llm.engine.runner.forward
+        llm.engine.runner.forward = self  # type: ignore[method-assign]
+
+    def __call__(self, host: Any, layer_marks: Any = None) -> torch.Tensor:
+        return self.timeline.timed("forward", lambda: self.inner(host, layer_marks))
+
+
+TIMELINE = Timeline()
 
 
 def ttft(llm: LLM, prompt: list[int], rid: str) -> float:
     engine = llm.engine
-    stream_sync()
-    if PROBE is not None:
-        PROBE.begin()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    TIMELINE.begin()
     start = time.perf_counter()
     engine.add_request(rid, prompt, ONE)
     while engine.has_unfinished():
@@ -165,27 +157,23 @@ def main() -> None:
               max_model_len=2 * args.prompt, **kwargs)
     view = KVCacheView(llm.engine.runner.kv_cache)
     store = TieredStore(view, model_salt=llm.engine.kv_manager.salt, cpu_bytes=args.cpu_blocks * view.bytes_per_block())
-    cache = TimedCache(store, view)
+    cache = TimedCache(store, view, TIMELINE)
     llm.engine.attach_external_cache(cache)
+    ForwardProbe(llm, TIMELINE)
     vocab = llm.engine.vocab_size
     ttft(llm, random_prompts(1, min(512, args.prompt), vocab, 99)[0], "warm")
-    global PROBE
-    PROBE = ForwardProbe(llm)
-    cold, tiered, anatomy = [], [], []
-    for i in range(4):  # the last round is the instrumented one
+    cold, tiered, timelines, still_copying = [], [], [], []
+    for i in range(4):  # round 0 warms the tier path up
         prompt = random_prompts(1, args.prompt, vocab, i)[0]
         cold.append(ttft(llm, prompt, f"cold{i}"))
         push_out(llm, store, args, i, str(i))
-        cache.timing = i == 3
         took = tier_run(llm, store, prompt, f"tier{i}")
-        if i < 3:
-            anatomy.append({**PROBE.last(), "first token at": took * 1e3})
+        timelines.append({**TIMELINE.rows(), "first token at": took * 1e3})
         flush_start = time.perf_counter()
         store.flush()
-        still_copying_ms = (time.perf_counter() - flush_start) * 1e3
-        (tiered if i < 3 else [took]).append(took)
-        if i == 3:
-            instrumented_ms, last_flush_ms = took * 1e3, still_copying_ms
+        still_copying.append((time.perf_counter() - flush_start) * 1e3)
+        tiered.append(took)
+    cold, tiered, timelines, still_copying = cold[1:], tiered[1:], timelines[1:], still_copying[1:]
     dropped = []  # the same, but the blocks the tier run's admission evicts are dropped, not spilled
     for i in range(4, 7):
         prompt = random_prompts(1, args.prompt, vocab, i)[0]
@@ -194,26 +182,19 @@ def main() -> None:
         cache.drop_spills = True
         dropped.append(tier_run(llm, store, prompt, f"tier{i}"))
         cache.drop_spills = False
-    c, t = statistics.median(cold[:3]), statistics.median(tiered)
+    c, t = statistics.median(cold), statistics.median(tiered)
     print(f"device: {gpu_name() if args.device == 'cuda' else 'cpu'}, model {args.model}")
     d = statistics.median(dropped)
     print_table(f"{args.prompt}-token prompt: TTFT (ms, median of 3)",
                 ["recompute", "prefix in CPU tier", "ratio", "target", "same, evictions not spilled (experiment)"],
                 [[f"{c * 1e3:.1f}", f"{t * 1e3:.1f}", f"{t / c:.3f}x", "<= 0.2x", f"{d * 1e3:.1f} ({d / c:.3f}x)"]])
-    stages = dict(cache.ms)
-    stages["the rest: uncached tail prefill + step"] = instrumented_ms - sum(stages.values())
-    rows = [[name, f"{ms:.2f}"] for name, ms in stages.items()]
-    rows += [["TTFT, instrumented run", f"{instrumented_ms:.2f}"], ["recompute TTFT (median)", f"{c * 1e3:.2f}"],
-             ["spill copy still running after the first token", f"{last_flush_ms:.2f}"]]
-    print_table("where the tier TTFT goes (one instrumented run, engine stream synced per stage)", ["stage", "ms"], rows)
-    timeline = {k: statistics.median(a[k] for a in anatomy) for k in anatomy[0]}
-    print_table("the tail step's forward pass in the tier runs (ms from the start, medians; events, no syncs)",
+    timeline = {k: statistics.median(t[k] for t in timelines) for k in timelines[0]}
+    timeline["spill copy still running after the first token"] = statistics.median(still_copying)
+    print_table("where the tier TTFT goes (ms from the start of the request, medians; CUDA events, no syncs)",
                 ["moment", "ms"], [[k, f"{v:.2f}"] for k, v in timeline.items()])
-    write_json("tier_prefix", {"device": gpu_name() if args.device == "cuda" else "cpu", "recompute_s": cold[:3],
-                               "cpu_tier_s": tiered, "ratio": t / c,
-                               "evictions_dropped_s": dropped, "stages_ms": stages,
-                               "instrumented_ttft_ms": instrumented_ms, "spill_after_first_token_ms": last_flush_ms,
-                               "tail_forward_ms": timeline, "tail_forward_runs": anatomy})
+    write_json("tier_prefix", {"device": gpu_name() if args.device == "cuda" else "cpu", "recompute_s": cold,
+                               "cpu_tier_s": tiered, "ratio": t / c, "evictions_dropped_s": dropped,
+                               "timeline_ms": timeline, "timelines": timelines})
     store.close()
 
 
