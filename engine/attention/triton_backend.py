@@ -3,7 +3,8 @@
 Same contract and results (within rounding) as `TorchAttentionBackend`: `rope_and_store`
 rotates q/k and writes k/v into the cache (kernel `rope_kv_store`); `attend` runs the
 flash-decoding kernel when every request has exactly one new token, and the extend kernel
-otherwise (it also serves the decode rows of mixed batches).
+otherwise (it also serves the decode rows of mixed batches; short queries over long contexts
+split their keys over several programs).
 
 Hazard: the decode kernel picks its number of KV splits from `meta.max_seq_len` unless
 `decode_num_splits` is fixed; a captured CUDA graph needs it fixed.
@@ -55,5 +56,5 @@ class TritonAttentionBackend(AttentionBackend):
             )
         return extend_attention(
             query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            meta.max_query_len, config=self.extend_config,
+            meta.max_query_len, config=self.extend_config, max_seq_len=meta.max_seq_len,
         )

@@ -11,6 +11,14 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRETER_NUM_SMS = 4  # stands in for the SM count on CPU so tests exercise splitting
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (launchers size split grids by it)."""
+    if device.type != "cuda":
+        return INTERPRETER_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def interpreter_enabled() -> bool:

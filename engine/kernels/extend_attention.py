@@ -11,6 +11,13 @@ online softmax in float32 (`tl.dot`, float32 accumulation). Key tiles left of th
 query position need no mask; only the tiles on the diagonal are masked; tiles wholly above the
 diagonal are never visited.
 
+Short queries over a long context (a prefix hit's uncached tail, a small last chunk) leave most
+SMs idle: one program per head walks every key tile. There `num_splits > 1` splits each
+program's unmasked key tiles over several programs (flash-decoding for extend): program
+`(t, h, b * S + s)` walks split s of them (the last split also takes the diagonal tiles) and
+writes its unnormalised partial output with its running max and sum; `_combine_kernel` merges
+the splits. `choose_extend_splits` picks S from the SM count and the context length.
+
 Hazards: block ids are widened to int64 before they are scaled by the block stride (a large cache
 holds more than 2^31 elements). The new keys must already be in the cache (`rope_and_store`).
 """
@@ -30,6 +37,8 @@ from engine.kernels.checks import (
     check_paged_attention,
     check_tensor,
     dot_precision,
+    next_power_of_2,
+    num_sms,
     upcast_dot,
 )
 
@@ -88,15 +97,17 @@ def _attend_key_tile(
 @triton.jit
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    qk_scale,
+    part_acc_ptr, part_ml_ptr, qk_scale,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_btb,
+    stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
     q_start = tl.load(query_start_loc_ptr + b)
     q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
     if tile * BLOCK_M >= q_len:
@@ -122,18 +133,72 @@ def _extend_kernel(
     # Keys before the tile's first query position are visible to every row of the tile.
     full_end = ((prefix + tile * BLOCK_M) // BLOCK_N) * BLOCK_N
     diag_end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
-    for n0 in range(0, full_end, BLOCK_N):
+    # This program's unmasked key tiles: split `split` of them; the last split takes the diagonal.
+    num_full = full_end // BLOCK_N
+    per_split = (num_full + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = tl.minimum(split * per_split, num_full) * BLOCK_N
+    hi = tl.minimum((split + 1) * per_split, num_full) * BLOCK_N
+    diag_lo = tl.where(split == NUM_SPLITS - 1, full_end, diag_end)
+    for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
             acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
             stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
-    for n0 in range(full_end, diag_end, BLOCK_N):
+    for n0 in range(diag_lo, diag_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
             acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
             stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
 
-    acc = acc / l_i[:, None]
-    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+    if NUM_SPLITS == 1:
+        acc = acc / l_i[:, None]
+        o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
+    else:  # partials: acc unnormalised, and the running max (log2 domain) and sum of each row
+        p_ptrs = part_acc_ptr + split * stride_ps + rows[:, None] * stride_pt + head * stride_ph + offs_d[None, :]
+        tl.store(p_ptrs, acc, mask=m_mask[:, None])
+        ml = part_ml_ptr + split * stride_ms + rows * stride_mt + head * 2
+        tl.store(ml, m_i, mask=m_mask)
+        tl.store(ml + 1, l_i, mask=m_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr,
+    stride_ps, stride_pt, stride_ph, stride_ms, stride_mt, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Program (t, h): merges the NUM_SPLITS partials of row t, head h (a split that saw no key
+    has max -inf and sum 0, so it weighs nothing)."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    ml = part_ml_ptr + offs_s * stride_ms + row * stride_mt + head * 2
+    m = tl.load(ml, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(ml + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
+    acc = tl.load(part_acc_ptr + offs_s[:, None] * stride_ps + row * stride_pt + head * stride_ph + offs_d[None, :],
+                  mask=s_mask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+MIN_KEYS_PER_SPLIT = 512
+MAX_EXTEND_SPLITS = 16
+MAX_SPLIT_QUERY_LEN = 64  # longer query runs fill the GPU with query tiles already
+
+
+def choose_extend_splits(max_query_len: int, max_seq_len: int, num_heads: int, batch: int, block_m: int,
+                         sm_count: int) -> int:
+    """Key splits for short queries over long contexts: about two programs per SM, each split
+    with at least MIN_KEYS_PER_SPLIT keys; 1 (no split) otherwise."""
+    if max_query_len > MAX_SPLIT_QUERY_LEN:
+        return 1
+    programs = triton.cdiv(max_query_len, block_m) * num_heads * batch
+    wanted = math.ceil(2 * sm_count / programs)
+    by_length = max(1, max_seq_len // MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, by_length, MAX_EXTEND_SPLITS))
 
 
 def default_config(
@@ -184,6 +249,8 @@ def extend_attention(
     scale: float,
     max_query_len: int,
     config: ExtendConfig | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its paged context: [T, H, D].
 
@@ -191,6 +258,8 @@ def extend_attention(
     context token, the new ones included; block_tables [B, max_blocks] int32;
     query_start_loc [B + 1] int32; seq_lens [B] int32 with seq_lens[b] >= its new-token count;
     max_query_len >= every request's new-token count (a host int: it sizes the grid).
+    `num_splits`: key splits per program (None: `choose_extend_splits` when `max_seq_len`, a
+    host bound on seq_lens, is given; else 1).
     """
     _check_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
     num_tokens, num_heads, head_dim = query.shape
@@ -200,17 +269,35 @@ def extend_attention(
     batch = seq_lens.shape[0]
     if num_tokens == 0 or batch == 0 or max_query_len == 0:
         return out
-    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch)
+    if num_splits is None:
+        num_splits = 1 if max_seq_len is None else choose_extend_splits(
+            max_query_len, max_seq_len, num_heads, batch, config.block_m, num_sms(query.device))
+    if num_splits < 1:
+        raise ValueError(f"num_splits: must be >= 1, got {num_splits}")
+    if num_splits > 1:
+        part_acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
+        part_ml = torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)
+    else:  # unused by the kernel
+        part_acc = part_ml = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=query.device)
+    grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch * num_splits)
     _extend_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, part_acc, part_ml,
         scale * math.log2(math.e),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), block_tables.stride(0),
+        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=upcast_dot(query.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        _combine_kernel[(num_tokens, num_heads)](
+            part_acc, part_ml, out,
+            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_P2=next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        )
     return out
 
 

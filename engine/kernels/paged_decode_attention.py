@@ -23,13 +23,13 @@ from engine.kernels.checks import (
     check_paged_attention,
     dot_precision,
     next_power_of_2,
+    num_sms,
     upcast_dot,
 )
 from engine.kernels.extend_attention import extend_attention_ref
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
-INTERPRETER_NUM_SMS = 4  # stands in for the SM count on CPU so tests exercise splitting
 
 
 @triton.jit
@@ -124,12 +124,6 @@ def _decode_reduce_kernel(
     out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty))
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return INTERPRETER_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sm_count: int) -> int:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.extend_attention import ExtendConfig, default_config, extend_attention, extend_attention_ref
+from engine.kernels.extend_attention import (
+    ExtendConfig,
+    choose_extend_splits,
+    default_config,
+    extend_attention,
+    extend_attention_ref,
+)
 from tests.kernels.kernel_cases import DTYPES, PagedBatch, assert_close, make_paged_batch
 
 SHAPES = [(1, 16, 64), (4, 32, 64), (8, 16, 128)]  # (gqa group, block_size, head_dim)
@@ -15,10 +21,12 @@ CPU_Q_LENS = [1, 1, 37, 20, 16]
 CPU_SEQ_LENS = [40, 1, 37, 70, 83]
 
 
-def _run(batch: PagedBatch, config: ExtendConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(batch: PagedBatch, config: ExtendConfig | None = None, num_splits: int | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor]:
     meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
     tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
-    out = extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, scale, meta.max_query_len, config)
+    out = extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, scale, meta.max_query_len, config,
+                           num_splits=num_splits)
     ref = extend_attention_ref(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale)
     return out, ref
 
@@ -45,6 +53,25 @@ def test_tile_shapes_agree(config: ExtendConfig) -> None:
     assert_close(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [2, 3, 8])
+def test_key_splits_match_reference(dtype: torch.dtype, num_splits: int) -> None:
+    """Short queries over long contexts, their key tiles split over programs: splits that get no
+    tile (8 splits of a 40-token context), a request whose only tile is the diagonal, a decode row."""
+    batch = make_paged_batch([16, 3, 1, 9], [300, 3, 40, 133], 4, 2, 64, 16, dtype, seed=3)
+    out, ref = _run(batch, ExtendConfig(16, 32, 4, 1), num_splits)
+    assert_close(out, ref, dtype)
+    unsplit, _ = _run(batch, ExtendConfig(16, 32, 4, 1), 1)
+    assert_close(out, unsplit.float(), dtype)
+
+
+def test_extend_splits_only_for_short_queries_over_long_contexts() -> None:
+    assert choose_extend_splits(16, 4096, 32, 1, 16, 132) == 8  # a prefix hit's 16-token tail
+    assert choose_extend_splits(16, 300, 32, 1, 16, 132) == 1  # short context
+    assert choose_extend_splits(4096, 4096, 32, 1, 128, 132) == 1  # a full prefill fills the GPU
+    assert choose_extend_splits(16, 4096, 32, 64, 16, 132) == 1  # a wide batch does too
+
+
 def test_default_config_prefers_small_query_tiles_for_short_queries() -> None:
     assert default_config(128, 1, on_cuda=True).block_m < default_config(128, 4096, on_cuda=True).block_m
 
@@ -59,6 +86,8 @@ def test_rejects_bad_arguments() -> None:
         extend_attention(q[..., :48].contiguous(), batch.k_cache[..., :48].contiguous(),
                          batch.v_cache[..., :48].contiguous(), meta.block_tables, meta.query_start_loc,
                          meta.seq_lens, 0.1, 3)
+    with pytest.raises(ValueError, match="num_splits"):
+        extend_attention(q, *caches, meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.1, 3, num_splits=0)
     with pytest.raises(ValueError, match="v_cache"):
         extend_attention(q, batch.k_cache, batch.v_cache[:1], meta.block_tables, meta.query_start_loc,
                          meta.seq_lens, 0.1, 3)
@@ -75,6 +104,19 @@ def test_full_shapes_gpu(dtype: torch.dtype, block_size: int, group: int, head_d
     seq_lens = [4096, 4096, 1000, 2000, 1]
     batch = make_paged_batch(q_lens, seq_lens, 8 * group, 8, head_dim, block_size, dtype)
     out, ref = _run(batch)
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_queries_over_long_context_split_gpu(dtype: torch.dtype) -> None:
+    """A prefix hit's tail (16 new tokens over 4k cached), split as the launcher chooses."""
+    batch = make_paged_batch([16, 1, 7], [4096, 3000, 5000], 32, 8, 128, 16, dtype)
+    meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
+    tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
+    out = extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, scale, meta.max_query_len,
+                           max_seq_len=meta.max_seq_len)
+    ref = extend_attention_ref(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale)
     assert_close(out, ref, dtype)
 
 
