@@ -210,6 +210,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         self.last_step_num_batched_tokens = out.num_batched_tokens
         result = self.runner.execute(out, self._held_kv_hook(out))
+        if self.kv_manager.external is not None:
+            self.kv_manager.external.step_done()
         updated = self.scheduler.update(out, result)
         for rid, lp in result.logprobs.items():
             if rid in self._logprobs:

@@ -6,6 +6,7 @@ Every launcher validates shapes, dtypes, devices and contiguity before it launch
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -18,7 +19,12 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (launchers size split grids by it)."""
     if device.type != "cuda":
         return INTERPRETER_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def interpreter_enabled() -> bool:

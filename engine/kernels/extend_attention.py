@@ -239,6 +239,30 @@ def _check_args(
         )
 
 
+_PARTIALS: dict[tuple[torch.device, int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _partials(num_splits: int, num_tokens: int, num_heads: int, head_dim: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split partials' buffers, reused from call to call (a forward pass makes one call per
+    layer; allocating per call cost host time there). Hazard: safe because every call on a
+    device is enqueued on one stream, so a call's writes follow the previous call's combine;
+    launches on several streams at once would need their own buffers. 1 split: a stub."""
+    key = (device, num_splits, num_tokens if num_splits > 1 else 0, num_heads, head_dim)
+    buffers = _PARTIALS.get(key)
+    if buffers is None:
+        if len(_PARTIALS) >= 16:
+            _PARTIALS.clear()
+        if num_splits > 1:
+            buffers = (torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=device),
+                       torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=device))
+        else:  # unused by the kernel
+            stub = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=device)
+            buffers = (stub, stub)
+        _PARTIALS[key] = buffers
+    return buffers
+
+
 def extend_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -274,11 +298,7 @@ def extend_attention(
             max_query_len, max_seq_len, num_heads, batch, config.block_m, num_sms(query.device))
     if num_splits < 1:
         raise ValueError(f"num_splits: must be >= 1, got {num_splits}")
-    if num_splits > 1:
-        part_acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=query.device)
-        part_ml = torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=query.device)
-    else:  # unused by the kernel
-        part_acc = part_ml = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=query.device)
+    part_acc, part_ml = _partials(num_splits, num_tokens, num_heads, head_dim, query.device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch * num_splits)
     _extend_kernel[grid](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, part_acc, part_ml,

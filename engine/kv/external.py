@@ -17,6 +17,9 @@ Contract (every call on the engine thread):
   engine's current stream without a host wait (the step that reads the blocks follows them). The two are split because
   allocating the destination blocks may evict HBM blocks whose spills push the very entries
   being loaded out of the cache: fetching first makes that harmless.
+`step_done()` runs after each engine step (its sampled tokens on the host): background copies
+the step's allocations queued (spills) may start then, so they do not hold up the step's own
+device -> host copy of its tokens.
 Keys are the block-hash spec's hashes (salted by model), so another model's blocks never hit.
 """
 
@@ -30,6 +33,8 @@ class ExternalKVCache(Protocol):
     def spill(self, block_id: int, block_hash: bytes) -> None: ...
 
     def flush_spills(self) -> None: ...
+
+    def step_done(self) -> None: ...
 
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int: ...
 

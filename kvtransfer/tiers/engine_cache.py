@@ -7,7 +7,7 @@ on the engine thread, so the blocks named here are stable during each call.
 
 Nothing here waits for the device: a spill gathers the evicted blocks on the engine's stream
 (ordered before any kernel that reuses them) and copies them to pinned memory on a side
-stream (TieredStore.spill); a hit's host -> device copy and its scatter into the new blocks are
+stream once the step is over (TieredStore.spill, then `step_done`); a hit's host -> device copy and its scatter into the new blocks are
 enqueued on the engine's stream, ahead of the step that reads them."""
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ class TieredEngineCache:
             return
         pending, self._pending = self._pending, []
         try:
-            self.store.spill([h for _, h in pending], self.view, [b for b, _ in pending])
+            self.store.spill([h for _, h in pending], self.view, [b for b, _ in pending], held=True)
         except Exception:  # a lost spill is a future miss, never the engine's failure
             self.num_spill_failures += len(pending)
             log.exception("KV tier spill of %d blocks failed", len(pending))
+
+    def step_done(self) -> None:
+        """The step is over: the spills its allocations queued start copying out."""
+        self.store.start_spills()
 
     def count_prefix(self, block_hashes: Sequence[bytes]) -> int:
         return len(self.store.lookup_prefix(block_hashes))

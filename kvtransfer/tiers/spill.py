@@ -4,7 +4,8 @@ Life cycle of one spill (the TieredStore drives it under its lock):
   1. the store gathers the evicted blocks into a staging tensor on the engine's current stream
      (`KVCacheView.read_rows`, HBM speed). Every later kernel on that stream is ordered after
      the gather, so the engine may reuse the blocks at once;
-  2. `enqueue` records an event after the gather and hands the spill to the pump thread, which
+  2. `enqueue` records an event after the gather and hands the spill to the pump thread (held
+     spills: at `release()`, which the engine's cache calls once the step is over), which
      copies the staging rows into the reserved pinned slots on a side stream (that waits for
      the event) in pieces of at most PIECE_BYTES, one piece in flight at a time;
   3. `pop_finished` hands back the spills whose copy finished (FIFO); the store then publishes
@@ -14,7 +15,8 @@ On CPU the staging tensor is already the snapshot; its copy into the slab runs a
 Why pieces: copies in one direction share the GPU's copy engine in the order they were
 queued. A 512 MiB spill queued at once (the blocks a 4k-token admission evicts) held the
 step's own device -> host copy of its sampled tokens behind it for the ~10 ms the spill takes
-over PCIe; with one piece in flight, that copy waits for one piece at most.
+over PCIe; with one piece in flight, that copy waits for one piece at most. Held until the
+step is over, the pump also leaves the engine thread alone (the GIL) while it enqueues the step.
 
 Hazards:
 - The slots' previous contents may still be read by a device copy (a fetch) enqueued earlier on
@@ -58,6 +60,7 @@ class SpillQueue:
         self.cpu = cpu
         self._inflight: deque[InFlightSpill] = deque()
         self._pump: queue.Queue[InFlightSpill | None] = queue.Queue()
+        self._held: list[InFlightSpill] = []  # enqueued, waiting for `release()`
         self._thread: threading.Thread | None = None
         self._stream: torch.cuda.Stream | None = None
         self.num_bytes = 0  # staging bytes not yet copied out
@@ -65,8 +68,9 @@ class SpillQueue:
     def __len__(self) -> int:
         return len(self._inflight)
 
-    def enqueue(self, keys: Sequence[Hashable], slots: Sequence[int], staging: torch.Tensor) -> None:
-        """Starts copying `staging` rows into the reserved `slots` of `keys`."""
+    def enqueue(self, keys: Sequence[Hashable], slots: Sequence[int], staging: torch.Tensor, held: bool = False) -> None:
+        """Starts copying `staging` rows into the reserved `slots` of `keys` (`held`: at
+        `release()`, e.g. once the engine step that evicted the blocks is over)."""
         gathered: torch.cuda.Event | None = None
         if staging.is_cuda:
             gathered = torch.cuda.Event()
@@ -76,10 +80,21 @@ class SpillQueue:
         self.num_bytes += staging.numel()
         if gathered is not None:
             self._start_pump(staging.device)
+            if held:
+                self._held.append(spill)
+            else:
+                self._pump.put(spill)
+
+    def release(self) -> None:
+        """Held spills start copying out."""
+        for spill in self._held:
             self._pump.put(spill)
+        self._held.clear()
 
     def pop_finished(self, wait: bool = False) -> list[InFlightSpill]:
         """Spills whose copy has finished, oldest first (all of them with `wait`)."""
+        if wait:
+            self.release()
         finished: list[InFlightSpill] = []
         while self._inflight:
             head = self._inflight[0]
@@ -95,6 +110,7 @@ class SpillQueue:
 
     def close(self) -> None:
         """Stops the pump once every queued spill is copied."""
+        self.release()
         if self._thread is not None:
             self._pump.put(None)
             self._thread.join(timeout=30)

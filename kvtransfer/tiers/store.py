@@ -164,11 +164,13 @@ class TieredStore:
             self._publish_offloads(wait=True)
         return num_new
 
-    def spill(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int]) -> int:
+    def spill(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int],
+              held: bool = False) -> int:
         """`store` without the wait: the blocks may be overwritten (by kernels on the current
-        stream) as soon as this returns; they become hits once their copy finished."""
+        stream) as soon as this returns; they become hits once their copy finished. `held`:
+        the copy out starts at `start_spills()` (or when something waits for it)."""
         with self._lock:
-            return self._offload(block_hashes, src_view, block_ids)
+            return self._offload(block_hashes, src_view, block_ids, held)
 
     # --- swap for preemption ------------------------------------------------------------------
     def swap_out(self, view: KVCacheView, block_ids: Sequence[int]) -> SwapHandle:
@@ -208,6 +210,11 @@ class TieredStore:
                 self._stats[Tier.NVME].failures = self.nvme.num_write_failures + self.nvme.num_corrupt
             return {t: TierStats(**vars(s)) for t, s in self._stats.items()}
 
+    def start_spills(self) -> None:
+        """Spills queued with `spill(..., held=True)` start copying out."""
+        with self._lock:
+            self._offloads.release()
+
     def flush(self) -> None:
         """Waits until every background spill has landed in its tier (tests, shutdown)."""
         with self._lock:
@@ -222,7 +229,8 @@ class TieredStore:
         self._thread.join(timeout=10)
 
     # --- internals (under self._lock) ---------------------------------------------------------
-    def _offload(self, block_hashes: Sequence[bytes], view: KVCacheView, block_ids: Sequence[int]) -> int:
+    def _offload(self, block_hashes: Sequence[bytes], view: KVCacheView, block_ids: Sequence[int],
+                 held: bool = False) -> int:
         """Starts the copies of blocks not in any tier yet into reserved CPU slots, in batches
         that fit the evictable slots and the staging budget (waiting for older copies when
         either is short). Raises TierFullError when every CPU slot is pinned."""
@@ -245,7 +253,7 @@ class TieredStore:
             staging = view.read_rows([b for _, b in batch])
             slots, evicted = self.cpu.reserve([k for k, _ in batch], keep_evicted=self._spills_down)
             self._spill_down(evicted)  # type: ignore[arg-type]
-            self._offloads.enqueue([k for k, _ in batch], slots, staging)
+            self._offloads.enqueue([k for k, _ in batch], slots, staging, held)
         return len(new)
 
     def _offload_room(self, wanted: int) -> int:
