@@ -7,7 +7,7 @@ Life cycle of one spill (the TieredStore drives it under its lock):
   2. `enqueue` records an event after the gather and hands the spill to the pump thread (held
      spills: at `release()`, which the engine's cache calls once the step is over), which
      copies the staging rows into the reserved pinned slots on a side stream (that waits for
-     the event) in pieces of at most PIECE_BYTES, one piece in flight at a time;
+     the event) in pieces of at most PIECE_BYTES, at most PIECES_QUEUED queued at a time;
   3. `pop_finished` hands back the spills whose copy finished (FIFO); the store then publishes
      their slots in the CPU tier's index. Nothing waits on the host unless asked (`wait`).
 On CPU the staging tensor is already the snapshot; its copy into the slab runs at pop time.
@@ -15,7 +15,9 @@ On CPU the staging tensor is already the snapshot; its copy into the slab runs a
 Why pieces: copies in one direction share the GPU's copy engine in the order they were
 queued. A 512 MiB spill queued at once (the blocks a 4k-token admission evicts) held the
 step's own device -> host copy of its sampled tokens behind it for the ~10 ms the spill takes
-over PCIe; with one piece in flight, that copy waits for one piece at most. Held until the
+over PCIe; with two pieces queued, that copy waits for two pieces at most (~0.6 ms; one
+piece queued at a time left the link idle between pieces: offload at 82 to 86% of a plain
+pinned copy on 2 x H200). Held until the
 step is over, the pump also leaves the engine thread alone (the GIL) while it enqueues the step.
 
 Hazards:
@@ -42,7 +44,8 @@ import torch
 from kvtransfer.tiers.cpu import CpuTier, slot_runs
 
 log = logging.getLogger(__name__)
-PIECE_BYTES = 16 << 20  # one device -> host copy in flight: ~0.3 ms of PCIe
+PIECE_BYTES = 16 << 20  # ~0.3 ms of PCIe
+PIECES_QUEUED = 2  # the next piece is queued while one copies: the link never waits for the host
 
 
 @dataclass
@@ -129,6 +132,7 @@ class SpillQueue:
         while (spill := self._pump.get()) is not None:
             try:
                 assert spill.gathered is not None  # only device spills are pumped
+                queued: deque[torch.cuda.Event] = deque()
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(spill.gathered)
                     for pos, first, n in slot_runs(spill.slots):
@@ -136,9 +140,12 @@ class SpillQueue:
                             k = min(rows_per_piece, n - off)
                             self.cpu.slab[first + off : first + off + k].copy_(
                                 spill.staging[pos + off : pos + off + k], non_blocking=True)
-                            done = torch.cuda.Event()
-                            done.record(self._stream)
-                            done.synchronize()  # without the GIL; the next piece queues after this one
+                            queued.append(torch.cuda.Event())
+                            queued[-1].record(self._stream)
+                            if len(queued) > PIECES_QUEUED:  # without the GIL
+                                queued.popleft().synchronize()
+                    while queued:
+                        queued.popleft().synchronize()
             except Exception:  # e.g. a device error: the store drops these keys, never serves them
                 log.exception("KV tier spill of %d blocks failed", len(spill.keys))
                 spill.failed = True
