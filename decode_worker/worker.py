@@ -72,6 +72,15 @@ class DecodeWorker(PoolWorker):
 
     # ----------------------------------------------------------- actor API
 
+    async def start(self, req: DecodeRequest) -> None:
+        self.outbox.bind()
+        arrival = self._arrivals.get(req.request_id)
+        if arrival is not None and not arrival.has_first_token and req.first_token_id is not None:
+            await self.core.aengine.run(lambda engine: self._first_token(engine, req))
+            return
+        handle = KVHandle.from_bytes(req.kv_handle)
+        await self.core.aengine.run(lambda engine: self._accept(engine, req, handle))
+
     async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
         return await self.outbox.next_outputs(max_wait_s)
 
@@ -84,15 +93,6 @@ class DecodeWorker(PoolWorker):
         self.core.shutdown()
 
     # --------------------------------------------------- engine-thread side
-
-    async def start(self, req: DecodeRequest) -> None:
-        self.outbox.bind()
-        arrival = self._arrivals.get(req.request_id)
-        if arrival is not None and not arrival.has_first_token and req.first_token_id is not None:
-            await self.core.aengine.run(lambda engine: self._first_token(engine, req))
-            return
-        handle = KVHandle.from_bytes(req.kv_handle)
-        await self.core.aengine.run(lambda engine: self._accept(engine, req, handle))
 
     def _first_token(self, engine: LLMEngine, req: DecodeRequest) -> None:
         """The first token of a request whose KV was started early; it decodes once both are in."""
