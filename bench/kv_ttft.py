@@ -147,7 +147,10 @@ def _stream_prefill(llm: LLM, tokens: int, sender: TorchP2PSender, store: dist.S
     return took, float(store.get(f"sposted{seed}")) - start
 
 
-def _receive(llm: LLM, receiver: Any, device: str, handle: KVHandle, prompt: list[int], first: int) -> tuple[float, Any]:
+def _receive(llm: LLM, receiver: Any, device: str, handle: KVHandle, prompt: list[int],
+             first: int | None) -> tuple[float, Any]:
+    """Seconds from the receiver's start to the KV on the device, and the request (its first
+    token None while the prefill still computes it)."""
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS_CHECKED, ignore_eos=True)
     request = engine.add_prefilled(handle.transfer_id, prompt, first, params)
@@ -208,16 +211,8 @@ def _stream_receive(llm: LLM, tokens: int, receiver: Any, device: str, store: di
     engine = llm.engine
     handle = KVHandle.from_bytes(store.get(f"shandle{seed}"))
     prompt = random_prompts(1, tokens, engine.vocab_size, seed)[0]
-    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS_CHECKED, ignore_eos=True)
-    request = engine.add_prefilled(handle.transfer_id, prompt, None, params)
-    assert request is not None, "no room for the prompt's KV"
-    receiver.start(handle, request.block_ids[: handle.num_blocks])
-    while (state := receiver.poll(handle.transfer_id)) not in (KVPoll.DONE, KVPoll.FAILED):
-        time.sleep(0.00002)
-    _sync(device)
-    landed = time.perf_counter()
-    assert state is KVPoll.DONE, receiver.failure_reason(handle.transfer_id)
-    after_first = landed - float(store.get(f"sfirst_at{seed}"))
+    _, request = _receive(llm, receiver, device, handle, prompt, None)
+    after_first = time.perf_counter() - float(store.get(f"sfirst_at{seed}"))
     engine.set_first_token(request, int(store.get(f"sfirst{seed}")))
     if seed != STREAM_EQUALITY_SEED:
         engine.release_blocks(engine.drop_prefilled(request))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.device_sync import to_host
 from engine.sampling.batch import SamplingBatch, needs_full_path
 from engine.sampling.logprobs import gather_logprobs
 from engine.sampling.noise import exponential_noise
@@ -35,18 +36,6 @@ from engine.sampling.penalties import apply_min_tokens, apply_penalties
 from engine.sampling.seeds import step_seed
 from engine.sampling.truncation import truncate
 from engine.scheduler.output import ScheduledRequest, TokenLogprobs
-
-
-def to_host(t: torch.Tensor) -> list:
-    """`t.tolist()`, waiting for the device with the GIL released. `.tolist()` holds the GIL for
-    as long as the device takes to get there, a whole step: every other thread of the process
-    (a KV sender posting a streamed prefill's messages, gRPC servers, the actor's event loop)
-    would stand still meanwhile. `Event.synchronize` waits without the GIL."""
-    if t.is_cuda:
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(t.device))
-        done.synchronize()
-    return t.tolist()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 `CopyStream`: on CUDA a dedicated stream per transport object, so gathers and scatters neither
 queue behind the engine's forward passes nor hold them up; on CPU nothing (copies there are
 synchronous). The engine's own stream is tied in by events recorded on the engine thread
-(`mark_current`): a sender's gather waits for the step that wrote the KV (recorded at
+(`engine.device_sync.mark_current`): a sender's gather waits for the step that wrote the KV (recorded at
 `register`), a receiver's scatter for the engine work queued before `start` (whatever last
 used the destination blocks). Nothing waits for engine steps queued later.
 
@@ -49,15 +49,6 @@ def poll_until(done: Callable[[], bool], deadline: float = math.inf,
         waited = now - start
         time.sleep(0.0 if waited < _SPIN_S else min(_MAX_POLL_S, waited / _POLL_FRACTION, deadline - now))
     return True
-
-
-def mark_current(device: torch.device) -> torch.cuda.Event | None:
-    """An event at the end of the calling thread's current stream on `device` (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 class CopyStream:

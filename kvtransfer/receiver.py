@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.device_sync import mark_current
 from kvtransfer.cache_view import KVCacheView
-from kvtransfer.copy_stream import mark_current
 from kvtransfer.errors import InvalidBlockIdsError, TransferAbortedError
 from kvtransfer.gate import AccessGate
 from kvtransfer.handle import KVHandle

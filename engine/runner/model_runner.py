@@ -22,6 +22,7 @@ import torch
 
 from engine.attention.select import get_attention_backend
 from engine.config import EngineConfig, ModelConfig, resolve_dtype
+from engine.device_sync import mark_current
 from engine.distributed import fast_allreduce, get_tp_group
 from engine.models.llama import ForwardContext
 from engine.models.registry import model_class
@@ -104,14 +105,14 @@ class ModelRunner:
         layer's kernels are enqueued (a CUDA graph records one event for every layer, after
         the graph); on CPU None, the layer having run by then."""
         dev = host.to(self.device)
-        mark = None if layer_marks is None else lambda i: layer_marks.append(_mark(self.device))
+        mark = None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, dev)
         else:
             ctx = ForwardContext(self.backend, attention_metadata(host, dev), self.kv_cache, layer_done=mark)
             hidden = self.model(dev.input_ids, dev.positions, ctx)
         if layer_marks is not None and not layer_marks:
-            layer_marks.extend([_mark(self.device)] * self.model_cfg.num_layers)
+            layer_marks.extend([mark_current(self.device)] * self.model_cfg.num_layers)
         return hidden.index_select(0, dev.sample_indices)
 
     @torch.inference_mode()
@@ -128,9 +129,11 @@ class ModelRunner:
         host = build_step_inputs(out, self.block_size)
         requests = [s for s in out.scheduled if s.sample]
         with self.step_scope(host):
-            marks: list[torch.cuda.Event | None] | None = None if on_kv_enqueued is None else []
-            hidden = self.forward(host, marks)
-            if on_kv_enqueued is not None and marks is not None:
+            if on_kv_enqueued is None:
+                hidden = self.forward(host)
+            else:
+                marks: list[torch.cuda.Event | None] = []
+                hidden = self.forward(host, marks)
                 on_kv_enqueued(marks)
             logits = self.compute_logits(hidden)
             result = self.sampler(logits, requests)
@@ -138,11 +141,3 @@ class ModelRunner:
         logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
 
-
-def _mark(device: torch.device) -> torch.cuda.Event | None:
-    """An event at this point of the current stream on `device` (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event

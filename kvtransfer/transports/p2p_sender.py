@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from kvtransfer.cache_view import KVCacheView
-from kvtransfer.copy_stream import CopyStream, mark_current
+from engine.device_sync import mark_current
+from kvtransfer.copy_stream import CopyStream
 from kvtransfer.errors import TransferAbortedError, UnknownTransferError
 from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import ReleaseCallback
