@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from engine.distributed.parallel_state import AllReduceMode
 from engine.errors import EngineConfigError, ModelLoadError, UnsupportedArchitectureError
 
 SUPPORTED_ARCHITECTURES = (
@@ -17,8 +18,20 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
 )
+# config.json without `architectures` names its class through `model_type`, as transformers reads it
+_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+# Rope types the cos | sin cache builds (engine/layers/rotary.py; keep the two in step)
+_ROPE_TYPES = (None, "default", "llama3", "linear")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float32")  # FP8 (with per-layer scales) comes next
 
 
 @dataclass(frozen=True)
@@ -55,12 +68,6 @@ class ModelConfig:
             )
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token across all layers at this dtype (TP = 1)."""
-        itemsize = torch.tensor([], dtype=_DTYPES[self.torch_dtype]).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
-
-    @property
     def num_params(self) -> int:
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * self.hidden_size * self.intermediate_size
@@ -69,7 +76,8 @@ class ModelConfig:
 
     @staticmethod
     def from_dict(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-        archs = hf.get("architectures") or [hf.get("model_type", "unknown")]
+        model_type = hf.get("model_type", "unknown")
+        archs = hf.get("architectures") or [_MODEL_TYPES.get(model_type, model_type)]
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(arch, list(SUPPORTED_ARCHITECTURES))
@@ -77,6 +85,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
+        _check_supported(hf, rope)
         rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
         if rope and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
             rope = None
@@ -95,7 +104,9 @@ class ModelConfig:
             rope_scaling=dict(rope) if rope else None,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            # Phi-3's qkv_proj never has a bias, whatever its config says (as in transformers)
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM"))
+            and arch != "Phi3ForCausalLM",
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=window,
             eos_token_ids=eos_ids,
@@ -109,6 +120,29 @@ class ModelConfig:
         if not config_file.is_file():
             raise ModelLoadError(f"missing model file: {config_file} (is {path!s} a checkpoint directory?)")
         return ModelConfig.from_dict(json.loads(config_file.read_text()), dtype)
+
+
+def _check_supported(hf: dict[str, Any], rope: dict[str, Any] | None) -> None:
+    """Reject, naming the field, configs the decoder would compute differently from
+    transformers: a clear error at load rather than fluent wrong text."""
+    rope = rope or {}
+    for field_name, params in (("", hf), ("rope_scaling.", rope)):
+        factor = params.get("partial_rotary_factor")
+        if factor is not None and factor != 1.0:
+            raise ModelLoadError(
+                f"{field_name}partial_rotary_factor: {factor} is not supported (rope rotates the "
+                "whole head)"
+            )
+    kind = rope.get("rope_type") or rope.get("type")
+    if kind not in _ROPE_TYPES:
+        # LongRoPE ("longrope", Phi-3's "su"): transformers switches every position's
+        # frequencies once a sequence passes original_max_position_embeddings and recomputes
+        # its keys; a paged cache of rotated keys cannot follow that switch
+        raise ModelLoadError(
+            f"rope_scaling: type {kind!r} is not supported (supported: default, llama3, linear)"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"hidden_act: {hf['hidden_act']!r} is not supported (only 'silu')")
 
 
 def _dtype_name(value: str | None) -> str:
@@ -130,6 +164,9 @@ class EngineConfig:
     model: str
     tokenizer: str | None = None
     dtype: str = "auto"  # "auto" = float32 on CPU, the checkpoint's dtype (or bf16) on GPU
+    # The KV cache's element type: "auto" = the model's dtype, or one of KV_CACHE_DTYPES. The
+    # cache's bytes come from the runner's KVCacheSpec (engine/kv/spec.py), never from `dtype`.
+    kv_cache_dtype: str = "auto"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights of the right shape)
     seed: int = 0
@@ -149,8 +186,8 @@ class EngineConfig:
     # tokens the row-parallel all-reduce fused with the residual add and RMSNorm in one kernel;
     # engine.distributed.fused_norm), or
     # "skip" (measurement only: no collective at all, outputs are wrong; bench/tp.py uses it to
-    # time a step without its all-reduces).
-    tp_all_reduce: str = "auto"
+    # time a step without its all-reduces). A string naming a mode is converted to the enum.
+    tp_all_reduce: AllReduceMode = AllReduceMode.AUTO
     # Row-parallel layers of steps with at most this many tokens emit their partial sums in
     # float32 and all-reduce them in float32, rounding to the model dtype once, after the sum,
     # as TP = 1 does. On CPU that makes bf16 TP = N equal TP = 1; on CUDA the column-parallel
@@ -173,7 +210,6 @@ class EngineConfig:
             "gpu_memory_utilization": 0.0 < self.gpu_memory_utilization <= 1.0,
             "kv_cache_bytes": self.kv_cache_bytes > 0,
             "tensor_parallel_size": self.tensor_parallel_size >= 1,
-            "tp_all_reduce": self.tp_all_reduce in ("auto", "nccl", "symm_mem", "fused", "skip"),
             "tp_fp32_reduce_max_tokens": self.tp_fp32_reduce_max_tokens >= 0,
             "load_format": self.load_format in ("auto", "safetensors", "dummy"),
             "num_kv_blocks": self.num_kv_blocks is None or self.num_kv_blocks >= 2,
@@ -182,10 +218,22 @@ class EngineConfig:
         for name, ok in checks.items():
             if not ok:
                 raise EngineConfigError(f"{name}: invalid value {getattr(self, name)!r}")
+        try:
+            object.__setattr__(self, "tp_all_reduce", AllReduceMode.parse(self.tp_all_reduce))
+        except ValueError as err:
+            raise EngineConfigError(f"tp_all_reduce: {err}") from None
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
+        if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
+            raise EngineConfigError(
+                f"kv_cache_dtype: {self.kv_cache_dtype!r} is not 'auto' or one of {KV_CACHE_DTYPES}"
+            )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise EngineConfigError(f"device: {self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
+
+    def resolved_kv_cache_dtype(self, model_dtype: str) -> str:
+        """The KV cache's dtype name for a model computing in `model_dtype` ("auto": that one)."""
+        return model_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

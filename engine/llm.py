@@ -1,35 +1,68 @@
-"""The offline API: `LLM(model, ...).generate(prompts, params)`."""
+"""The offline API: `LLM(model, ...).generate(prompts, params)`.
+
+Lifetime: an LLM holds its engine's model and KV cache, and at `tensor_parallel_size > 1` its
+follower actors, process groups and watchdog thread. `close()` releases all of it (so does
+leaving a `with LLM(...) as llm:` block, and so does garbage collection of an LLM nobody
+closed), after which another LLM, TP group included, can start in this process.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from typing import Any, cast
-
-from rich.progress import Progress
+from types import TracebackType
+from typing import Any, Self, cast
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.errors import TandemError
 from engine.outputs import RequestOutput
+from engine.progress import progress_bar
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import apply_chat_template
 
 Prompt = str | Sequence[int]
 
 
+class LLMClosedError(TandemError, RuntimeError):
+    """The LLM was closed: it holds no model any more."""
+
+
 class LLM:
-    """An engine in this process. `model` is a checkpoint directory or "demo".
+    """An engine in this process. `model` is a checkpoint directory or a built-in model's name
+    (engine.demo_model).
 
     `tensor_parallel_size=N > 1` makes this process rank 0 of a TP group whose other ranks are
-    local Ray actors (Ray starts locally if this process has not joined a cluster); call
-    `shutdown()` to stop them (also done at interpreter exit)."""
+    local Ray actors (Ray starts locally if this process has not joined a cluster; it stays up
+    after close). Use it as a context manager or call `close()`; see the module docstring."""
 
     def __init__(self, model: str, show_progress: bool = True, **engine_kwargs: Any) -> None:
         self.show_progress = show_progress
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs), show_progress)
         self._counter = 0
+        # Refers to the engine, never to self: a finalizer holding self would keep it alive.
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)
+
+    def close(self) -> None:
+        """Release the engine: TP followers stopped and their processes exited, process
+        groups destroyed, threads ended, model and KV cache memory given back. Idempotent;
+        generate() afterwards raises LLMClosedError."""
+        self._finalizer()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Alias of close()."""
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> Any:
@@ -53,6 +86,8 @@ class LLM:
 
         Every prompt is validated before any runs: a bad one raises InvalidRequestError naming
         the field and nothing is queued."""
+        if self.closed:
+            raise LLMClosedError("this LLM is closed; create a new one")
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
         batch: list[Prompt] = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
         all_params = self._params_for(len(batch), params)
@@ -77,7 +112,7 @@ class LLM:
 
     def _run(self, order: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        with Progress(transient=True, disable=not self.show_progress) as progress:
+        with progress_bar(self.show_progress) as progress:
             task = progress.add_task("generating", total=len(order))
             while self.engine.has_unfinished():
                 for out in self.engine.step():

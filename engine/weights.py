@@ -1,23 +1,28 @@
 """Load a checkpoint's safetensors into a model, or fill it with random weights ("dummy").
 
 Each parameter's `weight_loader` reads only its rank's slice through safetensors' lazy slices,
-so a TP rank never materialises the whole tensor.
+so a TP rank never materialises the whole tensor. A model maps checkpoint names onto its
+parameters with `stacked_params` (a checkpoint tensor that is one shard of a fused parameter,
+e.g. Llama's q_proj into qkv_proj) and `fused_params` (a checkpoint tensor that holds several
+shards, e.g. Phi-3's qkv_proj: FusedTensor).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from rich.progress import Progress
 from safetensors import safe_open
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import ModelLoadError
-from engine.layers.weight_source import copy_into, read_all
+from engine.layers.weight_source import WeightSource, copy_into, read_all, shape_of
+from engine.progress import progress_bar
 
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -38,13 +43,69 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def _iter_slices(files: list[Path], show_progress: bool) -> Iterator[tuple[str, object]]:
-    with Progress(transient=True, disable=not show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         task = progress.add_task("loading weights", total=len(files))
         for f in files:
             with safe_open(str(f), framework="pt", device="cpu") as handle:
                 for name in handle.keys():
                     yield name, handle.get_slice(name)
             progress.advance(task)
+
+
+ShardId = str | int
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """A checkpoint tensor that stacks several of our shards along dim 0, such as Phi-3's
+    `qkv_proj.weight` ([q | k | v] rows) or `gate_up_proj.weight` ([gate | up] rows).
+
+    A model lists these as `fused_params` (checkpoint name fragment -> FusedTensor). `target`
+    replaces the fragment to name our parameter; `shards` gives (shard id, rows in the full
+    TP = 1 tensor) in row order. The loader hands each shard's rows, still lazy, to the
+    parameter's `weight_loader` with its shard id, as if the checkpoint held them apart, so a
+    TP rank reads only its rows of each shard.
+    """
+
+    target: str
+    shards: tuple[tuple[ShardId, int], ...]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(rows for _, rows in self.shards)
+
+
+class _RowRange:
+    """Rows [start, start + num_rows) of a lazy WeightSource, itself lazy: an index into it
+    reads only the rows (and columns) it names."""
+
+    def __init__(self, src: WeightSource, start: int, num_rows: int) -> None:
+        self.src, self.start, self.num_rows = src, start, num_rows
+
+    def get_shape(self) -> list[int]:
+        return [self.num_rows, *self.src.get_shape()[1:]]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        index = index if isinstance(index, tuple) else (index,)
+        rows = index[0] if index else slice(None)
+        assert isinstance(rows, slice) and rows.step in (None, 1), f"unsupported index {index!r}"
+        lo, hi, _ = rows.indices(self.num_rows)
+        return self.src[(slice(self.start + lo, self.start + max(lo, hi)), *index[1:])]
+
+
+def _rows(src: torch.Tensor | WeightSource, start: int,
+          num_rows: int) -> torch.Tensor | WeightSource:
+    if isinstance(src, torch.Tensor):
+        return src.narrow(0, start, num_rows)
+    return _RowRange(src, start, num_rows)
+
+
+def _fused(model: nn.Module, name: str) -> tuple[str, FusedTensor] | None:
+    fused: dict[str, FusedTensor] = getattr(model, "fused_params", {})
+    for ckpt_part, spec in fused.items():
+        if ckpt_part in name:
+            return name.replace(ckpt_part, spec.target), spec
+    return None
 
 
 def _target(model: nn.Module, name: str) -> tuple[str, object]:
@@ -55,12 +116,36 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
     return name, None
 
 
-def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, src: object) -> str:
-    """Hand checkpoint tensor `name` (full or lazy) to its parameter's loader; returns the target."""
-    target, shard_id = _target(model, name)
+def _param(params: dict[str, nn.Parameter], name: str, target: str) -> nn.Parameter:
     if target not in params:
         raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (no parameter {target!r})")
-    param = params[target]
+    return params[target]
+
+
+def _load_fused(param: nn.Parameter, name: str, src: Any, spec: FusedTensor) -> None:
+    """Split fused checkpoint tensor `name` into its shards, each to the per-shard loader."""
+    num_rows = shape_of(src)[0]
+    if num_rows != spec.num_rows:
+        parts = " + ".join(f"{rows} ({shard_id})" for shard_id, rows in spec.shards)
+        raise ModelLoadError(f"{name}: checkpoint has {num_rows} rows, the model expects {parts}")
+    loader = getattr(param, "weight_loader", None)
+    assert loader is not None, f"{name}: a fused tensor needs a sharded parameter"
+    start = 0
+    for shard_id, rows in spec.shards:
+        loader(param, _rows(src, start, rows), shard_id)
+        start += rows
+
+
+def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, src: object) -> str:
+    """Hand checkpoint tensor `name` (full or lazy) to its parameter's loader; returns the target."""
+    fused = _fused(model, name)
+    if fused is not None:
+        target, spec = fused
+        with torch.no_grad():
+            _load_fused(_param(params, name, target), name, src, spec)
+        return target
+    target, shard_id = _target(model, name)
+    param = _param(params, name, target)
     loader = getattr(param, "weight_loader", None)
     with torch.no_grad():
         if loader is None:
@@ -83,18 +168,21 @@ def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = Tr
         raise ModelLoadError(f"missing weights in the checkpoint: {', '.join(missing[:8])}")
 
 
+# Architectures whose checkpoints store q|k|v and gate|up fused (their models' `fused_params`)
+_FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
+
+
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The Hugging Face tensor names and full (TP = 1) shapes of a Llama-family checkpoint."""
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    """The Hugging Face tensor names and full (TP = 1) shapes of the checkpoint of `cfg`."""
+    h, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-                   p + "mlp.down_proj.weight": (h, inter)}
+                   p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.down_proj.weight": (h, cfg.intermediate_size)}
+        shapes |= _projection_shapes(cfg, p)
         if cfg.attention_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)}
@@ -104,6 +192,19 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     return shapes
+
+
+def _projection_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """Layer `p`'s q/k/v and gate/up weights: one tensor each, or fused as Phi-3 stores them."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    if cfg.architecture in _FUSED_PROJECTIONS:
+        assert not cfg.attention_bias, "fused checkpoints with a qkv bias are not described"
+        return {p + "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+                p + "mlp.gate_up_proj.weight": (2 * inter, h)}
+    return {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h)}
 
 
 def fill_dummy(model: nn.Module, seed: int) -> None:

@@ -15,11 +15,34 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from engine.errors import TandemError
 
-app = typer.Typer(name="tandem", help="Tandem: an LLM serving cluster with separate prefill and decode pools.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+def _flags_take_no_value(params: list[Any]) -> list[Any]:
+    """typer's rich help prints each option's type, flags included: `--watch <bool>` reads as if
+    it took a value. An empty metavar leaves that cell blank; a flag's parsing never uses it."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_take_no_value(super().get_params(ctx))
+
+
+app = typer.Typer(
+    name="tandem", help="Tandem: an LLM serving cluster with separate prefill and decode pools.",
+    cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -54,10 +77,13 @@ def say(message: str) -> None:
     console.print(message, highlight=False, markup=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def serve(
-    model: Annotated[str, typer.Option(help="A local checkpoint directory, or 'demo' (random weights).")] = "demo",
-    mode: Annotated[Mode, typer.Option(help="Separate prefill / decode pools, or one colocated pool.")] = Mode.disaggregated,
+    model: Annotated[str, typer.Option(help="A checkpoint directory, a .gguf file, 'demo' (SmolLM2-135M-Instruct) or 'tiny-random' (random weights).")] = "demo",
+    mode: Annotated[Mode, typer.Option(
+        metavar="<mode>",
+        help="disaggregated (separate prefill and decode pools) or colocated (one pool).",
+    )] = Mode.disaggregated,
     num_prefill: Annotated[int | None, typer.Option(min=1, help="Prefill workers (default: 1, or half the GPUs).")] = None,
     num_decode: Annotated[int | None, typer.Option(min=1, help="Decode workers (default: 1, or the other GPUs).")] = None,
     num_colocated: Annotated[int | None, typer.Option(min=1, help="Colocated workers (--mode colocated).")] = None,
@@ -77,10 +103,10 @@ def serve(
         num_colocated=num_colocated, tensor_parallel_size=tensor_parallel_size, host=host, port=port,
         device=device.value, dtype=dtype, max_model_len=max_model_len, transport=transport.value,
     )
-    if model == "demo":
+    if model == "tiny-random":
         from engine.demo_model import RANDOM_WEIGHTS_NOTICE
 
-        say(f"Serving the built-in demo model {RANDOM_WEIGHTS_NOTICE}")
+        say(f"Serving the built-in tiny-random model {RANDOM_WEIGHTS_NOTICE}")
     try:
         run_serve(options, say)
     except (TandemError, OSError) as exc:
@@ -90,7 +116,7 @@ def serve(
     say("Stopped.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt text.")],
     address: Address = DEFAULT_ADDRESS,
@@ -122,7 +148,7 @@ def generate(
         console.print(timings_table([(final.request_id[:8], final.timings, final.completion_tokens)]))
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(
     address: Address = DEFAULT_ADDRESS,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
@@ -144,11 +170,13 @@ def status(
         raise fail(f"cluster status from {address} failed: {exc}") from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def launch(
     config: SpecPath,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")] = None,
-    foreground: Annotated[bool, typer.Option(help="Stay attached; Ctrl-C tears the cluster down.")] = False,
+    foreground: Annotated[
+        bool, typer.Option("--foreground", help="Stay attached; Ctrl-C tears the cluster down.")
+    ] = False,
     timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for every worker to load.")] = 600.0,
 ) -> None:
     """Start the spec's pools and router on an existing Ray cluster (detached actors)."""
@@ -176,7 +204,7 @@ def launch(
         say("Torn down.")
 
 
-@app.command()
+@app.command(cls=_Command)
 def down(
     config: SpecPath,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")] = None,

@@ -64,7 +64,7 @@ class RayWorker:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    model: str = "demo"
+    model: str = "tiny-random"  # tests and examples; `tandem serve` defaults to "demo"
     mode: str = "disaggregated"  # or "colocated"
     num_prefill: int = 1
     num_decode: int = 1

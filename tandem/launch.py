@@ -114,9 +114,10 @@ def connect(spec: ClusterSpec, address: str | None) -> None:
     target = address or spec.ray.address
     extra: dict[str, Any] = {}
     if target == "local":  # a new single-machine instance, owned by this process
-        from tandem.local_ray import bind_ray_to_loopback
+        from tandem.local_ray import bind_ray_to_loopback, use_token_auth
 
         bind_ray_to_loopback()
+        use_token_auth()
         extra["include_dashboard"] = False
     _check_listening(target)
     try:

@@ -103,6 +103,17 @@ def _transport(o: ServeOptions, use_gpus: bool) -> dict[str, Any]:
     return {"kv_transport": "p2p"}
 
 
+def serving_banner(model: str, address: str, pools: dict[str, str]) -> list[str]:
+    """What `tandem serve` says once up, in short lines (as one line it wrapped mid-address in an
+    80-column terminal). `pools` maps worker id -> pool; each pool gets a line of its workers."""
+    by_pool: dict[str, list[str]] = {}
+    for worker, pool in pools.items():
+        by_pool.setdefault(pool, []).append(worker)
+    lines = [f"Tandem is serving at {address}", f"  model: {model}"]
+    lines += [f"  {pool}: {', '.join(workers)}" for pool, workers in by_pool.items()]
+    return [*lines, "Press Ctrl-C to stop."]
+
+
 def serve(options: ServeOptions, say: Say, on_ready: Callable[[LocalCluster], None] | None = None) -> None:
     """Blocks until SIGINT / SIGTERM; every resource it started is released on return."""
     import ray
@@ -130,9 +141,8 @@ async def _serve(config: ClusterConfig, say: Say, on_ready: Callable[[LocalClust
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             address = starting.result()  # raises the start-up error
-            workers = ", ".join(f"{w} ({p})" for w, p in cluster.pools.items())
-            say(f"Tandem is serving {config.model} at {address}  [workers: {workers}]")
-            say("Press Ctrl-C to stop.")
+            for line in serving_banner(config.model, address, cluster.pools):
+                say(line)
             if on_ready is not None:
                 on_ready(cluster)
             await stopping

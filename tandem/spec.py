@@ -43,7 +43,8 @@ class PoolRole(str, Enum):
 
 
 class ModelSpec(_Model):
-    """What every pool serves. `path` is a local Hugging Face checkpoint directory or "demo"."""
+    """What every pool serves. `path` is a local Hugging Face checkpoint directory, a .gguf file,
+    "demo" (SmolLM2-135M-Instruct) or "tiny-random" (random weights, for tests)."""
 
     path: str = Field(min_length=1)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"

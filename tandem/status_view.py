@@ -144,7 +144,8 @@ def _ms(x: float) -> str:
 
 # -- rendering -----------------------------------------------------------------------------------
 def _latency_table(now: StatusSnapshot, before: StatusSnapshot | None) -> Table:
-    table = Table(title="latency (ms)", expand=False)
+    window = f"last {now.taken_at - before.taken_at:.1f} s" if before else "since start"
+    table = Table(title=f"latency (ms), {window}", expand=False)
     for col in ("stage", "p50", "p90", "p99", "mean"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     rows = [(s, "tandem_stage_seconds", {"stage": s}) for s in STAGES] + [
@@ -201,23 +202,40 @@ def _slo_table(now: StatusSnapshot, before: StatusSnapshot | None) -> Table:
 
 
 def _workers_table(now: StatusSnapshot) -> Table:
-    table = Table(title="workers")
-    cols = ("worker", "pool", "healthy", "running", "waiting", "queued tok", "KV used", "KV cached", "KV free",
-            "hit rate", "preempt")  # fmt: skip
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("worker", "pool") else "right")
+    """Health and load per worker; KV figures are in `_kv_table` (one table of both needs ~110
+    columns, and an 80-column terminal would squeeze every cell to an ellipsis)."""
+    table = Table(title="workers (queued: prompt tokens waiting for prefill)")
+    table.add_column("worker", no_wrap=True)
+    table.add_column("pool", no_wrap=True)
+    for col in ("healthy", "running", "waiting", "queued", "preempt"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for w in now.status.workers:
+        samples = now.worker_samples.get(w.worker_id, {})
+        preempt = samples.get("tandem_engine_preemptions_total{}", 0.0)
+        healthy = Text("yes", style="green") if w.healthy else Text("NO", style="bold red")
+        table.add_row(w.worker_id, w.pool, healthy, str(w.load.running), str(w.load.waiting),
+                      str(w.load.queued_prefill_tokens), f"{preempt:.0f}")  # fmt: skip
+    return table
+
+
+def _kv_table(now: StatusSnapshot) -> Table:
+    """HBM KV blocks per worker (used, cached for prefix reuse, free) and the prefix hit rate."""
+    table = Table(title="KV cache (blocks)")
+    table.add_column("worker", no_wrap=True)
+    for col in ("used", "cached", "free", "hit rate"):
+        table.add_column(col, justify="right", no_wrap=True)
     for w in now.status.workers:
         s = now.worker_samples.get(w.worker_id, {})
         lookups = s.get("tandem_kv_lookup_tokens_total{tier=hbm}", 0.0)
         hits = s.get("tandem_kv_hit_tokens_total{tier=hbm}", 0.0)
-        healthy = Text("yes", style="green") if w.healthy else Text("NO", style="bold red")
+        used = w.load.total_kv_blocks - w.load.free_kv_blocks
         table.add_row(
-            w.worker_id, w.pool, healthy, str(w.load.running), str(w.load.waiting), str(w.load.queued_prefill_tokens),
-            f"{s.get('tandem_kv_blocks{state=used,tier=hbm}', w.load.total_kv_blocks - w.load.free_kv_blocks):.0f}",
+            w.worker_id,
+            f"{s.get('tandem_kv_blocks{state=used,tier=hbm}', used):.0f}",
             f"{s.get('tandem_kv_blocks{state=cached,tier=hbm}', 0.0):.0f}",
             f"{s.get('tandem_kv_blocks{state=free,tier=hbm}', w.load.free_kv_blocks):.0f}",
-            f"{hits / lookups:.1%}" if lookups else "-", f"{s.get('tandem_engine_preemptions_total{}', 0.0):.0f}",
-        )  # fmt: skip
+            f"{hits / lookups:.1%}" if lookups else "-",
+        )
     return table
 
 
@@ -225,11 +243,11 @@ def render(status: StatusSnapshot, previous: StatusSnapshot | None = None) -> Re
     """The whole view: latency by stage, requests, SLO classes, workers; rates since `previous`."""
     queue = status.total("tandem_router_queue_requests")
     inflight = status.total("tandem_router_inflight_prefills")
-    window = f"the last {status.taken_at - previous.taken_at:.1f} s" if previous else "everything since start"
     head = Text(f"Tandem: {len(status.status.workers)} workers, router queue {queue:.0f}, "
-                f"in-flight prefills {inflight:.0f}; latency over {window}", style="bold")  # fmt: skip
+                f"in-flight prefills {inflight:.0f}", style="bold")  # fmt: skip
     parts: list[RenderableType] = [head, _latency_table(status, previous), _requests_table(status, previous),
-                                   _slo_table(status, previous), _workers_table(status)]  # fmt: skip
+                                   _slo_table(status, previous), _workers_table(status),
+                                   _kv_table(status)]  # fmt: skip
     if status.failed_targets:
         parts.append(Text(f"unreachable metrics targets: {', '.join(status.failed_targets)}", style="yellow"))
     return Group(*parts)

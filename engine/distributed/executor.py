@@ -8,13 +8,19 @@ Life cycle (`TPState`):
                read_kv / write_kv move KV blocks of every rank (engine.distributed.kv_ops)
     FAILED     a follower died, raised or hung: the step raises TPGroupError naming the rank,
                followers are killed and every later step raises the same error
-    SHUT_DOWN  shutdown(): followers get SHUTDOWN, the group is torn down (idempotent)
+    SHUT_DOWN  shutdown(): followers get SHUTDOWN, the group is torn down (idempotent); an
+               executor garbage-collected unclosed releases the same (a finalizer)
+
+Everything the group holds beyond this object (actors, placement group, watchdog thread, step
+channel, process groups) lives in its GroupResources (engine.distributed.group_resources),
+released once by whichever of shutdown, failure or the finalizer comes first.
 
 Failure bounds: a dead follower breaks gloo's sockets at once and resolves its watched
 `run_loop` future (the watchdog aborts NCCL for graph-replayed collectives); a hung one trips
 the collective timeout (`collective_timeout_s`) or the watchdog's step deadline
 (`step_timeout_s`). After the leader sees an error it waits up to `diagnose_s` for Ray to
-report which rank died, so the error names it. A failed KV op fails the group the same way.
+report which rank died, so the error names it; when no follower failed and rank 0's error was
+not a wait on them, the error names rank 0. A failed KV op fails the group the same way.
 
 Threads: the engine thread runs steps while KV transports and tier threads call read_kv /
 write_kv from their own threads. Every message and collective of a step or a KV op must reach
@@ -25,10 +31,10 @@ principle, inside one).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import enum
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,9 +44,16 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed import kv_ops, ray_launch
 from engine.distributed.errors import TPGroupError
+from engine.distributed.fast_allreduce import ReductionSpec
 from engine.distributed.follower import FollowerSpec
+from engine.distributed.group_resources import GroupResources
 from engine.distributed.kv_ops import KVOp
-from engine.distributed.process_group import destroy_tp_group, host_store, init_tp_group
+from engine.distributed.process_group import (
+    claim_default_group,
+    host_store,
+    init_tp_group,
+)
+from engine.distributed.shm_channel import ChannelAborted
 from engine.distributed.step_channel import StepChannel
 from engine.distributed.watchdog import Failure, FollowerWatchdog
 from engine.runner.inputs import StepInputs
@@ -68,27 +81,40 @@ class TPState(enum.Enum):
 
 
 class TPExecutor:
-    def __init__(self, size: int, device: torch.device, followers: list[Any], pg: Any,
-                 options: TPOptions, watchdog: FollowerWatchdog, num_kv_heads: int) -> None:
+    def __init__(self, size: int, device: torch.device, pg: Any, options: TPOptions,
+                 num_kv_heads: int) -> None:
+        """`pg`: the placement group to remove at teardown (None: not this group's own)."""
         self.size = size
         self.device = device
-        self.followers = followers  # followers[i] is rank i + 1
-        self.follower_pids: list[int] = []
-        self.follower_node_ids: list[str] = []
         self.options = options
         self.state = TPState.STARTING
         self.num_steps = 0
         self.num_kv_ops = 0
         self.num_kv_heads = num_kv_heads  # over the whole group
-        self._pg = pg  # None when the placement group is not ours to remove
         self._lock = threading.RLock()
         self._depth = 0  # nesting of step / KV op scopes under `_lock`
-        self._watchdog = watchdog
-        self._channel: StepChannel | None = None
+        self._watchdog = FollowerWatchdog(options.step_timeout_s)
+        self._resources = GroupResources(pg, self._watchdog, options.collective_timeout_s)
+        self._finalizer = weakref.finalize(self, self._resources.release, True)
         self._start_futures: dict[int, Any] = {}
-        self._run_futures: dict[int, Any] = {}
         self._error: TPGroupError | None = None
-        atexit.register(self.shutdown)
+
+    @property
+    def followers(self) -> list[Any]:
+        """The follower actors; followers[i] is rank i + 1."""
+        return self._resources.followers
+
+    @property
+    def follower_pids(self) -> list[int]:
+        return self._resources.follower_pids
+
+    @property
+    def follower_node_ids(self) -> list[str]:
+        return self._resources.follower_node_ids
+
+    @property
+    def _channel(self) -> StepChannel | None:
+        return self._resources.channel
 
     # ---------------------------------------------------------------- start-up
 
@@ -98,30 +124,35 @@ class TPExecutor:
         """Start followers and join the group as rank 0; the caller then calls build_leader()."""
         opts = options or TPOptions()
         size, use_gpu = config.tensor_parallel_size, config.resolved_device().type == "cuda"
+        claim_default_group(0)  # an earlier group still open here fails now, before any follower
         ray_launch.ensure_ray()
         place = ray_launch.group_placement(size, use_gpu, opts.startup_timeout_s, opts.use_current_placement_group)
-        store = host_store(size, RENDEZVOUS_TIMEOUT_S)
-        specs = [FollowerSpec(config, model_config, model_path, max_model_len, rank, size, store.port,
-                              opts.collective_timeout_s, opts.startup_timeout_s) for rank in range(1, size)]
-        followers = [ray_launch.spawn_follower(place.pg, s.rank, place.bundles[s.rank], s) for s in specs]
-        executor = cls(size, torch.device("cpu"), followers, place.pg if place.owned else None, opts,
-                       FollowerWatchdog(opts.step_timeout_s), model_config.num_kv_heads)
+        executor = cls(size, torch.device("cpu"), place.pg if place.owned else None, opts,
+                       model_config.num_kv_heads)
         with executor._failing_as_group():
+            store = host_store(size, RENDEZVOUS_TIMEOUT_S)
+            specs = [FollowerSpec(config, model_config, model_path, max_model_len, rank, size,
+                                  store.port, opts.collective_timeout_s, opts.startup_timeout_s)
+                     for rank in range(1, size)]
+            executor.followers.extend(
+                ray_launch.spawn_follower(place.pg, s.rank, place.bundles[s.rank], s) for s in specs)
             executor.device = executor._leader_device(use_gpu)
-            starts = {rank: f.start.remote() for rank, f in enumerate(followers, start=1)}
+            starts = {rank: f.start.remote() for rank, f in enumerate(executor.followers, start=1)}
             executor._watchdog.watch(starts, may_return=True)
             executor._start_futures = starts
             init_tp_group(0, size, store.port, executor.device, opts.collective_timeout_s,
-                          opts.startup_timeout_s, store=store)
+                          opts.startup_timeout_s, store=store,
+                          reduction=ReductionSpec.from_configs(config, model_config))
         return executor
 
     def _leader_device(self, use_gpu: bool) -> torch.device:
         import ray
 
-        timeout = self.options.startup_timeout_s
+        timeout, res = self.options.startup_timeout_s, self._resources
         ids = ray.get([f.gpu_ids.remote() for f in self.followers], timeout=timeout)
-        self.follower_pids = ray.get([f.pid.remote() for f in self.followers], timeout=timeout)
-        self.follower_node_ids = ray.get([f.node_id.remote() for f in self.followers], timeout=timeout)
+        res.follower_pids[:] = ray.get([f.pid.remote() for f in self.followers], timeout=timeout)
+        res.follower_node_ids[:] = ray.get([f.node_id.remote() for f in self.followers],
+                                           timeout=timeout)
         if not use_gpu:
             return torch.device("cpu")
         device = ray_launch.leader_cuda_device([i for gpu in ids for i in gpu])
@@ -137,9 +168,11 @@ class TPExecutor:
             blocks = ray.get(list(self._start_futures.values()), timeout=self.options.startup_timeout_s)
             num_blocks = getattr(runner, "num_blocks", None)
             assert all(b == num_blocks for b in blocks), f"KV block counts differ across ranks: {blocks}"
-            self._channel = StepChannel(_current_group(), self.options.collective_timeout_s)
-            self._run_futures = {rank: f.run_loop.remote() for rank, f in enumerate(self.followers, start=1)}
-            self._watchdog.watch(self._run_futures, may_return=False)
+            res = self._resources
+            res.channel = StepChannel(_current_group(), self.options.collective_timeout_s)
+            res.run_futures = {rank: f.run_loop.remote()
+                               for rank, f in enumerate(self.followers, start=1)}
+            self._watchdog.watch(res.run_futures, may_return=False)
         self.state = TPState.RUNNING
         return runner
 
@@ -210,51 +243,62 @@ class TPExecutor:
     def _failing_as_group(self) -> Iterator[None]:
         try:
             yield
-        except TPGroupError:
+        except TPGroupError as err:
+            self._fail_with(err)
             raise
         except Exception as err:
-            raise self._fail(err) from err
-
-    def _fail(self, cause: BaseException) -> TPGroupError:
-        if self._error is None:
             failure = self._watchdog.failure or self._watchdog.check(self.options.diagnose_s)
-            if failure is None:
-                ranks = list(range(1, self.size))
-                failure = Failure(ranks[0] if len(ranks) == 1 else None,
-                                  f"did not respond (hung or unreachable); followers {ranks}")
-            self._error = TPGroupError(failure.rank, f"{failure.message} [rank 0 saw: {_first_line(cause)}]")
+            failure = failure or self._presumed_failure(err)
+            raise self._fail_with(TPGroupError(failure.rank, f"{failure.message} [rank 0 saw: "
+                                                             f"{_first_line(err)}]")) from err
+
+    def _presumed_failure(self, cause: BaseException) -> Failure:
+        """No follower is known to have failed. If rank 0 was waiting on them (a timeout, an
+        aborted channel, a lost connection) they did not respond; otherwise rank 0 failed."""
+        if not _is_wait_failure(cause):
+            return Failure(0, f"failed: {type(cause).__name__} (no follower reported a failure)")
+        ranks = list(range(1, self.size))
+        return Failure(ranks[0] if len(ranks) == 1 else None,
+                       f"did not respond (hung or unreachable); followers {ranks}")
+
+    def _fail_with(self, error: TPGroupError) -> TPGroupError:
+        """The group's error from now on (the first one wins); releases its resources."""
+        if self._error is None:
+            self._error = error
             self.state = TPState.FAILED
-            self._teardown()
+            self._resources.release(graceful=False)
         return self._error
 
     # ---------------------------------------------------------------- shutdown
 
     def shutdown(self) -> None:
-        """Stop the followers and leave the group; safe to call in any state, twice."""
-        import ray
-
+        """Stop the followers, wait for their processes to exit, leave the group and end the
+        watchdog thread; afterwards this process can start another TP group. Safe to call in
+        any state, twice; never raises."""
         with self._lock:
-            if self.state is TPState.RUNNING and self._channel is not None:
-                self._watchdog.watch({}, may_return=True)
-                with contextlib.suppress(Exception):
-                    self._channel.publish_shutdown()
-                    ray.get(list(self._run_futures.values()), timeout=self.options.collective_timeout_s)
             if self.state is not TPState.FAILED:
                 self.state = TPState.SHUT_DOWN
-            self._teardown()
-
-    def _teardown(self) -> None:
-        self._watchdog.stop()
-        ray_launch.kill_actors(self.followers, self._pg)
-        self._pg = None
-        destroy_tp_group()
-        atexit.unregister(self.shutdown)
+            self._finalizer()  # GroupResources.release(graceful=True), at most once
+        self._resources.wait_stopped()  # also after a failure, whose release did not wait
 
 
 def _current_group() -> Any:
     from engine.distributed.parallel_state import get_tp_group
 
     return get_tp_group()
+
+
+def _is_wait_failure(err: BaseException) -> bool:
+    """Whether rank 0's error ended a wait on its followers (timed out, aborted, connection
+    lost) rather than being its own (a bad checkpoint, out of memory, a bug)."""
+    import ray
+    import torch.distributed as dist
+
+    if isinstance(err, (TimeoutError, ChannelAborted, ray.exceptions.RayError, dist.DistError)):
+        return True
+    text = str(err).lower()
+    words = ("timed out", "timeout", "did not take", "connection", "peer", "watchdog saw")
+    return any(word in text for word in words)
 
 
 def _first_line(err: BaseException) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.fast_allreduce import ReductionSpec
 from engine.distributed.kv_ops import follower_serve
 from engine.distributed.parallel_state import TPGroup
 from engine.distributed.process_group import destroy_tp_group, init_tp_group
@@ -81,7 +82,8 @@ class TPFollower:
 
         s, device = self.spec, self._device()
         tp = self.tp = init_tp_group(s.rank, s.size, s.store_port, device, s.collective_timeout_s,
-                                     s.control_timeout_s)
+                                     s.control_timeout_s,
+                                     reduction=ReductionSpec.from_configs(s.config, s.model_config))
         torch.manual_seed(s.config.seed)
         runner = self.runner = ModelRunner(s.config, s.model_config, s.model_path, s.max_model_len, device,
                                            show_progress=False)
@@ -103,4 +105,5 @@ class TPFollower:
                 self.runner.compute_logits(self.runner.forward(message.inputs))
                 steps += 1
         finally:
+            self.channel.close()
             destroy_tp_group()

@@ -17,11 +17,16 @@ Hazards:
   `TEARDOWN_WAIT_S`: the caller gets its TPGroupError either way. A process whose teardown did
   not finish keeps the dead default group, so it cannot start another TP group (the error says
   so); a pool worker in that state reports itself unhealthy and is replaced.
+- torch.distributed's default group is process-global, so a process hosts one TP group at a
+  time: a new one starts only once the previous one is destroyed (`claim_default_group` says
+  which of the reasons below holds when it is not).
 """
 
 from __future__ import annotations
 
 import datetime
+import enum
+import gc
 import logging
 import os
 import threading
@@ -30,12 +35,46 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from engine.distributed import fast_allreduce
+from engine.distributed.errors import TPGroupError
 from engine.distributed.parallel_state import TPGroup, set_tp_group
 
 logger = logging.getLogger(__name__)
 
 TEARDOWN_WAIT_S = 10.0  # an abort or destroy that takes longer is left running in its thread
 STEP_GROUP_TIMEOUT_S = 7 * 24 * 3600.0  # followers idle-wait here; fate-sharing ends them with the leader
+
+
+class DefaultGroup(enum.Enum):
+    """Who holds this process's torch.distributed default group, as far as this module knows."""
+
+    FREE = "free"
+    TP_GROUP = "tp_group"  # a TP group this module made and has not destroyed yet
+    STUCK = "stuck"  # a TP group whose destroy did not return within TEARDOWN_WAIT_S
+
+
+_default_group = DefaultGroup.FREE
+
+
+def claim_default_group(rank: int) -> None:
+    """Check that this process can host a new TP group; raise TPGroupError naming `rank` and
+    the real reason if it cannot. Collects garbage first: an engine dropped without being
+    closed releases its group from its finalizer, which may wait for a collection."""
+    if dist.is_initialized():
+        gc.collect()
+    if not dist.is_initialized():
+        return
+    if _default_group is DefaultGroup.STUCK:
+        why = ("the teardown of an earlier TP group in this process did not finish (its "
+               "process group destroy hung); start the new group in a new process")
+    elif _default_group is DefaultGroup.TP_GROUP:
+        why = ("an earlier TP group in this process is still open: close the LLM (or shut "
+               "the engine down) that owns it before starting another")
+    else:
+        why = ("this process already has a torch.distributed default group that Tandem did "
+               "not make; a TP group needs the default group: run the engine in a process of "
+               "its own")
+    raise TPGroupError(rank, f"cannot start: {why}")
 
 
 def nccl_env(rank: int) -> dict[str, str]:
@@ -50,25 +89,30 @@ def host_store(world_size: int, timeout_s: float) -> dist.TCPStore:
 
 
 def init_tp_group(rank: int, size: int, port: int, device: torch.device, collective_timeout_s: float,
-                  control_timeout_s: float, store: dist.TCPStore | None = None) -> TPGroup:
-    """Join the local group of `size` ranks through the store on `port` and install it."""
+                  control_timeout_s: float, store: dist.TCPStore | None = None,
+                  reduction: fast_allreduce.ReductionSpec = fast_allreduce.PLAIN) -> TPGroup:
+    """Join the local group of `size` ranks through the store on `port` and install it, with
+    the reduction `reduction` resolves to (collective: fast_allreduce.choose_reduction)."""
+    global _default_group
     if device.type == "cuda":
         for key, value in nccl_env(rank).items():
             os.environ.setdefault(key, value)
+    claim_default_group(rank)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False,
                               timeout=datetime.timedelta(seconds=control_timeout_s))
-    if dist.is_initialized():
-        raise RuntimeError("this process still holds a torch.distributed default group (an earlier TP "
-                           "group's teardown did not finish); start the TP group in a new process")
     backend = "nccl" if device.type == "cuda" else "gloo"
     device_id = device if device.type == "cuda" and device.index is not None else None  # eager NCCL init
     dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                             timeout=datetime.timedelta(seconds=collective_timeout_s), device_id=device_id)
+    _default_group = DefaultGroup.TP_GROUP
     cpu_group = dist.new_group(list(range(size)), backend="gloo",
                                timeout=datetime.timedelta(seconds=STEP_GROUP_TIMEOUT_S))
-    group = TPGroup(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group,
-                    control_timeout_s=control_timeout_s)
+    world = dist.group.WORLD
+    assert world is not None
+    group = TPGroup(rank=rank, size=size, group=world, cpu_group=cpu_group,
+                    control_timeout_s=control_timeout_s,
+                    reduction=fast_allreduce.choose_reduction(reduction, world, device))
     set_tp_group(group)
     return group
 
@@ -86,10 +130,14 @@ def abort_groups() -> None:
 
 
 def destroy_tp_group() -> None:
-    """Leave the group and restore the size-1 group (safe to call twice)."""
+    """Leave the group and restore the size-1 group (safe to call twice). Destroying the
+    default group destroys every group made from it (the CPU group) too."""
+    global _default_group
     set_tp_group(TPGroup())
-    if dist.is_initialized():
-        _bounded(dist.destroy_process_group, "destroying the TP process group")
+    if not dist.is_initialized():
+        return
+    done = _bounded(dist.destroy_process_group, "destroying the TP process group")
+    _default_group = DefaultGroup.FREE if done and not dist.is_initialized() else DefaultGroup.STUCK
 
 
 def _bounded(fn: Callable[[], object], what: str, wait_s: float = TEARDOWN_WAIT_S) -> bool:

@@ -12,7 +12,9 @@ torch.distributed (engine.distributed.step_channel).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -147,15 +149,50 @@ def follower_cuda_device(gpu_ids: list[int]) -> torch.device:
 
 
 def kill_actors(actors: list[Any], pg: Any | None) -> None:
+    """Kill `actors` and remove `pg` (None: not ours); never raises (failure paths, exit).
+    Ray reports an actor dead before its process is gone: see `wait_exited`."""
     import ray
 
     for actor in actors:
-        try:
+        with contextlib.suppress(Exception):  # already dead
             ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already dead
-            pass
     if pg is not None:
-        try:
+        with contextlib.suppress(Exception):  # Ray already shut down
             ray.util.remove_placement_group(pg)
-        except Exception:  # noqa: BLE001 - Ray already shut down
-            pass
+
+
+def this_node_id() -> str | None:
+    """The Ray node this process runs on; None when Ray is not up."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def wait_exited(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait up to `timeout_s` until no process in `pids` (of this host) runs; returns those
+    still running. A killed follower's memory, device memory included, is free only then."""
+    deadline = time.monotonic() + timeout_s
+    running = [pid for pid in pids if _running(pid)]
+    while running and time.monotonic() < deadline:
+        time.sleep(0.01)
+        running = [pid for pid in running if _running(pid)]
+    return running
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie has exited: its parent only has to reap it)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

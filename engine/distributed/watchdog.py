@@ -54,8 +54,11 @@ class FollowerWatchdog:
     def step_finished(self) -> None:
         self._step_started = None
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """End the thread; wait up to `wait_s` for it to exit (never for itself)."""
         self._stop.set()
+        if wait_s > 0 and threading.current_thread() is not self._thread:
+            self._thread.join(wait_s)
 
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s) and self._failure is None:

@@ -123,7 +123,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Served, str]]:
     port = _free_port()
-    server = Served(port)
+    server = Served(port, "--device", "cpu", "--model", "tiny-random")
     try:
         server.wait_for("Tandem is serving", 180)
         yield server, f"127.0.0.1:{port}"

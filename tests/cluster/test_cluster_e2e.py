@@ -26,7 +26,7 @@ def cluster():
 
 
 def test_greedy_equals_offline_engine(cluster):
-    llm = LLM("demo", device="cpu", show_progress=False)
+    llm = LLM("tiny-random", device="cpu", show_progress=False)
     offline = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=16))
     for prompt, ref in zip(PROMPTS, offline):
         tokens, final = [], None

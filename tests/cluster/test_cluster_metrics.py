@@ -33,7 +33,7 @@ def test_targets_in_status_and_file_sd(cluster: ClusterThread) -> None:
     assert sorted(t for ts in roles.values() for t in ts) == sorted(listed) and len(listed) == 2
     assert set(roles) == {"router", "colocated"} and all(g["labels"]["job"] == "tandem" for g in groups)
     assert all(t.startswith("127.0.0.1:") for t in listed)
-    assert 'tandem_engine_healthy{model="demo",pool="colocated",worker="colocated-0"} 1.0' in _scrape(roles["colocated"][0])
+    assert 'tandem_engine_healthy{model="tiny-random",pool="colocated",worker="colocated-0"} 1.0' in _scrape(roles["colocated"][0])
 
 
 def test_colocated_stages_add_up_and_reach_the_router_metrics(cluster: ClusterThread) -> None:
@@ -44,6 +44,6 @@ def test_colocated_stages_add_up_and_reach_the_router_metrics(cluster: ClusterTh
         total = sum(getattr(t, s) for s in STAGES if t.HasField(s))
         assert abs(total - t.end_to_end) <= 0.05 * t.end_to_end, t
     router = _scrape(cluster.cluster.metrics_targets["router"])
-    assert 'tandem_requests_finished_total{finish_reason="length",model="demo"} 3.0' in router
-    assert 'tandem_stage_seconds_count{model="demo",stage="decode"} 3.0' in router
-    assert 'tandem_stage_seconds_count{model="demo",stage="kv_transfer"} 0.0' in router
+    assert 'tandem_requests_finished_total{finish_reason="length",model="tiny-random"} 3.0' in router
+    assert 'tandem_stage_seconds_count{model="tiny-random",stage="decode"} 3.0' in router
+    assert 'tandem_stage_seconds_count{model="tiny-random",stage="kv_transfer"} 0.0' in router

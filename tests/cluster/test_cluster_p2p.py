@@ -11,7 +11,7 @@ def test_p2p_transport_equals_offline_engine():
     cluster = ClusterThread(ClusterConfig(engine_kwargs={"device": "cpu"}, calibrate=False, kv_transport="p2p"))
     try:
         prompts = ["Hello world", "Blocks of the cache move"]
-        offline = LLM("demo", device="cpu", show_progress=False).generate(
+        offline = LLM("tiny-random", device="cpu", show_progress=False).generate(
             prompts, SamplingParams(temperature=0.0, max_tokens=12))
         for prompt, ref in zip(prompts, offline):
             tokens, final = [], None

@@ -27,7 +27,7 @@ def cluster(request):
 
 
 def test_greedy_equals_offline_engine(cluster):
-    offline = LLM("demo", device="cpu", show_progress=False).generate(
+    offline = LLM("tiny-random", device="cpu", show_progress=False).generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True))
     for prompt, ref in zip(PROMPTS, offline):
         tokens, final = [], None

@@ -32,7 +32,7 @@ def write_spec(path: Path, sd_file: Path, **ray_overrides: object) -> Path:
     engine = {"max_num_seqs": 8, "max_num_batched_tokens": 256, "block_size": 16}
     spec = {
         "version": 1,
-        "model": {"path": "demo", "dtype": "float32", "max_model_len": 256},
+        "model": {"path": "tiny-random", "dtype": "float32", "max_model_len": 256},
         "node_types": {
             "head": {"gpus": 0},
             "prefill_node": {"gpus": 0, "resource": "tandem_prefill"},
@@ -83,7 +83,7 @@ def ray_cluster():
 def _offline_greedy(prompt: str, n: int) -> list[int]:
     from engine import LLM, SamplingParams
 
-    llm = LLM("demo", device="cpu", dtype="float32", show_progress=False)
+    llm = LLM("tiny-random", device="cpu", dtype="float32", show_progress=False)
     return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))[0].token_ids
 
 

@@ -12,7 +12,7 @@ from engine.errors import InvalidRequestError, ModelLoadError, UnsupportedArchit
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("demo", device="cpu", show_progress=False, max_model_len=256)
+    return LLM("tiny-random", device="cpu", show_progress=False, max_model_len=256)
 
 
 def test_unknown_architecture(tmp_path):
@@ -27,9 +27,9 @@ def test_missing_config(tmp_path):
 
 
 def test_missing_weights(tmp_path, llm):
-    from engine.demo_model import ensure_demo_model
+    from engine.demo_model import ensure_tiny_random_model
 
-    (tmp_path / "config.json").write_text((ensure_demo_model() / "config.json").read_text())
+    (tmp_path / "config.json").write_text((ensure_tiny_random_model() / "config.json").read_text())
     with pytest.raises(ModelLoadError, match="safetensors"):
         LLM(str(tmp_path), device="cpu", show_progress=False)
 

