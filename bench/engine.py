@@ -149,7 +149,7 @@ def main() -> None:
     llm = LLM(f"preset:{PRESET}", load_format="dummy", dtype="bfloat16", show_progress=False,
               max_num_batched_tokens=8192, max_num_seqs=256)
     cfg = llm.engine.model_config
-    wbytes, kv_tok = weight_bytes(llm), cfg.kv_bytes_per_token
+    wbytes, kv_tok = weight_bytes(llm), llm.engine.kv_spec.bytes_per_token()
     result: dict = {"gpu": gpu_name(), "copy_bw": bw, "matmul_peak": peak, "weight_bytes": wbytes,
                     "kv_blocks": llm.engine.runner.num_blocks}
     rows = []

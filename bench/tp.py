@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, no
 
 from bench.common import gpu_name, sync  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.distributed.parallel_state import AllReduceMode  # noqa: E402
 from engine.runner import model_runner as model_runner_module  # noqa: E402
 
 PROMPT_LEN = 128  # tokens per prompt in the decode measurements
@@ -200,7 +201,8 @@ GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # every engine here captures the same de
 
 
 def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False,
-           profile: bool = False, all_reduce: str = "auto", dtype: str = "bfloat16",
+           profile: bool = False, all_reduce: AllReduceMode = AllReduceMode.AUTO,
+           dtype: str = "bfloat16",
            fp32_reduce: bool = False) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, max_model_len=2048,
@@ -366,6 +368,15 @@ def _run_isolated(args: argparse.Namespace, tp: int, variant: str, timeout_s: fl
             return json.load(result)
 
 
+def _variant(variant: str) -> tuple[AllReduceMode, str]:
+    """"fused-fp32reduce" -> (AllReduceMode.FUSED, "fp32reduce")."""
+    mode, _, option = variant.partition("-")
+    try:
+        return AllReduceMode.parse(mode), option
+    except ValueError as err:
+        raise SystemExit(f"--variants: {err}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preset:llama-3-8b")
@@ -386,13 +397,15 @@ def main() -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.one:
         tp, variant = args.one.split(":")
-        mode, _, option = variant.partition("-")
+        mode, option = _variant(variant)
         out = run_tp(args.model, int(tp), args.decode_steps, args.batch, args.enforce_eager,
-                     args.profile and mode != "skip", all_reduce=mode, dtype=args.dtype,
+                     args.profile and mode is not AllReduceMode.SKIP, all_reduce=mode, dtype=args.dtype,
                      fp32_reduce=option == "fp32reduce")
         with open(args.result, "w") as f:
             json.dump(out, f)
         return
+    for variant in args.variants.split(","):
+        _variant(variant)  # a misspelt mode fails here, not after the TP = 1 engine ran
     results: dict = {"args": vars(args)}
     base = results["tp1"] = _run_isolated(args, 1, "auto", args.engine_timeout)
     runs = {}

@@ -1,9 +1,16 @@
 """The colocated worker: one engine prefills (chunked) and decodes; the baseline for every
-disaggregation result, and the mode for small deployments. Same output stream as decode."""
+disaggregation result, and the mode for small deployments. Same output stream as decode.
+
+A request's state is a `ColocatedStatus` in one table: PREFILLING from `submit` until its first
+token is out, then DECODING. The engine's scheduler owns its blocks in both, so its exits free
+through the engine: a finish (the engine freed them) or an abort (`engine.abort`).
+"""
 
 from __future__ import annotations
 
+import enum
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from decode_worker.outbox import Outbox
@@ -20,23 +27,47 @@ from router.worker_api import (
 )
 
 
+class ColocatedStatus(enum.Enum):
+    PREFILLING = "prefilling"  # queued or prefilling: no token out yet
+    DECODING = "decoding"  # its first token is out
+
+
+@dataclass(eq=False)
+class _Submitted:
+    """A request accepted here. Times are `time.monotonic()` of this process."""
+
+    request: Request
+    submitted: float
+    status: ColocatedStatus = ColocatedStatus.PREFILLING
+    first_token_at: float | None = None
+
+
 class ColocatedWorker(PoolWorker):
-    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], calibrate: bool = True,
-                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_kwargs: dict[str, Any],
+        calibrate: bool = True,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 0,
+    ) -> None:
         self.outbox = Outbox()
-        self._requests: dict[str, tuple[Request, float]] = {}
-        self._first_token: dict[str, float] = {}
-        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, transport="fake", calibrate=calibrate,
-                               pool="colocated", metrics_host=metrics_host, metrics_port=metrics_port)
+        self._requests: dict[str, _Submitted] = {}  # engine thread only
+        self.core = WorkerCore(
+            worker_id, engine_kwargs, self._on_output, transport="fake", calibrate=calibrate,
+            pool="colocated", metrics_host=metrics_host, metrics_port=metrics_port,
+        )  # fmt: skip
         self.core.start()
 
     async def submit(self, req: PrefillRequest) -> None:
         self.outbox.bind()
 
         def add(engine: LLMEngine) -> None:
-            request = engine.add_request(req.request_id, list(req.prompt_token_ids), req.sampling_params,
-                                         priority=req.priority, deadline=deadline_to_monotonic(req.deadline))
-            self._requests[req.request_id] = (request, time.monotonic())
+            request = engine.add_request(
+                req.request_id, list(req.prompt_token_ids), req.sampling_params,
+                priority=req.priority, deadline=deadline_to_monotonic(req.deadline),
+            )  # fmt: skip
+            self._requests[req.request_id] = _Submitted(request, time.monotonic())
 
         try:
             await self.core.aengine.run(add)
@@ -48,28 +79,36 @@ class ColocatedWorker(PoolWorker):
 
     async def abort(self, request_id: str) -> None:
         def abort(engine: LLMEngine) -> None:
-            engine.abort([request_id])
+            engine.abort([request_id])  # frees its blocks, whatever its status
             self._requests.pop(request_id, None)
-            self._first_token.pop(request_id, None)
 
         await self.core.aengine.run(abort)
-
 
     def shutdown(self) -> None:
         self.core.shutdown()
 
     def _on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()
-        self._first_token.setdefault(out.request_id, now)
+        entry = self._requests.get(out.request_id)
+        if entry is not None and entry.status is ColocatedStatus.PREFILLING:
+            entry.status, entry.first_token_at = ColocatedStatus.DECODING, now
         timings = None
-        if out.finished:
-            request, submitted = self._requests.pop(out.request_id, (None, now))
-            first = self._first_token.pop(out.request_id)
-            scheduled = (request.first_scheduled_time if request else None) or submitted
-            timings = StageTimes(prefill_queue=scheduled - submitted, prefill=first - scheduled,
-                                 decode_queue=0.0, decode=now - first)
+        if out.finished:  # the engine freed its blocks
+            self._requests.pop(out.request_id, None)
+            timings = None if entry is None else _timings(entry, now)
         self.outbox.put([StepOutput(
-            request_id=out.request_id, new_token_ids=tuple(out.new_token_ids), text_delta=out.text_delta,
-            finished=out.finished, finish_reason=out.finish_reason,
+            request_id=out.request_id, new_token_ids=tuple(out.new_token_ids),
+            text_delta=out.text_delta, finished=out.finished, finish_reason=out.finish_reason,
             logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (), timings=timings,
-        )])
+        )])  # fmt: skip
+
+
+def _timings(entry: _Submitted, now: float) -> StageTimes:
+    assert entry.first_token_at is not None
+    scheduled = entry.request.first_scheduled_time or entry.submitted
+    return StageTimes(
+        prefill_queue=scheduled - entry.submitted,
+        prefill=entry.first_token_at - scheduled,
+        decode_queue=0.0,
+        decode=now - entry.first_token_at,
+    )

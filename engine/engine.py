@@ -25,6 +25,7 @@ from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.errors import InvalidRequestError
 from engine.kv.external import ExternalKVCache, PreemptionSwap
 from engine.kv.kv_manager import KVManager
+from engine.kv.spec import KVCacheSpec
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner.model_runner import ModelRunner
@@ -72,6 +73,15 @@ def _desired_max_model_len(cfg: EngineConfig, model: ModelConfig) -> int:
     return cfg.max_model_len or limit
 
 
+def _default_salt(
+    model_path: str, model_cfg: ModelConfig, config: EngineConfig, spec: KVCacheSpec
+) -> str:
+    """What makes cached KV interchangeable: model, dtypes, weights; the KV dtype is named only
+    where it differs from the model's (so default salts stay as they were)."""
+    salt = f"{model_path}|{model_cfg.torch_dtype}|{config.load_format}|{config.seed}"
+    return salt if spec.kv_dtype == model_cfg.torch_dtype else f"{salt}|kv={spec.kv_dtype}"
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True, tp_options: TPOptions | None = None) -> None:
         """`tp_options`: timeouts and placement of the TP group (tensor_parallel_size > 1 only)."""
@@ -88,7 +98,10 @@ class LLMEngine:
         self.runner = self._build_runner(wanted, show_progress, tp_options)
         capacity = (self.runner.num_blocks - 1) * config.block_size
         self.max_model_len = min(wanted, capacity) if config.max_model_len is None else wanted
-        salt = config.model_salt or f"{self.model_path}|{self.model_config.torch_dtype}|{config.load_format}|{config.seed}"
+        self.kv_spec = self.runner.kv_spec  # the cache's one description (engine/kv/spec.py)
+        salt = config.model_salt or _default_salt(
+            self.model_path, self.model_config, config, self.kv_spec
+        )
         self.kv_manager = KVManager(self.runner.num_blocks, config.block_size, salt, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(

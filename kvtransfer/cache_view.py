@@ -1,10 +1,14 @@
-"""KVCacheView: one TP rank's paged KV cache tensor plus its TP layout.
+"""KVCacheView: one TP rank's paged KV cache tensor plus its TP layout and KVCacheSpec.
 
 Layout (engine/attention/backend.py): `kv_cache[num_layers, 2, num_blocks, block_size,
 num_kv_heads_local, head_dim]`. Block id 0 is the engine's null block: never read or written
 here. Reads gather (copy) the blocks, so the result does not alias the cache; on CUDA the
 gather is enqueued on the current stream, so a later kernel on that stream that reuses the
 blocks is ordered after it.
+
+The view's `spec` (engine/kv/spec.py) is the cache's description: given, the tensor is checked
+against it; omitted, it is read off the tensor (shape, dtype) and the TP layout. Byte counts and
+block shapes come from it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.kv.spec import KVCacheSpec, KVSpecError, dtype_name
 from kvtransfer.errors import InvalidBlockIdsError, KVLayoutError
 from kvtransfer.reshard import rank_heads
 
@@ -56,14 +61,21 @@ class KVCacheView:
     # flight (TPGroupKVView): callers move as much per call as they can there.
     local_copies = True
 
-    def __init__(self, kv_cache: torch.Tensor, tp: TPLayout | None = None) -> None:
+    def __init__(
+        self, kv_cache: torch.Tensor, tp: TPLayout | None = None, spec: KVCacheSpec | None = None
+    ) -> None:
+        """`tp` defaults to rank 0 of the spec's TP size (TP = 1 without a spec). Raises
+        KVLayoutError naming the field where the tensor, `tp` and `spec` disagree."""
         if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
             raise KVLayoutError("kv_cache", f"expected [L, 2, N, bs, H, D], got {tuple(kv_cache.shape)}")
+        if tp is None and spec is not None:
+            tp = TPLayout(0, spec.tp_size, spec.num_kv_heads)
         self.tp = tp or TPLayout(0, 1, kv_cache.shape[4])
         if self.tp.num_local_heads != kv_cache.shape[4]:
             raise KVLayoutError(
                 "num_kv_heads", f"layout says {self.tp.num_local_heads} local heads, tensor has {kv_cache.shape[4]}"
             )
+        self.spec = _checked_spec(kv_cache, self.tp, spec)
         self.kv_cache = kv_cache
         self.num_layers, _, self.num_blocks, self.block_size, self.num_local_heads, self.head_dim = kv_cache.shape
 
@@ -76,15 +88,12 @@ class KVCacheView:
         return self.kv_cache.device
 
     def block_shape(self, num_heads: int | None = None) -> tuple[int, int, int, int, int]:
-        """Shape of one block: [L, 2, block_size, heads, head_dim]."""
-        heads = self.num_local_heads if num_heads is None else num_heads
-        return (self.num_layers, 2, self.block_size, heads, self.head_dim)
+        """Shape of one block: [L, 2, block_size, heads, head_dim] (default: this view's heads)."""
+        return self.spec.block_shape(self.num_local_heads if num_heads is None else num_heads)
 
     def bytes_per_block(self, num_heads: int | None = None) -> int:
-        n = 1
-        for d in self.block_shape(num_heads):
-            n *= d
-        return n * self.kv_cache.element_size()
+        """Bytes of one block of `num_heads` heads (default: this view's heads)."""
+        return self.spec.bytes_per_block(self.num_local_heads if num_heads is None else num_heads)
 
     def read_blocks(
         self, block_ids: Sequence[int], heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
@@ -162,3 +171,25 @@ class KVCacheView:
         if self.device.type != "cuda":
             return ids
         return ids.pin_memory().to(self.device, non_blocking=True)
+
+
+def _checked_spec(kv_cache: torch.Tensor, tp: TPLayout, spec: KVCacheSpec | None) -> KVCacheSpec:
+    """`spec` checked against the tensor and layout, or the spec they describe when None."""
+    layers, _, _, block_size, _, head_dim = kv_cache.shape
+    stored = dtype_name(kv_cache.dtype)
+    if spec is not None and spec.kv_dtype != stored:
+        raise KVLayoutError("kv_dtype", f"spec says {spec.kv_dtype}, the cache holds {stored}")
+    scales = spec.scales if spec is not None else None
+    try:
+        found = KVCacheSpec(
+            layers, tp.num_kv_heads, head_dim, block_size, stored, tp.tp_size, scales
+        )
+    except KVSpecError as exc:
+        raise KVLayoutError(exc.field, exc.message) from exc
+    if spec is None:
+        return found
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
+        if getattr(spec, name) != getattr(found, name):
+            wanted, held = getattr(spec, name), getattr(found, name)
+            raise KVLayoutError(name, f"spec says {wanted}, the cache has {held}")
+    return spec

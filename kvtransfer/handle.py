@@ -13,16 +13,21 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from engine.kv.block_hash import BLOCK_HASH_BYTES, BLOCK_HASH_SPEC_VERSION
+from engine.kv.spec import KV_DTYPE_ITEMSIZE, KVCacheSpec
 from kvtransfer.errors import HandleDecodeError, KVLayoutError
 from kvtransfer.reshard import check_tp
 from tandem.api import kvtransfer_pb2 as pb
 
-SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+SUPPORTED_DTYPES = tuple(KV_DTYPE_ITEMSIZE)
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """The source's cache geometry; the receiver's must match except for tp_size."""
+    """The source's cache geometry; the receiver's must match except for tp_size.
+
+    The wire form of a KVCacheSpec (`from_spec`; protobuf `tandem.v1.KVLayout`). A spec's
+    per-layer scales (FP8) are not on the wire yet: scaled caches will add them here and to
+    `check_compatible`."""
 
     tp_size: int
     num_kv_heads: int
@@ -38,6 +43,13 @@ class KVLayout:
                 raise KVLayoutError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise KVLayoutError("dtype", f"{self.dtype!r} not in {SUPPORTED_DTYPES}")
+
+    @classmethod
+    def from_spec(cls, spec: KVCacheSpec) -> KVLayout:
+        return cls(
+            spec.tp_size, spec.num_kv_heads, spec.head_dim, spec.num_layers, spec.block_size,
+            spec.kv_dtype,
+        )
 
     def check_compatible(self, other: KVLayout) -> None:
         """Raises KVLayoutError naming the first field (other than tp_size) that differs."""

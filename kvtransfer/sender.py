@@ -17,10 +17,8 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 
 
 def view_layout(view: KVCacheView) -> KVLayout:
-    return KVLayout(
-        tp_size=view.tp.tp_size, num_kv_heads=view.tp.num_kv_heads, head_dim=view.head_dim,
-        num_layers=view.num_layers, block_size=view.block_size, dtype=str(view.dtype).removeprefix("torch."),
-    )
+    """The handle's layout of the view's cache (its KVCacheSpec, as the view presents it)."""
+    return KVLayout.from_spec(view.spec)
 
 
 class LeasedSender(KVSender):

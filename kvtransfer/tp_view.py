@@ -32,6 +32,7 @@ from typing import Protocol
 import torch
 
 from engine.distributed.kv_ops import KVOp
+from engine.kv.spec import KVCacheSpec
 from kvtransfer.cache_view import KVCacheView, TPLayout
 from kvtransfer.errors import KVLayoutError
 
@@ -49,11 +50,15 @@ class TPGroupKVView(KVCacheView):
 
     local_copies = False
 
-    def __init__(self, kv_cache: torch.Tensor, group: KVGroup, tp_size: int, num_kv_heads: int) -> None:
-        super().__init__(kv_cache, TPLayout(0, tp_size, num_kv_heads))  # checks rank 0's shard
+    def __init__(self, kv_cache: torch.Tensor, group: KVGroup, tp_size: int, num_kv_heads: int,
+                 spec: KVCacheSpec | None = None) -> None:
+        """`spec`: the engine's (rank 0's, of `tp_size`), checked against rank 0's shard; the view's
+        own `spec` is that cache unsplit (`with_tp(1)`), as it presents every head."""
+        super().__init__(kv_cache, TPLayout(0, tp_size, num_kv_heads), spec)  # rank 0's shard
         self.group = group
         self.tp_size = tp_size
         self.tp = TPLayout(0, 1, num_kv_heads)
+        self.spec = self.spec.with_tp(1)
         self.num_local_heads = num_kv_heads
 
     def read_blocks(

@@ -126,14 +126,15 @@ class WorkerCore:
 
     def cost_model(self) -> CostModel:
         cal = self.aengine.calibration
-        kv_bytes_per_token = self.engine.model_config.kv_bytes_per_token
         return CostModel(
             prefill_s_per_token=cal.prefill_s_per_token,
             prefill_s_per_request=cal.prefill_s,
             decode_step_s=cal.step_s,
             decode_step_s_per_seq=cal.step_s_per_seq,
             decode_step_s_per_context_token=cal.step_s_per_ctx_token,
-            transfer_s_per_token=kv_bytes_per_token * _TRANSFER_S_PER_BYTE.get(self.transport, 0.0),
+            # What a transfer moves: every KV head (the view is the whole TP group's), KV dtype.
+            kv_bytes_per_token=self.view.spec.bytes_per_token(),
+            transfer_s_per_byte=_TRANSFER_S_PER_BYTE.get(self.transport, 0.0),
         )
 
     def shutdown(self) -> None:
@@ -155,10 +156,12 @@ def _kv_view(engine: LLMEngine) -> KVCacheView:
     """Rank 0's cache at TP = 1; at TP > 1 a view of every rank's (whole-group collectives)."""
     num_kv_heads = engine.model_config.num_kv_heads
     if engine.tp is None:
-        return KVCacheView(engine.runner.kv_cache, TPLayout(0, 1, num_kv_heads))
+        return KVCacheView(engine.runner.kv_cache, TPLayout(0, 1, num_kv_heads), engine.kv_spec)
     from kvtransfer.tp_view import TPGroupKVView
 
-    return TPGroupKVView(engine.runner.kv_cache, engine.tp, engine.tp.size, num_kv_heads)
+    return TPGroupKVView(
+        engine.runner.kv_cache, engine.tp, engine.tp.size, num_kv_heads, engine.kv_spec
+    )
 
 
 class PoolWorker:

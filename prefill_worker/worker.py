@@ -15,11 +15,17 @@ Stages of one request:
   5. the lease ends on the decode side's ack, on `abort`, or at expiry; `on_release` frees the
      blocks on the engine thread.
 Every sender callback and every block operation runs on the engine thread.
+
+A request waiting for its first token is in `_pending` with a `PrefillStatus`: PREFILLING (the
+engine holds its blocks) until a streamed lease makes it KV_STREAMING (the sender holds them
+too, until the decode side's ack, a failure or expiry). Its first token takes it out; what it
+held then goes to the decode side (a lease) or is freed (the request ends there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections import OrderedDict
@@ -43,6 +49,11 @@ log = logging.getLogger(__name__)
 _ENDED_REMEMBERED = 1024  # prefills whose early handle nobody awaited yet: kv_handle answers b""
 
 
+class PrefillStatus(enum.Enum):
+    PREFILLING = "prefilling"  # queued or computing; the engine holds its blocks
+    KV_STREAMING = "kv_streaming"  # its last step is enqueued, its blocks leased (handle out)
+
+
 @dataclass
 class _Pending:
     request: Request
@@ -50,7 +61,8 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     submitted: float
     real_max_tokens: int | None
-    handle: bytes = b""  # leased while the prompt's last step computed (streamed)
+    status: PrefillStatus = PrefillStatus.PREFILLING
+    handle: bytes = b""  # KV_STREAMING: the lease's handle
 
 
 class PrefillWorker(PoolWorker):
@@ -112,6 +124,8 @@ class PrefillWorker(PoolWorker):
         def abort(engine: LLMEngine) -> None:
             pending = self._pending.pop(request_id, None)
             engine.abort([request_id])
+            # A lease outlives `_pending` (taken at the first token when not streamed): end it
+            # whatever the status; the sender frees its blocks once no transfer reads them.
             self.sender.fail(request_id, "aborted")
             if pending is not None:
                 pending.loop.call_soon_threadsafe(_reject, pending.future, "aborted")
@@ -148,6 +162,7 @@ class PrefillWorker(PoolWorker):
         except Exception:  # the step must go on: the handle then comes with the first token
             log.exception("kvtransfer: streaming the KV of %s failed", rid)
             return
+        pending.status = PrefillStatus.KV_STREAMING
         pending.loop.call_soon_threadsafe(self._publish_early, rid, pending.handle)
 
     def _publish_early(self, request_id: str, handle: bytes) -> None:
@@ -173,7 +188,7 @@ class PrefillWorker(PoolWorker):
             num_prompt + 1 >= engine.max_model_len
         )
         handle = b""
-        if pending.handle:  # streamed: leased at the last step
+        if pending.status is PrefillStatus.KV_STREAMING:  # leased at the last step
             assert request.held_block_ids, f"{out.request_id}: streamed, but no blocks held"
             if ends_here:  # the lease frees the blocks once a transfer under way stopped reading
                 self.sender.fail(out.request_id, "the request ended at its first token")

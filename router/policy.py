@@ -11,6 +11,9 @@ predicted TPOT under the added load wins. Then prefill: the lowest predicted TTF
 Admission: a request whose best prediction misses its SLO target is rejected with a reason
 (the server answers RESOURCE_EXHAUSTED) unless it is best-effort, which is then placed on the
 best worker anyway. KV headroom is a hard constraint even for best-effort requests.
+
+Bookings: what a placement adds to its workers' load before their snapshots can show it
+(`bookings`); the registry keeps them (`WorkerRegistry.reserve`) and the views above read them.
 """
 
 from __future__ import annotations
@@ -89,10 +92,15 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 def predict_queue_wait(view: WorkerView) -> float:
     queued = max(view.load.num_queued_prefill_tokens, view.pending_prefill_tokens)
-    return queued * view.cost.prefill_s_per_token + view.load.num_waiting * view.cost.prefill_s_per_request
+    return (
+        queued * view.cost.prefill_s_per_token
+        + view.load.num_waiting * view.cost.prefill_s_per_request
+    )
 
 
-def predict_ttft(view: WorkerView, demand: Demand, num_cached_tokens: int, *, transfer: bool) -> float:
+def predict_ttft(
+    view: WorkerView, demand: Demand, num_cached_tokens: int, *, transfer: bool
+) -> float:
     uncached = max(demand.num_prompt_tokens - num_cached_tokens, 1)
     ttft = predict_queue_wait(view) + view.cost.prefill_seconds(uncached)
     if transfer:
@@ -164,7 +172,9 @@ def place_prefill(
 
 
 def _at_risk(demand: Demand, ttft: float, tpot: float | None) -> bool:
-    return _misses(ttft, demand.slo.ttft_s) or (tpot is not None and _misses(tpot, demand.slo.tpot_s))
+    return _misses(ttft, demand.slo.ttft_s) or (
+        tpot is not None and _misses(tpot, demand.slo.tpot_s)
+    )
 
 
 def place(
@@ -180,7 +190,9 @@ def place(
     prefill = place_prefill(prefill_views, demand, cached_tokens, transfer=True)
     if isinstance(prefill, Rejection):
         return prefill
-    return Placement(prefill, decode, _at_risk(demand, prefill.predicted_ttft_s, decode.predicted_tpot_s))
+    return Placement(
+        prefill, decode, _at_risk(demand, prefill.predicted_ttft_s, decode.predicted_tpot_s)
+    )
 
 
 def place_colocated(
@@ -191,7 +203,9 @@ def place_colocated(
         return Rejection("no healthy colocated worker")
     roomy = [v for v in views if isinstance(place_decode([v], _best_effort(demand)), DecodeChoice)]
     if not roomy:
-        return Rejection(f"no worker has KV room for {demand.num_prompt_tokens + demand.max_new_tokens} tokens")
+        return Rejection(
+            f"no worker has KV room for {demand.num_prompt_tokens + demand.max_new_tokens} tokens"
+        )
     feasible = [v for v in roomy if not _misses(predict_tpot(v, demand), demand.slo.tpot_s)]
     candidates = feasible or (roomy if demand.slo.best_effort else [])
     if not candidates:
@@ -209,4 +223,34 @@ def place_colocated(
 
 
 def _best_effort(demand: Demand) -> Demand:
-    return Demand(demand.num_prompt_tokens, demand.max_new_tokens, Slo(None, None, True, demand.slo.priority))
+    return Demand(
+        demand.num_prompt_tokens, demand.max_new_tokens, Slo(None, None, True, demand.slo.priority)
+    )
+
+
+@dataclass(frozen=True)
+class Booking:
+    """Load a placed request adds to one worker before the worker's snapshot shows it.
+
+    `num_prefill_tokens`: prompt tokens to prefill, held until the prefill ends. A decode start
+    and `num_kv_blocks`: held until the worker's next snapshot (which shows them) or the end of
+    the request, whichever comes first.
+    """
+
+    worker_id: str
+    num_prefill_tokens: int = 0
+    num_decode_starts: int = 0
+    num_kv_blocks: int = 0
+
+
+def bookings(plan: Placement, num_prompt_tokens: int) -> tuple[Booking, ...]:
+    """What `plan` books: the uncached prompt on the prefill worker, a start and the sequence's
+    KV blocks on the decode worker. Colocated: the whole prompt and a start on the one worker,
+    no KV blocks (a colocated placement counts none; its worker's snapshot shows them)."""
+    if plan.decode is None:
+        return (Booking(plan.prefill.worker_id, num_prompt_tokens, num_decode_starts=1),)
+    uncached = num_prompt_tokens - plan.prefill.num_cached_tokens
+    decode = Booking(
+        plan.decode.worker_id, num_decode_starts=1, num_kv_blocks=plan.decode.num_blocks
+    )
+    return (Booking(plan.prefill.worker_id, num_prefill_tokens=uncached), decode)

@@ -9,6 +9,10 @@ healthy prefill and one healthy decode worker, or one healthy colocated worker, 
 
 Each entry also carries the router's own bookkeeping since the worker's last snapshot (prompt
 tokens in flight, decode requests and KV blocks placed): the snapshot lags, the router does not.
+It changes in one place: `reserve(plan, ...)` books a placed request on its workers
+(`policy.bookings`) and returns the `Reservation` that gives each part back exactly once: the
+prompt tokens at the end of the prefill, the rest when the request ends. A new snapshot clears
+the decode part (it shows those requests now), so a later release leaves it alone.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, final
 
-from router.policy import WorkerView
+from router.policy import Booking, Placement, WorkerView, bookings
 from router.prefix_index import PrefixIndex
 from router.tasks import cancel_and_wait, fail_loudly
 from router.worker_api import CostModel, LoadSnapshot
@@ -42,7 +47,11 @@ class WorkerState(enum.Enum):
 
 @dataclass(eq=False)
 class WorkerEntry:
-    """Mutable, owned by the registry's event loop. `down` resolves when the worker goes unhealthy."""
+    """Mutable, owned by the registry's event loop. `down` resolves when the worker goes unhealthy.
+
+    The three counters after `last_ok` are the router's bookings (see the module docstring);
+    `snapshot_epoch` counts the snapshots taken, so a release knows whether one came since.
+    """
 
     worker_id: str
     pool: Pool
@@ -55,6 +64,7 @@ class WorkerEntry:
     pending_prefill_tokens: int = 0
     started_since_snapshot: int = 0
     reserved_blocks: int = 0
+    snapshot_epoch: int = 0
     prefix: PrefixIndex = field(default_factory=PrefixIndex)
     down: asyncio.Future[None] | None = None
 
@@ -73,6 +83,69 @@ class WorkerEntry:
         )
 
 
+@dataclass(eq=False)
+class _Held:
+    """One booking on one worker, and which of its parts are still held."""
+
+    entry: WorkerEntry
+    booking: Booking
+    epoch: int  # the entry's snapshot epoch when booked
+    prefill_held: bool = True
+    decode_held: bool = True
+
+    def book(self) -> None:
+        e, b = self.entry, self.booking
+        e.pending_prefill_tokens += b.num_prefill_tokens
+        e.started_since_snapshot += b.num_decode_starts
+        e.reserved_blocks += b.num_kv_blocks
+
+    def end_prefill(self) -> None:
+        if self.prefill_held:
+            self.prefill_held = False
+            self.entry.pending_prefill_tokens -= self.booking.num_prefill_tokens
+
+    def release(self) -> None:
+        self.end_prefill()
+        if not self.decode_held:
+            return
+        self.decode_held = False
+        e, b = self.entry, self.booking
+        if e.snapshot_epoch == self.epoch:  # else a snapshot since cleared it (it shows them)
+            e.started_since_snapshot -= b.num_decode_starts
+            e.reserved_blocks -= b.num_kv_blocks
+
+
+@final
+class Reservation:
+    """What one placed request booked on its workers (`WorkerRegistry.reserve`).
+
+    `end_prefill()`: its prompt is prefilled (first token out) or abandoned; `release()`: the
+    request ended, any way. Both are idempotent; leaving the `with` block releases.
+    """
+
+    def __init__(self, held: list[_Held]) -> None:
+        self._held = held
+
+    def end_prefill(self) -> None:
+        for held in self._held:
+            held.end_prefill()
+
+    def release(self) -> None:
+        for held in self._held:
+            held.release()
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
 class WorkerRegistry:
     def __init__(self, heartbeat_interval_s: float = 0.5, heartbeat_timeout_s: float = 1.0) -> None:
         assert heartbeat_interval_s > 0 and heartbeat_timeout_s > 0
@@ -85,7 +158,9 @@ class WorkerRegistry:
         self._task: asyncio.Task[None] | None = None
 
     # -- membership -------------------------------------------------------------------------
-    async def add(self, worker_id: str, pool: Pool, handle: Any, metrics_target: str | None = None) -> WorkerEntry:
+    async def add(
+        self, worker_id: str, pool: Pool, handle: Any, metrics_target: str | None = None
+    ) -> WorkerEntry:
         """Register a worker and heartbeat it once (it starts HEALTHY only if that succeeds)."""
         if worker_id in self._entries:
             raise ValueError(f"worker {worker_id!r} is already registered")
@@ -106,6 +181,16 @@ class WorkerRegistry:
 
     def healthy(self, pool: Pool) -> list[WorkerEntry]:
         return [e for e in self._entries.values() if e.pool is pool and e.healthy]
+
+    def reserve(self, plan: Placement, num_prompt_tokens: int) -> Reservation:
+        """Book `plan`'s load on its workers (`policy.bookings`) until the Reservation gives it
+        back. The workers must be registered (the plan was made from this registry's views)."""
+        held: list[_Held] = []
+        for booking in bookings(plan, num_prompt_tokens):
+            entry = self._entries[booking.worker_id]
+            held.append(_Held(entry, booking, entry.snapshot_epoch))
+            held[-1].book()
+        return Reservation(held)
 
     @property
     def serving(self) -> bool:
@@ -162,6 +247,7 @@ class WorkerRegistry:
             self._set_unhealthy(entry, f"heartbeat failed: {exc!r}")
             return
         entry.load = load
+        entry.snapshot_epoch += 1  # the snapshot shows the requests started so far
         entry.started_since_snapshot = 0
         entry.reserved_blocks = 0
         entry.last_ok = time.monotonic()

@@ -3,10 +3,13 @@
 `RouterServer` owns an asyncio gRPC server bound to `config.host` (127.0.0.1 by default), the
 worker registry with its heartbeats, and the Orchestrator. Requests larger than
 `config.max_message_bytes` are refused by gRPC itself with RESOURCE_EXHAUSTED. Generate:
-validate (INVALID_ARGUMENT "field: message", nothing sent to a worker) -> orchestrate (see
-`router.flow`). A client cancel or an expired gRPC deadline cancels the handler; the
-Orchestrator then aborts the request on its workers, and gRPC reports CANCELLED /
-DEADLINE_EXCEEDED.
+validate the protobuf into the plain `router.request.GenerateRequest` (INVALID_ARGUMENT
+"field: message", nothing sent to a worker) -> iterate `Orchestrator.generate` (see
+`router.flow`), each plain OutputBatch written as a GenerateResponse (`router.convert`). This
+file is the only one that knows gRPC: a `RequestError`'s kind maps to its status code
+(`STATUS_CODES`), a refusal's retry hint to the `grpc-retry-pushback-ms` trailer. A client
+cancel or an expired gRPC deadline cancels the handler; leaving the flow aborts the request on
+its workers, and gRPC reports CANCELLED / DEADLINE_EXCEEDED.
 
 Metrics: `RouterMetrics` (router.metrics) observes every Generate call; with
 `config.metrics_port` set, the registry is served over HTTP and its target is listed first in
@@ -21,20 +24,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from engine.errors import InvalidRequestError
 from router import convert
 from router.config import RouterConfig
-from router.flow import Orchestrator, RouterError
-from router.metrics import RouterMetrics, RouterStateSource
+from router.errors import ErrorKind, RequestError
+from router.flow import Orchestrator
+from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
 from router.metrics_http import MetricsEndpoint, serve_registry
 from router.registry import Pool, WorkerRegistry
-from router.slo import DEFAULT_CLASS
+from router.request import GenerateRequest
 from router.tokenizer import Tokenizer
 from router.validation import ModelLimits, validate
 from tandem.api import generation_pb2 as pb
@@ -42,13 +46,39 @@ from tandem.api import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's server pushback (A6 retries)
+STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(kind: ErrorKind) -> grpc.StatusCode:
+    return STATUS_CODES[kind]
+
+
+def trailing_metadata(exc: RequestError) -> tuple[tuple[str, str], ...]:
+    """The refusal's retry hint as gRPC server pushback (milliseconds); none otherwise."""
+    if exc.retry_after_s is None:
+        return ()
+    return ((RETRY_PUSHBACK_KEY, str(max(0, round(exc.retry_after_s * 1000)))),)
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(
-        self, config: RouterConfig, tokenizer: Tokenizer, registry: WorkerRegistry, orch: Orchestrator,
+        self,
+        config: RouterConfig,
+        tokenizer: Tokenizer,
+        registry: WorkerRegistry,
+        orch: Orchestrator,
         metrics: RouterMetrics,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self.own_metrics_target: str | None = None
@@ -58,35 +88,59 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         vocab = config.vocab_size if config.vocab_size is not None else tokenizer.vocab_size
         self._limits = ModelLimits(config.max_model_len, vocab)
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        try:
-            req = validate(request, self._tokenizer, self._limits, self._config.slo_classes)
-        except InvalidRequestError as exc:
-            self._metrics.reject_invalid()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc.field}: {exc.message}")
-        observer = self._metrics.request(request.slo_class if request.HasField("slo_class") else DEFAULT_CLASS, req.slo)
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
         try:
-            await self._orch.run(req, deadline, observer.wrap(context.write))
-        except RouterError as exc:
+            classes = self._config.slo_classes
+            req = validate(request, self._tokenizer, self._limits, classes, deadline)
+        except RequestError as exc:
+            self._metrics.reject_invalid()
+            await self._abort(context, exc)
+        observer = self._metrics.request(req.slo_class, req.slo)
+        try:
+            await self._stream(req, context, observer)
+        except RequestError as exc:
             if exc.reason is not None:
                 observer.rejected(exc.reason)
             else:
-                observer.failed(exc.code.name)
-            await context.abort(exc.code, exc.details)
+                observer.failed(status_code(exc.kind).name)
+            await self._abort(context, exc)
         except asyncio.CancelledError:  # the client left, or its gRPC deadline passed
             expired = deadline is not None and time.time() >= deadline
-            observer.failed("DEADLINE_EXCEEDED" if expired else "CANCELLED")
+            kind = ErrorKind.DEADLINE_EXCEEDED if expired else ErrorKind.CANCELLED
+            observer.failed(status_code(kind).name)
             raise
         except Exception:
-            observer.failed("INTERNAL")
+            observer.failed(status_code(ErrorKind.INTERNAL).name)
             raise
 
-    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+    async def _stream(
+        self, req: GenerateRequest, context: grpc.aio.ServicerContext, observer: RequestObserver
+    ) -> None:
+        """Write every batch of the flow as a GenerateResponse (leaving early aborts it)."""
+        async with aclosing(self._orch.generate(req)) as batches:
+            async for batch in batches:
+                msg = convert.response(batch)
+                observer.on_message(msg)
+                await context.write(msg)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: RequestError) -> NoReturn:
+        """End the call with the error's status code: `context.abort` raises."""
+        await context.abort(status_code(exc.kind), exc.details, trailing_metadata(exc))
+        raise AssertionError("grpc.aio's context.abort returned")
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._orch.abort(request.request_id))
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
         return pb.ModelInfo(
             model=self._config.model_name,
             max_model_len=self._config.max_model_len,
@@ -109,7 +163,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 class RouterServer:
-    """Lifecycle: `await start()` -> `await add_worker(...)` ... -> `await stop()`. One event loop."""
+    """Lifecycle: `await start()` -> `await add_worker(...)` ... -> `await stop()`.
+
+    One event loop."""
 
     def __init__(self, config: RouterConfig, tokenizer: Tokenizer) -> None:
         self.config = config
@@ -118,7 +174,9 @@ class RouterServer:
         self.metrics = RouterMetrics(config.model_name, config.slo_classes)
         self.metrics.watch(self._state_source())
         self.metrics_endpoint: MetricsEndpoint | None = None
-        self._servicer = GenerationServicer(config, tokenizer, self.registry, self.orchestrator, self.metrics)
+        self._servicer = GenerationServicer(
+            config, tokenizer, self.registry, self.orchestrator, self.metrics
+        )
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -137,12 +195,17 @@ class RouterServer:
             return server.add_insecure_port(address)
         key, cert = Path(c.tls_key_file).read_bytes(), Path(c.tls_cert_file).read_bytes()
         ca = Path(c.tls_client_ca_file).read_bytes() if c.tls_client_ca_file else None
-        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+        creds = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+        )
         return server.add_secure_port(address, creds)
 
     async def start(self) -> None:
         limit = self.config.max_message_bytes
-        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
         server = grpc.aio.server(options=options)
         pb_grpc.add_GenerationServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -150,7 +213,11 @@ class RouterServer:
         if self.config.enable_reflection:
             from grpc_reflection.v1alpha import reflection  # optional dependency
 
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            names = (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
             reflection.enable_server_reflection(names, server)
         self.port = self._bind(server)
         if self.port == 0:
@@ -160,7 +227,9 @@ class RouterServer:
         self.registry.start()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
-            self.metrics_endpoint = serve_registry(self.metrics.registry, host, self.config.metrics_port)
+            self.metrics_endpoint = serve_registry(
+                self.metrics.registry, host, self.config.metrics_port
+            )
             self._servicer.own_metrics_target = self.metrics_endpoint.target
 
     def _state_source(self) -> RouterStateSource:
@@ -172,7 +241,9 @@ class RouterServer:
             workers=lambda: [(e.worker_id, e.pool.value, e.healthy) for e in registry.entries()],
         )
 
-    async def add_worker(self, worker_id: str, pool: Pool | str, handle: Any, metrics_target: str | None = None) -> None:
+    async def add_worker(
+        self, worker_id: str, pool: Pool | str, handle: Any, metrics_target: str | None = None
+    ) -> None:
         await self.orchestrator.add_worker(worker_id, Pool(pool), handle, metrics_target)
 
     async def stop(self, grace_s: float = 1.0) -> None:
@@ -198,6 +269,10 @@ class RouterServer:
     async def _set_health(self, serving: bool | None) -> None:
         if serving is None:
             serving = self.registry.serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)

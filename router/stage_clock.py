@@ -23,10 +23,9 @@ So the set stages sum to end_to_end (up to clamping of clock jitter at 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from router.worker_api import StageTimes
-from tandem.api import generation_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -40,48 +39,65 @@ class StageMarks:
     colocated: bool = False
 
 
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds per stage of one request; None where the request never reached the stage.
+
+    The set stages sum to `end_to_end`; `time_to_first_token` is the arrival -> first token span.
+    """
+
+    end_to_end: float
+    time_to_first_token: float
+    router_queue: float | None = None
+    prefill_queue: float | None = None
+    prefill: float | None = None
+    kv_transfer: float | None = None
+    decode_queue: float | None = None
+    decode: float | None = None
+
+
 def _pos(x: float) -> float:
     return max(0.0, x)
 
 
 def stage_timings(
     marks: StageMarks, prefill: StageTimes | None, decode: StageTimes | None, end: float
-) -> pb.StageTimings:
-    """The final message's StageTimings; see the module docstring for the attribution."""
-    msg = pb.StageTimings(end_to_end=_pos(end - marks.arrival))
+) -> StageTimings:
+    """The request's stage timings; see the module docstring for the attribution."""
+    end_to_end = _pos(end - marks.arrival)
     ttft_at = marks.prefill_done if marks.prefill_done is not None else end
-    msg.time_to_first_token = _pos(ttft_at - marks.arrival)
+    base = StageTimings(end_to_end, _pos(ttft_at - marks.arrival))
     if marks.dispatched is None:
-        msg.router_queue = msg.end_to_end
-        return msg
-    msg.router_queue = _pos(marks.dispatched - marks.arrival)
+        return replace(base, router_queue=end_to_end)
     prefill_end = marks.prefill_done if marks.prefill_done is not None else end
-    _split_prefill(msg, prefill_end - marks.dispatched, decode if marks.colocated else prefill)
+    worker_times = decode if marks.colocated else prefill
+    queue, compute = _split_prefill(prefill_end - marks.dispatched, worker_times)
+    router_queue = _pos(marks.dispatched - marks.arrival)
+    timings = replace(base, router_queue=router_queue, prefill_queue=queue, prefill=compute)
     if marks.prefill_done is None:
-        return msg
+        return timings
     if marks.colocated:
-        msg.decode_queue = 0.0
-        msg.decode = _pos(end - marks.prefill_done)
-    elif marks.decode_started is None:  # ended at its first token (or failed before decode)
-        msg.prefill_queue += _pos(end - marks.prefill_done)
-    else:
-        _split_decode(msg, marks.decode_started - marks.prefill_done, end - marks.decode_started, decode)
-    return msg
+        return replace(timings, decode_queue=0.0, decode=_pos(end - marks.prefill_done))
+    if marks.decode_started is None:  # ended at its first token (or failed before decode)
+        return replace(timings, prefill_queue=queue + _pos(end - marks.prefill_done))
+    handoff, span = marks.decode_started - marks.prefill_done, end - marks.decode_started
+    return _split_decode(timings, handoff, span, decode)
 
 
-def _split_prefill(msg: pb.StageTimings, span: float, times: StageTimes | None) -> None:
+def _split_prefill(span: float, times: StageTimes | None) -> tuple[float, float]:
+    """(prefill_queue, prefill) of the prefill span: the worker's compute, the rest queue."""
     compute = times.prefill if times is not None and times.prefill is not None else 0.0
     compute = min(_pos(compute), _pos(span))
-    msg.prefill = compute
-    msg.prefill_queue = _pos(span) - compute
+    return _pos(span) - compute, compute
 
 
-def _split_decode(msg: pb.StageTimings, handoff: float, span: float, times: StageTimes | None) -> None:
+def _split_decode(
+    timings: StageTimings, handoff: float, span: float, times: StageTimes | None
+) -> StageTimings:
     span = _pos(span)
     transfer = queue = 0.0
     if times is not None:
         transfer = min(_pos(times.kv_transfer or 0.0), span)
         queue = min(_pos(times.decode_queue or 0.0), span - transfer)
-    msg.kv_transfer = _pos(handoff) + transfer
-    msg.decode_queue = queue
-    msg.decode = span - transfer - queue
+    return replace(timings, kv_transfer=_pos(handoff) + transfer, decode_queue=queue,
+                   decode=span - transfer - queue)  # fmt: skip

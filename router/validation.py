@@ -1,9 +1,11 @@
-"""Validation of a GenerateRequest before anything is allocated or sent to a worker.
+"""Validation of a tandem.v1 GenerateRequest into the router's plain `GenerateRequest`, before
+anything is allocated or sent to a worker: the gRPC front door's half of the request contract.
 
 Every check raises `engine.errors.InvalidRequestError` whose `field` names the request field
-(`text`, `token_ids`, `chat`, `request_id`, `sampling.<name>`, `ttft_ms`, `priority`, ...); the
-server answers INVALID_ARGUMENT with "field: message". Cheap structural checks run first, then
-tokenization, then the checks that need the prompt length and the vocabulary.
+(`text`, `token_ids`, `chat`, `request_id`, `sampling.<name>`, `ttft_ms`, `priority`, ...);
+`validate` turns it into a `RequestError` of kind INVALID_ARGUMENT with that field (the server
+answers "field: message"). Cheap structural checks run first, then tokenization, then the
+checks that need the prompt length and the vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from router.slo import Slo, SloClass, resolve_slo
+from router.errors import RequestError
+from router.request import GenerateRequest
+from router.slo import DEFAULT_CLASS, SloClass, resolve_slo
 from router.tokenizer import ChatTurn, Tokenizer
 from tandem.api import generation_pb2 as pb
 
@@ -38,18 +42,6 @@ class ModelLimits:
     vocab_size: int
 
 
-@dataclass(frozen=True)
-class ValidatedRequest:
-    """A request that passed every check. `max_new_tokens` is capped by the context."""
-
-    request_id: str | None
-    prompt_token_ids: tuple[int, ...]
-    sampling_params: SamplingParams
-    max_new_tokens: int
-    slo: Slo
-    arrival: float  # time.monotonic() when the router received it
-
-
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(field_name, message)
@@ -59,8 +51,16 @@ def _check_request_id(req: pb.GenerateRequest) -> None:
     if not req.HasField("request_id"):
         return
     rid = req.request_id
-    _check(0 < len(rid) <= MAX_REQUEST_ID_CHARS, "request_id", f"must be 1..{MAX_REQUEST_ID_CHARS} characters")
-    _check(_REQUEST_ID.match(rid) is not None, "request_id", "may hold only letters, digits and _ . : -")
+    _check(
+        0 < len(rid) <= MAX_REQUEST_ID_CHARS,
+        "request_id",
+        f"must be 1..{MAX_REQUEST_ID_CHARS} characters",
+    )
+    _check(
+        _REQUEST_ID.match(rid) is not None,
+        "request_id",
+        "may hold only letters, digits and _ . : -",
+    )
 
 
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
@@ -82,13 +82,21 @@ def _check_prompt_shape(req: pb.GenerateRequest, limits: ModelLimits) -> None:
     max_chars = limits.max_model_len * MAX_CHARS_PER_TOKEN
     if kind == "text":
         _check(len(req.text) > 0, "text", "the prompt is empty")
-        _check(len(req.text) <= max_chars, "text", f"{len(req.text)} characters; at most {max_chars}")
+        _check(
+            len(req.text) <= max_chars, "text", f"{len(req.text)} characters; at most {max_chars}"
+        )
     elif kind == "token_ids":
         ids = req.token_ids.ids
         _check(len(ids) > 0, "token_ids", "the prompt is empty")
-        _check(len(ids) < limits.max_model_len, "token_ids", f"{len(ids)} tokens; the context is {limits.max_model_len}")
+        _check(
+            len(ids) < limits.max_model_len,
+            "token_ids",
+            f"{len(ids)} tokens; the context is {limits.max_model_len}",
+        )
         bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
-        _check(bad is None, "token_ids", f"id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+        _check(
+            bad is None, "token_ids", f"id {bad} is outside the vocabulary [0, {limits.vocab_size})"
+        )
     else:
         msgs = req.chat.messages
         _check(0 < len(msgs) <= MAX_CHAT_MESSAGES, "chat", f"needs 1..{MAX_CHAT_MESSAGES} messages")
@@ -111,12 +119,22 @@ def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def _cap_max_tokens(params: SamplingParams, explicit: bool, num_prompt: int, limits: ModelLimits) -> SamplingParams:
+def _cap_max_tokens(
+    params: SamplingParams, explicit: bool, num_prompt: int, limits: ModelLimits
+) -> SamplingParams:
     room = limits.max_model_len - num_prompt
-    _check(room >= 1, "prompt", f"{num_prompt} tokens leave no room in the {limits.max_model_len}-token context")
+    _check(
+        room >= 1,
+        "prompt",
+        f"{num_prompt} tokens leave no room in the {limits.max_model_len}-token context",
+    )
     if params.max_tokens is None or (not explicit and params.max_tokens > room):
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
-    _check(params.max_tokens <= room, "sampling.max_tokens", f"{params.max_tokens} exceeds the {room} tokens left in the context")
+    _check(
+        params.max_tokens <= room,
+        "sampling.max_tokens",
+        f"{params.max_tokens} exceeds the {room} tokens left in the context",
+    )
     return params
 
 
@@ -125,17 +143,40 @@ def validate(
     tokenizer: Tokenizer,
     limits: ModelLimits,
     slo_classes: Mapping[str, SloClass],
-) -> ValidatedRequest:
-    """Check every field, tokenize, and resolve the SLO. Raises InvalidRequestError."""
+    deadline: float | None = None,
+) -> GenerateRequest:
+    """Check every field, tokenize, and resolve the SLO. `deadline`: the call's, UNIX seconds.
+
+    Raises RequestError (INVALID_ARGUMENT, `field` set).
+    """
     arrival = time.monotonic()
+    try:
+        return _validate(req, tokenizer, limits, slo_classes, arrival, deadline)
+    except InvalidRequestError as exc:
+        raise RequestError.invalid(exc) from None
+
+
+def _validate(
+    req: pb.GenerateRequest,
+    tokenizer: Tokenizer,
+    limits: ModelLimits,
+    slo_classes: Mapping[str, SloClass],
+    arrival: float,
+    deadline: float | None,
+) -> GenerateRequest:
     _check_request_id(req)
     _check_prompt_shape(req, limits)
     params = sampling_from_proto(req.sampling)
     priority = req.priority if req.HasField("priority") else None
-    _check(priority is None or abs(priority) <= MAX_PRIORITY, "priority", f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]")
+    _check(
+        priority is None or abs(priority) <= MAX_PRIORITY,
+        "priority",
+        f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]",
+    )
+    slo_class = req.slo_class if req.HasField("slo_class") else DEFAULT_CLASS
     slo = resolve_slo(
         slo_classes,
-        slo_class=req.slo_class if req.HasField("slo_class") else None,
+        slo_class=slo_class,
         ttft_ms=req.ttft_ms if req.HasField("ttft_ms") else None,
         tpot_ms=req.tpot_ms if req.HasField("tpot_ms") else None,
         priority=priority,
@@ -147,12 +188,12 @@ def validate(
         raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
     prompt = _tokenize(req, tokenizer)
     params = _cap_max_tokens(params, req.sampling.HasField("max_tokens"), len(prompt), limits)
-    assert params.max_tokens is not None
-    return ValidatedRequest(
+    return GenerateRequest(
         request_id=req.request_id if req.HasField("request_id") else None,
         prompt_token_ids=tuple(prompt),
         sampling_params=params,
-        max_new_tokens=params.max_tokens,
         slo=slo,
+        slo_class=slo_class,
         arrival=arrival,
+        deadline=deadline,
     )

@@ -87,7 +87,9 @@ class CostModel:
     prefill(n) = prefill_s_per_request + prefill_s_per_token * n
     decode_step(batch, ctx) = decode_step_s + decode_step_s_per_seq * batch
                               + decode_step_s_per_context_token * ctx
-    transfer(n) = transfer_s_per_token * n   (KV of n tokens from this prefill worker)
+    transfer(n) = (transfer_s_per_token + kv_bytes_per_token * transfer_s_per_byte) * n
+                  (KV of n tokens from this prefill worker: its KVCacheSpec's bytes per token,
+                  every head, in its KV dtype, over its transport's seconds per byte)
     """
 
     prefill_s_per_token: float = 0.0
@@ -96,6 +98,8 @@ class CostModel:
     decode_step_s_per_seq: float = 0.0
     decode_step_s_per_context_token: float = 0.0
     transfer_s_per_token: float = 0.0
+    kv_bytes_per_token: int = 0
+    transfer_s_per_byte: float = 0.0
 
     def prefill_seconds(self, num_tokens: int) -> float:
         return self.prefill_s_per_request + self.prefill_s_per_token * num_tokens
@@ -108,7 +112,8 @@ class CostModel:
         )
 
     def transfer_seconds(self, num_tokens: int) -> float:
-        return self.transfer_s_per_token * num_tokens
+        per_token = self.transfer_s_per_token + self.kv_bytes_per_token * self.transfer_s_per_byte
+        return per_token * num_tokens
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ KV cache layout (the whole engine, kvtransfer and the kernels agree on it):
 
     kv_cache: Tensor[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
 
+(`engine.kv.spec.KVCacheSpec` describes it: geometry, the KV dtype, per-layer scales.)
 Layer `l` reads `k_cache = kv_cache[l, 0]` and `v_cache = kv_cache[l, 1]`, each
 `[num_blocks, block_size, num_kv_heads, head_dim]` and contiguous. Token `i` of a request lives
 in slot `block_ids[i // block_size] * block_size + i % block_size`. Element offsets can exceed
@@ -22,6 +23,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
+from engine.errors import EngineConfigError
+from engine.kv.spec import KVCacheSpec
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,82 @@ class AttentionMetadata:
 class AttentionBackend(ABC):
     """Computes attention for one layer over the paged cache.
 
-    Contract: `rope_and_store` runs first in each layer; it applies rotary embeddings to the new
-    queries and keys, writes the new keys and values into their slots, and returns the rotated
-    queries. `attend` then reads only the cache (never the new k/v directly), so the same code
-    serves prefill, chunked prefill, prefix hits and decode. Neither mutates its inputs except
-    the cache tensors.
+    Per step, in this order (the runner and its CUDA graphs call the step hooks):
+      1. `plan(meta)`, once, before the forward pass of an eager step; or `prepare_replay(meta)`,
+         once, before a captured graph replays (never both, never inside a capture);
+      2. in every layer, `rope_and_store` (by default `apply_rope` then `store_kv`; a backend may
+         fuse them), then `attend`.
+    `rope_and_store` applies rotary embeddings to the new queries and keys, writes the new keys
+    and values into their slots, and returns the rotated queries. `attend` then reads only the
+    cache (never the new k/v directly), so the same code serves prefill, chunked prefill,
+    prefix hits and decode. Nothing mutates its inputs except the cache tensors.
+
+    CUDA graphs: `capture_begin(meta)` and `capture_end(meta)` bracket the warm-up forward and
+    the captured forward of one batch-size bucket, `meta` being that graph's static metadata.
+    What the captured kernels read must stay valid for every replay.
+
+    `kv_spec` (engine/kv/spec.py) describes the cache the backend serves (None for a backend
+    built by hand, e.g. in kernel tests: the cache tensors then say all there is). A cache whose
+    dtype needs per-layer scales (FP8) will also need the layer index in `store_kv` / `attend`.
     """
 
     name: str = "abstract"
 
+    def __init__(self, kv_spec: KVCacheSpec | None = None) -> None:
+        self.kv_spec = kv_spec
+
+    def check_kv_spec(self, spec: KVCacheSpec, model_dtype: str) -> None:
+        """Raises EngineConfigError naming `kv_cache_dtype` unless this backend can store and
+        read a cache of `spec` for a model computing in `model_dtype`. The default serves any
+        unscaled dtype (stores cast into it, attention upcasts from it)."""
+        if spec.is_scaled:
+            raise EngineConfigError(
+                f"kv_cache_dtype: {spec.kv_dtype!r} needs per-layer scales, which the {self.name} "
+                f"attention backend does not support"
+            )
+
+    def plan(self, meta: AttentionMetadata) -> None:
+        """Per-step host work before an eager forward pass, e.g. split counts from the step's
+        lengths; every layer of the step then reads what it set. Called exactly once per eager
+        step, with the very `meta` the layers get. Default: nothing."""
+
+    def capture_begin(self, meta: AttentionMetadata) -> None:
+        """A CUDA graph over `meta` (static buffers; `max_seq_len` is the graph's bound) is about
+        to be warmed up and captured: fix here whatever the captured launches depend on (grids,
+        workspace buffers). Default: nothing."""
+
+    def capture_end(self, meta: AttentionMetadata) -> None:
+        """The graph over `meta` is captured: drop capture-only state. Default: nothing."""
+
+    def prepare_replay(self, meta: AttentionMetadata) -> None:
+        """Before a replay of the graph captured over `meta`'s device tensors, which now hold the
+        step's inputs (rows past the real batch padded: null block, one token of context);
+        the host fields are this step's, padded the same way. Device work enqueued here on the
+        current stream runs before the replay. Must not change what the captured launches
+        depend on. Default: nothing."""
+
     @abstractmethod
+    def apply_rope(
+        self,
+        query: torch.Tensor,  # [T, num_heads, head_dim]
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        positions: torch.Tensor,  # [T] int64
+        cos_sin_cache: torch.Tensor,  # [max_positions, head_dim] float32: cos | sin halves
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotated queries and keys (new tensors, the inputs' dtype)."""
+
+    @abstractmethod
+    def store_kv(
+        self,
+        key: torch.Tensor,  # [T, num_kv_heads, head_dim], rotated
+        value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Writes the new keys and values into their slots (`meta.slot_mapping`, every slot >= 0:
+        padding rows write the null block's slot 0), converted to the cache's dtype."""
+
     def rope_and_store(
         self,
         query: torch.Tensor,  # [T, num_heads, head_dim]
@@ -67,7 +137,11 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Returns the rotated queries [T, num_heads, head_dim]."""
+        """Returns the rotated queries [T, num_heads, head_dim]: `apply_rope`, then `store_kv`
+        of the rotated keys (backends with a fused kernel override this)."""
+        query, key = self.apply_rope(query, key, positions, cos_sin_cache)
+        self.store_kv(key, value, k_cache, v_cache, meta)
+        return query
 
     @abstractmethod
     def attend(

@@ -73,13 +73,25 @@ def paged_attention_ref(
 
 
 class TorchAttentionBackend(AttentionBackend):
+    """Serves any unscaled KV dtype: stores cast into the cache's dtype, attention is float32."""
+
     name = "torch"
 
-    def rope_and_store(self, query, key, value, positions, cos_sin_cache, k_cache, v_cache, meta):
-        query = apply_rope_ref(query, positions, cos_sin_cache)
-        key = apply_rope_ref(key, positions, cos_sin_cache)
-        store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
-        return query
+    def apply_rope(
+        self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rotate = apply_rope_ref
+        return rotate(query, positions, cos_sin_cache), rotate(key, positions, cos_sin_cache)
 
-    def attend(self, query, k_cache, v_cache, meta, scale):
+    def store_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(
+        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        meta: AttentionMetadata, scale: float,
+    ) -> torch.Tensor:
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)

@@ -23,17 +23,22 @@ Hazards, and why they hold:
   failure in `failed` and writes a wrong result. The TP watchdog fails the group.
 - Symmetric memory is registered once per process group name (see fast_allreduce).
 
-The kernel is engine.kernels.allreduce_add_rmsnorm. `ReferenceFusedNorm` is the same contract built from the group's all-reduce and the torch
-add + RMSNorm: it runs anywhere (CPU tests exercise the model-side plumbing with it).
+The kernel is engine.kernels.allreduce_add_rmsnorm. `ReferenceFusedNorm` is the same contract
+built from the group's all-reduce and the torch add + RMSNorm: it runs anywhere (CPU tests
+exercise the model-side plumbing with it). Which norms call these, with which slots, is decided
+by a pass over the built model (engine.distributed.tp_pass); model files never see them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from engine.distributed.parallel_state import FusedNorm
+from engine.layers.norm import add_rmsnorm
 
 log = logging.getLogger(__name__)
 
@@ -48,64 +53,39 @@ def supported(world: int, hidden: int) -> bool:
     return 1 < world <= MAX_WORLD and 0 < hidden <= MAX_HIDDEN
 
 
-class PartialSum:
-    """A row-parallel layer's unreduced output; the norm that consumes it reduces it (fused).
-
-    Anything else that needs the value calls `reduce()` (the group's plain all-reduce)."""
-
-    def __init__(self, partial: torch.Tensor, slot: int, op: Any) -> None:
-        self.partial = partial
-        self.slot = slot
-        self.op = op
-
-    def reduce(self) -> torch.Tensor:
-        return self.op.all_reduce(self.partial)
-
-    def add_rmsnorm(self, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(sum + residual), sum + residual), as engine.kernels.fused_add_rmsnorm."""
-        return self.op(self.partial, residual, weight, eps, self.slot)
-
-
 class _SlotOrder:
-    """Slots handed to layers in build order, and the host-side check that consecutive calls
-    alternate them (see the module's hazards)."""
+    """The host-side check that consecutive calls alternate slots (see the module's hazards)."""
 
     def __init__(self) -> None:
         self.last: int | None = None
-        self.assigned = 0
-
-    def assign(self) -> int:
-        self.assigned += 1
-        return (self.assigned - 1) % 2
 
     def check(self, slot: int) -> None:
         if slot == self.last:
             raise RuntimeError(f"fused all-reduce + norm: two consecutive calls on slot {slot}; "
-                               "row-parallel layers must alternate (o_proj, down_proj, ...)")
+                               "the norms that call it must alternate slots (tp_pass assigns them)")
         self.last = slot
 
 
 class _FusedNorm:
-    """What both implementations share: the group's unfused all-reduce (`PartialSum.reduce`)
-    and the slot order."""
+    """What both implementations share: the slot order."""
 
-    def __init__(self, all_reduce: Any) -> None:
-        self.all_reduce = all_reduce
+    def __init__(self) -> None:
         self._order = _SlotOrder()
 
-    def assign_slot(self) -> int:
-        return self._order.assign()
-
     def reset_order(self) -> None:
-        """After a self-test (its calls alternate slots too): layers get slots from 0 again."""
+        """After a self-test (its calls alternate slots too): the model's first call may use
+        either slot."""
         self._order = _SlotOrder()
 
 
 class ReferenceFusedNorm(_FusedNorm):
-    """The fused contract from parts: all-reduce, then add + RMSNorm (any device)."""
+    """The fused contract from parts: `all_reduce` (the group's sum), then add + RMSNorm (any
+    device)."""
 
-    def __init__(self, all_reduce: Any, max_rows: int) -> None:
-        super().__init__(all_reduce)
+    def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor],
+                 max_rows: int = MAX_ROWS) -> None:
+        super().__init__()
+        self.all_reduce = all_reduce
         self.max_rows = max_rows
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -113,8 +93,6 @@ class ReferenceFusedNorm(_FusedNorm):
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.layers.norm import add_rmsnorm
-
         self._order.check(slot)
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
@@ -124,36 +102,39 @@ class SymmMemFusedNorm(_FusedNorm):
     flags in one symmetric allocation, every rank's views of it, a failure flag.
 
     Set-up is collective (every rank, same order, after symmetric memory is enabled for the
-    group). `all_reduce` is the group's unfused all-reduce, for `PartialSum.reduce()`."""
+    group)."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, hidden: int, dtype: torch.dtype,
-                 all_reduce: Any, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, hidden: int,
+                 dtype: torch.dtype, max_rows: int = MAX_ROWS) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
-        super().__init__(all_reduce)
+        super().__init__()
         self.rank, self.world = group.rank(), group.size()
         if not supported(self.world, hidden):
-            raise ValueError(f"fused all-reduce + norm: {self.world} ranks of {hidden}-wide rows unsupported")
+            raise ValueError(f"fused all-reduce + norm: {self.world} ranks of {hidden}-wide rows "
+                             "unsupported")
         self.hidden, self.dtype, self.max_rows = hidden, dtype, min(max_rows, MAX_ROWS)
         esize = torch.tensor([], dtype=dtype).element_size()
         self._slot_elems = self.max_rows * hidden
         self._flag_elems = self.max_rows * self.world
         data_bytes = 2 * self._slot_elems * esize
-        self.buffer = symm_mem.empty(data_bytes + 2 * self._flag_elems * 4, dtype=torch.uint8, device=device)
+        total_bytes = data_bytes + 2 * self._flag_elems * 4
+        self.buffer = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
         self.buffer[data_bytes:].zero_()
         handle = symm_mem.rendezvous(self.buffer, group.group_name)
-        self._data = [[handle.get_buffer(r, [self._slot_elems], dtype, s * self._slot_elems) for s in (0, 1)]
-                      for r in range(self.world)]
+        self._data = [[handle.get_buffer(r, [self._slot_elems], dtype, s * self._slot_elems)
+                       for s in (0, 1)] for r in range(self.world)]
         flag_offset = data_bytes // 4
-        self._flags = [[handle.get_buffer(r, [self._flag_elems], torch.int32, flag_offset + s * self._flag_elems)
+        self._flags = [[handle.get_buffer(r, [self._flag_elems], torch.int32,
+                                          flag_offset + s * self._flag_elems)
                         for s in (0, 1)] for r in range(self.world)]
         self.failed = torch.zeros(1, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone raises one
 
     def fits(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dim() == 2 and x.shape[0] <= self.max_rows and x.shape[1] == self.hidden
-                and x.dtype == self.dtype and x.is_contiguous())
+        return (x.is_cuda and x.dim() == 2 and x.shape[0] <= self.max_rows
+                and x.shape[1] == self.hidden and x.dtype == self.dtype and x.is_contiguous())
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,14 +145,14 @@ class SymmMemFusedNorm(_FusedNorm):
                                      [f[slot] for f in self._flags], self.failed, self.rank)
 
 
-def self_test(op: Any, rank: int, world: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
+def self_test(op: FusedNorm, rank: int, world: int, hidden: int, dtype: torch.dtype,
+              device: torch.device) -> bool:
     """Two calls (both slots) on known values against the unfused result, on this rank."""
-    from engine.layers.norm import add_rmsnorm
-
     ok = True
     gen = torch.Generator(device=device).manual_seed(1234)
     for slot, rows in ((0, 3), (1, 1)):
-        parts = [torch.randn(rows, hidden, generator=gen, device=device).to(dtype) for _ in range(world)]
+        parts = [torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
+                 for _ in range(world)]
         residual = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
         weight = torch.rand(hidden, generator=gen, device=device).to(dtype) + 0.5
         total = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
@@ -180,6 +161,7 @@ def self_test(op: Any, rank: int, world: int, hidden: int, dtype: torch.dtype, d
         want = add_rmsnorm(total.to(dtype), residual, weight, 1e-5)
         got = op(parts[rank], residual, weight, 1e-5, slot)
         torch.cuda.synchronize(device)
-        ok &= all(torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2) for g, w in zip(got, want))
+        ok &= all(torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2)
+                  for g, w in zip(got, want))
     failed = getattr(op, "failed", None)
     return ok and (failed is None or int(failed.item()) == 0)

@@ -16,6 +16,7 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.kernels.checks import check_rows, check_same_device, check_tensor, next_power_of_2
+from engine.layers.norm import rmsnorm_ref  # the one torch reference: importable without Triton
 
 MAX_HIDDEN = 65536
 
@@ -110,13 +111,6 @@ def fused_add_rmsnorm(
         BLOCK=block, num_warps=num_warps,
     )
     return out, new_residual
-
-
-def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face LlamaRMSNorm."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
 
 
 def fused_add_rmsnorm_ref(

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.distributed import get_tp_group
-from engine.distributed.fused_norm import PartialSum
 from engine.layers.weight_source import WeightSource, copy_into, read_all, read_narrow
 
 
@@ -36,7 +35,8 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
+              shard_id: object = None) -> None:
         n = param.shape[0]
         copy_into(param, read_narrow(src, 0, self.tp_rank * n, n), "column-parallel weight")
 
@@ -51,7 +51,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(out_sizes), bias)
         self.out_sizes = out_sizes
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
+              shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
         size = self.out_sizes[shard_id] // self.tp_size
         offset = sum(self.out_sizes[:shard_id]) // self.tp_size
@@ -63,7 +64,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused q | k | v projection. Query heads split across ranks; KV heads split too, or
     replicated when the TP size exceeds their number (each rank then holds one KV head)."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool) -> None:
         tp = get_tp_group()
         assert num_heads % tp.size == 0, f"{num_heads} query heads over TP {tp.size}"
         assert num_kv_heads % tp.size == 0 or tp.size % num_kv_heads == 0
@@ -75,7 +77,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden, out_local * tp.size, bias)
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
+              shard_id: object = None) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
             dst, start = param.data.narrow(0, 0, q), self.tp_rank * q
@@ -88,43 +91,47 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W's columns (input features) split; the partial sums are all-reduced."""
+    """y = x W^T + b with W's columns (input features) split; the partial sums are all-reduced.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    `reduce_output` False: forward returns this rank's unreduced partial sum (no bias), for a
+    consumer that sums it itself. Only a TP pass over the built model sets it, together with
+    that consumer (engine.distributed.tp_pass: the all-reduce fused with the residual add and
+    RMSNorm); model files always see the reduced output. Either way forward returns a tensor.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 reduce_output: bool = True) -> None:
         super().__init__()
         tp = get_tp_group()
         assert in_features % tp.size == 0, f"{in_features} input features over TP {tp.size}"
+        assert reduce_output or not bias, "an unreduced output cannot carry the bias"
         self.tp = tp
+        self.reduce_output = reduce_output
         self.in_local = in_features // tp.size
         self.weight = _param(out_features, self.in_local)
         self.weight.weight_loader = self._load_weight  # type: ignore[attr-defined]
         self.bias = _param(out_features) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self._load_bias  # type: ignore[attr-defined]
-        # The fused all-reduce + norm's buffer slot: row-parallel layers alternate in the order
-        # they are built, which is the order they run (o_proj, down_proj of each block).
-        self.slot = tp.fused_norm.assign_slot() if tp.fused_norm is not None else 0
 
-    def _load_weight(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load_weight(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
+                     shard_id: object = None) -> None:
         loaded = read_narrow(src, 1, self.tp.rank * self.in_local, self.in_local)
         copy_into(param, loaded, "row-parallel weight")
 
-    def _load_bias(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load_bias(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
+                   shard_id: object = None) -> None:
         copy_into(param, read_all(src), "row-parallel bias")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PartialSum:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, out]: in x's dtype, or in float32 when the partial sums were reduced in float32
-        (TPGroup.fp32_reduce_max_rows); the consumer, the residual add, rounds it then, so
-        that no separate cast runs (engine.layers.norm). With the group's fused all-reduce +
-        norm, small steps return the unreduced PartialSum: the norm that follows sums it."""
-        fused = self.tp.fused_norm if self.bias is None else None
-        fp32 = self.tp.size > 1 and x.dtype != torch.float32 and x.shape[0] <= self.tp.fp32_reduce_max_rows
-        if fused is None and fp32:
-            partial = _linear_fp32_out(x, self.weight)
-        else:
-            partial = F.linear(x, self.weight)
-            if fused is not None and fused.fits(partial):
-                return PartialSum(partial, self.slot, fused)
+        (Reduction.fp32_max_rows); the consumer, the residual add, rounds it then, so that no
+        separate cast runs (engine.layers.norm). Unreduced (`reduce_output` False): x's dtype."""
+        if not self.reduce_output:
+            return F.linear(x, self.weight)
+        fp32 = (self.tp.size > 1 and x.dtype != torch.float32
+                and x.shape[0] <= self.tp.reduction.fp32_max_rows)
+        partial = _linear_fp32_out(x, self.weight) if fp32 else F.linear(x, self.weight)
         y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias
 
@@ -132,5 +139,6 @@ class RowParallelLinear(nn.Module):
 def _linear_fp32_out(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x W^T accumulated and returned in float32 (no rounding to x's dtype before the sum)."""
     if x.is_cuda:
-        return torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
+        flat = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+        return flat.view(*x.shape[:-1], -1)
     return F.linear(x.float(), weight.float())  # CPU has no mixed-dtype matmul: small models only

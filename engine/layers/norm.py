@@ -1,11 +1,17 @@
-"""RMSNorm, optionally fused with the residual add (Triton on CUDA, torch elsewhere)."""
+"""RMSNorm, optionally fused with the residual add (Triton on CUDA, torch elsewhere).
+
+Knows nothing of tensor parallelism: under TP its input is an all-reduced tensor like any other.
+Where the all-reduce is fused into the norm, a TP pass over the built model swaps the norm for
+its fused form (engine.distributed.tp_pass); this module is unchanged by it.
+
+`rmsnorm_ref` is the one torch reference of RMSNorm (the Triton kernels' tests use it too): it
+lives here because this module imports neither Triton nor torch.distributed.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from engine.distributed.fused_norm import PartialSum
 
 
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -15,7 +21,8 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return weight * h.to(x.dtype)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`(norm(x + residual), x + residual)` in the residual's dtype (x may be a float32
     row-parallel sum: rounded to that dtype before the add). Triton on CUDA, torch elsewhere."""
     if x.is_cuda and x.shape[-1] == weight.shape[0] and x.dim() == 2:
@@ -33,15 +40,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor | PartialSum, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """`norm(x)`, or with a residual `add_rmsnorm(x, residual)`. x may be a row-parallel
-        layer's PartialSum: with a residual the sum happens inside the norm (one fused kernel
-        under TP, engine.distributed.fused_norm)."""
-        if isinstance(x, PartialSum):
-            if residual is not None:
-                return x.add_rmsnorm(residual, self.weight, self.eps)
-            x = x.reduce()
+        """`norm(x)`, or with a residual `add_rmsnorm(x, residual)`: (normed, new residual)."""
         if residual is not None:
             return add_rmsnorm(x, residual, self.weight, self.eps)
         if x.is_cuda and x.shape[-1] == self.weight.shape[0] and x.dim() == 2:

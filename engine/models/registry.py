@@ -7,8 +7,17 @@ from torch import nn
 from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from engine.errors import UnsupportedArchitectureError
 from engine.models.llama import LlamaForCausalLM
+from engine.models.phi3 import Phi3ForCausalLM
 
-_MODELS: dict[str, type[nn.Module]] = {arch: LlamaForCausalLM for arch in SUPPORTED_ARCHITECTURES}
+# Llama, Mistral and the Qwens differ only by ModelConfig flags: one class serves them all
+_MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+}
+assert set(_MODELS) == set(SUPPORTED_ARCHITECTURES), "config and registry disagree"
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:

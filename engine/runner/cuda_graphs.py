@@ -5,10 +5,15 @@ Padded rows read and write only the null block 0 (slot 0, one token of context),
 never touch a live request's KV. The graphs are captured over static input buffers; the
 attention metadata inside them uses `max_model_len` as the context bound, so a step's real
 lengths come only from the device tensor `seq_lens`.
+
+Attention backend hooks (engine/attention/backend.py): `capture_begin(meta)` / `capture_end(meta)`
+bracket each bucket's warm-up and capture, and `prepare_replay(meta)` runs before every replay
+(in place of `plan`), `meta` being the bucket's static metadata with this step's host values.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +44,9 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool: Any = None  # the graphs' shared memory pool, from the first capture
+        # One metadata object per bucket: the backend's capture hooks and the captured forward
+        # see the same one.
+        self.metas = {bs: self._meta(bs) for bs in self.batch_sizes}
         self._capture_all()
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -56,21 +64,34 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         r = self.runner
-        ctx = ForwardContext(r.backend, self._meta(bs), r.kv_cache)
+        ctx = ForwardContext(r.backend, self.metas[bs], r.kv_cache)
         return r.model(self.input_ids[:bs], self.positions[:bs], ctx)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        backend = self.runner.backend
         for bs in reversed(self.batch_sizes):  # largest first so smaller graphs reuse its pool
-            self._forward(bs)  # warm up: compiles kernels outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.outputs[bs] = self._forward(bs)
-            if self.pool is None:
-                self.pool = graph.pool()
-            self.graphs[bs] = graph
+            backend.capture_begin(self.metas[bs])
+            try:
+                self._capture(bs)
+            finally:
+                backend.capture_end(self.metas[bs])
         torch.cuda.synchronize()
+
+    def _capture(self, bs: int) -> None:
+        self._forward(bs)  # warm up: compiles kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[bs] = self._forward(bs)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[bs] = graph
+
+    def _replay_meta(self, bs: int, host: StepInputs) -> AttentionMetadata:
+        """The bucket's static metadata with this step's host lengths (padded rows: 1)."""
+        lens = tuple(host.seq_lens.tolist())
+        return replace(self.metas[bs], seq_lens_cpu=lens + (1,) * (bs - len(lens)))
 
     def can_run(self, host: StepInputs) -> bool:
         return host.decode_only and host.num_tokens <= self.batch_sizes[-1] and (
@@ -92,5 +113,6 @@ class DecodeGraphs:
             self.slot_mapping[num:bs].zero_()
             self.seq_lens[num:bs].fill_(1)
             self.block_tables[num:bs].zero_()
+        self.runner.backend.prepare_replay(self._replay_meta(bs, host))
         self.graphs[bs].replay()
         return self.outputs[bs][:num]

@@ -1,8 +1,10 @@
 """The model runner: loads the model, owns the KV cache, runs one step.
 
 `execute(out)` reads a SchedulerOutput and returns a RunnerOutput; it never mutates scheduler
-state. Its stages: `build_step_inputs` (host) -> `forward` (device, CUDA graph for small decode
-steps) -> `sampler` (device, batched).
+state. Its stages: `build_step_inputs` (host) -> `forward` (device: the attention backend's
+`plan`, then the model; or `prepare_replay`, then a CUDA graph for small decode steps) ->
+`sampler` (device, batched). The KV cache is allocated from `kv_spec` (engine/kv/spec.py), the
+one description of it every consumer reads.
 
 Under tensor parallelism this runner is rank 0's: `step_scope` (engine.distributed's
 TPExecutor.step) publishes each step's inputs to the followers, which run `forward` and
@@ -23,12 +25,13 @@ import torch
 from engine.attention.select import get_attention_backend
 from engine.config import EngineConfig, ModelConfig, resolve_dtype
 from engine.device_sync import mark_current
-from engine.distributed import fast_allreduce, get_tp_group
+from engine.distributed import get_tp_group
+from engine.distributed.tp_pass import apply_fused_residual_norm
 from engine.models.llama import ForwardContext
 from engine.models.registry import model_class
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.inputs import StepInputs, attention_metadata, build_step_inputs
-from engine.runner.kv_cache import allocate_kv_cache, block_bytes, num_kv_blocks
+from engine.runner.kv_cache import allocate_kv_cache, kv_cache_spec, kv_torch_dtype, num_kv_blocks
 from engine.sampler import Sampler
 from engine.scheduler.output import RunnerOutput, SchedulerOutput
 from engine.weights import fill_dummy, load_safetensors
@@ -56,20 +59,24 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_cfg.torch_dtype)
         self.block_size = engine.block_size
         self.max_model_len = max_model_len
-        # Collective on a TP group (every rank builds its runner in the same order); layers read
-        # the group when they are built, so this comes first.
-        self.all_reduce_mode = fast_allreduce.install(engine.tp_all_reduce, device, model_cfg.hidden_size, self.dtype)
-        self.fp32_reduce_max_tokens = fast_allreduce.install_fp32_reduce(engine.tp_fp32_reduce_max_tokens, device)
+        # The TP group was built with its reduction (engine.distributed.process_group); these
+        # name what it chose, for logs and benchmarks.
+        tp = get_tp_group()
+        self.all_reduce_mode = tp.all_reduce_label
+        self.fp32_reduce_max_tokens = tp.reduction.fp32_max_rows
         self.model = self._load_model(show_progress)
         self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads
-        self.bytes_per_block = block_bytes(model_cfg, self.num_kv_heads_local, self.block_size, self.dtype)
-        # Every rank must agree: the scheduler on rank 0 hands out block ids for all of them.
-        fit = num_kv_blocks(model_cfg, engine, device, self.bytes_per_block, self.dtype)
-        self.num_blocks = get_tp_group().min_int(fit)
-        self.kv_cache = allocate_kv_cache(
-            model_cfg, self.num_kv_heads_local, self.num_blocks, self.block_size, self.dtype, device
+        # The one description of the cache: sizing, allocation and the backend all read it.
+        self.kv_spec = kv_cache_spec(model_cfg, engine, get_tp_group().size)
+        assert self.kv_spec.num_local_heads == self.num_kv_heads_local, "spec and model disagree"
+        self.backend = get_attention_backend(
+            device, engine.attention_backend, self.kv_spec, model_cfg.torch_dtype
         )
-        self.backend = get_attention_backend(device, engine.attention_backend)
+        self.bytes_per_block = self.kv_spec.bytes_per_block()
+        # Every rank must agree: the scheduler on rank 0 hands out block ids for all of them.
+        fit = num_kv_blocks(model_cfg, engine, device, self.kv_spec, self.dtype)
+        self.num_blocks = get_tp_group().min_int(fit)
+        self.kv_cache = allocate_kv_cache(self.kv_spec, self.num_blocks, device)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, device)
         self.step_scope = step_scope or (lambda host: contextlib.nullcontext())
         self.graphs: DecodeGraphs | None = None
@@ -80,7 +87,7 @@ class ModelRunner:
         """Drop the CUDA graphs, the KV cache and the weights (engine shutdown): their device
         memory goes back to the driver unless something else still holds them."""
         self.graphs = None
-        self.kv_cache = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.empty(0, dtype=kv_torch_dtype(self.kv_spec), device=self.device)
         self.model = None
         if self.device.type == "cuda":
             gc.collect()  # tensors in reference cycles (a graph's pool) go now, not at some later GC
@@ -95,6 +102,9 @@ class ModelRunner:
             fill_dummy(model, self.engine_cfg.seed)
         else:
             load_safetensors(model, Path(self.model_path), show_progress and get_tp_group().rank == 0)
+        # TP's fused all-reduce + norm, where the group has one: a pass over the loaded model,
+        # before any CUDA graph captures it (engine.distributed.tp_pass).
+        apply_fused_residual_norm(model, get_tp_group())
         return model.eval()
 
     @torch.inference_mode()
@@ -107,9 +117,11 @@ class ModelRunner:
         dev = host.to(self.device)
         mark = None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
         if self.graphs is not None and self.graphs.can_run(host):
-            hidden = self.graphs.run(host, dev)
+            hidden = self.graphs.run(host, dev)  # the backend's prepare_replay, then the replay
         else:
-            ctx = ForwardContext(self.backend, attention_metadata(host, dev), self.kv_cache, layer_done=mark)
+            meta = attention_metadata(host, dev)
+            self.backend.plan(meta)
+            ctx = ForwardContext(self.backend, meta, self.kv_cache, layer_done=mark)
             hidden = self.model(dev.input_ids, dev.positions, ctx)
         if layer_marks is not None and not layer_marks:
             layer_marks.extend([mark_current(self.device)] * self.model_cfg.num_layers)

@@ -1,6 +1,7 @@
 """CPU tier: a preallocated slab of block slots (pinned when CUDA is available) with LRU.
 
-A slot holds one block as raw bytes ([L, 2, block_size, heads, head_dim] of the cache dtype).
+A slot holds one block as raw bytes ([L, 2, block_size, heads, head_dim] of the KV dtype; its
+size is the view's KVCacheSpec.bytes_per_block).
 Not thread-safe: the TieredStore calls it under its lock. Slots that an asynchronous copy is
 filling are `reserve`d (pinned against eviction, hidden from lookups) until `publish`.
 

@@ -1,7 +1,8 @@
 """TieredStore: the CPU and NVMe tiers below the engine's HBM pool, keyed by block hash.
 
-Keys: blake2b-128 of (spec version, model salt, cache layout of this rank, block hash). A
-different spec version, salt, dtype or head slice is therefore a miss, never a wrong hit.
+Keys: blake2b-128 of (spec version, model salt, the view's KVCacheSpec and head slice, block
+hash). A different spec version, salt, KV dtype, scales or head slice is therefore a miss, never
+a wrong hit.
 
 * `store` offloads blocks from the engine cache into the CPU tier and waits; `spill` does the
   same in the background (tiers/spill.py): the blocks are gathered on the engine's stream, so
@@ -84,8 +85,9 @@ class TieredStore:
     ) -> None:
         """`max_staging_bytes`: device memory that background spills may hold in staging copies
         (beyond it, `spill` waits for older spills to finish)."""
-        self.bytes_per_block = view.bytes_per_block()
-        self._prefix = f"{spec_version}|{model_salt}|{view.dtype}|{view.block_shape()}|{view.tp}".encode()
+        self.bytes_per_block = view.bytes_per_block()  # the view's KVCacheSpec, its heads
+        # The whole spec (dtype, geometry, scales) and the head slice: another cache is a miss.
+        self._prefix = f"{spec_version}|{model_salt}|{view.spec!r}|{view.tp}".encode()
         self.cpu = CpuTier(self.bytes_per_block, cpu_bytes, pin_memory)
         self.nvme = NvmeTier(nvme_dir, self.bytes_per_block, nvme_bytes) if nvme_dir is not None else None
         self._enabled = {Tier.CPU} | ({Tier.NVME} if self.nvme and self.nvme.lru.num_slots else set())

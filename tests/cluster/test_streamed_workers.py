@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from decode_worker.arrivals import ArrivalStatus
 from decode_worker.worker import DecodeWorker
 from engine import LLM, SamplingParams
 from prefill_worker.worker import PrefillWorker
@@ -134,4 +135,4 @@ async def _zero(count: Awaitable[int]) -> bool:
 
 
 async def _landed(d: DecodeWorker, request_id: str) -> bool:
-    return request_id in d._landed
+    return d._arrivals.status(request_id) is ArrivalStatus.KV_LANDED_AWAITING_FIRST_TOKEN

@@ -42,10 +42,11 @@ def test_tp2_equals_tp1(name, checkpoints, local_ray):
     assert _generate(checkpoints[name], 2, max_num_batched_tokens=64) == reference
 
 
-@pytest.mark.parametrize("name", ["llama31", "qwen2"])
+@pytest.mark.parametrize("name", ["llama31", "qwen2", "phi3"])
 def test_tp2_fused_norm_equals_tp1(name, checkpoints, local_ray):
-    """tp_all_reduce="fused": row-parallel outputs travel as PartialSum into the norm that sums
-    them (the reference composition on CPU; the CUDA kernel in the multi-GPU test below)."""
+    """tp_all_reduce="fused": the TP pass hands row-parallel outputs unreduced to the norms that
+    sum them (engine.distributed.tp_pass; the reference composition on CPU, the CUDA kernel in
+    the multi-GPU test below)."""
     reference = _generate(checkpoints[name], 1)
     tp2 = _generate(checkpoints[name], 2, "fused-reference", max_num_batched_tokens=64, tp_all_reduce="fused")
     assert tp2 == reference

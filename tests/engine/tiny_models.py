@@ -14,7 +14,13 @@ COMMON = dict(
 
 
 def _configs() -> dict:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     return {
         "llama31": LlamaConfig(
@@ -26,10 +32,13 @@ def _configs() -> dict:
         "mistral": MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None),
         "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=False),
         "qwen3": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False),
+        # Fused qkv_proj / gate_up_proj tensors; a sliding window the engine caps max_model_len
+        # at (prompts stay inside it); dropout the inference path ignores
+        "phi3": Phi3Config(**COMMON, sliding_window=512, resid_pdrop=0.1, pad_token_id=None),
     }
 
 
-ARCHS = ("llama31", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama31", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def build(name: str, root: Path) -> Path:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from router.stage_clock import StageMarks, stage_timings
+from router.stage_clock import StageMarks, StageTimings, stage_timings
 from router.worker_api import StageTimes
 
 STAGES = ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode")
 
 
-def _sum(msg) -> float:
-    return sum(getattr(msg, s) for s in STAGES if msg.HasField(s))
+def _sum(msg: StageTimings) -> float:
+    return sum(getattr(msg, s) for s in STAGES if getattr(msg, s) is not None)
 
 
 def test_disaggregated_attribution() -> None:
@@ -33,7 +33,7 @@ def test_colocated_uses_the_workers_compute_and_has_no_transfer() -> None:
     marks = StageMarks(arrival=0.0, dispatched=0.02, prefill_done=0.3, colocated=True)
     times = StageTimes(prefill_queue=0.1, prefill=0.15, decode_queue=0.0, decode=0.6)
     msg = stage_timings(marks, None, times, end=1.0)
-    assert not msg.HasField("kv_transfer")
+    assert msg.kv_transfer is None
     assert msg.prefill == pytest.approx(0.15) and msg.prefill_queue == pytest.approx(0.13)
     assert msg.decode == pytest.approx(0.7) and msg.decode_queue == 0.0
     assert _sum(msg) == pytest.approx(1.0)
@@ -42,7 +42,7 @@ def test_colocated_uses_the_workers_compute_and_has_no_transfer() -> None:
 def test_request_ending_at_its_first_token() -> None:
     marks = StageMarks(arrival=0.0, dispatched=0.01, prefill_done=0.2)
     msg = stage_timings(marks, StageTimes(prefill_queue=0.0, prefill=0.1), None, end=0.21)
-    assert not msg.HasField("decode") and not msg.HasField("kv_transfer")
+    assert msg.decode is None and msg.kv_transfer is None
     assert _sum(msg) == pytest.approx(0.21)
 
 
