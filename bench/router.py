@@ -130,7 +130,7 @@ def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
         from tandem.api import generation_pb2_grpc as pb_grpc
 
         from router.config import RouterConfig
-        from router.fake_worker import FakeWorker
+        from tandem.testing.fake_worker import FakeWorker
         from router.server import RouterServer
         from router.tokenizer import ByteTokenizer
 

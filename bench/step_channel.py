@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.distributed.parallel_state import TPGroup  # noqa: E402
-from engine.distributed.shm_channel import ShmBroadcast  # noqa: E402
-from engine.distributed.step_channel import StepChannel  # noqa: E402
+from engine.executor.shm_channel import ShmBroadcast  # noqa: E402
+from engine.executor.step_channel import StepChannel  # noqa: E402
 from engine.runner.inputs import StepInputs  # noqa: E402
 
 

@@ -24,14 +24,14 @@ import time
 from typing import Any
 
 from decode_worker.arrivals import Arrival, Arrivals, ArrivalStatus
-from decode_worker.outbox import Outbox
+from tandem.pool.outbox import Outbox
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import KVPoll
 from kvtransfer.pool_link import KVGroupSpec, make_receiver
-from prefill_worker.common import PoolWorker, WorkerCore
-from router.worker_api import (
+from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.contract.worker_api import (
     DecodeRequest,
     StageTimes,
     StepOutput,

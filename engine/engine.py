@@ -36,7 +36,7 @@ from engine.scheduler.scheduler import Scheduler, SchedulerStats
 from engine.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
-    from engine.distributed.executor import TPExecutor, TPOptions
+    from engine.executor.executor import TPExecutor, TPOptions
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ class LLMEngine:
         args = (self.config, self.model_config, self.model_path, max_model_len)
         if self.config.tensor_parallel_size == 1:
             return ModelRunner(*args, self.device, show_progress)
-        from engine.distributed.executor import TPExecutor
+        from engine.executor.executor import TPExecutor
 
         tp = self.tp = TPExecutor.launch(*args, tp_options)
         self.device = tp.device

@@ -9,7 +9,7 @@ receivers, the tier store and the preemption swap use it unchanged, whatever the
 worker at the other end.
 
 Each non-empty call is a group operation through the engine's TP executor (`read_kv` /
-`write_kv`, engine.distributed.kv_ops): rank 0 publishes the op to its followers on the step
+`write_kv`, engine.executor.kv_ops): rank 0 publishes the op to its followers on the step
 channel, then a read gathers every rank's heads to rank 0 and a write sends each rank its heads
 (every replica), over the TP model group. Calls are safe from any thread.
 
@@ -31,14 +31,14 @@ from typing import Protocol
 
 import torch
 
-from engine.distributed.kv_ops import KVOp
+from engine.executor.kv_ops import KVOp
 from engine.kv.spec import KVCacheSpec
 from kvtransfer.cache_view import KVCacheView, TPLayout
 from kvtransfer.errors import KVLayoutError
 
 
 class KVGroup(Protocol):
-    """What the view needs of the TP executor (engine.distributed.executor.TPExecutor)."""
+    """What the view needs of the TP executor (engine.executor.executor.TPExecutor)."""
 
     def read_kv(self, cache: torch.Tensor, op: KVOp) -> torch.Tensor: ...
 

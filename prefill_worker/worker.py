@@ -36,8 +36,8 @@ from engine.engine import HeldKVEnqueued, LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.pool_link import KVGroupSpec, make_sender
-from prefill_worker.common import PoolWorker, WorkerCore
-from router.worker_api import (
+from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.contract.worker_api import (
     PrefillRequest,
     PrefillResult,
     StageTimes,

@@ -9,7 +9,7 @@ from engine.scheduler.output import TokenLogprobs
 from router.registry import WorkerEntry
 from router.request import FinishReason, OutputBatch, RequestSummary
 from router.stage_clock import StageTimings
-from router.worker_api import LoadSnapshot
+from tandem.contract.worker_api import LoadSnapshot
 from tandem.api import generation_pb2 as pb
 
 FINISH_REASONS = {

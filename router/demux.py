@@ -16,7 +16,7 @@ from typing import Any
 
 from router.registry import WorkerRegistry
 from router.tasks import cancel_and_wait
-from router.worker_api import StepOutput, WorkerUnavailableError
+from tandem.contract.worker_api import StepOutput, WorkerUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from router.policy import Demand, Placement, Rejection, place, place_colocated
 from router.registry import Pool, Reservation, WorkerEntry, WorkerRegistry
 from router.request import FinishReason, GenerateRequest, OutputBatch, RequestSummary
 from router.stage_clock import StageMarks, stage_timings
-from router.worker_api import (
+from tandem.contract.worker_api import (
     DecodeRequest,
     PrefillRequest,
     PrefillResult,

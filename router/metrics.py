@@ -29,12 +29,8 @@ from prometheus_client.registry import Collector
 
 from router.slo import Slo, SloClass
 from tandem.api import generation_pb2 as pb
+from tandem.contract.metrics_http import LATENCY_BUCKETS
 
-# Fine enough for millisecond decode steps, wide enough for minutes-long requests.
-LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
-    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
 STAGES = ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode")
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = (

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from router.slo import Slo
-from router.worker_api import CostModel, LoadSnapshot
+from tandem.contract.worker_api import CostModel, LoadSnapshot
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, final
 from router.policy import Booking, Placement, WorkerView, bookings
 from router.prefix_index import PrefixIndex
 from router.tasks import cancel_and_wait, fail_loudly
-from router.worker_api import CostModel, LoadSnapshot
+from tandem.contract.worker_api import CostModel, LoadSnapshot
 
 log = logging.getLogger(__name__)
 

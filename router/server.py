@@ -36,7 +36,7 @@ from router.config import RouterConfig
 from router.errors import ErrorKind, RequestError
 from router.flow import Orchestrator
 from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
-from router.metrics_http import MetricsEndpoint, serve_registry
+from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 from router.registry import Pool, WorkerRegistry
 from router.request import GenerateRequest
 from router.tokenizer import Tokenizer

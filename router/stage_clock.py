@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from router.worker_api import StageTimes
+from tandem.contract.worker_api import StageTimes
 
 
 @dataclass(frozen=True)

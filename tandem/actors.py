@@ -27,7 +27,7 @@ def worker_class(pool: str) -> type:
 
         return DecodeWorker
     if pool == "colocated":
-        from decode_worker.colocated import ColocatedWorker
+        from tandem.pool.colocated import ColocatedWorker
 
         return ColocatedWorker
     raise KeyError(f"pool: {pool!r} is not one of {POOLS}")

@@ -19,7 +19,7 @@ from typing import Any
 from router.config import RouterConfig
 from router.server import RouterServer
 from router.tokenizer import ByteTokenizer, HfTokenizer
-from router.worker_api import (
+from tandem.contract.worker_api import (
     CostModel,
     DecodeRequest,
     LoadSnapshot,
@@ -32,7 +32,7 @@ PLACEMENT_TIMEOUT_S = 120.0  # a TP worker's group of bundles must be placed wit
 
 
 class RayWorker:
-    """A worker actor seen through router.worker_api's async protocols (one method each)."""
+    """A worker actor seen through tandem.contract.worker_api's async protocols (one method each)."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
@@ -140,7 +140,7 @@ class LocalCluster:
             return {}
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from engine.distributed.ray_launch import placement_group
+        from engine.executor.ray_launch import placement_group
 
         pg = placement_group(size, self.config.use_gpus, PLACEMENT_TIMEOUT_S)
         self._placement_groups.append(pg)
@@ -164,7 +164,7 @@ class LocalCluster:
 
     async def start(self) -> str:
         """Start the actors and the router; returns the router's address."""
-        from engine.distributed.ray_launch import ensure_ray
+        from engine.executor.ray_launch import ensure_ray
 
         ensure_ray()
         self._plan_kv_groups(self._plan())

@@ -56,7 +56,7 @@ def start_local_ray() -> bool:
     one on loopback. Returns True when this call connected (so the caller shuts Ray down)."""
     import ray
 
-    from engine.distributed.ray_launch import ensure_ray
+    from engine.executor.ray_launch import ensure_ray
 
     if ray.is_initialized():
         return False

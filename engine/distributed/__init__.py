@@ -1,7 +1,6 @@
-"""Tensor parallelism: the only package that imports torch.distributed.
-
-`parallel_state` (the group layers read) is imported eagerly; the executor, which needs Ray,
-is imported only when a group of size > 1 starts (`engine.distributed.executor`).
+"""Tensor parallelism as the layers see it: the TP group, its collectives, the fused all-reduce
++ add + RMSNorm and the pass that installs it. With `engine.executor` (the orchestration above
+the runner) and kvtransfer's p2p transport, the only code that imports torch.distributed.
 """
 
 from engine.distributed.errors import TPGroupError

@@ -118,11 +118,8 @@ def init_tp_group(rank: int, size: int, port: int, device: torch.device, collect
 
 
 def abort_groups() -> None:
-    """Abort in-flight collectives (NCCL) and step-channel waits so a thread blocked on them
-    returns; best effort."""
-    from engine.distributed import shm_channel
-
-    shm_channel.abort_all()
+    """Abort in-flight collectives (NCCL) so a thread blocked on them returns; best effort.
+    (The step channel's waits are the executor's: `engine.executor.watchdog` aborts those.)"""
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if abort is None or not dist.is_initialized():
         return

@@ -16,7 +16,7 @@ from decode_worker.worker import DecodeWorker
 from engine import SamplingParams
 from kvtransfer.handle import KVHandle, KVLayout
 from kvtransfer.interfaces import KVPoll
-from router.worker_api import DecodeRequest, StepOutput, WorkerRejectedError
+from tandem.contract.worker_api import DecodeRequest, StepOutput, WorkerRejectedError
 
 ENGINE = {"model": "preset:tiny", "device": "cpu", "load_format": "dummy"}
 PROMPT = tuple((7 * i + 3) % 500 for i in range(40))

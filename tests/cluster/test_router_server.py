@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from router.config import RouterConfig
-from router.fake_worker import FailMode, FakeDelays, FakeWorker
+from tandem.testing.fake_worker import FailMode, FakeDelays, FakeWorker
 from router.server import RouterServer
 from router.tokenizer import ByteTokenizer
-from router.worker_api import CostModel
+from tandem.contract.worker_api import CostModel
 from tandem.api import generation_pb2 as pb
 from tandem.client import AsyncClient, Slo, TandemClientError
 

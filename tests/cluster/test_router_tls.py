@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from router.config import RouterConfig
-from router.fake_worker import FakeWorker
+from tandem.testing.fake_worker import FakeWorker
 from router.server import RouterServer
 from router.tokenizer import ByteTokenizer
 from tandem.client import AsyncClient, TandemClientError, Tls

@@ -13,7 +13,7 @@ from decode_worker.arrivals import ArrivalStatus
 from decode_worker.worker import DecodeWorker
 from engine import LLM, SamplingParams
 from prefill_worker.worker import PrefillWorker
-from router.worker_api import DecodeRequest, PrefillRequest, StepOutput
+from tandem.contract.worker_api import DecodeRequest, PrefillRequest, StepOutput
 
 ENGINE = dict(model="preset:tiny", device="cpu", load_format="dummy")
 PROMPT = tuple((11 * i + 5) % 500 for i in range(70))

@@ -64,7 +64,7 @@ def test_engine_api_and_restart(checkpoints, local_ray):
     finished = []
     while engine.has_unfinished():
         finished += [o for o in engine.step() if o.finished]
-    from engine.distributed import shm_channel
+    from engine.executor import shm_channel
 
     assert engine.tp is not None and engine.tp._channel is not None
     assert engine.tp._channel.transport == ("shm" if shm_channel.supported() else "gloo")

@@ -12,7 +12,7 @@ import pytest
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.distributed import TPGroupError
-from engine.distributed.executor import TPState
+from engine.executor.executor import TPState
 from engine.engine import LLMEngine
 from tests.distributed.tp_fixtures import checkpoints, local_ray, prompts  # noqa: F401
 

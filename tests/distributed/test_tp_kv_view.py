@@ -18,7 +18,7 @@ import torch
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.distributed import TPGroupError
-from engine.distributed.executor import TPState
+from engine.executor.executor import TPState
 from engine.engine import LLMEngine
 from kvtransfer.cache_view import KVCacheView, TPLayout
 from kvtransfer.errors import InvalidBlockIdsError, KVLayoutError

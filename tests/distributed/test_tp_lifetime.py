@@ -14,7 +14,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.distributed import TPGroupError
-from engine.distributed.ray_launch import wait_exited
+from engine.executor.ray_launch import wait_exited
 from engine.llm import LLMClosedError
 from tests.distributed.tp_fixtures import local_ray, prompts  # noqa: F401
 from tests.engine import tiny_models
@@ -104,7 +104,7 @@ def test_rank0_failure_names_rank0_and_releases_followers(checkpoint, monkeypatc
     import ray
 
     import engine.engine as engine_module
-    from engine.distributed import executor as executor_module
+    from engine.executor import executor as executor_module
 
     launched = []
     real_launch = executor_module.TPExecutor.launch

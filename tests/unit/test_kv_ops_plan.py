@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.distributed.kv_ops import HeadRun, KVOp, rank_kv_heads, read_plan, write_plan
-from engine.distributed.step_channel import MessageKind, pack_kv, unpack_kv
+from engine.executor.kv_ops import HeadRun, KVOp, rank_kv_heads, read_plan, write_plan
+from engine.executor.step_channel import MessageKind, pack_kv, unpack_kv
 from kvtransfer.reshard import rank_heads
 
 LAYOUTS = [(1, 1), (2, 2), (8, 2), (8, 4), (1, 2), (1, 4), (2, 4), (4, 8), (16, 8)]  # (KV heads, TP)

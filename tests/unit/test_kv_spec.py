@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import EngineConfigError
 from engine.kv.spec import KVCacheSpec, KVSpecError, LayerScales, dtype_name
-from router.worker_api import CostModel
+from tandem.contract.worker_api import CostModel
 
 BASE = {
     "num_layers": 4, "num_kv_heads": 8, "head_dim": 128, "block_size": 16, "kv_dtype": "bfloat16",
@@ -94,7 +94,7 @@ def test_cost_model_prices_transfers_from_spec_bytes() -> None:
 
 def test_spec_and_cost_model_import_no_torch() -> None:
     code = (
-        "import sys, engine.kv.spec, router.worker_api, router.policy\n"
+        "import sys, engine.kv.spec, tandem.contract.worker_api, router.policy\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from engine.worker_stats import EngineLoad
-from prefill_worker.metrics import TierFigures, WorkerMetrics, WorkerSnapshot, transfer_failure_reason
+from tandem.pool.metrics import TierFigures, WorkerMetrics, WorkerSnapshot, transfer_failure_reason
 from router.metrics import STAGES, RouterMetrics, RouterStateSource
-from router.metrics_http import serve_registry
+from tandem.contract.metrics_http import serve_registry
 from router.slo import DEFAULT_SLO_CLASSES, Slo
 from tandem.api import generation_pb2 as pb
 from tests.e2e.deploy_exprs import dashboard_exprs, dashboard_variable_queries, metric_names, rule_exprs

@@ -28,7 +28,7 @@ from router.policy import (
 )
 from router.prefix_index import PrefixIndex
 from router.slo import DEFAULT_SLO_CLASSES, Slo, resolve_slo
-from router.worker_api import CostModel, LoadSnapshot
+from tandem.contract.worker_api import CostModel, LoadSnapshot
 
 PREFILL_COST = CostModel(prefill_s_per_token=1e-4, prefill_s_per_request=1e-3, transfer_s_per_token=1e-5)
 DECODE_COST = CostModel(decode_step_s=0.01, decode_step_s_per_seq=1e-4, decode_step_s_per_context_token=1e-6)
@@ -255,7 +255,7 @@ def test_prefix_index_counts_the_longest_recorded_prefix_and_evicts_lru() -> Non
 
 def test_router_imports_no_torch() -> None:
     code = (
-        "import sys, router.server, router.fake_worker, router.policy, tandem.client\n"
+        "import sys, router.server, tandem.testing.fake_worker, router.policy, tandem.client\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

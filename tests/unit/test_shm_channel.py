@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.distributed.shm_channel import ChannelAborted, ShmBroadcast, abort_all
+from engine.executor.shm_channel import ChannelAborted, ShmBroadcast, abort_all
 
 
 def _pair(readers: int = 2, data_bytes: int = 64):

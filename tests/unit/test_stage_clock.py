@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from router.stage_clock import StageMarks, StageTimings, stage_timings
-from router.worker_api import StageTimes
+from tandem.contract.worker_api import StageTimes
 
 STAGES = ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode")
 

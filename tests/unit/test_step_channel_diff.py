@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.distributed.step_channel import _apply_diff, _diff, pack, unpack
+from engine.executor.step_channel import _apply_diff, _diff, pack, unpack
 from engine.runner.inputs import StepInputs
 
 

@@ -19,9 +19,9 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.worker_stats import engine_load
 from kvtransfer.cache_view import KVCacheView, TPLayout
-from prefill_worker.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
-from router.metrics_http import MetricsEndpoint, serve_registry
-from router.worker_api import CostModel, LoadSnapshot
+from tandem.pool.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
+from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
+from tandem.contract.worker_api import CostModel, LoadSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class WorkerCore:
 def _build_engine(config: EngineConfig) -> LLMEngine:
     if config.tensor_parallel_size == 1:
         return LLMEngine(config, show_progress=False)
-    from engine.distributed.executor import TPOptions
+    from engine.executor.executor import TPOptions
 
     return LLMEngine(config, show_progress=False, tp_options=TPOptions(use_current_placement_group=True))
 

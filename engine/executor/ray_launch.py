@@ -7,7 +7,7 @@ group (`current_placement`: followers take bundles 1.. with exactly their resour
 launcher owns and removes it).
 
 Ray is used to start, stop and watch followers only; step traffic goes through
-torch.distributed (engine.distributed.step_channel).
+torch.distributed (engine.executor.step_channel).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def spawn_follower(pg: Any, rank: int, bundle: dict[str, float], spec: Any) -> A
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from engine.distributed.follower import TPFollower
+    from engine.executor.follower import TPFollower
 
     custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU") and not k.startswith("node:")}
     cls = ray.remote(TPFollower)

@@ -1,7 +1,7 @@
 """The leader's messages to its followers: a step's StepInputs, a KV op, or the order to stop.
 
 Transport: on one x86-64 host (every TP group: its ranks are packed on one node) messages go
-through a shared-memory broadcast (engine.distributed.shm_channel) that the first message sets
+through a shared-memory broadcast (engine.executor.shm_channel) that the first message sets
 up with one gloo handshake; otherwise (or if the mapping fails on any rank) each message is a
 gloo broadcast over the TP group's CPU group, rank 0 the source.
 
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.distributed import shm_channel
-from engine.distributed.kv_ops import KVOp
+from engine.executor import shm_channel
+from engine.executor.kv_ops import KVOp
 from engine.distributed.parallel_state import TPGroup, wait_bounded
 from engine.runner.inputs import StepInputs
 
@@ -51,7 +51,7 @@ PATH_BYTES = 512
 class MessageKind(enum.IntEnum):
     STEP = 1
     SHUTDOWN = 2
-    KV_READ = 3  # a whole-group KV block read (engine.distributed.kv_ops)
+    KV_READ = 3  # a whole-group KV block read (engine.executor.kv_ops)
     KV_WRITE = 4
     STEP_DIFF = 5  # a step sent as the changes to the previous step's payload
 

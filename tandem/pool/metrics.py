@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from engine.engine import LLMEngine
 from engine.worker_stats import EngineLoad, engine_load
-from router.metrics import LATENCY_BUCKETS
+from tandem.contract.metrics_http import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)

@@ -1,4 +1,4 @@
-"""Serving one process component's CollectorRegistry over HTTP for Prometheus.
+"""The metrics plumbing every component shares: the latency buckets, and serving one process component's CollectorRegistry over HTTP for Prometheus.
 
 Every Tandem process (router, each worker) owns a dedicated `CollectorRegistry` (never the
 global default, so tests can run several components in one process) and serves it on its own
@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
+
+# Fine enough for millisecond decode steps, wide enough for minutes-long requests.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
 
 
 @dataclass

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from router.tasks import cancel_and_wait
-from router.worker_api import (
+from tandem.contract.worker_api import (
     CostModel,
     DecodeRequest,
     LoadSnapshot,

@@ -2,7 +2,7 @@
 
 Real prefill / decode Ray actors implement these protocols (the router awaits actor method
 calls through a thin adapter, or the actor handle itself when its methods match); the
-in-process `router.fake_worker` implements them for tests and benchmarks. Messages are frozen
+in-process `tandem.testing.fake_worker` implements them for tests and benchmarks. Messages are frozen
 dataclasses of plain values (no torch, no protobuf objects) so they cross Ray actor calls as is.
 
 Time: `deadline` fields are absolute UNIX seconds (`time.time()`), because `time.monotonic()`

@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from decode_worker.outbox import Outbox
+from tandem.pool.outbox import Outbox
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
-from prefill_worker.common import PoolWorker, WorkerCore
-from router.worker_api import (
+from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.contract.worker_api import (
     PrefillRequest,
     StageTimes,
     StepOutput,

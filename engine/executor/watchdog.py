@@ -17,6 +17,7 @@ import time
 from typing import Any, NamedTuple
 
 from engine.distributed.process_group import abort_groups
+from engine.executor import shm_channel
 
 
 class Failure(NamedTuple):
@@ -64,6 +65,7 @@ class FollowerWatchdog:
         while not self._stop.wait(self.poll_s) and self._failure is None:
             failure = self.check(0.0) or self._overdue()
             if failure is not None:
+                shm_channel.abort_all()  # step-channel waits return at once
                 abort_groups()  # first: whoever sees the failure may tear the groups down at once
                 self._failure = failure
 

@@ -6,7 +6,7 @@
                 runner.compute_logits (the LM head's all-gather is a collective every rank
                 joins); the logits are dropped (rank 0 samples). KV_READ / KV_WRITE: send
                 rank 0 this rank's heads of the blocks, or store the heads it sends
-                (engine.distributed.kv_ops). Returns the steps run
+                (engine.executor.kv_ops). Returns the steps run
 
 Hazards: `run_loop` blocks for the actor's life, so no other call reaches the actor meanwhile
 (Ray is used only to start, stop and watch it). A follower never times out while the leader is
@@ -23,11 +23,11 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.fast_allreduce import ReductionSpec
-from engine.distributed.kv_ops import follower_serve
+from engine.executor.kv_ops import follower_serve
 from engine.distributed.parallel_state import TPGroup
 from engine.distributed.process_group import destroy_tp_group, init_tp_group
-from engine.distributed.ray_launch import follower_cuda_device
-from engine.distributed.step_channel import MessageKind, StepChannel
+from engine.executor.ray_launch import follower_cuda_device
+from engine.executor.step_channel import MessageKind, StepChannel
 
 if TYPE_CHECKING:
     from engine.runner.model_runner import ModelRunner

@@ -26,10 +26,10 @@ import logging
 import threading
 from typing import Any
 
-from engine.distributed import ray_launch
+from engine.executor import ray_launch
 from engine.distributed.process_group import destroy_tp_group
-from engine.distributed.step_channel import StepChannel
-from engine.distributed.watchdog import FollowerWatchdog
+from engine.executor.step_channel import StepChannel
+from engine.executor.watchdog import FollowerWatchdog
 
 log = logging.getLogger(__name__)
 

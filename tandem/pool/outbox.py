@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from router.worker_api import StepOutput
+from tandem.contract.worker_api import StepOutput
 
 
 class Outbox:

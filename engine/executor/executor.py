@@ -5,14 +5,14 @@ Life cycle (`TPState`):
                their shards while rank 0 builds its own in build_leader())
     RUNNING    every engine step goes through step(inputs): publish the StepInputs to the
                followers, then rank 0 runs forward, logits and sampling inside the scope;
-               read_kv / write_kv move KV blocks of every rank (engine.distributed.kv_ops)
+               read_kv / write_kv move KV blocks of every rank (engine.executor.kv_ops)
     FAILED     a follower died, raised or hung: the step raises TPGroupError naming the rank,
                followers are killed and every later step raises the same error
     SHUT_DOWN  shutdown(): followers get SHUTDOWN, the group is torn down (idempotent); an
                executor garbage-collected unclosed releases the same (a finalizer)
 
 Everything the group holds beyond this object (actors, placement group, watchdog thread, step
-channel, process groups) lives in its GroupResources (engine.distributed.group_resources),
+channel, process groups) lives in its GroupResources (engine.executor.group_resources),
 released once by whichever of shutdown, failure or the finalizer comes first.
 
 Failure bounds: a dead follower breaks gloo's sockets at once and resolves its watched
@@ -42,20 +42,20 @@ from typing import Any, TypeVar
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.distributed import kv_ops, ray_launch
+from engine.executor import kv_ops, ray_launch
 from engine.distributed.errors import TPGroupError
 from engine.distributed.fast_allreduce import ReductionSpec
-from engine.distributed.follower import FollowerSpec
-from engine.distributed.group_resources import GroupResources
-from engine.distributed.kv_ops import KVOp
+from engine.executor.follower import FollowerSpec
+from engine.executor.group_resources import GroupResources
+from engine.executor.kv_ops import KVOp
 from engine.distributed.process_group import (
     claim_default_group,
     host_store,
     init_tp_group,
 )
-from engine.distributed.shm_channel import ChannelAborted
-from engine.distributed.step_channel import StepChannel
-from engine.distributed.watchdog import Failure, FollowerWatchdog
+from engine.executor.shm_channel import ChannelAborted
+from engine.executor.step_channel import StepChannel
+from engine.executor.watchdog import Failure, FollowerWatchdog
 from engine.runner.inputs import StepInputs
 
 R = TypeVar("R")
