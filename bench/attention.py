@@ -84,7 +84,9 @@ def bench_decode(copy_gbs: float, sweep: bool) -> dict[str, Any]:
     scale = HEAD_DIM**-0.5
     args = (query, k_cache, v_cache, table, seq_lens, scale)
     ref = paged_decode_attention_ref(query.float(), k_cache.float(), v_cache.float(), *args[3:])
-    torch.testing.assert_close(paged_decode_attention(*args, DECODE_CONTEXT).float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        paged_decode_attention(*args, DECODE_CONTEXT).float(), ref, atol=2e-2, rtol=2e-2
+    )
     kv_bytes = 2 * DECODE_BATCH * DECODE_CONTEXT * KV_HEADS * HEAD_DIM * DTYPE.itemsize
     moved = kv_bytes + 2 * query.numel() * DTYPE.itemsize
     splits = choose_num_splits(DECODE_BATCH, KV_HEADS, DECODE_CONTEXT, num_sms(query.device))
@@ -92,12 +94,14 @@ def bench_decode(copy_gbs: float, sweep: bool) -> dict[str, Any]:
     if sweep:
         configs += [
             dict(num_splits=s, block_n=n, num_stages=st)
-            for s in (1, 2, 3, 4, 8) for n in (32, 64, 128) for st in (2, 3, 4)
+            for s in (1, 2, 3, 4, 8)
+            for n in (32, 64, 128)
+            for st in (2, 3, 4)
         ]
     results: list[dict[str, Any]] = []
     for knobs in configs:
         try:
-            ms = _bench(lambda: paged_decode_attention(*args, DECODE_CONTEXT, **knobs))
+            ms = _bench(lambda knobs=knobs: paged_decode_attention(*args, DECODE_CONTEXT, **knobs))
         except Exception as exc:  # a config that does not fit (shared memory) is skipped
             print(f"  decode {knobs}: skipped ({type(exc).__name__})")
             continue
@@ -107,7 +111,9 @@ def bench_decode(copy_gbs: float, sweep: bool) -> dict[str, Any]:
     return dict(default=results[0], best=best, bytes_moved=moved)
 
 
-def _sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable[[], torch.Tensor], str]:
+def _sdpa_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[Callable[[], torch.Tensor], str]:
     """A closure running flash SDPA with GQA (enable_gqa, or K/V pre-expanded if unsupported)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
@@ -140,8 +146,18 @@ def bench_prefill(seq_len: int, sweep: bool) -> dict[str, Any]:
     seq_lens = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
     scale = HEAD_DIM**-0.5
     # The same K/V, contiguous, for SDPA: [1, heads, S, D].
-    k = k_cache[table[0].long()].reshape(-1, KV_HEADS, HEAD_DIM)[:seq_len].transpose(0, 1)[None].contiguous()
-    v = v_cache[table[0].long()].reshape(-1, KV_HEADS, HEAD_DIM)[:seq_len].transpose(0, 1)[None].contiguous()
+    k = (
+        k_cache[table[0].long()]
+        .reshape(-1, KV_HEADS, HEAD_DIM)[:seq_len]
+        .transpose(0, 1)[None]
+        .contiguous()
+    )
+    v = (
+        v_cache[table[0].long()]
+        .reshape(-1, KV_HEADS, HEAD_DIM)[:seq_len]
+        .transpose(0, 1)[None]
+        .contiguous()
+    )
     q = query.transpose(0, 1)[None].contiguous()
     flash, gqa_mode = _sdpa_flash(q, k, v)
     expected = flash()[0].transpose(0, 1)
@@ -155,22 +171,32 @@ def bench_prefill(seq_len: int, sweep: bool) -> dict[str, Any]:
         configs += [
             ExtendConfig(m, n, w, s)
             for m, n, w, s in [
-                (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 4, 4),
-                (64, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2), (128, 64, 8, 2),
+                (128, 128, 8, 3),
+                (128, 64, 8, 4),
+                (128, 64, 4, 3),
+                (128, 32, 4, 4),
+                (64, 128, 4, 3),
+                (64, 64, 4, 4),
+                (128, 128, 8, 2),
+                (128, 64, 8, 2),
             ]
         ]
     results: list[dict[str, Any]] = []
     for config in configs:
         try:
-            ms = _bench(lambda: ours(config))
+            ms = _bench(lambda config=config: ours(config))
         except Exception as exc:
             print(f"  prefill {config}: skipped ({type(exc).__name__})")
             continue
         results.append(dict(config=config._asdict(), ms=ms, tflops=flops / ms / 1e9))
     flash_ms = _bench(flash)
     best = max(results, key=lambda r: r["tflops"])
-    return dict(seq_len=seq_len, default=results[0], best=best,
-                sdpa_flash=dict(ms=flash_ms, tflops=flops / flash_ms / 1e9, gqa=gqa_mode))
+    return dict(
+        seq_len=seq_len,
+        default=results[0],
+        best=best,
+        sdpa_flash=dict(ms=flash_ms, tflops=flops / flash_ms / 1e9, gqa=gqa_mode),
+    )
 
 
 def main() -> None:
@@ -178,7 +204,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
     sweep = parser.parse_args().sweep
     if not torch.cuda.is_available():
-        sys.exit("bench/attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.")
+        sys.exit(
+            "bench/attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured."
+        )
     import triton  # type: ignore[import-untyped]
 
     torch.manual_seed(0)
@@ -192,14 +220,25 @@ def main() -> None:
     print(f"    bf16 matmul peak (8192^3)      {peak:10.1f} TFLOP/s")
     for label in ("default", "best"):
         r = decode[label]
-        print(f"(b) paged decode {label:7s} {r['ms'] * 1e3:8.1f} us {r['gbs']:9.1f} GB/s "
-              f"{100 * r['fraction_of_copy']:5.1f}% of copy  {r['knobs']}")
+        print(
+            f"(b) paged decode {label:7s} {r['ms'] * 1e3:8.1f} us {r['gbs']:9.1f} GB/s "
+            f"{100 * r['fraction_of_copy']:5.1f}% of copy  {r['knobs']}"
+        )
     print("(c) causal prefill      ours(default)   ours(best)   SDPA flash   (TFLOP/s)")
     for r in prefill:
-        print(f"    {r['seq_len']:6d} tokens  {r['default']['tflops']:12.1f} {r['best']['tflops']:12.1f} "
-              f"{r['sdpa_flash']['tflops']:12.1f}   best={r['best']['config']}")
-    result = dict(device=device, torch=torch.__version__, triton=triton.__version__, copy_gbs=copy_gbs,
-                  matmul_peak_tflops=peak, decode=decode, prefill=prefill)
+        print(
+            f"    {r['seq_len']:6d} tokens  {r['default']['tflops']:12.1f} {r['best']['tflops']:12.1f} "
+            f"{r['sdpa_flash']['tflops']:12.1f}   best={r['best']['config']}"
+        )
+    result = dict(
+        device=device,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_gbs=copy_gbs,
+        matmul_peak_tflops=peak,
+        decode=decode,
+        prefill=prefill,
+    )
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "attention.json"
         path.write_text(json.dumps(result, indent=2, default=str))

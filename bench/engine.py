@@ -60,7 +60,9 @@ def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
     while len(started) < batch:  # every request prefilled and holding its first token
         for out in engine.step():
             if out.finished:
-                raise RuntimeError(f"{out.request_id} finished early: {out.finish_reason} after {len(out.token_ids)} tokens")
+                raise RuntimeError(
+                    f"{out.request_id} finished early: {out.finish_reason} after {len(out.token_ids)} tokens"
+                )
             started.add(out.request_id)
     times = []
     for _ in range(steps):
@@ -76,8 +78,11 @@ def prefill_time(llm: LLM, length: int) -> float:
     engine = llm.engine
     times = []
     for i in range(4):
-        engine.add_request(f"p{i}", random_prompts(1, length, engine.vocab_size, 100 + i)[0],
-                           SamplingParams(temperature=0.0, max_tokens=1))
+        engine.add_request(
+            f"p{i}",
+            random_prompts(1, length, engine.vocab_size, 100 + i)[0],
+            SamplingParams(temperature=0.0, max_tokens=1),
+        )
         sync()
         start = time.perf_counter()
         while engine.has_unfinished():
@@ -99,15 +104,24 @@ def hf_peer(batches: list[int], new_tokens: int) -> dict[int, float]:
     """transformers generate tokens/s on the same shape (random weights, bf16, SDPA)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**{k: v for k, v in PRESETS[PRESET].items() if k not in ("architectures", "torch_dtype")})
+    cfg = LlamaConfig(
+        **{k: v for k, v in PRESETS[PRESET].items() if k not in ("architectures", "torch_dtype")}
+    )
     with torch.device("cuda"):
         model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
     results = {}
     for b in batches:
         ids = torch.tensor(random_prompts(b, CTX, cfg.vocab_size, b), device="cuda")
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                      attention_mask=torch.ones_like(ids), pad_token_id=0)
-        model.generate(ids[:, :32], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+        kwargs = dict(
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones_like(ids),
+            pad_token_id=0,
+        )
+        model.generate(
+            ids[:, :32], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+        )  # warm up
         sync()
         start = time.perf_counter()
         model.generate(ids, **kwargs)
@@ -138,7 +152,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench/engine.py needs a CUDA GPU")
     bw, peak = copy_bandwidth(), matmul_peak()
-    print(f"{gpu_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    print(
+        f"{gpu_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s"
+    )
     peer_batches, peer_tokens = [1, 32], 64
     peer: dict[int, float] = {}
     if not args.skip_peer:
@@ -146,12 +162,23 @@ def main() -> None:
             peer = hf_peer(peer_batches, peer_tokens)
         except Exception as exc:  # the peer is optional: report and carry on
             print(f"transformers peer failed: {type(exc).__name__}: {exc}")
-    llm = LLM(f"preset:{PRESET}", load_format="dummy", dtype="bfloat16", show_progress=False,
-              max_num_batched_tokens=8192, max_num_seqs=256)
+    llm = LLM(
+        f"preset:{PRESET}",
+        load_format="dummy",
+        dtype="bfloat16",
+        show_progress=False,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+    )
     cfg = llm.engine.model_config
     wbytes, kv_tok = weight_bytes(llm), llm.engine.kv_spec.bytes_per_token()
-    result: dict = {"gpu": gpu_name(), "copy_bw": bw, "matmul_peak": peak, "weight_bytes": wbytes,
-                    "kv_blocks": llm.engine.runner.num_blocks}
+    result: dict = {
+        "gpu": gpu_name(),
+        "copy_bw": bw,
+        "matmul_peak": peak,
+        "weight_bytes": wbytes,
+        "kv_blocks": llm.engine.runner.num_blocks,
+    }
     rows = []
     for b in (1, 8, 32, 128, 256):
         t = decode_step_times(llm, b, 12 if args.quick else 24)
@@ -159,12 +186,27 @@ def main() -> None:
         floor = (wbytes + b * (CTX + 8) * kv_tok) / bw
         rows.append([b, f"{t * 1e3:.2f}", f"{floor * 1e3:.2f}", f"{floor / t:.0%}", f"{b / t:.0f}"])
         result[f"decode_b{b}"] = {"step_s": t, "roofline_s": floor}
-    print_table("decode step, context ~1k (roofline = bytes read / copy bandwidth)",
-                ["batch", "step ms", "roofline ms", "of roofline", "tok/s"], rows)
+    print_table(
+        "decode step, context ~1k (roofline = bytes read / copy bandwidth)",
+        ["batch", "step ms", "roofline ms", "of roofline", "tok/s"],
+        rows,
+    )
     t4k = prefill_time(llm, 4096)
-    flops = 2 * cfg.num_params * 4096 + cfg.num_layers * 2 * 4096 * 4096 * cfg.num_heads * cfg.head_dim
-    print_table("4k-token prefill", ["ms", "FLOP bound ms", "of bound", "TFLOP/s"],
-                [[f"{t4k * 1e3:.1f}", f"{flops / peak * 1e3:.1f}", f"{flops / peak / t4k:.0%}", f"{flops / t4k / 1e12:.0f}"]])
+    flops = (
+        2 * cfg.num_params * 4096 + cfg.num_layers * 2 * 4096 * 4096 * cfg.num_heads * cfg.head_dim
+    )
+    print_table(
+        "4k-token prefill",
+        ["ms", "FLOP bound ms", "of bound", "TFLOP/s"],
+        [
+            [
+                f"{t4k * 1e3:.1f}",
+                f"{flops / peak * 1e3:.1f}",
+                f"{flops / peak / t4k:.0%}",
+                f"{flops / t4k / 1e12:.0f}",
+            ]
+        ],
+    )
     result["prefill_4k"] = {"s": t4k, "flops": flops}
     n_req = 256
     out_len = 256 if args.quick else 1024
@@ -173,14 +215,22 @@ def main() -> None:
     avg_ctx = CTX + out_len / 2
     bound_step = (wbytes + seqs * avg_ctx * kv_tok) / bw
     bound = seqs / bound_step
-    print_table(f"offline {n_req} x ({CTX} in, {out_len} out)", ["output tok/s", "bound tok/s", "of bound", "preemptions"],
-                [[f"{tput:.0f}", f"{bound:.0f}", f"{tput / bound:.0%}", preempt]])
+    print_table(
+        f"offline {n_req} x ({CTX} in, {out_len} out)",
+        ["output tok/s", "bound tok/s", "of bound", "preemptions"],
+        [[f"{tput:.0f}", f"{bound:.0f}", f"{tput / bound:.0%}", preempt]],
+    )
     result["offline"] = {"tok_s": tput, "bound_tok_s": bound, "requests": n_req, "out_len": out_len}
     ours = tandem_same_as_peer(llm, peer_batches, peer_tokens)
     if peer:
-        print_table(f"peer: transformers generate ({CTX}-token prompts, {peer_tokens} new tokens)",
-                    ["batch", "transformers tok/s", "tandem tok/s", "speedup"],
-                    [[b, f"{peer[b]:.0f}", f"{ours[b]:.0f}", f"{ours[b] / peer[b]:.1f}x"] for b in peer_batches])
+        print_table(
+            f"peer: transformers generate ({CTX}-token prompts, {peer_tokens} new tokens)",
+            ["batch", "transformers tok/s", "tandem tok/s", "speedup"],
+            [
+                [b, f"{peer[b]:.0f}", f"{ours[b]:.0f}", f"{ours[b] / peer[b]:.1f}x"]
+                for b in peer_batches
+            ],
+        )
     result["peer"] = {"transformers": peer, "tandem": ours}
     write_json("engine", result)
 

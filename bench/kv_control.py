@@ -81,8 +81,13 @@ def main() -> None:
     _wrap(TorchP2PSender, "_post_sends", "gathering", "sent")
     _wrap(Transfer, "write_layers", "landed", "written")
     links = in_process_links(2, timeout_s=20.0)
-    src, dst = KVCacheView(torch.randn(2, 2, 64, 16, 2, 64)), KVCacheView(torch.zeros(2, 2, 64, 16, 2, 64))
-    sender = TorchP2PSender(src, links[0], worker_id="p", model_salt="m", on_release=lambda t, b: None)
+    src, dst = (
+        KVCacheView(torch.randn(2, 2, 64, 16, 2, 64)),
+        KVCacheView(torch.zeros(2, 2, 64, 16, 2, 64)),
+    )
+    sender = TorchP2PSender(
+        src, links[0], worker_id="p", model_salt="m", on_release=lambda t, b: None
+    )
     receiver = TorchP2PReceiver(dst, links[1], on_release=lambda t, b: None, timeout_s=10)
     ids = list(range(1, args.blocks + 1))
     for i in range(args.transfers):
@@ -100,11 +105,20 @@ def main() -> None:
     for link in links:
         link.close()
     runs = [_stamps[i] for i in range(args.transfers // 10, args.transfers)]  # skip the warm-up
-    figures = {name: statistics.median((r[name] - r["start"]) * 1e3 for r in runs) for name, _ in EVENTS}
+    figures = {
+        name: statistics.median((r[name] - r["start"]) * 1e3 for r in runs) for name, _ in EVENTS
+    }
     rows = [[what, f"{figures[name]:.3f}"] for name, what in EVENTS]
-    print_table(f"p2p control path, {args.blocks}-block transfers (ms after start(), median of {len(runs)}; gloo, "
-                "in-process)", ["event", "ms"], rows)
-    write_json("kv_control", {"events_ms": figures, "total_ms": figures["done"], "blocks": args.blocks})
+    print_table(
+        f"p2p control path, {args.blocks}-block transfers (ms after start(), median of {len(runs)}; gloo, "
+        "in-process)",
+        ["event", "ms"],
+        rows,
+    )
+    write_json(
+        "kv_control", {"events_ms": figures, "total_ms": figures["done"], "blocks": args.blocks}
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -25,7 +25,9 @@ import uuid
 
 # This file is named like the package it measures: keep bench/ off the import path (the
 # repository root on it, for bench.common).
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path = [
+    p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))
+]
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
@@ -44,7 +46,15 @@ SMALL = dict(layers=4, heads=2, head_dim=64, block=16, dtype=torch.float16)
 
 
 def _cache(shape: dict, num_blocks: int, device: str) -> KVCacheView:
-    t = torch.randn(shape["layers"], 2, num_blocks, shape["block"], shape["heads"], shape["head_dim"], device=device)
+    t = torch.randn(
+        shape["layers"],
+        2,
+        num_blocks,
+        shape["block"],
+        shape["heads"],
+        shape["head_dim"],
+        device=device,
+    )
     return KVCacheView(t.to(shape["dtype"]))
 
 
@@ -90,13 +100,23 @@ def _p2p_worker(rank: int, port: int, args: argparse.Namespace, results: dict) -
     device = f"cuda:{rank}" if not args.cpu else "cpu"
     if not args.cpu:
         torch.cuda.set_device(rank)
-    dist.init_process_group("gloo" if args.cpu else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group(
+        "gloo" if args.cpu else "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+    )
     store, shape = dist.distributed_c10d._get_default_store(), SMALL if args.cpu else LLAMA3_8B
     max_blocks = max(args.tokens) // shape["block"]
     view = _cache(shape, max_blocks + 1, device)
-    link = P2PLink(dist.PrefixStore("kv/", store), rank, 2, "gloo" if args.cpu else "nccl")  # its own group
-    side = (TorchP2PSender(view, link, worker_id="p", model_salt="m", on_release=lambda t, b: None)
-            if rank == 0 else TorchP2PReceiver(view, link, on_release=lambda t, b: None, timeout_s=120))
+    link = P2PLink(
+        dist.PrefixStore("kv/", store), rank, 2, "gloo" if args.cpu else "nccl"
+    )  # its own group
+    side = (
+        TorchP2PSender(view, link, worker_id="p", model_salt="m", on_release=lambda t, b: None)
+        if rank == 0
+        else TorchP2PReceiver(view, link, on_release=lambda t, b: None, timeout_s=120)
+    )
     rows = []
     for tokens in args.tokens:
         n = tokens // shape["block"]
@@ -135,10 +155,21 @@ def _p2p_worker(rank: int, port: int, args: argparse.Namespace, results: dict) -
                 store.delete_key("sending")
         if rank == 1:
             transfer_s, data_s = statistics.median(times[1:]), statistics.median(data[1:])
-            rows.append(dict(tokens=tokens, mib=nbytes / 2**20, raw_gbps=pipelined, raw_single_ms=single_s * 1e3,
-                             raw_single_gbps=nbytes / single_s / 1e9, transfer_ms=transfer_s * 1e3,
-                             p2p_gbps=nbytes / transfer_s / 1e9, data_ms=data_s * 1e3, data_gbps=nbytes / data_s / 1e9,
-                             ratio=nbytes / transfer_s / 1e9 / pipelined, data_ratio=single_s / data_s))
+            rows.append(
+                dict(
+                    tokens=tokens,
+                    mib=nbytes / 2**20,
+                    raw_gbps=pipelined,
+                    raw_single_ms=single_s * 1e3,
+                    raw_single_gbps=nbytes / single_s / 1e9,
+                    transfer_ms=transfer_s * 1e3,
+                    p2p_gbps=nbytes / transfer_s / 1e9,
+                    data_ms=data_s * 1e3,
+                    data_gbps=nbytes / data_s / 1e9,
+                    ratio=nbytes / transfer_s / 1e9 / pipelined,
+                    data_ratio=single_s / data_s,
+                )
+            )
     if rank == 1:
         results["p2p"] = rows
     side.close()
@@ -163,7 +194,13 @@ def _grpc(args: argparse.Namespace) -> list[dict]:
             receiver.start(handle, ids)
             _wait(receiver, handle.transfer_id)
         nbytes = len(ids) * src.bytes_per_block()
-        rows.append(dict(tokens=tokens, mib=nbytes / 2**20, grpc_gbps=nbytes * args.iters / (time.perf_counter() - t0) / 1e9))
+        rows.append(
+            dict(
+                tokens=tokens,
+                mib=nbytes / 2**20,
+                grpc_gbps=nbytes * args.iters / (time.perf_counter() - t0) / 1e9,
+            )
+        )
         sender.poll()
     receiver.close()
     sender.close()
@@ -186,17 +223,46 @@ def main() -> None:
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_p2p_worker, args=(port, args, results), nprocs=2, join=True)
-    report = dict(device="cpu/gloo" if args.cpu else torch.cuda.get_device_name(0), p2p=list(results["p2p"]), grpc=_grpc(args))
+    report = dict(
+        device="cpu/gloo" if args.cpu else torch.cuda.get_device_name(0),
+        p2p=list(results["p2p"]),
+        grpc=_grpc(args),
+    )
     print(f"device: {report['device']}; target: p2p >= 80% of raw")
-    print_table("p2p transport next to raw send/recv of the same bytes (medians, receiver side)",
-                ["tokens", "MiB", "raw pipelined GB/s", "raw single ms", "p2p transfer ms", "p2p GB/s",
-                 "p2p / raw", "p2p / raw single", "p2p data ms", "data / raw single"],
-                [[r["tokens"], f"{r['mib']:.1f}", f"{r['raw_gbps']:.1f}", f"{r['raw_single_ms']:.3f}",
-                  f"{r['transfer_ms']:.3f}", f"{r['p2p_gbps']:.1f}", f"{r['ratio']:.0%}",
-                  f"{r['raw_single_ms'] / r['transfer_ms']:.0%}", f"{r['data_ms']:.3f}", f"{r['data_ratio']:.0%}"]
-                 for r in report["p2p"]])
+    print_table(
+        "p2p transport next to raw send/recv of the same bytes (medians, receiver side)",
+        [
+            "tokens",
+            "MiB",
+            "raw pipelined GB/s",
+            "raw single ms",
+            "p2p transfer ms",
+            "p2p GB/s",
+            "p2p / raw",
+            "p2p / raw single",
+            "p2p data ms",
+            "data / raw single",
+        ],
+        [
+            [
+                r["tokens"],
+                f"{r['mib']:.1f}",
+                f"{r['raw_gbps']:.1f}",
+                f"{r['raw_single_ms']:.3f}",
+                f"{r['transfer_ms']:.3f}",
+                f"{r['p2p_gbps']:.1f}",
+                f"{r['ratio']:.0%}",
+                f"{r['raw_single_ms'] / r['transfer_ms']:.0%}",
+                f"{r['data_ms']:.3f}",
+                f"{r['data_ratio']:.0%}",
+            ]
+            for r in report["p2p"]
+        ],
+    )
     for r in report["grpc"]:
-        print(f"grpc loopback {r['tokens']:>6} tokens {r['mib']:>8.1f} MiB {r['grpc_gbps']:>7.2f} GB/s")
+        print(
+            f"grpc loopback {r['tokens']:>6} tokens {r['mib']:>8.1f} MiB {r['grpc_gbps']:>7.2f} GB/s"
+        )
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "kvtransfer.json"), "w") as f:
             json.dump(report, f, indent=2)

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import print_table, sync, write_json  # noqa: E402
@@ -58,7 +57,11 @@ def gpu_time_per_step(llm: LLM, steps: int) -> float:
         for _ in range(steps):
             llm.engine.step()
         sync()
-    total_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0 and e.key and not e.key.startswith("ProfilerStep"))
+    total_us = sum(
+        e.device_time_total
+        for e in prof.key_averages()
+        if e.device_time_total > 0 and e.key and not e.key.startswith("ProfilerStep")
+    )
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
     return (kernel_us or total_us) / 1e6 / steps
 
@@ -93,11 +96,22 @@ def main() -> None:
         step = statistics.median(wall)
         gpu = gpu_time_per_step(llm, 10)
         engine.abort(ids)
-        rows.append([b, f"{step * 1e3:.2f}", f"{gpu * 1e3:.2f}", f"{(step - gpu) * 1e3:.2f}"]
-                    + [f"{med[k] * 1e3:.2f}" for k in med])
+        rows.append(
+            [b, f"{step * 1e3:.2f}", f"{gpu * 1e3:.2f}", f"{(step - gpu) * 1e3:.2f}"]
+            + [f"{med[k] * 1e3:.2f}" for k in med]
+        )
         report[f"b{b}"] = {"step_s": step, "gpu_s": gpu, "stages_s": med}
-    print_table("decode step anatomy (ms, medians)", ["batch", "step", "GPU busy", "GPU idle",
-                *["schedule", "inputs", "forward", "logits", "sampler", "update"]], rows)
+    print_table(
+        "decode step anatomy (ms, medians)",
+        [
+            "batch",
+            "step",
+            "GPU busy",
+            "GPU idle",
+            *["schedule", "inputs", "forward", "logits", "sampler", "update"],
+        ],
+        rows,
+    )
     write_json("profile_decode", report)
 
 

@@ -50,7 +50,9 @@ class PhaseResult:
 # -- client side (separate processes) -------------------------------------------------------
 
 
-async def _client_loop(address: str, concurrency: int, seconds: float, tokens: int) -> dict[str, object]:
+async def _client_loop(
+    address: str, concurrency: int, seconds: float, tokens: int
+) -> dict[str, object]:
     """Closed-loop streams; against the floor server, `tokens` is the number of messages."""
     import grpc
 
@@ -60,8 +62,10 @@ async def _client_loop(address: str, concurrency: int, seconds: float, tokens: i
     latencies: list[float] = []
     ttfts: list[float] = []
     counts = {"messages": 0, "tokens": 0, "errors": 0}
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100, 116))),
-                                 sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0))  # fmt: skip
+    request = pb.GenerateRequest(
+        token_ids=pb.TokenIds(ids=list(range(100, 116))),
+        sampling=pb.SamplingParams(max_tokens=tokens, temperature=0.0),
+    )
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.GenerationStub(channel)
         end = time.monotonic() + seconds
@@ -85,25 +89,37 @@ async def _client_loop(address: str, concurrency: int, seconds: float, tokens: i
     return {"latencies": latencies, "ttfts": ttfts, **counts}
 
 
-def _client_main(address: str, concurrency: int, seconds: float, tokens: int, out: mp.Queue) -> None:
+def _client_main(
+    address: str, concurrency: int, seconds: float, tokens: int, out: mp.Queue
+) -> None:
     out.put(json.dumps(asyncio.run(_client_loop(address, concurrency, seconds, tokens))))
 
 
-def run_clients(address: str, name: str, clients: int, concurrency: int, seconds: float, tokens: int) -> PhaseResult:
+def run_clients(
+    address: str, name: str, clients: int, concurrency: int, seconds: float, tokens: int
+) -> PhaseResult:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     per_client = max(concurrency // clients, 1)
-    procs = [ctx.Process(target=_client_main, args=(address, per_client, seconds, tokens, out)) for _ in range(clients)]
+    procs = [
+        ctx.Process(target=_client_main, args=(address, per_client, seconds, tokens, out))
+        for _ in range(clients)
+    ]
     for p in procs:
         p.start()
     parts = [json.loads(out.get(timeout=seconds + 60)) for _ in procs]
     for p in procs:
         p.join(timeout=10)
     return PhaseResult(
-        name, per_client * clients, seconds,
-        [x for part in parts for x in part["latencies"]], [x for part in parts for x in part["ttfts"]],
-        sum(p["messages"] for p in parts), sum(p["tokens"] for p in parts), sum(p["errors"] for p in parts),
-    )  # fmt: skip
+        name,
+        per_client * clients,
+        seconds,
+        [x for part in parts for x in part["latencies"]],
+        [x for part in parts for x in part["ttfts"]],
+        sum(p["messages"] for p in parts),
+        sum(p["tokens"] for p in parts),
+        sum(p["errors"] for p in parts),
+    )
 
 
 # -- router side ----------------------------------------------------------------------------
@@ -127,12 +143,11 @@ def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
     async def main() -> None:
         import grpc
 
-        from tandem.api import generation_pb2_grpc as pb_grpc
-
         from router.config import RouterConfig
-        from tandem.testing.fake_worker import FakeWorker
         from router.server import RouterServer
         from router.tokenizer import ByteTokenizer
+        from tandem.api import generation_pb2_grpc as pb_grpc
+        from tandem.testing.fake_worker import FakeWorker
 
         server = RouterServer(RouterConfig(max_model_len=4096, model_name="fake"), ByteTokenizer())
         await server.start()
@@ -163,8 +178,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def print_table(results: list[PhaseResult], tokens: int) -> None:
-    head = f"{'phase':<11}{'streams':>8}{'requests':>10}{'req/s':>9}{'tok/s':>9}{'msg/req':>8}" \
-           f"{'added p50':>11}{'added p99':>11}{'ttft p50':>10}{'errors':>8}"  # fmt: skip
+    head = (
+        f"{'phase':<11}{'streams':>8}{'requests':>10}{'req/s':>9}{'tok/s':>9}{'msg/req':>8}"
+        f"{'added p50':>11}{'added p99':>11}{'ttft p50':>10}{'errors':>8}"
+    )
     print(head)
     print("-" * len(head))
     for r in results:
@@ -176,14 +193,24 @@ def print_table(results: list[PhaseResult], tokens: int) -> None:
         )
     routed = [r for r in results if not r.name.startswith("floor")]
     best = max(len(r.latencies_s) / r.seconds for r in routed)
-    floor = statistics.median(routed[0].latencies_s) * 1e3 if routed[0].latencies_s else float("nan")
+    floor = (
+        statistics.median(routed[0].latencies_s) * 1e3 if routed[0].latencies_s else float("nan")
+    )
     print(f"\n{tokens} tokens per request; fake workers compute nothing, so added = end-to-end.")
-    print(f"throughput {best:.0f} req/s (target >= {TARGET_RPS:.0f}): {'MET' if best >= TARGET_RPS else 'NOT MET'}")
-    print(f"added p50 at 1 stream {floor:.2f} ms (target <= {TARGET_P50_MS} ms): "
-          f"{'MET' if floor <= TARGET_P50_MS else 'NOT MET'}")  # fmt: skip
-    print("floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)")
-    print(f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(
+        f"throughput {best:.0f} req/s (target >= {TARGET_RPS:.0f}): {'MET' if best >= TARGET_RPS else 'NOT MET'}"
+    )
+    print(
+        f"added p50 at 1 stream {floor:.2f} ms (target <= {TARGET_P50_MS} ms): "
+        f"{'MET' if floor <= TARGET_P50_MS else 'NOT MET'}"
+    )
+    print(
+        "floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)"
+    )
+    print(
+        f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main() -> None:
@@ -204,10 +231,15 @@ def main() -> None:
         address, floor_address = ready.get(timeout=30)
         run_clients(address, "warmup", 1, 4, 1.0, args.tokens)
         results: list[PhaseResult] = []
-        for name, clients, concurrency in (("latency", 1, 1), ("throughput", args.clients, args.concurrency)):
+        for name, clients, concurrency in (
+            ("latency", 1, 1),
+            ("throughput", args.clients, args.concurrency),
+        ):
             routed = run_clients(address, name, clients, concurrency, args.seconds, args.tokens)
             msgs = max(round(routed.messages / max(len(routed.latencies_s), 1)), 1)
-            floor = run_clients(floor_address, f"floor-{name[:3]}", clients, concurrency, args.seconds, msgs)
+            floor = run_clients(
+                floor_address, f"floor-{name[:3]}", clients, concurrency, args.seconds, msgs
+            )
             results += [routed, floor]
     finally:
         stop.set()

@@ -38,8 +38,9 @@ async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float
     await asyncio.sleep(delay)
     start = time.perf_counter()
     first, second, n, final = None, None, 0, None
-    async for msg in client.generate(prompt, temperature=0.0, max_tokens=out_len, ignore_eos=True,
-                                     best_effort=True):  # measure latency, do not shed load
+    async for msg in client.generate(
+        prompt, temperature=0.0, max_tokens=out_len, ignore_eos=True, best_effort=True
+    ):  # measure latency, do not shed load
         first = first or time.perf_counter()
         n += len(msg.token_ids)
         if n >= 2 and second is None:
@@ -47,9 +48,14 @@ async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float
         final = msg
     end = time.perf_counter()
     t = final.timings
-    return {"ttft": first - start, "tpot": (end - first) / max(n - 1, 1), "tokens": n,
-            "second_gap": (second or end) - first,
-            "stages": {s: getattr(t, s) for s in STAGES}, "server_ttft": t.time_to_first_token}
+    return {
+        "ttft": first - start,
+        "tpot": (end - first) / max(n - 1, 1),
+        "tokens": n,
+        "second_gap": (second or end) - first,
+        "stages": {s: getattr(t, s) for s in STAGES},
+        "server_ttft": t.time_to_first_token,
+    }
 
 
 async def workload(address: str, args: argparse.Namespace) -> list[dict]:
@@ -62,18 +68,30 @@ async def workload(address: str, args: argparse.Namespace) -> list[dict]:
             t += rng.expovariate(args.rate)
             delays.append(t)
         prompts = [[rng.randrange(1000, 120000) for _ in range(args.prompt)] for _ in delays]
-        return await asyncio.gather(*(one(client, p, args.output, d) for p, d in zip(prompts, delays)))
+        return await asyncio.gather(
+            *(one(client, p, args.output, d) for p, d in zip(prompts, delays))
+        )
     finally:
         await client.close()
 
 
 async def run_mode(mode: str, args: argparse.Namespace) -> list[dict]:
-    engine_kwargs = {"load_format": "dummy", "dtype": "bfloat16", "gpu_memory_utilization": 0.85,
-                     "max_model_len": max(4096, args.prompt + args.output)}
+    engine_kwargs = {
+        "load_format": "dummy",
+        "dtype": "bfloat16",
+        "gpu_memory_utilization": 0.85,
+        "max_model_len": max(4096, args.prompt + args.output),
+    }
     disaggregated = mode.startswith("disaggregated")
-    config = ClusterConfig(model="preset:llama-3-8b", mode="disaggregated" if disaggregated else mode, num_colocated=2,
-                           use_gpus=True, engine_kwargs=engine_kwargs, kv_transport="p2p" if disaggregated else "grpc",
-                           stream_kv=mode != "disaggregated-nostream")
+    config = ClusterConfig(
+        model="preset:llama-3-8b",
+        mode="disaggregated" if disaggregated else mode,
+        num_colocated=2,
+        use_gpus=True,
+        engine_kwargs=engine_kwargs,
+        kv_transport="p2p" if disaggregated else "grpc",
+        stream_kv=mode != "disaggregated-nostream",
+    )
     cluster = LocalCluster(config)
     address = await cluster.start()
     try:
@@ -89,11 +107,24 @@ def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
     shares = {s: statistics.mean(r["stages"][s] for r in results) / server_ttft for s in STAGES[:4]}
     gap = [r["second_gap"] for r in results]
     kv_ms = statistics.median(r["stages"]["kv_transfer"] for r in results) * 1e3
-    row = [mode, f"{pct(ttft, .5) * 1e3:.0f}", f"{pct(ttft, .99) * 1e3:.0f}", f"{pct(tpot, .5) * 1e3:.1f}",
-           f"{pct(tpot, .99) * 1e3:.1f}", f"{pct(gap, .5) * 1e3:.1f}", f"{kv_ms:.2f}"] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
-    return row, {"ttft_p50": pct(ttft, .5), "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5),
-                 "tpot_p99": pct(tpot, .99), "second_token_gap_p50": pct(gap, .5), "kv_transfer_stage_ms_p50": kv_ms,
-                 "ttft_shares": shares}
+    row = [
+        mode,
+        f"{pct(ttft, 0.5) * 1e3:.0f}",
+        f"{pct(ttft, 0.99) * 1e3:.0f}",
+        f"{pct(tpot, 0.5) * 1e3:.1f}",
+        f"{pct(tpot, 0.99) * 1e3:.1f}",
+        f"{pct(gap, 0.5) * 1e3:.1f}",
+        f"{kv_ms:.2f}",
+    ] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
+    return row, {
+        "ttft_p50": pct(ttft, 0.5),
+        "ttft_p99": pct(ttft, 0.99),
+        "tpot_p50": pct(tpot, 0.5),
+        "tpot_p99": pct(tpot, 0.99),
+        "second_token_gap_p50": pct(gap, 0.5),
+        "kv_transfer_stage_ms_p50": kv_ms,
+        "ttft_shares": shares,
+    }
 
 
 def main() -> None:
@@ -102,16 +133,32 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4.0)
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--output", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=["disaggregated", "disaggregated-nostream", "colocated"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["disaggregated", "disaggregated-nostream", "colocated"]
+    )
     args = parser.parse_args()
     rows, report = [], {"args": vars(args)}
     for mode in args.modes:
         results = asyncio.run(run_mode(mode, args))
         row, report[mode] = summarize(mode, results)
         rows.append(row)
-    print_table(f"{args.requests} requests, Poisson {args.rate}/s, {args.prompt} in / {args.output} out (ms)",
-                ["mode", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "1st->2nd token p50",
-                 "kv_transfer stage p50", "router q", "prefill q", "prefill", "KV transfer"], rows)
+    print_table(
+        f"{args.requests} requests, Poisson {args.rate}/s, {args.prompt} in / {args.output} out (ms)",
+        [
+            "mode",
+            "TTFT p50",
+            "TTFT p99",
+            "TPOT p50",
+            "TPOT p99",
+            "1st->2nd token p50",
+            "kv_transfer stage p50",
+            "router q",
+            "prefill q",
+            "prefill",
+            "KV transfer",
+        ],
+        rows,
+    )
     write_json("serve", report)
 
 

@@ -89,10 +89,14 @@ class TimedCache(TieredEngineCache):
         self.drop_spills = False  # the experiment: evicted blocks are dropped, no spill traffic
 
     def fetch(self, block_hashes: Sequence[bytes]) -> tuple[int, object]:
-        return self.timeline.timed("onload fetch", lambda: super(TimedCache, self).fetch(block_hashes))
+        return self.timeline.timed(
+            "onload fetch", lambda: super(TimedCache, self).fetch(block_hashes)
+        )
 
     def write(self, staged: object, block_ids: Sequence[int]) -> None:
-        self.timeline.timed("onload write", lambda: super(TimedCache, self).write(staged, block_ids))
+        self.timeline.timed(
+            "onload write", lambda: super(TimedCache, self).write(staged, block_ids)
+        )
 
     def flush_spills(self) -> None:
         if self.drop_spills:
@@ -131,7 +135,9 @@ def ttft(llm: LLM, prompt: list[int], rid: str) -> float:
 def push_out(llm: LLM, store: TieredStore, args: argparse.Namespace, seed: int, tag: str) -> None:
     """Other prompts take the HBM pool: the target's blocks spill into the CPU tier."""
     vocab = llm.engine.vocab_size
-    for j, filler in enumerate(random_prompts(3, args.prompt - args.prompt // 40, vocab, 100 + seed)):
+    for j, filler in enumerate(
+        random_prompts(3, args.prompt - args.prompt // 40, vocab, 100 + seed)
+    ):
         ttft(llm, filler, f"fill{tag}-{j}")
     store.flush()
 
@@ -140,7 +146,9 @@ def tier_run(llm: LLM, store: TieredStore, prompt: list[int], rid: str) -> float
     before = llm.engine.kv_manager.external_hit_tokens
     took = ttft(llm, prompt, rid)
     hit = llm.engine.kv_manager.external_hit_tokens - before
-    assert hit >= len(prompt) - 2 * llm.engine.config.block_size, f"only {hit} tokens came from the tier"
+    assert hit >= len(prompt) - 2 * llm.engine.config.block_size, (
+        f"only {hit} tokens came from the tier"
+    )
     return took
 
 
@@ -152,11 +160,24 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=700, help="HBM KV blocks")
     parser.add_argument("--cpu-blocks", type=int, default=400)
     args = parser.parse_args()
-    kwargs: dict[str, Any] = dict(dtype="bfloat16", enforce_eager=False) if args.device == "cuda" else {}
-    llm = LLM(args.model, device=args.device, load_format="dummy", show_progress=False, num_kv_blocks=args.blocks,
-              max_model_len=2 * args.prompt, **kwargs)
+    kwargs: dict[str, Any] = (
+        dict(dtype="bfloat16", enforce_eager=False) if args.device == "cuda" else {}
+    )
+    llm = LLM(
+        args.model,
+        device=args.device,
+        load_format="dummy",
+        show_progress=False,
+        num_kv_blocks=args.blocks,
+        max_model_len=2 * args.prompt,
+        **kwargs,
+    )
     view = KVCacheView(llm.engine.runner.kv_cache)
-    store = TieredStore(view, model_salt=llm.engine.kv_manager.salt, cpu_bytes=args.cpu_blocks * view.bytes_per_block())
+    store = TieredStore(
+        view,
+        model_salt=llm.engine.kv_manager.salt,
+        cpu_bytes=args.cpu_blocks * view.bytes_per_block(),
+    )
     cache = TimedCache(store, view, TIMELINE)
     llm.engine.attach_external_cache(cache)
     ForwardProbe(llm, TIMELINE)
@@ -185,16 +206,44 @@ def main() -> None:
     c, t = statistics.median(cold), statistics.median(tiered)
     print(f"device: {gpu_name() if args.device == 'cuda' else 'cpu'}, model {args.model}")
     d = statistics.median(dropped)
-    print_table(f"{args.prompt}-token prompt: TTFT (ms, median of 3)",
-                ["recompute", "prefix in CPU tier", "ratio", "target", "same, evictions not spilled (experiment)"],
-                [[f"{c * 1e3:.1f}", f"{t * 1e3:.1f}", f"{t / c:.3f}x", "<= 0.2x", f"{d * 1e3:.1f} ({d / c:.3f}x)"]])
+    print_table(
+        f"{args.prompt}-token prompt: TTFT (ms, median of 3)",
+        [
+            "recompute",
+            "prefix in CPU tier",
+            "ratio",
+            "target",
+            "same, evictions not spilled (experiment)",
+        ],
+        [
+            [
+                f"{c * 1e3:.1f}",
+                f"{t * 1e3:.1f}",
+                f"{t / c:.3f}x",
+                "<= 0.2x",
+                f"{d * 1e3:.1f} ({d / c:.3f}x)",
+            ]
+        ],
+    )
     timeline = {k: statistics.median(t[k] for t in timelines) for k in timelines[0]}
     timeline["spill copy still running after the first token"] = statistics.median(still_copying)
-    print_table("where the tier TTFT goes (ms from the start of the request, medians; CUDA events, no syncs)",
-                ["moment", "ms"], [[k, f"{v:.2f}"] for k, v in timeline.items()])
-    write_json("tier_prefix", {"device": gpu_name() if args.device == "cuda" else "cpu", "recompute_s": cold,
-                               "cpu_tier_s": tiered, "ratio": t / c, "evictions_dropped_s": dropped,
-                               "timeline_ms": timeline, "timelines": timelines})
+    print_table(
+        "where the tier TTFT goes (ms from the start of the request, medians; CUDA events, no syncs)",
+        ["moment", "ms"],
+        [[k, f"{v:.2f}"] for k, v in timeline.items()],
+    )
+    write_json(
+        "tier_prefix",
+        {
+            "device": gpu_name() if args.device == "cuda" else "cpu",
+            "recompute_s": cold,
+            "cpu_tier_s": tiered,
+            "ratio": t / c,
+            "evictions_dropped_s": dropped,
+            "timeline_ms": timeline,
+            "timelines": timelines,
+        },
+    )
     store.close()
 
 

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 
 # bench/kvtransfer.py would shadow the kvtransfer package: keep bench/ off the import path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+sys.path = [
+    p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))
+]
 
 import torch
 
@@ -80,25 +82,41 @@ def main() -> None:
     ids, per = list(range(1, n + 1)), view.bytes_per_block()
     nbytes = n * per
     hashes = hash_blocks(list(range(tokens)), 16, "bench")
-    report: dict[str, object] = dict(device=torch.cuda.get_device_name(0) if cuda else "cpu", tokens=tokens, mib=nbytes / 2**20)
+    report: dict[str, object] = dict(
+        device=torch.cuda.get_device_name(0) if cuda else "cpu", tokens=tokens, mib=nbytes / 2**20
+    )
 
     # CPU tier vs a plain (pinned when CUDA) copy of the same bytes
     store = TieredStore(view, model_salt="bench", cpu_bytes=(args.iters + 1) * nbytes)
     hashes_0 = hash_blocks(list(range(tokens)), 16, "chain-0")
-    chains = iter([hash_blocks(list(range(tokens)), 16, f"chain-{i}") for i in range(args.iters + 1)])
+    chains = iter(
+        [hash_blocks(list(range(tokens)), 16, f"chain-{i}") for i in range(args.iters + 1)]
+    )
     plain_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
     plain_dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    offload = _timed(lambda: store.store(next(chains), view, ids), cuda, args.iters)  # fresh blocks each time
+    offload = _timed(
+        lambda: store.store(next(chains), view, ids), cuda, args.iters
+    )  # fresh blocks each time
     onload = _timed(lambda: store.load(hashes_0, view, ids), cuda, args.iters)
     d2h = _timed(lambda: plain_host.copy_(plain_dev, non_blocking=True), cuda, args.iters)
     h2d = _timed(lambda: plain_dev.copy_(plain_host, non_blocking=True), cuda, args.iters)
-    report["cpu_tier"] = dict(offload_gbps=nbytes / offload / 1e9, onload_gbps=nbytes / onload / 1e9,
-                             plain_d2h_gbps=nbytes / d2h / 1e9, plain_h2d_gbps=nbytes / h2d / 1e9)
+    report["cpu_tier"] = dict(
+        offload_gbps=nbytes / offload / 1e9,
+        onload_gbps=nbytes / onload / 1e9,
+        plain_d2h_gbps=nbytes / d2h / 1e9,
+        plain_h2d_gbps=nbytes / h2d / 1e9,
+    )
     store.close()
 
     # NVMe tier (everything spills: a CPU tier of 1 block) vs plain sequential file I/O
     with tempfile.TemporaryDirectory(dir=args.nvme_dir) as tmp:
-        nv = TieredStore(view, model_salt="bench", cpu_bytes=per, nvme_dir=os.path.join(tmp, "tier"), nvme_bytes=2 * (nbytes + n * 64))
+        nv = TieredStore(
+            view,
+            model_salt="bench",
+            cpu_bytes=per,
+            nvme_dir=os.path.join(tmp, "tier"),
+            nvme_bytes=2 * (nbytes + n * 64),
+        )
         t0 = time.perf_counter()
         nv.store(hashes, view, ids)
         nv.flush()
@@ -111,9 +129,15 @@ def main() -> None:
         nv.close()
         data = plain_host[:nbytes].numpy().tobytes() if cuda else os.urandom(nbytes)
         plain_w, plain_r = _plain_file_io(os.path.join(tmp, "plain.bin"), data, 16 << 20)
-        report["nvme_tier"] = dict(write_gbps=nbytes / write_s / 1e9, read_gbps=nbytes / read_s / 1e9, blocks_loaded=loaded,
-                                   plain_write_gbps=nbytes / plain_w / 1e9, plain_read_gbps=nbytes / plain_r / 1e9,
-                                   cold_reads=cold, note="both writes include os.sync(); reads follow a page-cache drop when cold_reads")
+        report["nvme_tier"] = dict(
+            write_gbps=nbytes / write_s / 1e9,
+            read_gbps=nbytes / read_s / 1e9,
+            blocks_loaded=loaded,
+            plain_write_gbps=nbytes / plain_w / 1e9,
+            plain_read_gbps=nbytes / plain_r / 1e9,
+            cold_reads=cold,
+            note="both writes include os.sync(); reads follow a page-cache drop when cold_reads",
+        )
     print(json.dumps(report, indent=2))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "tiers.json"), "w") as f:

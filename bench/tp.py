@@ -25,15 +25,14 @@ import gc
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-
-import sys
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the packages, not bench/engine.py
 
@@ -49,7 +48,10 @@ HBM_TBPS = {"H100": 3.35, "H200": 4.8}  # datasheet peak; the roofline only
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(min(1000, vocab // 2), vocab, (length,), generator=gen).tolist() for _ in range(n)]
+    return [
+        torch.randint(min(1000, vocab // 2), vocab, (length,), generator=gen).tolist()
+        for _ in range(n)
+    ]
 
 
 class _StepBreakdown:
@@ -89,7 +91,10 @@ class _StepBreakdown:
             run = runner.graphs.run
 
             def graph_run(host, dev):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 out = run(host, dev)
                 end.record()
@@ -103,7 +108,9 @@ class _StepBreakdown:
         self._undo.append((obj, name, obj.__dict__.get(name)))
         setattr(obj, name, value)
 
-    def _timed(self, obj: Any, name: str, stage: str, device_start: bool = False, device_end: bool = False) -> None:
+    def _timed(
+        self, obj: Any, name: str, stage: str, device_start: bool = False, device_end: bool = False
+    ) -> None:
         fn = getattr(obj, name)
 
         def wrapper(*args, **kwargs):
@@ -168,7 +175,9 @@ def _decode_rate(llm: LLM, batch: int, steps: int, profile: bool) -> dict[str, A
     finally:
         breakdown.remove()
     if profile and torch.cuda.is_available():
-        result["kernels"] = _kernel_table(llm, 10, f"TP={llm.engine.config.tensor_parallel_size} batch {batch}")
+        result["kernels"] = _kernel_table(
+            llm, 10, f"TP={llm.engine.config.tensor_parallel_size} batch {batch}"
+        )
     engine.abort([f"b{batch}-{i}" for i in range(batch)])
     return result
 
@@ -186,32 +195,60 @@ def _kernel_table(llm: LLM, steps: int, label: str) -> list[dict]:
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0.0) or 0.0
         if us > 0:
-            rows.append({"kernel": event.key, "us_per_step": us / steps, "calls_per_step": event.count / steps})
+            rows.append(
+                {
+                    "kernel": event.key,
+                    "us_per_step": us / steps,
+                    "calls_per_step": event.count / steps,
+                }
+            )
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
-    print(f"{label}: kernel time {total / 1e3:.3f} ms per step over {sum(r['calls_per_step'] for r in rows):.0f} "
-          "kernels (torch.profiler, rank 0)")
+    print(
+        f"{label}: kernel time {total / 1e3:.3f} ms per step over {sum(r['calls_per_step'] for r in rows):.0f} "
+        "kernels (torch.profiler, rank 0)"
+    )
     for r in rows[:24]:
-        print(f"  {r['us_per_step']:9.1f} us {100 * r['us_per_step'] / total:5.1f}% {r['calls_per_step']:6.1f}x "
-              f"{r['us_per_step'] / r['calls_per_step']:7.2f} us each  {r['kernel'][:90]}")
+        print(
+            f"  {r['us_per_step']:9.1f} us {100 * r['us_per_step'] / total:5.1f}% {r['calls_per_step']:6.1f}x "
+            f"{r['us_per_step'] / r['calls_per_step']:7.2f} us each  {r['kernel'][:90]}"
+        )
     return rows
 
 
 GRAPH_SIZES = (1, 2, 4, 8, 16, 32, 64)  # every engine here captures the same decode buckets
 
 
-def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bool = False,
-           profile: bool = False, all_reduce: AllReduceMode = AllReduceMode.AUTO,
-           dtype: str = "bfloat16",
-           fp32_reduce: bool = False) -> dict:
+def run_tp(
+    model: str,
+    tp: int,
+    decode_steps: int,
+    batch: int,
+    enforce_eager: bool = False,
+    profile: bool = False,
+    all_reduce: AllReduceMode = AllReduceMode.AUTO,
+    dtype: str = "bfloat16",
+    fp32_reduce: bool = False,
+) -> dict:
     t0 = time.perf_counter()
-    llm = LLM(model, load_format="dummy", dtype=dtype, tensor_parallel_size=tp, max_model_len=2048,
-              max_num_seqs=max(batch, 8), gpu_memory_utilization=0.80, show_progress=False,
-              enforce_eager=enforce_eager, tp_all_reduce=all_reduce,
-              tp_fp32_reduce_max_tokens=1024 if fp32_reduce else 0,
-              cuda_graph_batch_sizes=tuple(b for b in GRAPH_SIZES if b <= max(batch, 8)))
-    label = (f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode} "
-             f"fp32 reduce <= {llm.engine.runner.fp32_reduce_max_tokens} tokens")
+    llm = LLM(
+        model,
+        load_format="dummy",
+        dtype=dtype,
+        tensor_parallel_size=tp,
+        max_model_len=2048,
+        max_num_seqs=max(batch, 8),
+        gpu_memory_utilization=0.80,
+        show_progress=False,
+        enforce_eager=enforce_eager,
+        tp_all_reduce=all_reduce,
+        tp_fp32_reduce_max_tokens=1024 if fp32_reduce else 0,
+        cuda_graph_batch_sizes=tuple(b for b in GRAPH_SIZES if b <= max(batch, 8)),
+    )
+    label = (
+        f"TP={tp} all_reduce={llm.engine.runner.all_reduce_mode} "
+        f"fp32 reduce <= {llm.engine.runner.fp32_reduce_max_tokens} tokens"
+    )
     try:
         greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=TOP_N)
         prompts = _prompts(8, 32, llm.engine.vocab_size, seed=0)
@@ -232,8 +269,9 @@ def run_tp(model: str, tp: int, decode_steps: int, batch: int, enforce_eager: bo
             "tokens_one_prompt_at_a_time": alone,
             "batch1": _decode_rate(llm, 1, decode_steps, profile=profile),
             f"batch{batch}": _decode_rate(llm, batch, decode_steps, profile=profile),
-            "weight_bytes_per_rank": sum(p.numel() * p.element_size()
-                                         for p in llm.engine.runner.model.parameters()),
+            "weight_bytes_per_rank": sum(
+                p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()
+            ),
         }
         print(f"{label}: batch 1 {out['batch1']}, batch {batch} {out[f'batch{batch}']}", flush=True)
         return out
@@ -252,7 +290,10 @@ def _floor_ms(weight_bytes: int) -> float | None:
 
 
 def _first_diffs(base_tokens: list[list[int]], tokens: list[list[int]]) -> list[int | None]:
-    return [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(base_tokens, tokens)]
+    return [
+        next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        for a, b in zip(base_tokens, tokens)
+    ]
 
 
 def _identical(base: dict, run: dict) -> tuple[int, list[int | None]]:
@@ -260,7 +301,9 @@ def _identical(base: dict, run: dict) -> tuple[int, list[int | None]]:
     return sum(d is None for d in first_diff), first_diff
 
 
-def _margins(base: dict, first_diff: list[int | None], tokens: list[list[int]]) -> list[float | None]:
+def _margins(
+    base: dict, first_diff: list[int | None], tokens: list[list[int]]
+) -> list[float | None]:
     """At each first divergence: TP = 1's log-probability of its own token minus that of the
     token the other engine chose (None when that token is outside TP = 1's top N): a near-tie
     (a margin of a few hundredths) is a rounding flip, a large one would be a wrong result."""
@@ -287,17 +330,24 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
     for name, run in {"tp1": base, **runs}.items():
         same, diff = _identical(base, run)
         row = {
-            "margins_at_divergence": None if name == "skip" else _margins(base, diff, run["tokens"]),
-            "tp": run["tp"], "all_reduce": run["all_reduce"], "step_channel": run["step_channel"],
+            "margins_at_divergence": None
+            if name == "skip"
+            else _margins(base, diff, run["tokens"]),
+            "tp": run["tp"],
+            "all_reduce": run["all_reduce"],
+            "step_channel": run["step_channel"],
             "prompts_identical_to_tp1": None if name in ("tp1", "skip") else same,
             "first_divergence": None if name in ("tp1", "skip") else diff,
             "batch1_step_ms": run["batch1"]["step_ms"],
             "batch1_floor_ms": _floor_ms(run["weight_bytes_per_rank"]),
             "batch1_speedup": base["batch1"]["step_ms"] / run["batch1"]["step_ms"],
             f"batch{batch}_tokens_per_s": run[f"batch{batch}"]["tokens_per_s"],
-            f"batch{batch}_speedup": run[f"batch{batch}"]["tokens_per_s"] / base[f"batch{batch}"]["tokens_per_s"],
-            "breakdown": {key: {k: v for k, v in run[key].items() if k.endswith("_ms")}
-                          for key in ("batch1", f"batch{batch}")},
+            f"batch{batch}_speedup": run[f"batch{batch}"]["tokens_per_s"]
+            / base[f"batch{batch}"]["tokens_per_s"],
+            "breakdown": {
+                key: {k: v for k, v in run[key].items() if k.endswith("_ms")}
+                for key in ("batch1", f"batch{batch}")
+            },
         }
         if skip is not None and name not in ("tp1", "skip"):
             for key in ("batch1", f"batch{batch}"):
@@ -310,58 +360,99 @@ def report(base: dict, runs: dict[str, dict], batch: int) -> dict:
         rows[name] = row
     peer = base.get("tokens_one_prompt_at_a_time")
     peer_diff = _first_diffs(base["tokens"], peer) if peer else []
-    summary = {"device": gpu_name(), "rows": rows,
-               "tp1_alone_identical_to_tp1_batched": sum(d is None for d in peer_diff) if peer else None,
-               "tp1_alone_margins_at_divergence": _margins(base, peer_diff, peer) if peer else None,
-               "tp1_median_top2_gap": _tp1_margins(base),
-               "allreduce_method": "ablation: step time minus the same engine's step with tp_all_reduce='skip'"}
+    summary = {
+        "device": gpu_name(),
+        "rows": rows,
+        "tp1_alone_identical_to_tp1_batched": sum(d is None for d in peer_diff) if peer else None,
+        "tp1_alone_margins_at_divergence": _margins(base, peer_diff, peer) if peer else None,
+        "tp1_median_top2_gap": _tp1_margins(base),
+        "allreduce_method": "ablation: step time minus the same engine's step with tp_all_reduce='skip'",
+    }
     _print(summary, batch)
     return summary
 
 
 def _fmt(values: list | None) -> str:
-    return "-" if not values else "[" + ", ".join("?" if v is None else f"{v:.3f}" for v in values) + "]"
+    return (
+        "-"
+        if not values
+        else "[" + ", ".join("?" if v is None else f"{v:.3f}" for v in values) + "]"
+    )
 
 
 def _print(s: dict, batch: int) -> None:
     print(f"device: {s['device']}")
-    print(f"{'engine':18s} {'all-reduce':>10s} {'channel':>8s} {'same 16 tok':>11s} {'b1 ms':>8s} {'floor':>7s} "
-          f"{'b1 x':>6s} {f'b{batch} tok/s':>11s} {f'b{batch} x':>6s} {'AR share b1':>11s} {f'AR share b{batch}':>12s}")
+    print(
+        f"{'engine':18s} {'all-reduce':>10s} {'channel':>8s} {'same 16 tok':>11s} {'b1 ms':>8s} {'floor':>7s} "
+        f"{'b1 x':>6s} {f'b{batch} tok/s':>11s} {f'b{batch} x':>6s} {'AR share b1':>11s} {f'AR share b{batch}':>12s}"
+    )
     for name, r in s["rows"].items():
-        same = "-" if r["prompts_identical_to_tp1"] is None else f"{r['prompts_identical_to_tp1']}/8"
+        same = (
+            "-" if r["prompts_identical_to_tp1"] is None else f"{r['prompts_identical_to_tp1']}/8"
+        )
         floor = "-" if r["batch1_floor_ms"] is None else f"{r['batch1_floor_ms']:.2f}"
         share1 = r.get("allreduce_share_batch1")
         shareb = r.get(f"allreduce_share_batch{batch}")
-        print(f"{name:18s} {r['all_reduce']:>10s} {str(r['step_channel']):>8s} {same:>11s} "
-              f"{r['batch1_step_ms']:8.3f} {floor:>7s} {r['batch1_speedup']:5.2f}x "
-              f"{r[f'batch{batch}_tokens_per_s']:11.0f} {r[f'batch{batch}_speedup']:5.2f}x "
-              f"{'-' if share1 is None else f'{100 * share1:.1f}%':>11s} "
-              f"{'-' if shareb is None else f'{100 * shareb:.1f}%':>12s}")
-    print(f"greedy equality (16 tokens x 8 prompts, bf16): TP=1 against itself with each prompt alone: "
-          f"{s['tp1_alone_identical_to_tp1_batched']}/8 identical, log-prob margins at divergence "
-          f"{_fmt(s['tp1_alone_margins_at_divergence'])}; TP=1's median top-2 gap {s['tp1_median_top2_gap']:.3f}")
+        print(
+            f"{name:18s} {r['all_reduce']:>10s} {str(r['step_channel']):>8s} {same:>11s} "
+            f"{r['batch1_step_ms']:8.3f} {floor:>7s} {r['batch1_speedup']:5.2f}x "
+            f"{r[f'batch{batch}_tokens_per_s']:11.0f} {r[f'batch{batch}_speedup']:5.2f}x "
+            f"{'-' if share1 is None else f'{100 * share1:.1f}%':>11s} "
+            f"{'-' if shareb is None else f'{100 * shareb:.1f}%':>12s}"
+        )
+    print(
+        f"greedy equality (16 tokens x 8 prompts, bf16): TP=1 against itself with each prompt alone: "
+        f"{s['tp1_alone_identical_to_tp1_batched']}/8 identical, log-prob margins at divergence "
+        f"{_fmt(s['tp1_alone_margins_at_divergence'])}; TP=1's median top-2 gap {s['tp1_median_top2_gap']:.3f}"
+    )
     for name, r in s["rows"].items():
         if r["margins_at_divergence"]:
-            print(f"  {name}: margins at divergence {_fmt(r['margins_at_divergence'])}, first divergence "
-                  f"{r['first_divergence']}")
-    print("where rank 0's step goes (ms per step; host stages by wall clock, device by CUDA events):")
-    stages = ["profiled_step_ms", "device_ms", "graph_ms"] + [f"host_{k}_ms" for k in _StepBreakdown.STAGES]
-    print(f"{'engine':18s} {'batch':>5s} " + " ".join(f"{k.replace('_ms', ''):>14s}" for k in stages))
+            print(
+                f"  {name}: margins at divergence {_fmt(r['margins_at_divergence'])}, first divergence "
+                f"{r['first_divergence']}"
+            )
+    print(
+        "where rank 0's step goes (ms per step; host stages by wall clock, device by CUDA events):"
+    )
+    stages = ["profiled_step_ms", "device_ms", "graph_ms"] + [
+        f"host_{k}_ms" for k in _StepBreakdown.STAGES
+    ]
+    print(
+        f"{'engine':18s} {'batch':>5s} " + " ".join(f"{k.replace('_ms', ''):>14s}" for k in stages)
+    )
     for name, r in s["rows"].items():
         for key in ("batch1", f"batch{batch}"):
             b = r["breakdown"][key]
-            print(f"{name:18s} {key[5:]:>5s} " + " ".join(
-                f"{b[k]:14.3f}" if k in b else f"{'-':>14s}" for k in stages))
-    print(f"all-reduce share: {s['allreduce_method']}; 'skip' rows compute wrong tokens by design. "
-          "Targets: TP=2 batch-1 >= 1.8x, all-reduce <= 10% of the batch-1 step.")
+            print(
+                f"{name:18s} {key[5:]:>5s} "
+                + " ".join(f"{b[k]:14.3f}" if k in b else f"{'-':>14s}" for k in stages)
+            )
+    print(
+        f"all-reduce share: {s['allreduce_method']}; 'skip' rows compute wrong tokens by design. "
+        "Targets: TP=2 batch-1 >= 1.8x, all-reduce <= 10% of the batch-1 step."
+    )
 
 
 def _run_isolated(args: argparse.Namespace, tp: int, variant: str, timeout_s: float) -> dict:
     """One engine in its own process: a TP group's symmetric memory and NCCL state live and die
     with it, and a hung engine costs at most `timeout_s`."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--model", args.model, "--decode-steps", str(args.decode_steps),
-               "--batch", str(args.batch), "--dtype", args.dtype, "--one", f"{tp}:{variant}", "--result", f.name]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--decode-steps",
+            str(args.decode_steps),
+            "--batch",
+            str(args.batch),
+            "--dtype",
+            args.dtype,
+            "--one",
+            f"{tp}:{variant}",
+            "--result",
+            f.name,
+        ]
         cmd += ["--enforce-eager"] * args.enforce_eager + ["--profile"] * args.profile
         subprocess.run(cmd, timeout=timeout_s, check=True)
         with open(f.name) as result:
@@ -369,7 +460,7 @@ def _run_isolated(args: argparse.Namespace, tp: int, variant: str, timeout_s: fl
 
 
 def _variant(variant: str) -> tuple[AllReduceMode, str]:
-    """"fused-fp32reduce" -> (AllReduceMode.FUSED, "fp32reduce")."""
+    """ "fused-fp32reduce" -> (AllReduceMode.FUSED, "fp32reduce")."""
     mode, _, option = variant.partition("-")
     try:
         return AllReduceMode.parse(mode), option
@@ -378,29 +469,51 @@ def _variant(variant: str) -> tuple[AllReduceMode, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="preset:llama-3-8b")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--variants", default="auto,symm_mem,skip",
-                        help="TP = N engines to run after TP = 1: tp_all_reduce modes, each optionally "
-                             "suffixed '-fp32reduce' (row-parallel partial sums reduced in float32)")
+    parser.add_argument(
+        "--variants",
+        default="auto,symm_mem,skip",
+        help="TP = N engines to run after TP = 1: tp_all_reduce modes, each optionally "
+        "suffixed '-fp32reduce' (row-parallel partial sums reduced in float32)",
+    )
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (every engine)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also torch.profiler's per-kernel device time on rank 0 (every engine but 'skip')")
-    parser.add_argument("--engine-timeout", type=float, default=240.0, help="seconds per engine process")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # "tp:variant": run one engine in this process
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs (every engine)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also torch.profiler's per-kernel device time on rank 0 (every engine but 'skip')",
+    )
+    parser.add_argument(
+        "--engine-timeout", type=float, default=240.0, help="seconds per engine process"
+    )
+    parser.add_argument(
+        "--one", help=argparse.SUPPRESS
+    )  # "tp:variant": run one engine in this process
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.one:
         tp, variant = args.one.split(":")
         mode, option = _variant(variant)
-        out = run_tp(args.model, int(tp), args.decode_steps, args.batch, args.enforce_eager,
-                     args.profile and mode is not AllReduceMode.SKIP, all_reduce=mode, dtype=args.dtype,
-                     fp32_reduce=option == "fp32reduce")
+        out = run_tp(
+            args.model,
+            int(tp),
+            args.decode_steps,
+            args.batch,
+            args.enforce_eager,
+            args.profile and mode is not AllReduceMode.SKIP,
+            all_reduce=mode,
+            dtype=args.dtype,
+            fp32_reduce=option == "fp32reduce",
+        )
         with open(args.result, "w") as f:
             json.dump(out, f)
         return
@@ -412,7 +525,11 @@ def main() -> None:
     for variant in args.variants.split(","):
         try:
             runs[variant] = _run_isolated(args, args.tp, variant, args.engine_timeout)
-        except (subprocess.SubprocessError, OSError, ValueError) as err:  # report it, keep the others
+        except (
+            subprocess.SubprocessError,
+            OSError,
+            ValueError,
+        ) as err:  # report it, keep the others
             print(f"TP={args.tp} {variant}: failed: {err}", flush=True)
             results[f"failed_{variant}"] = str(err)
     results |= {f"tp{args.tp}_{k}": v for k, v in runs.items()}

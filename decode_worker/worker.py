@@ -24,13 +24,11 @@ import time
 from typing import Any
 
 from decode_worker.arrivals import Arrival, Arrivals, ArrivalStatus
-from tandem.pool.outbox import Outbox
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from kvtransfer.handle import KVHandle
 from kvtransfer.interfaces import KVPoll
 from kvtransfer.pool_link import KVGroupSpec, make_receiver
-from tandem.pool.core import PoolWorker, WorkerCore
 from tandem.contract.worker_api import (
     DecodeRequest,
     StageTimes,
@@ -38,6 +36,8 @@ from tandem.contract.worker_api import (
     WorkerRejectedError,
     deadline_to_monotonic,
 )
+from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.pool.outbox import Outbox
 
 AWAITING_KV = ArrivalStatus.AWAITING_KV
 KV_LANDED = ArrivalStatus.KV_LANDED_AWAITING_FIRST_TOKEN
@@ -61,11 +61,17 @@ class DecodeWorker(PoolWorker):
         self._arrivals = Arrivals()  # engine thread only
         self.transfer_timeout_s = transfer_timeout_s
         self.core = WorkerCore(
-            worker_id, engine_kwargs, self._on_output, self._poll_transfers,
+            worker_id,
+            engine_kwargs,
+            self._on_output,
+            self._poll_transfers,
             has_work=lambda: self._arrivals.count(AWAITING_KV) > 0,
-            transport="nccl" if kv_group else "grpc", calibrate=calibrate, pool="decode",
-            metrics_host=metrics_host, metrics_port=metrics_port,
-        )  # fmt: skip
+            transport="nccl" if kv_group else "grpc",
+            calibrate=calibrate,
+            pool="decode",
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
         self.core.metrics.touch_transport(self.core.transport)
         self.receiver = make_receiver(
             self.core.view, kv_group, on_release=self._on_release, timeout_s=transfer_timeout_s
@@ -112,10 +118,14 @@ class DecodeWorker(PoolWorker):
         if rid in self._arrivals or engine.scheduler.get_request(rid):
             raise WorkerRejectedError(f"request {rid!r} is already here")
         request = engine.add_prefilled(
-            rid, list(req.prompt_token_ids), req.first_token_id, req.sampling_params,
-            priority=req.priority, deadline=deadline_to_monotonic(req.deadline),
+            rid,
+            list(req.prompt_token_ids),
+            req.first_token_id,
+            req.sampling_params,
+            priority=req.priority,
+            deadline=deadline_to_monotonic(req.deadline),
             first_text=req.first_text,
-        )  # fmt: skip
+        )
         if request is None:
             raise WorkerRejectedError("no free KV blocks for the prompt")
         try:
@@ -190,15 +200,19 @@ class DecodeWorker(PoolWorker):
         timings = None
         if out.finished:  # the engine freed its blocks
             timings = _timings(self._arrivals.remove(out.request_id))
-        self.outbox.put([StepOutput(
-            request_id=out.request_id,
-            new_token_ids=tuple(out.new_token_ids),
-            text_delta=out.text_delta,
-            finished=out.finished,
-            finish_reason=out.finish_reason,
-            logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
-            timings=timings,
-        )])  # fmt: skip
+        self.outbox.put(
+            [
+                StepOutput(
+                    request_id=out.request_id,
+                    new_token_ids=tuple(out.new_token_ids),
+                    text_delta=out.text_delta,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason,
+                    logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
+                    timings=timings,
+                )
+            ]
+        )
 
 
 def _timings(arrival: Arrival | None) -> StageTimes | None:

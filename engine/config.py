@@ -118,7 +118,9 @@ class ModelConfig:
     def from_path(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
-            raise ModelLoadError(f"missing model file: {config_file} (is {path!s} a checkpoint directory?)")
+            raise ModelLoadError(
+                f"missing model file: {config_file} (is {path!s} a checkpoint directory?)"
+            )
         return ModelConfig.from_dict(json.loads(config_file.read_text()), dtype)
 
 

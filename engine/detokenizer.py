@@ -48,8 +48,9 @@ class _Decoder(Protocol):
 class IncrementalDetokenizer:
     """One request's text, built token by token (see the module docstring for the contract)."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int],
-                 skip_special_tokens: bool) -> None:
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool
+    ) -> None:
         """`prompt_token_ids`: what precedes the first token added (the prompt, plus any output
         tokens whose text is already accounted for elsewhere, e.g. a first token)."""
         self.tokenizer = tokenizer
@@ -162,8 +163,9 @@ class _StreamDecoder:
     `_OffsetDecoder`, from the last token whose text was emitted: no text is lost or repeated.
     """
 
-    def __init__(self, backend: Any, decode: Decode, context: list[int],
-                 skip_special_tokens: bool) -> None:
+    def __init__(
+        self, backend: Any, decode: Decode, context: list[int], skip_special_tokens: bool
+    ) -> None:
         from tokenizers.decoders import DecodeStream
 
         self._backend = backend
@@ -189,8 +191,9 @@ class _StreamDecoder:
             try:
                 parts.append(self._step(token_id))
             except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
-                log.warning("DecodeStream failed (%s); the request goes on with the offset decoder",
-                            err)
+                log.warning(
+                    "DecodeStream failed (%s); the request goes on with the offset decoder", err
+                )
                 self._fallback = _OffsetDecoder(self._decode, self._emitted)
                 parts.append(self._fallback.add(self._pending + token_ids[i + 1 :]))
                 break

@@ -83,7 +83,9 @@ def _default_salt(
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, show_progress: bool = True, tp_options: TPOptions | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, show_progress: bool = True, tp_options: TPOptions | None = None
+    ) -> None:
         """`tp_options`: timeouts and placement of the TP group (tensor_parallel_size > 1 only)."""
         from engine.demo_model import resolve_model_path
 
@@ -102,7 +104,9 @@ class LLMEngine:
         salt = config.model_salt or _default_salt(
             self.model_path, self.model_config, config, self.kv_spec
         )
-        self.kv_manager = KVManager(self.runner.num_blocks, config.block_size, salt, config.enable_prefix_caching)
+        self.kv_manager = KVManager(
+            self.runner.num_blocks, config.block_size, salt, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_model_len=self.max_model_len,
@@ -119,7 +123,9 @@ class LLMEngine:
         self._held_kv_listener: Callable[[HeldKVEnqueued], None] | None = None
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
-    def _build_runner(self, max_model_len: int, show_progress: bool, tp_options: TPOptions | None) -> ModelRunner:
+    def _build_runner(
+        self, max_model_len: int, show_progress: bool, tp_options: TPOptions | None
+    ) -> ModelRunner:
         args = (self.config, self.model_config, self.model_path, max_model_len)
         if self.config.tensor_parallel_size == 1:
             return ModelRunner(*args, self.device, show_progress)
@@ -127,7 +133,9 @@ class LLMEngine:
 
         tp = self.tp = TPExecutor.launch(*args, tp_options)
         self.device = tp.device
-        return tp.build_leader(lambda: ModelRunner(*args, tp.device, show_progress, step_scope=tp.step))
+        return tp.build_leader(
+            lambda: ModelRunner(*args, tp.device, show_progress, step_scope=tp.step)
+        )
 
     def shutdown(self) -> None:
         """Stop tensor-parallel followers and give the model's, KV cache's and CUDA graphs'
@@ -164,9 +172,13 @@ class LLMEngine:
         params.check_vocab(self.vocab_size)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequestError(
-                "prompt", f"{len(prompt_ids)} tokens; must be shorter than max_model_len {self.max_model_len}"
+                "prompt",
+                f"{len(prompt_ids)} tokens; must be shorter than max_model_len {self.max_model_len}",
             )
-        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > self.max_model_len:
+        if (
+            params.max_tokens is not None
+            and len(prompt_ids) + params.max_tokens > self.max_model_len
+        ):
             raise InvalidRequestError(
                 "max_tokens",
                 f"{params.max_tokens} new tokens after a {len(prompt_ids)}-token prompt exceed "
@@ -200,7 +212,9 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+            self._detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens
+            )
         if params.logprobs is not None:
             self._logprobs[request_id] = []
         return request
@@ -237,21 +251,30 @@ class LLMEngine:
         step waits for it. A listener must not raise: the step would fail with it."""
         self._held_kv_listener = listener
 
-    def _held_kv_hook(self, out: SchedulerOutput) -> Callable[[list[torch.cuda.Event | None]], None] | None:
+    def _held_kv_hook(
+        self, out: SchedulerOutput
+    ) -> Callable[[list[torch.cuda.Event | None]], None] | None:
         listener = self._held_kv_listener
         if listener is None:
             return None
         finals = []
         for s in out.scheduled:
             request = self.scheduler.get_request(s.request_id)
-            if s.sample and request is not None and request.hold_kv and request.num_output_tokens == 0:
+            if (
+                s.sample
+                and request is not None
+                and request.hold_kv
+                and request.num_output_tokens == 0
+            ):
                 finals.append((request, list(s.block_ids)))
         if not finals:
             return None
 
         def hook(layer_ready: list[torch.cuda.Event | None]) -> None:
             for request, block_ids in finals:
-                hashes = self.kv_manager.block_hashes(request, request.num_prompt_tokens // self.config.block_size)
+                hashes = self.kv_manager.block_hashes(
+                    request, request.num_prompt_tokens // self.config.block_size
+                )
                 listener(HeldKVEnqueued(request, block_ids, hashes, layer_ready))
 
         return hook
@@ -280,7 +303,9 @@ class LLMEngine:
             self._forget(rid)
         return output
 
-    def _apply_stop_strings(self, request: Request, detok: IncrementalDetokenizer, delta: str) -> str:
+    def _apply_stop_strings(
+        self, request: Request, detok: IncrementalDetokenizer, delta: str
+    ) -> str:
         params = request.sampling_params
         hit = find_stop(detok.text, len(delta), params.stop)
         if hit is None:
@@ -329,8 +354,12 @@ class LLMEngine:
         prompt_ids = self.tokenize(prompt_ids)
         self.validate(prompt_ids, params)
         request = Request(
-            request_id=request_id, prompt_token_ids=prompt_ids, sampling_params=params,
-            eos_token_ids=self.model_config.eos_token_ids, priority=priority, deadline=deadline,
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
+            eos_token_ids=self.model_config.eos_token_ids,
+            priority=priority,
+            deadline=deadline,
         )
         if not self.kv_manager.can_allocate_slots(request, len(prompt_ids)):
             return None
@@ -348,7 +377,9 @@ class LLMEngine:
         request.output_token_ids.append(first_token)
         if self.tokenizer is not None:
             params = request.sampling_params
-            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids + [first_token], params.skip_special_tokens)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids + [first_token], params.skip_special_tokens
+            )
             detok.text = first_text
             self._detok[request.request_id] = detok
 
@@ -356,7 +387,9 @@ class LLMEngine:
         """The prompt's KV is in the request's blocks (and its first token is set): join the
         running batch."""
         if not request.output_token_ids:
-            raise ValueError(f"request {request.request_id!r} has no first token yet (set_first_token)")
+            raise ValueError(
+                f"request {request.request_id!r} has no first token yet (set_first_token)"
+            )
         request.num_computed_tokens = request.num_prompt_tokens
         self.scheduler.add_running(request)
 
@@ -365,4 +398,3 @@ class LLMEngine:
         (at once, or through the receiver's release callback if a transfer may still write)."""
         self._forget(request.request_id)
         return self.kv_manager.detach(request)
-

@@ -60,15 +60,21 @@ class LLM:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def _params_for(self, n: int, params: SamplingParams | Sequence[SamplingParams] | None) -> list[SamplingParams]:
+    def _params_for(
+        self, n: int, params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[SamplingParams]:
         if params is None:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
@@ -89,7 +95,9 @@ class LLM:
         if self.closed:
             raise LLMClosedError("this LLM is closed; create a new one")
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        batch: list[Prompt] = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
+        batch: list[Prompt] = (
+            [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
+        )
         all_params = self._params_for(len(batch), params)
         prepared = [(self.engine.tokenize(p), sp) for p, sp in zip(batch, all_params)]
         for ids, sp in prepared:
@@ -100,7 +108,9 @@ class LLM:
                 order.append(self._submit(ids, _nth(sp, i)))
         return self._run(order)
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> RequestOutput:
+    def chat(
+        self, messages: list[dict[str, str]], params: SamplingParams | None = None
+    ) -> RequestOutput:
         ids = apply_chat_template(self.engine.tokenizer, messages)
         return self.generate([ids], params)[0]
 

@@ -54,7 +54,9 @@ class EngineLoop:
         self._before_step = before_step or (lambda: None)
         self._has_work = has_work or (lambda: False)
         self._idle_wait_s = idle_wait_s
-        self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], Future] | None] = queue.Queue()
+        self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], Future] | None] = (
+            queue.Queue()
+        )
         self._stopping = threading.Event()
         self.error: BaseException | None = None
         self.num_steps = 0
@@ -92,7 +94,9 @@ class EngineLoop:
         try:
             while not self._stopping.is_set():
                 busy = self.engine.has_unfinished()
-                self._run_commands(None if busy else _HOOK_POLL_S if self._has_work() else self._idle_wait_s)
+                self._run_commands(
+                    None if busy else _HOOK_POLL_S if self._has_work() else self._idle_wait_s
+                )
                 self._before_step()
                 if self.engine.has_unfinished():
                     started = time.perf_counter()
@@ -119,7 +123,11 @@ class EngineLoop:
     def _run_commands(self, wait_s: float | None) -> None:
         """Runs the queued commands, waiting up to `wait_s` for the first (None: not at all)."""
         try:
-            item = self._commands.get(timeout=wait_s) if wait_s is not None else self._commands.get_nowait()
+            item = (
+                self._commands.get(timeout=wait_s)
+                if wait_s is not None
+                else self._commands.get_nowait()
+            )
         except queue.Empty:
             return
         while item is not None:

@@ -53,7 +53,9 @@ class Sampler:
     Stateless between calls: everything a row needs comes from its ScheduledRequest.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, eos_token_ids: tuple[int, ...], device: torch.device
+    ) -> None:
         assert vocab_size > 0, "vocab_size must be positive"
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -72,7 +74,9 @@ class Sampler:
         apply_penalties(logits, requests)
         token_ids = self._pick(logits, requests)
         host_ids = to_host(token_ids)
-        logprobs = gather_logprobs(logits, token_ids, [r.sampling_params.logprobs for r in requests])
+        logprobs = gather_logprobs(
+            logits, token_ids, [r.sampling_params.logprobs for r in requests]
+        )
         return SamplerResult(host_ids, logprobs)
 
     def _pick(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
@@ -93,7 +97,8 @@ class Sampler:
         scaled = truncate(logits / batch.temperature.unsqueeze(1), batch)
         probs = torch.softmax(scaled, dim=-1)
         seeds = [
-            None if r.sampling_params.seed is None
+            None
+            if r.sampling_params.seed is None
             else step_seed(r.sampling_params.seed, len(r.output_token_ids))
             for r in requests
         ]

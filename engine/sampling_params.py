@@ -101,14 +101,15 @@ class SamplingParams:
         )
         self._validate_stops()
         _check(
-            self.logprobs is None
-            or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be in [0, {MAX_LOGPROBS}]",
         )
 
     def _validate_stops(self) -> None:
-        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        _check(
+            len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings"
+        )
         for s in self.stop:
             _check(isinstance(s, str) and len(s) > 0, "stop", "stop strings must be non-empty")
             _check(
@@ -132,4 +133,8 @@ class SamplingParams:
         """Checks that depend on the model: raise InvalidRequestError naming the field."""
         _check(self.top_k <= vocab_size, "top_k", f"must be <= the vocabulary size {vocab_size}")
         for t in self.stop_token_ids:
-            _check(t < vocab_size, "stop_token_ids", f"id {t} is outside the vocabulary [0, {vocab_size})")
+            _check(
+                t < vocab_size,
+                "stop_token_ids",
+                f"id {t} is outside the vocabulary [0, {vocab_size})",
+            )

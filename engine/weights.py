@@ -93,8 +93,9 @@ class _RowRange:
         return self.src[(slice(self.start + lo, self.start + max(lo, hi)), *index[1:])]
 
 
-def _rows(src: torch.Tensor | WeightSource, start: int,
-          num_rows: int) -> torch.Tensor | WeightSource:
+def _rows(
+    src: torch.Tensor | WeightSource, start: int, num_rows: int
+) -> torch.Tensor | WeightSource:
     if isinstance(src, torch.Tensor):
         return src.narrow(0, start, num_rows)
     return _RowRange(src, start, num_rows)
@@ -118,7 +119,9 @@ def _target(model: nn.Module, name: str) -> tuple[str, object]:
 
 def _param(params: dict[str, nn.Parameter], name: str, target: str) -> nn.Parameter:
     if target not in params:
-        raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (no parameter {target!r})")
+        raise ModelLoadError(
+            f"unexpected tensor {name!r} in the checkpoint (no parameter {target!r})"
+        )
     return params[target]
 
 
@@ -179,13 +182,19 @@ def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.o_proj.weight": (h, q),
-                   p + "mlp.down_proj.weight": (h, cfg.intermediate_size)}
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.down_proj.weight": (h, cfg.intermediate_size),
+        }
         shapes |= _projection_shapes(cfg, p)
         if cfg.attention_bias:
-            shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                       p + "self_attn.v_proj.bias": (kv,)}
+            shapes |= {
+                p + "self_attn.q_proj.bias": (q,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+            }
         if cfg.qk_norm:
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
     shapes["model.norm.weight"] = (h,)
@@ -200,11 +209,17 @@ def _projection_shapes(cfg: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     if cfg.architecture in _FUSED_PROJECTIONS:
         assert not cfg.attention_bias, "fused checkpoints with a qkv bias are not described"
-        return {p + "self_attn.qkv_proj.weight": (q + 2 * kv, h),
-                p + "mlp.gate_up_proj.weight": (2 * inter, h)}
-    return {p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h)}
+        return {
+            p + "self_attn.qkv_proj.weight": (q + 2 * kv, h),
+            p + "mlp.gate_up_proj.weight": (2 * inter, h),
+        }
+    return {
+        p + "self_attn.q_proj.weight": (q, h),
+        p + "self_attn.k_proj.weight": (kv, h),
+        p + "self_attn.v_proj.weight": (kv, h),
+        p + "mlp.gate_proj.weight": (inter, h),
+        p + "mlp.up_proj.weight": (inter, h),
+    }
 
 
 def fill_dummy(model: nn.Module, seed: int) -> None:
@@ -226,5 +241,7 @@ def fill_dummy(model: nn.Module, seed: int) -> None:
         else:
             full.uniform_(-0.02, 0.02, generator=gen.manual_seed(seed * 1_000_003 + index))
         loaded.add(_load_one(model, params, name, full))
-    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    missing = sorted(
+        set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    )
     assert not missing, f"checkpoint_shapes() does not cover {missing[:8]}"

@@ -67,17 +67,27 @@ class KVCacheView:
         """`tp` defaults to rank 0 of the spec's TP size (TP = 1 without a spec). Raises
         KVLayoutError naming the field where the tensor, `tp` and `spec` disagree."""
         if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
-            raise KVLayoutError("kv_cache", f"expected [L, 2, N, bs, H, D], got {tuple(kv_cache.shape)}")
+            raise KVLayoutError(
+                "kv_cache", f"expected [L, 2, N, bs, H, D], got {tuple(kv_cache.shape)}"
+            )
         if tp is None and spec is not None:
             tp = TPLayout(0, spec.tp_size, spec.num_kv_heads)
         self.tp = tp or TPLayout(0, 1, kv_cache.shape[4])
         if self.tp.num_local_heads != kv_cache.shape[4]:
             raise KVLayoutError(
-                "num_kv_heads", f"layout says {self.tp.num_local_heads} local heads, tensor has {kv_cache.shape[4]}"
+                "num_kv_heads",
+                f"layout says {self.tp.num_local_heads} local heads, tensor has {kv_cache.shape[4]}",
             )
         self.spec = _checked_spec(kv_cache, self.tp, spec)
         self.kv_cache = kv_cache
-        self.num_layers, _, self.num_blocks, self.block_size, self.num_local_heads, self.head_dim = kv_cache.shape
+        (
+            self.num_layers,
+            _,
+            self.num_blocks,
+            self.block_size,
+            self.num_local_heads,
+            self.head_dim,
+        ) = kv_cache.shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -96,13 +106,19 @@ class KVCacheView:
         return self.spec.bytes_per_block(self.num_local_heads if num_heads is None else num_heads)
 
     def read_blocks(
-        self, block_ids: Sequence[int], heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+        self,
+        block_ids: Sequence[int],
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Copy of blocks `block_ids` (local heads `heads`, layers `layers`): [L, 2, n, block_size, h, D]."""
         return self.read_indexed(self.block_index(block_ids), heads, layers)
 
     def write_blocks(
-        self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None,
+        self,
+        block_ids: Sequence[int],
+        data: torch.Tensor,
+        heads: tuple[int, int] | None = None,
         layers: tuple[int, int] | None = None,
     ) -> None:
         """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (local heads `heads`,
@@ -116,7 +132,10 @@ class KVCacheView:
         return self._index(block_ids, "block_ids")
 
     def read_indexed(
-        self, index: torch.Tensor, heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+        self,
+        index: torch.Tensor,
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """`read_blocks` of the blocks `index` names (from `block_index`)."""
         src = self.kv_cache if layers is None else self.kv_cache[layers[0] : layers[1]]
@@ -124,7 +143,10 @@ class KVCacheView:
         return _as_words(src).index_select(2, index).view(src.dtype)
 
     def write_indexed(
-        self, index: torch.Tensor, data: torch.Tensor, heads: tuple[int, int] | None = None,
+        self,
+        index: torch.Tensor,
+        data: torch.Tensor,
+        heads: tuple[int, int] | None = None,
         layers: tuple[int, int] | None = None,
     ) -> None:
         """`write_blocks` into the blocks `index` names (from `block_index`)."""
@@ -154,14 +176,23 @@ class KVCacheView:
     def _blocks_of_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
         """`rows` checked and viewed as blocks [n, L, 2, block_size, h, D] on this cache's device."""
         if rows.shape != (len(block_ids), self.bytes_per_block()) or rows.dtype != torch.uint8:
-            raise KVLayoutError("rows", f"expected uint8 [{len(block_ids)}, {self.bytes_per_block()}], got {rows.dtype} {tuple(rows.shape)}")
-        return rows.to(self.device, non_blocking=True).view(self.dtype).reshape(len(block_ids), *self.block_shape())
+            raise KVLayoutError(
+                "rows",
+                f"expected uint8 [{len(block_ids)}, {self.bytes_per_block()}], got {rows.dtype} {tuple(rows.shape)}",
+            )
+        return (
+            rows.to(self.device, non_blocking=True)
+            .view(self.dtype)
+            .reshape(len(block_ids), *self.block_shape())
+        )
 
     def check_block_ids(self, block_ids: Sequence[int], field: str) -> None:
         """Raises InvalidBlockIdsError unless every id names a block of this cache (never 0)."""
         bad = [b for b in block_ids if not 0 < b < self.num_blocks]
         if bad:
-            raise InvalidBlockIdsError(field, f"{bad[:4]} outside [1, {self.num_blocks}) (0 is the null block)")
+            raise InvalidBlockIdsError(
+                field, f"{bad[:4]} outside [1, {self.num_blocks}) (0 is the null block)"
+            )
 
     def _index(self, block_ids: Sequence[int], field: str) -> torch.Tensor:
         """The checked ids as an index tensor on the cache's device. On CUDA the copy is enqueued

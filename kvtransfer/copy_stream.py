@@ -37,8 +37,11 @@ _POLL_FRACTION = 8  # poll every 1/8 of the time waited so far: a wait ends at m
 _SPIN_S = 0.002  # poll back to back for this long first (device work about to finish)
 
 
-def poll_until(done: Callable[[], bool], deadline: float = math.inf,
-               give_up: Callable[[], bool] = lambda: False) -> bool:
+def poll_until(
+    done: Callable[[], bool],
+    deadline: float = math.inf,
+    give_up: Callable[[], bool] = lambda: False,
+) -> bool:
     """Polls `done` until it holds (True), or until `give_up()` or `deadline`
     (time.monotonic) comes first (False). Releases the GIL between polls."""
     start = time.monotonic()
@@ -47,7 +50,9 @@ def poll_until(done: Callable[[], bool], deadline: float = math.inf,
         if now >= deadline or give_up():
             return False
         waited = now - start
-        time.sleep(0.0 if waited < _SPIN_S else min(_MAX_POLL_S, waited / _POLL_FRACTION, deadline - now))
+        time.sleep(
+            0.0 if waited < _SPIN_S else min(_MAX_POLL_S, waited / _POLL_FRACTION, deadline - now)
+        )
     return True
 
 

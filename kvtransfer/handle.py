@@ -47,7 +47,11 @@ class KVLayout:
     @classmethod
     def from_spec(cls, spec: KVCacheSpec) -> KVLayout:
         return cls(
-            spec.tp_size, spec.num_kv_heads, spec.head_dim, spec.num_layers, spec.block_size,
+            spec.tp_size,
+            spec.num_kv_heads,
+            spec.head_dim,
+            spec.num_layers,
+            spec.block_size,
             spec.kv_dtype,
         )
 
@@ -55,7 +59,9 @@ class KVLayout:
         """Raises KVLayoutError naming the first field (other than tp_size) that differs."""
         for name in ("num_kv_heads", "head_dim", "num_layers", "block_size", "dtype"):
             if getattr(self, name) != getattr(other, name):
-                raise KVLayoutError(name, f"source {getattr(self, name)} != destination {getattr(other, name)}")
+                raise KVLayoutError(
+                    name, f"source {getattr(self, name)} != destination {getattr(other, name)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,9 @@ class KVHandle:
         if not self.transfer_id:
             raise KVLayoutError("transfer_id", "must not be empty")
         if len(self.source_addresses) != self.layout.tp_size:
-            raise KVLayoutError("source_addresses", f"{len(self.source_addresses)} != tp_size {self.layout.tp_size}")
+            raise KVLayoutError(
+                "source_addresses", f"{len(self.source_addresses)} != tp_size {self.layout.tp_size}"
+            )
         if self.source_p2p_ranks and len(self.source_p2p_ranks) != self.layout.tp_size:
             raise KVLayoutError("source_p2p_ranks", f"{len(self.source_p2p_ranks)} != tp_size")
         if len(self.block_hashes) > len(self.block_ids):
@@ -83,7 +91,9 @@ class KVHandle:
         if any(len(h) != BLOCK_HASH_BYTES for h in self.block_hashes):
             raise KVLayoutError("block_hashes", f"every hash must be {BLOCK_HASH_BYTES} bytes")
         if not 0 <= self.num_tokens <= len(self.block_ids) * self.layout.block_size:
-            raise KVLayoutError("num_tokens", f"{self.num_tokens} does not fit {len(self.block_ids)} blocks")
+            raise KVLayoutError(
+                "num_tokens", f"{self.num_tokens} does not fit {len(self.block_ids)} blocks"
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -101,8 +111,12 @@ class KVHandle:
             source_addresses=list(self.source_addresses),
             source_p2p_ranks=list(self.source_p2p_ranks),
             layout=pb.KVLayout(
-                tp_size=lay.tp_size, num_kv_heads=lay.num_kv_heads, head_dim=lay.head_dim,
-                num_layers=lay.num_layers, block_size=lay.block_size, dtype=lay.dtype,
+                tp_size=lay.tp_size,
+                num_kv_heads=lay.num_kv_heads,
+                head_dim=lay.head_dim,
+                num_layers=lay.num_layers,
+                block_size=lay.block_size,
+                dtype=lay.dtype,
             ),
             block_ids=list(self.block_ids),
             block_hashes=list(self.block_hashes),
@@ -132,7 +146,14 @@ class KVHandle:
             transfer_id=msg.transfer_id,
             source_worker_id=msg.source_worker_id,
             source_addresses=tuple(msg.source_addresses),
-            layout=KVLayout(lay.tp_size, lay.num_kv_heads, lay.head_dim, lay.num_layers, lay.block_size, lay.dtype),
+            layout=KVLayout(
+                lay.tp_size,
+                lay.num_kv_heads,
+                lay.head_dim,
+                lay.num_layers,
+                lay.block_size,
+                lay.dtype,
+            ),
             block_ids=tuple(msg.block_ids),
             block_hashes=tuple(msg.block_hashes),
             num_tokens=msg.num_tokens,

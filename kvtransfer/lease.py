@@ -58,7 +58,10 @@ class Lease:
 
 class LeaseTable:
     def __init__(
-        self, lease_s: float, on_release: ReleaseCallback, clock: Callable[[], float] = time.monotonic
+        self,
+        lease_s: float,
+        on_release: ReleaseCallback,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         assert lease_s > 0
         self._lease_s = lease_s
@@ -118,7 +121,11 @@ class LeaseTable:
             for lease in self._leases.values():
                 if lease.state is LeaseState.ACTIVE and now >= lease.deadline:
                     self._end(lease, ReleaseReason.EXPIRED, f"lease expired after {self._lease_s}s")
-            done = [l for l in self._leases.values() if l.state is LeaseState.DRAINING and l.gate.try_close()]
+            done = [
+                lease
+                for lease in self._leases.values()
+                if lease.state is LeaseState.DRAINING and lease.gate.try_close()
+            ]
             for lease in done:
                 lease.state = LeaseState.RELEASED
                 del self._leases[lease.transfer_id]

@@ -65,29 +65,63 @@ def join(spec: KVGroupSpec) -> Any:
             url = urlparse(spec.init_method)
             if url.scheme != "tcp" or url.hostname is None or url.port is None:
                 raise ValueError(f"init_method: {spec.init_method!r} is not tcp://HOST:PORT")
-            store = dist.TCPStore(url.hostname, url.port, spec.world_size, is_master=spec.rank == 0,
-                                  timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
-            _links[key] = P2PLink(dist.PrefixStore(STORE_PREFIX, store), spec.rank, spec.world_size, spec.backend,
-                                  timeout_s=spec.timeout_s, rebuild_timeout_s=spec.rebuild_timeout_s,
-                                  peers=spec.peers)
+            store = dist.TCPStore(
+                url.hostname,
+                url.port,
+                spec.world_size,
+                is_master=spec.rank == 0,
+                timeout=datetime.timedelta(seconds=spec.timeout_s),
+                wait_for_workers=False,
+            )
+            _links[key] = P2PLink(
+                dist.PrefixStore(STORE_PREFIX, store),
+                spec.rank,
+                spec.world_size,
+                spec.backend,
+                timeout_s=spec.timeout_s,
+                rebuild_timeout_s=spec.rebuild_timeout_s,
+                peers=spec.peers,
+            )
         return _links[key]
 
 
-def make_sender(view: KVCacheView, group: KVGroupSpec | None, *, worker_id: str, model_salt: str,
-                on_release: ReleaseCallback, lease_s: float, host: str) -> KVSender:
+def make_sender(
+    view: KVCacheView,
+    group: KVGroupSpec | None,
+    *,
+    worker_id: str,
+    model_salt: str,
+    on_release: ReleaseCallback,
+    lease_s: float,
+    host: str,
+) -> KVSender:
     if group is None:
         from kvtransfer.transports.grpc_stream import GrpcSender
 
-        return GrpcSender(view, worker_id=worker_id, model_salt=model_salt, on_release=on_release,
-                          lease_s=lease_s, host=host)
+        return GrpcSender(
+            view,
+            worker_id=worker_id,
+            model_salt=model_salt,
+            on_release=on_release,
+            lease_s=lease_s,
+            host=host,
+        )
     from kvtransfer.transports.torch_p2p import TorchP2PSender
 
-    return TorchP2PSender(view, join(group), worker_id=worker_id, model_salt=model_salt,
-                          on_release=on_release, lease_s=lease_s, host=host)
+    return TorchP2PSender(
+        view,
+        join(group),
+        worker_id=worker_id,
+        model_salt=model_salt,
+        on_release=on_release,
+        lease_s=lease_s,
+        host=host,
+    )
 
 
-def make_receiver(view: KVCacheView, group: KVGroupSpec | None, *, on_release: ReleaseCallback,
-                  timeout_s: float) -> KVReceiver:
+def make_receiver(
+    view: KVCacheView, group: KVGroupSpec | None, *, on_release: ReleaseCallback, timeout_s: float
+) -> KVReceiver:
     if group is None:
         from kvtransfer.transports.grpc_stream import GrpcReceiver
 

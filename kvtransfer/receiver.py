@@ -81,10 +81,18 @@ class Transfer:
         """Writes `blocks` [n, L, 2, bs, h, D] at handle block index `first` (any thread)."""
         dst = self.dst_block_ids[first : first + blocks.shape[0]]
         with self._writing():
-            self.view.write_blocks(dst, blocks.permute(1, 2, 0, 3, 4, 5), (part.dst_start, part.dst_end))
+            self.view.write_blocks(
+                dst, blocks.permute(1, 2, 0, 3, 4, 5), (part.dst_start, part.dst_end)
+            )
 
-    def write_layers(self, layers: tuple[int, int], data: torch.Tensor, part: HeadSlice, index: torch.Tensor,
-                     settle: Callable[[], None]) -> None:
+    def write_layers(
+        self,
+        layers: tuple[int, int],
+        data: torch.Tensor,
+        part: HeadSlice,
+        index: torch.Tensor,
+        settle: Callable[[], None],
+    ) -> None:
         """Writes layer-major `data` [l, 2, n, bs, h, D] (every block of the handle) into the
         destination blocks' layers `layers` (any thread). `index` is the view's `block_index`
         of the destination blocks; `settle()` returns once the write ran on the device (it
@@ -144,11 +152,24 @@ class ThreadedReceiver(KVReceiver):
     def start(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> None:
         handle.layout.check_compatible(view_layout(self.view))
         if len(dst_block_ids) != handle.num_blocks:
-            raise InvalidBlockIdsError("dst_block_ids", f"{len(dst_block_ids)} ids for {handle.num_blocks} blocks")
+            raise InvalidBlockIdsError(
+                "dst_block_ids", f"{len(dst_block_ids)} ids for {handle.num_blocks} blocks"
+            )
         self.view.check_block_ids(dst_block_ids, "dst_block_ids")
-        plan = plan_for_destination(self.view.tp.tp_rank, self.view.tp.tp_size, handle.layout.tp_size, handle.layout.num_kv_heads)
-        job = Transfer(handle, list(dst_block_ids), plan, self._clock() + self._timeout_s, self.view,
-                       engine_ready=mark_current(self.view.device))
+        plan = plan_for_destination(
+            self.view.tp.tp_rank,
+            self.view.tp.tp_size,
+            handle.layout.tp_size,
+            handle.layout.num_kv_heads,
+        )
+        job = Transfer(
+            handle,
+            list(dst_block_ids),
+            plan,
+            self._clock() + self._timeout_s,
+            self.view,
+            engine_ready=mark_current(self.view.device),
+        )
         with self._lock:
             if handle.transfer_id in self._active or handle.transfer_id in self._finished:
                 raise ValueError(f"transfer_id: {handle.transfer_id!r} already started")
@@ -216,11 +237,16 @@ class ThreadedReceiver(KVReceiver):
             try:
                 self._notify(job.handle, rank, ok, reason)
             except Exception:  # noqa: BLE001 - the sender's lease expires anyway
-                log.warning("kvtransfer: notice to source rank %d of %s failed", rank, job.transfer_id)
+                log.warning(
+                    "kvtransfer: notice to source rank %d of %s failed", rank, job.transfer_id
+                )
 
     def _abort(self, job: Transfer, reason: str) -> None:
         with job.lock:
-            if job.state not in (TransferState.WAITING, TransferState.TRANSFERRING) or job.worker_result:
+            if (
+                job.state not in (TransferState.WAITING, TransferState.TRANSFERRING)
+                or job.worker_result
+            ):
                 return
             job.state, job.reason = TransferState.ABORTING, reason
             job.cancelled.set()
@@ -244,7 +270,9 @@ class ThreadedReceiver(KVReceiver):
                 ok, reason = job.worker_result
                 if not ok and self._clock() >= job.deadline:  # the transport hit our deadline first
                     reason = f"timed out after {self._timeout_s}s ({reason})"
-                job.state, job.reason = (TransferState.DONE, None) if ok else (TransferState.ABORTING, reason)
+                job.state, job.reason = (
+                    (TransferState.DONE, None) if ok else (TransferState.ABORTING, reason)
+                )
             if job.state is TransferState.ABORTING and job.gate.try_close():
                 job.state, release = TransferState.FAILED, True
             terminal = job.state in (TransferState.DONE, TransferState.FAILED)
@@ -266,4 +294,3 @@ def _public_state(job: Transfer) -> KVPoll:
     if job.state is TransferState.ABORTING:
         return KVPoll.TRANSFERRING if job.wrote else KVPoll.WAITING
     return KVPoll(job.state.value)
-

@@ -72,8 +72,15 @@ def plan_for_destination(
         src_base = rank_heads(src, src_tp, num_kv_heads)[0]
         local_src, local_dst = head - src_base, head - dst_start
         last = slices[-1] if slices else None
-        if last and last.source_rank == src and last.src_end == local_src and last.dst_end == local_dst:
-            slices[-1] = HeadSlice(src, last.src_start, local_src + 1, last.dst_start, local_dst + 1)
+        if (
+            last
+            and last.source_rank == src
+            and last.src_end == local_src
+            and last.dst_end == local_dst
+        ):
+            slices[-1] = HeadSlice(
+                src, last.src_start, local_src + 1, last.dst_start, local_dst + 1
+            )
         else:
             slices.append(HeadSlice(src, local_src, local_src + 1, local_dst, local_dst + 1))
     return slices
@@ -82,6 +89,8 @@ def plan_for_destination(
 def readers_of_source(src_rank: int, src_tp: int, dst_tp: int, num_kv_heads: int) -> int:
     """How many destination ranks read from `src_rank`: the acks its lease must wait for."""
     return sum(
-        any(s.source_rank == src_rank for s in plan_for_destination(d, dst_tp, src_tp, num_kv_heads))
+        any(
+            s.source_rank == src_rank for s in plan_for_destination(d, dst_tp, src_tp, num_kv_heads)
+        )
         for d in range(dst_tp)
     )

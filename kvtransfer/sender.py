@@ -63,7 +63,9 @@ class LeasedSender(KVSender):
         handle = KVHandle(
             transfer_id=transfer_id,
             source_worker_id=self.worker_id,
-            source_addresses=tuple(source_addresses) if source_addresses is not None else (self.address,),
+            source_addresses=tuple(source_addresses)
+            if source_addresses is not None
+            else (self.address,),
             layout=view_layout(self.view),
             block_ids=tuple(block_ids),
             block_hashes=tuple(block_hashes),

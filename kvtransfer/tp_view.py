@@ -50,8 +50,14 @@ class TPGroupKVView(KVCacheView):
 
     local_copies = False
 
-    def __init__(self, kv_cache: torch.Tensor, group: KVGroup, tp_size: int, num_kv_heads: int,
-                 spec: KVCacheSpec | None = None) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        group: KVGroup,
+        tp_size: int,
+        num_kv_heads: int,
+        spec: KVCacheSpec | None = None,
+    ) -> None:
         """`spec`: the engine's (rank 0's, of `tp_size`), checked against rank 0's shard; the view's
         own `spec` is that cache unsplit (`with_tp(1)`), as it presents every head."""
         super().__init__(kv_cache, TPLayout(0, tp_size, num_kv_heads), spec)  # rank 0's shard
@@ -62,7 +68,10 @@ class TPGroupKVView(KVCacheView):
         self.num_local_heads = num_kv_heads
 
     def read_blocks(
-        self, block_ids: Sequence[int], heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+        self,
+        block_ids: Sequence[int],
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Copy of blocks `block_ids` (heads `heads` of all, layers `layers`): [L, 2, n, block_size, h, D]."""
         op = self._op(False, block_ids, heads, layers)
@@ -71,14 +80,19 @@ class TPGroupKVView(KVCacheView):
         return self.group.read_kv(self.kv_cache, op)
 
     def write_blocks(
-        self, block_ids: Sequence[int], data: torch.Tensor, heads: tuple[int, int] | None = None,
+        self,
+        block_ids: Sequence[int],
+        data: torch.Tensor,
+        heads: tuple[int, int] | None = None,
         layers: tuple[int, int] | None = None,
     ) -> None:
         """Writes `data` [L, 2, n, block_size, h, D] into blocks `block_ids` (heads `heads` of all,
         layers `layers`) on every rank that holds those heads."""
         op = self._op(True, block_ids, heads, layers)
         if tuple(data.shape) != self._shape(op):
-            raise KVLayoutError("data", f"expected shape {self._shape(op)}, got {tuple(data.shape)}")
+            raise KVLayoutError(
+                "data", f"expected shape {self._shape(op)}, got {tuple(data.shape)}"
+            )
         if op.block_ids:
             self.group.write_kv(self.kv_cache, op, data.to(device=self.device, dtype=self.dtype))
 
@@ -88,12 +102,18 @@ class TPGroupKVView(KVCacheView):
         return torch.tensor([int(b) for b in block_ids], dtype=torch.int64)
 
     def read_indexed(
-        self, index: torch.Tensor, heads: tuple[int, int] | None = None, layers: tuple[int, int] | None = None
+        self,
+        index: torch.Tensor,
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         return self.read_blocks(index.tolist(), heads, layers)
 
     def write_indexed(
-        self, index: torch.Tensor, data: torch.Tensor, heads: tuple[int, int] | None = None,
+        self,
+        index: torch.Tensor,
+        data: torch.Tensor,
+        heads: tuple[int, int] | None = None,
         layers: tuple[int, int] | None = None,
     ) -> None:
         self.write_blocks(index.tolist(), data, heads, layers)
@@ -105,10 +125,17 @@ class TPGroupKVView(KVCacheView):
 
     def write_rows(self, block_ids: Sequence[int], rows: torch.Tensor) -> None:
         """KVCacheView.write_rows onto every rank holding the heads (one whole-group write)."""
-        self.write_blocks(block_ids, self._blocks_of_rows(block_ids, rows).permute(1, 2, 0, 3, 4, 5))
+        self.write_blocks(
+            block_ids, self._blocks_of_rows(block_ids, rows).permute(1, 2, 0, 3, 4, 5)
+        )
 
-    def _op(self, write: bool, block_ids: Sequence[int], heads: tuple[int, int] | None,
-            layers: tuple[int, int] | None) -> KVOp:
+    def _op(
+        self,
+        write: bool,
+        block_ids: Sequence[int],
+        heads: tuple[int, int] | None,
+        layers: tuple[int, int] | None,
+    ) -> KVOp:
         self.check_block_ids(block_ids, "block_ids")
         heads = _checked_range("heads", heads, self.num_local_heads)
         layers = _checked_range("layers", layers, self.num_layers)

@@ -36,7 +36,6 @@ from engine.engine import HeldKVEnqueued, LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.pool_link import KVGroupSpec, make_sender
-from tandem.pool.core import PoolWorker, WorkerCore
 from tandem.contract.worker_api import (
     PrefillRequest,
     PrefillResult,
@@ -44,6 +43,7 @@ from tandem.contract.worker_api import (
     WorkerRejectedError,
     deadline_to_monotonic,
 )
+from tandem.pool.core import PoolWorker, WorkerCore
 
 log = logging.getLogger(__name__)
 _ENDED_REMEMBERED = 1024  # prefills whose early handle nobody awaited yet: kv_handle answers b""
@@ -66,19 +66,43 @@ class _Pending:
 
 
 class PrefillWorker(PoolWorker):
-    def __init__(self, worker_id: str, engine_kwargs: dict[str, Any], host: str = "127.0.0.1",
-                 lease_s: float = 30.0, calibrate: bool = True, kv_group: KVGroupSpec | None = None,
-                 metrics_host: str = "127.0.0.1", metrics_port: int | None = 0, prefix_cpu_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        engine_kwargs: dict[str, Any],
+        host: str = "127.0.0.1",
+        lease_s: float = 30.0,
+        calibrate: bool = True,
+        kv_group: KVGroupSpec | None = None,
+        metrics_host: str = "127.0.0.1",
+        metrics_port: int | None = 0,
+        prefix_cpu_bytes: int = 0,
+    ) -> None:
         """`prefix_cpu_bytes`: a CPU tier that evicted prefix blocks spill into and hits load from."""
         self._pending: dict[str, _Pending] = {}
         self._early: dict[str, asyncio.Future] = {}  # kv_handle() calls waiting, by request id
         self._ended: OrderedDict[str, bytes] = OrderedDict()  # handles (or b"") nobody awaited yet
         self.kv_group = kv_group
-        self.core = WorkerCore(worker_id, engine_kwargs, self._on_output, self._poll_sender,
-                               transport="nccl" if kv_group else "grpc", calibrate=calibrate, pool="prefill",
-                               metrics_host=metrics_host, metrics_port=metrics_port)
-        self.sender = make_sender(self.core.view, kv_group, worker_id=worker_id, model_salt=self.core.salt,
-                                  on_release=self._on_release, lease_s=lease_s, host=host)
+        self.core = WorkerCore(
+            worker_id,
+            engine_kwargs,
+            self._on_output,
+            self._poll_sender,
+            transport="nccl" if kv_group else "grpc",
+            calibrate=calibrate,
+            pool="prefill",
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
+        self.sender = make_sender(
+            self.core.view,
+            kv_group,
+            worker_id=worker_id,
+            model_salt=self.core.salt,
+            on_release=self._on_release,
+            lease_s=lease_s,
+            host=host,
+        )
         self.prefix_store = self.core.attach_tiers(prefix_cpu_bytes, swap=False)
         self.streams_kv = self.core.view.local_copies  # a TP group's view reads through collectives
         if self.streams_kv:
@@ -95,10 +119,16 @@ class PrefillWorker(PoolWorker):
 
         def add(engine: LLMEngine) -> None:
             request = engine.add_request(
-                req.request_id, list(req.prompt_token_ids), first_only, priority=req.priority,
-                deadline=deadline_to_monotonic(req.deadline), hold_kv=True,
+                req.request_id,
+                list(req.prompt_token_ids),
+                first_only,
+                priority=req.priority,
+                deadline=deadline_to_monotonic(req.deadline),
+                hold_kv=True,
             )
-            self._pending[req.request_id] = _Pending(request, future, loop, time.monotonic(), params.max_tokens)
+            self._pending[req.request_id] = _Pending(
+                request, future, loop, time.monotonic(), params.max_tokens
+            )
 
         try:
             try:
@@ -132,7 +162,6 @@ class PrefillWorker(PoolWorker):
 
         await self.core.aengine.run(abort)
 
-
     async def kv_leases(self) -> int:
         return await self.core.aengine.run(lambda e: self.sender.num_leased())
 
@@ -156,8 +185,12 @@ class PrefillWorker(PoolWorker):
             return
         try:
             pending.handle = self.sender.register(
-                rid, held.block_ids, held.block_hashes, held.request.num_prompt_tokens,
-                source_p2p_ranks=[self.kv_group.rank] if self.kv_group else None, layer_ready=held.layer_ready,
+                rid,
+                held.block_ids,
+                held.block_hashes,
+                held.request.num_prompt_tokens,
+                source_p2p_ranks=[self.kv_group.rank] if self.kv_group else None,
+                layer_ready=held.layer_ready,
             ).to_bytes()
         except Exception:  # the step must go on: the handle then comes with the first token
             log.exception("kvtransfer: streaming the KV of %s failed", rid)
@@ -184,8 +217,10 @@ class PrefillWorker(PoolWorker):
         request, engine = pending.request, self.core.engine
         first = out.new_token_ids[0]
         num_prompt = len(out.prompt_token_ids)
-        ends_here = out.finish_reason == "stop" or pending.real_max_tokens == 1 or (
-            num_prompt + 1 >= engine.max_model_len
+        ends_here = (
+            out.finish_reason == "stop"
+            or pending.real_max_tokens == 1
+            or (num_prompt + 1 >= engine.max_model_len)
         )
         handle = b""
         if pending.status is PrefillStatus.KV_STREAMING:  # leased at the last step
@@ -200,7 +235,10 @@ class PrefillWorker(PoolWorker):
             num_full = num_prompt // engine.config.block_size
             ranks = [self.kv_group.rank] if self.kv_group else None
             handle = self.sender.register(
-                out.request_id, request.held_block_ids, request.block_hashes[:num_full], num_prompt,
+                out.request_id,
+                request.held_block_ids,
+                request.block_hashes[:num_full],
+                num_prompt,
                 source_p2p_ranks=ranks,
             ).to_bytes()
         started = request.first_scheduled_time or pending.submitted
@@ -210,7 +248,9 @@ class PrefillWorker(PoolWorker):
             first_token_id=first,
             text_delta=out.text_delta,
             finished=ends_here,
-            finish_reason=(out.finish_reason if out.finish_reason == "stop" else "length") if ends_here else None,
+            finish_reason=(out.finish_reason if out.finish_reason == "stop" else "length")
+            if ends_here
+            else None,
             kv_handle=handle,
             num_prompt_tokens=num_prompt,
             num_cached_tokens=out.num_cached_tokens,

@@ -61,16 +61,30 @@ class RouterConfig:
             (self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024"),
             (self.heartbeat_interval_s > 0, "heartbeat_interval_s", "must be > 0"),
             (self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0"),
-            (self.poll_wait_s > 0 and self.poll_grace_s > 0, "poll_wait_s", "poll wait and grace must be > 0"),
+            (
+                self.poll_wait_s > 0 and self.poll_grace_s > 0,
+                "poll_wait_s",
+                "poll wait and grace must be > 0",
+            ),
             (self.max_inflight_prefills >= 1, "max_inflight_prefills", "must be >= 1"),
             (self.max_queue >= 0, "max_queue", "must be >= 0"),
             (self.starvation_s > 0, "starvation_s", "must be > 0"),
-            (self.metrics_port is None or 0 <= self.metrics_port < 65536, "metrics_port", "must be in [0, 65536)"),
+            (
+                self.metrics_port is None or 0 <= self.metrics_port < 65536,
+                "metrics_port",
+                "must be in [0, 65536)",
+            ),
             (DEFAULT_CLASS in self.slo_classes, "slo_classes", f"must define {DEFAULT_CLASS!r}"),
-            ((self.tls_cert_file is None) == (self.tls_key_file is None), "tls_key_file",
-             "tls_cert_file and tls_key_file go together"),
-            (self.tls_client_ca_file is None or self.tls_cert_file is not None, "tls_client_ca_file",
-             "needs tls_cert_file and tls_key_file"),
+            (
+                (self.tls_cert_file is None) == (self.tls_key_file is None),
+                "tls_key_file",
+                "tls_cert_file and tls_key_file go together",
+            ),
+            (
+                self.tls_client_ca_file is None or self.tls_cert_file is not None,
+                "tls_client_ca_file",
+                "needs tls_cert_file and tls_key_file",
+            ),
         ]
         for ok, name, message in checks:
             if not ok:

@@ -9,8 +9,8 @@ from engine.scheduler.output import TokenLogprobs
 from router.registry import WorkerEntry
 from router.request import FinishReason, OutputBatch, RequestSummary
 from router.stage_clock import StageTimings
-from tandem.contract.worker_api import LoadSnapshot
 from tandem.api import generation_pb2 as pb
+from tandem.contract.worker_api import LoadSnapshot
 
 FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,

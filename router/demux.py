@@ -96,7 +96,9 @@ class StepDemux:
 
     def start(self) -> None:
         assert self._task is None
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"demux-{self.worker_id}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"demux-{self.worker_id}"
+        )
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)

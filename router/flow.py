@@ -188,8 +188,11 @@ class Orchestrator:
     def _register(self, req: GenerateRequest) -> _Active:
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
-            raise RequestError(ErrorKind.ALREADY_EXISTS, f"request_id: {rid!r} is already running",
-                               reason="duplicate_request_id")  # fmt: skip
+            raise RequestError(
+                ErrorKind.ALREADY_EXISTS,
+                f"request_id: {rid!r} is already running",
+                reason="duplicate_request_id",
+            )
         active = _Active(rid, asyncio.Queue(), asyncio.get_running_loop().create_future())
         self._active[rid] = active
         return active
@@ -243,8 +246,12 @@ class Orchestrator:
 
     def _refusal(self, message: str, reason: str) -> RequestError:
         """RESOURCE_EXHAUSTED; retrying helps once the router's load picture can change."""
-        return RequestError(ErrorKind.RESOURCE_EXHAUSTED, message, reason=reason,
-                            retry_after_s=self._config.heartbeat_interval_s)  # fmt: skip
+        return RequestError(
+            ErrorKind.RESOURCE_EXHAUSTED,
+            message,
+            reason=reason,
+            retry_after_s=self._config.heartbeat_interval_s,
+        )
 
     # -- placement ----------------------------------------------------------------------------
     def _place(self, req: GenerateRequest) -> Placement:
@@ -253,8 +260,11 @@ class Orchestrator:
         colocated = not (prefill and decode)
         candidates = self._registry.healthy(Pool.COLOCATED) if colocated else prefill
         if not candidates:
-            raise RequestError(ErrorKind.UNAVAILABLE, "no healthy workers can serve the request",
-                               reason="no_workers")  # fmt: skip
+            raise RequestError(
+                ErrorKind.UNAVAILABLE,
+                "no healthy workers can serve the request",
+                reason="no_workers",
+            )
         demand = Demand(len(req.prompt_token_ids), req.max_new_tokens, req.slo)
         hashes = self._block_hashes(req, candidates[0].load.block_size)
         cached = {
@@ -311,8 +321,14 @@ class Orchestrator:
     ) -> tuple[PrefillResult, bool]:
         """The prefill's result, and whether the decode worker already receives its KV."""
         ttft_deadline = None if req.slo.ttft_s is None else time.time() + req.slo.ttft_s
-        preq = PrefillRequest(active.request_id, req.prompt_token_ids, req.sampling_params,
-                              ttft_deadline, req.slo.priority, d.worker_id)  # fmt: skip
+        preq = PrefillRequest(
+            active.request_id,
+            req.prompt_token_ids,
+            req.sampling_params,
+            ttft_deadline,
+            req.slo.priority,
+            d.worker_id,
+        )
         active.dispatched_at = time.monotonic()
         prefill = asyncio.ensure_future(self._watch(p, active, p.handle.prefill(preq)))
         try:
@@ -323,9 +339,13 @@ class Orchestrator:
                 prefill.cancel()
 
     async def _start_streamed(
-        self, req: GenerateRequest, active: _Active, p: WorkerEntry, d: WorkerEntry,
+        self,
+        req: GenerateRequest,
+        active: _Active,
+        p: WorkerEntry,
+        d: WorkerEntry,
         prefill: asyncio.Future[PrefillResult],
-    ) -> bool:  # fmt: skip
+    ) -> bool:
         """Starts the decode worker on the prompt's KV while the prefill computes, once the
         prefill worker hands out the handle. False when it did not (it does not stream, or the
         prefill ended first): the decode worker then starts with the first token."""
@@ -354,8 +374,14 @@ class Orchestrator:
         active.workers.append(w)
         active.colocated = True
         self._demux[w.worker_id].open(active.request_id, active.queue)
-        preq = PrefillRequest(active.request_id, req.prompt_token_ids, req.sampling_params,
-                              req.deadline, req.slo.priority, None)  # fmt: skip
+        preq = PrefillRequest(
+            active.request_id,
+            req.prompt_token_ids,
+            req.sampling_params,
+            req.deadline,
+            req.slo.priority,
+            None,
+        )
         active.dispatched_at = time.monotonic()
         await self._watch(w, active, w.handle.submit(preq))
         async with aclosing(self._stream(active, hold.end)) as batches:
@@ -368,8 +394,14 @@ class Orchestrator:
         active.first_token_at = time.monotonic()
         active.num_cached_tokens = result.num_cached_tokens
         lps = () if result.logprobs is None else (result.logprobs,)
-        return StepOutput(active.request_id, (result.first_token_id,), result.text_delta,
-                          result.finished, result.finish_reason, lps)  # fmt: skip
+        return StepOutput(
+            active.request_id,
+            (result.first_token_id,),
+            result.text_delta,
+            result.finished,
+            result.finish_reason,
+            lps,
+        )
 
     async def _stream(
         self, active: _Active, on_first_token: Callable[[], None] | None = None
@@ -396,8 +428,13 @@ class Orchestrator:
         assert active.last, "every way to the end records the final outputs"
         batch = _batch(active.request_id, active.last)
         end = active.last[-1]
-        marks = StageMarks(req.arrival, active.dispatched_at, active.first_token_at,
-                           active.decode_started_at, active.colocated)  # fmt: skip
+        marks = StageMarks(
+            req.arrival,
+            active.dispatched_at,
+            active.first_token_at,
+            active.decode_started_at,
+            active.colocated,
+        )
         summary = RequestSummary(
             finish_reason=FinishReason.parse(end.finish_reason),
             num_prompt_tokens=len(req.prompt_token_ids),

@@ -34,10 +34,24 @@ from tandem.contract.metrics_http import LATENCY_BUCKETS
 STAGES = ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode")
 FINISH_REASONS = ("stop", "length", "abort")
 REJECT_REASONS = (
-    "invalid_argument", "slo_infeasible", "queue_full", "no_workers", "worker_rejected", "duplicate_request_id",
-)  # fmt: skip
-FAILURE_CODES = ("CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "INTERNAL")  # pre-created; others appear on use
-_FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+    "invalid_argument",
+    "slo_infeasible",
+    "queue_full",
+    "no_workers",
+    "worker_rejected",
+    "duplicate_request_id",
+)
+FAILURE_CODES = (
+    "CANCELLED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)  # pre-created; others appear on use
+_FINISH_NAMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
 Send = Callable[[pb.GenerateResponse], Awaitable[None]]
 
 
@@ -46,40 +60,106 @@ class RouterMetrics:
     scrapes read it from the HTTP server's thread (prometheus-client locks each value)."""
 
     def __init__(
-        self, model: str, slo_classes: Mapping[str, SloClass] | None = None, registry: CollectorRegistry | None = None
+        self,
+        model: str,
+        slo_classes: Mapping[str, SloClass] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.model = model
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.slo_target = Gauge("tandem_slo_target_seconds", "Each SLO class's targets (kind: ttft or tpot).",
-                                ["model", "slo_class", "kind"], registry=r)  # fmt: skip
-        self.stage_seconds = Histogram("tandem_stage_seconds", "Seconds a request spent in each stage.",
-                                       ["model", "stage"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.ttft = Histogram("tandem_time_to_first_token_seconds", "Time to first token, at the router.",
-                              ["model", "slo_class"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.itl = Histogram("tandem_inter_token_latency_seconds", "Gap between tokens sent to clients.",
-                             ["model"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.tpot = Histogram("tandem_time_per_output_token_seconds", "Mean time per output token after the first.",
-                              ["model", "slo_class"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.e2e = Histogram("tandem_end_to_end_seconds", "End-to-end latency of finished requests.",
-                             ["model", "slo_class"], registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
-        self.finished = Counter("tandem_requests_finished", "Requests finished, by finish reason.",
-                                ["model", "finish_reason"], registry=r)  # fmt: skip
-        self.rejected = Counter("tandem_requests_rejected", "Requests refused before serving, by reason.",
-                                ["model", "reason"], registry=r)  # fmt: skip
-        self.failed = Counter("tandem_requests_failed", "Requests that failed while served, by gRPC code.",
-                              ["model", "code"], registry=r)  # fmt: skip
-        self.slo_requests = Counter("tandem_slo_requests", "Validated requests judged against their SLO.",
-                                    ["model", "slo_class"], registry=r)  # fmt: skip
-        self.slo_attained = Counter("tandem_slo_attained", "Requests that met their TTFT and TPOT targets.",
-                                    ["model", "slo_class"], registry=r)  # fmt: skip
-        self.goodput_tokens = Counter("tandem_goodput_tokens", "Generated tokens of requests that met their SLO.",
-                                      ["model", "slo_class"], registry=r)  # fmt: skip
-        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=r)
-        self.cached_prompt_tokens = Counter("tandem_cached_prompt_tokens", "Prompt tokens served from a prefix cache.",
-                                            ["model"], registry=r)  # fmt: skip
-        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated for finished requests.",
-                                         ["model"], registry=r)  # fmt: skip
+        self.slo_target = Gauge(
+            "tandem_slo_target_seconds",
+            "Each SLO class's targets (kind: ttft or tpot).",
+            ["model", "slo_class", "kind"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "tandem_stage_seconds",
+            "Seconds a request spent in each stage.",
+            ["model", "stage"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "Time to first token, at the router.",
+            ["model", "slo_class"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "Gap between tokens sent to clients.",
+            ["model"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "tandem_time_per_output_token_seconds",
+            "Mean time per output token after the first.",
+            ["model", "slo_class"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "tandem_end_to_end_seconds",
+            "End-to-end latency of finished requests.",
+            ["model", "slo_class"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.finished = Counter(
+            "tandem_requests_finished",
+            "Requests finished, by finish reason.",
+            ["model", "finish_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "tandem_requests_rejected",
+            "Requests refused before serving, by reason.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.failed = Counter(
+            "tandem_requests_failed",
+            "Requests that failed while served, by gRPC code.",
+            ["model", "code"],
+            registry=r,
+        )
+        self.slo_requests = Counter(
+            "tandem_slo_requests",
+            "Validated requests judged against their SLO.",
+            ["model", "slo_class"],
+            registry=r,
+        )
+        self.slo_attained = Counter(
+            "tandem_slo_attained",
+            "Requests that met their TTFT and TPOT targets.",
+            ["model", "slo_class"],
+            registry=r,
+        )
+        self.goodput_tokens = Counter(
+            "tandem_goodput_tokens",
+            "Generated tokens of requests that met their SLO.",
+            ["model", "slo_class"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tandem_prompt_tokens", "Prompt tokens of finished requests.", ["model"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "tandem_cached_prompt_tokens",
+            "Prompt tokens served from a prefix cache.",
+            ["model"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "tandem_generation_tokens",
+            "Tokens generated for finished requests.",
+            ["model"],
+            registry=r,
+        )
         classes = dict(slo_classes or {})
         self._touch(classes)
         for name, cls in classes.items():
@@ -99,9 +179,21 @@ class RouterMetrics:
         for code in FAILURE_CODES:
             self.failed.labels(m, code)
         for name in slo_classes:
-            for family in (self.ttft, self.tpot, self.e2e, self.slo_requests, self.slo_attained, self.goodput_tokens):
+            for family in (
+                self.ttft,
+                self.tpot,
+                self.e2e,
+                self.slo_requests,
+                self.slo_attained,
+                self.goodput_tokens,
+            ):
                 family.labels(m, name)
-        for family in (self.itl, self.prompt_tokens, self.cached_prompt_tokens, self.generation_tokens):
+        for family in (
+            self.itl,
+            self.prompt_tokens,
+            self.cached_prompt_tokens,
+            self.generation_tokens,
+        ):
             family.labels(m)
 
     def request(self, slo_class: str, slo: Slo) -> RequestObserver:
@@ -207,8 +299,13 @@ def slo_met(slo: Slo, ttft: float, tpot: float) -> bool:
 class RouterStateSource:
     """What the state collector reads (the Orchestrator and registry satisfy it via `router_state`)."""
 
-    def __init__(self, waiting: Callable[[], int], inflight: Callable[[], int], active: Callable[[], int],
-                 workers: Callable[[], list[tuple[str, str, bool]]]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        waiting: Callable[[], int],
+        inflight: Callable[[], int],
+        active: Callable[[], int],
+        workers: Callable[[], list[tuple[str, str, bool]]],
+    ) -> None:
         self.waiting = waiting
         self.inflight = inflight
         self.active = active
@@ -227,14 +324,21 @@ class _RouterStateCollector(Collector):
         s, model = self._state, self._model
         for name, doc, value in (
             ("tandem_router_queue_requests", "Requests waiting in the router queue.", s.waiting()),
-            ("tandem_router_inflight_prefills", "Requests between placement and first token.", s.inflight()),
+            (
+                "tandem_router_inflight_prefills",
+                "Requests between placement and first token.",
+                s.inflight(),
+            ),
             ("tandem_router_active_requests", "Requests the router is serving.", s.active()),
         ):
             family = GaugeMetricFamily(name, doc, labels=["model"])
             family.add_metric([model], value)
             yield family
-        up = GaugeMetricFamily("tandem_worker_healthy", "1 while the router's heartbeats find the worker healthy.",
-                               labels=["model", "worker", "pool"])  # fmt: skip
+        up = GaugeMetricFamily(
+            "tandem_worker_healthy",
+            "1 while the router's heartbeats find the worker healthy.",
+            labels=["model", "worker", "pool"],
+        )
         for worker_id, pool, healthy in s.workers():
             up.add_metric([model, worker_id, pool], 1.0 if healthy else 0.0)
         yield up

@@ -36,13 +36,13 @@ from router.config import RouterConfig
 from router.errors import ErrorKind, RequestError
 from router.flow import Orchestrator
 from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
-from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 from router.registry import Pool, WorkerRegistry
 from router.request import GenerateRequest
 from router.tokenizer import Tokenizer
 from router.validation import ModelLimits, validate
 from tandem.api import generation_pb2 as pb
 from tandem.api import generation_pb2_grpc as pb_grpc
+from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name

@@ -67,7 +67,9 @@ def resolve_slo(
     name = DEFAULT_CLASS if slo_class is None else slo_class
     base = classes.get(name)
     if base is None:
-        raise InvalidRequestError("slo_class", f"unknown class {name[:64]!r}; known: {sorted(classes)}")
+        raise InvalidRequestError(
+            "slo_class", f"unknown class {name[:64]!r}; known: {sorted(classes)}"
+        )
     ttft = _target_s(ttft_ms, "ttft_ms")
     tpot = _target_s(tpot_ms, "tpot_ms")
     return Slo(

@@ -99,5 +99,9 @@ def _split_decode(
     if times is not None:
         transfer = min(_pos(times.kv_transfer or 0.0), span)
         queue = min(_pos(times.decode_queue or 0.0), span - transfer)
-    return replace(timings, kv_transfer=_pos(handoff) + transfer, decode_queue=queue,
-                   decode=span - transfer - queue)  # fmt: skip
+    return replace(
+        timings,
+        kv_transfer=_pos(handoff) + transfer,
+        decode_queue=queue,
+        decode=span - transfer - queue,
+    )

@@ -93,10 +93,15 @@ class HfTokenizer:
         messages = [{"role": t.role, "content": t.content} for t in turns]
         try:
             out = self._tok.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
         except Exception as exc:  # template errors (e.g. role order) come from user input
-            raise InvalidRequestError("chat", f"the chat template rejected the messages: {exc}") from exc
+            raise InvalidRequestError(
+                "chat", f"the chat template rejected the messages: {exc}"
+            ) from exc
         return list(out)
 
     def decode(self, token_ids: Sequence[int]) -> str:

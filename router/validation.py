@@ -30,10 +30,22 @@ MAX_CHAT_MESSAGES = 1024
 MAX_CHARS_PER_TOKEN = 64  # bounds tokenizer work before the prompt's token count is known
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 _SCALAR_FIELDS = (
-    "n", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "max_tokens", "min_tokens", "ignore_eos", "logprobs",
-    "skip_special_tokens", "include_stop_str_in_output",
-)  # fmt: skip
+    "n",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "max_tokens",
+    "min_tokens",
+    "ignore_eos",
+    "logprobs",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 
 
 @dataclass(frozen=True)

@@ -40,15 +40,28 @@ class _Group(TyperGroup):
 
 
 app = typer.Typer(
-    name="tandem", help="Tandem: an LLM serving cluster with separate prefill and decode pools.",
-    cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="tandem",
+    help="Tandem: an LLM serving cluster with separate prefill and decode pools.",
+    cls=_Group,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-Address = Annotated[str, typer.Option("--address", "-a", envvar="TANDEM_ADDRESS",
-                                      help="The router's host:port (env TANDEM_ADDRESS).")]
-SpecPath = Annotated[Path, typer.Option("--config", "-c", help="The cluster spec (deploy/tandem.yaml).")]
+Address = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        "-a",
+        envvar="TANDEM_ADDRESS",
+        help="The router's host:port (env TANDEM_ADDRESS).",
+    ),
+]
+SpecPath = Annotated[
+    Path, typer.Option("--config", "-c", help="The cluster spec (deploy/tandem.yaml).")
+]
 
 
 class Mode(str, Enum):
@@ -69,7 +82,9 @@ class Device(str, Enum):
 
 
 def fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True
+    )
     return typer.Exit(1)
 
 
@@ -79,29 +94,64 @@ def say(message: str) -> None:
 
 @app.command(cls=_Command)
 def serve(
-    model: Annotated[str, typer.Option(help="A checkpoint directory, a .gguf file, 'demo' (SmolLM2-135M-Instruct) or 'tiny-random' (random weights).")] = "demo",
-    mode: Annotated[Mode, typer.Option(
-        metavar="<mode>",
-        help="disaggregated (separate prefill and decode pools) or colocated (one pool).",
-    )] = Mode.disaggregated,
-    num_prefill: Annotated[int | None, typer.Option(min=1, help="Prefill workers (default: 1, or half the GPUs).")] = None,
-    num_decode: Annotated[int | None, typer.Option(min=1, help="Decode workers (default: 1, or the other GPUs).")] = None,
-    num_colocated: Annotated[int | None, typer.Option(min=1, help="Colocated workers (--mode colocated).")] = None,
-    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="TP ranks per worker (one GPU each on CUDA); KV moves over grpc when > 1.")] = 1,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A checkpoint directory, a .gguf file, 'demo' (SmolLM2-135M-Instruct) or 'tiny-random' (random weights)."
+        ),
+    ] = "demo",
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            metavar="<mode>",
+            help="disaggregated (separate prefill and decode pools) or colocated (one pool).",
+        ),
+    ] = Mode.disaggregated,
+    num_prefill: Annotated[
+        int | None, typer.Option(min=1, help="Prefill workers (default: 1, or half the GPUs).")
+    ] = None,
+    num_decode: Annotated[
+        int | None, typer.Option(min=1, help="Decode workers (default: 1, or the other GPUs).")
+    ] = None,
+    num_colocated: Annotated[
+        int | None, typer.Option(min=1, help="Colocated workers (--mode colocated).")
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int,
+        typer.Option(
+            min=1, help="TP ranks per worker (one GPU each on CUDA); KV moves over grpc when > 1."
+        ),
+    ] = 1,
     host: Annotated[str, typer.Option(help="The router's bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="The router's port (0: any free port).")] = 50051,
-    device: Annotated[Device, typer.Option(help="Where workers run (auto: one GPU each when present).")] = Device.auto,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The router's port (0: any free port).")
+    ] = 50051,
+    device: Annotated[
+        Device, typer.Option(help="Where workers run (auto: one GPU each when present).")
+    ] = Device.auto,
     dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(min=2, help="Context length limit.")] = None,
-    transport: Annotated[Transport, typer.Option(help="KV transport between pools.")] = Transport.auto,
+    transport: Annotated[
+        Transport, typer.Option(help="KV transport between pools.")
+    ] = Transport.auto,
 ) -> None:
     """Run a Tandem cluster on this machine (a local Ray instance) until Ctrl-C."""
-    from tandem.serve import ServeOptions, serve as run_serve
+    from tandem.serve import ServeOptions
+    from tandem.serve import serve as run_serve
 
     options = ServeOptions(
-        model=model, mode=mode.value, num_prefill=num_prefill, num_decode=num_decode,
-        num_colocated=num_colocated, tensor_parallel_size=tensor_parallel_size, host=host, port=port,
-        device=device.value, dtype=dtype, max_model_len=max_model_len, transport=transport.value,
+        model=model,
+        mode=mode.value,
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        num_colocated=num_colocated,
+        tensor_parallel_size=tensor_parallel_size,
+        host=host,
+        port=port,
+        device=device.value,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        transport=transport.value,
     )
     if model == "tiny-random":
         from engine.demo_model import RANDOM_WEIGHTS_NOTICE
@@ -123,7 +173,9 @@ def generate(
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float | None, typer.Option(min=0.0, help="0 is greedy.")] = None,
     seed: Annotated[int | None, typer.Option(min=0, help="Per-request sampling seed.")] = None,
-    slo: Annotated[str | None, typer.Option(help="A named SLO class (e.g. interactive, batch).")] = None,
+    slo: Annotated[
+        str | None, typer.Option(help="A named SLO class (e.g. interactive, batch).")
+    ] = None,
 ) -> None:
     """Stream one request's text from a running cluster, then its per-stage timings."""
     from tandem.client import Client, TandemClientError
@@ -145,14 +197,18 @@ def generate(
         raise fail(f"the router refused the request: {exc}") from None
     sys.stdout.write("\n")
     if final is not None and final.HasField("timings"):
-        console.print(timings_table([(final.request_id[:8], final.timings, final.completion_tokens)]))
+        console.print(
+            timings_table([(final.request_id[:8], final.timings, final.completion_tokens)])
+        )
 
 
 @app.command(cls=_Command)
 def status(
     address: Address = DEFAULT_ADDRESS,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes (--watch).")] = 1.0,
+    interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between refreshes (--watch).")
+    ] = 1.0,
 ) -> None:
     """Workers, health, load and per-stage latency of a running cluster (tandem.status_view)."""
     from tandem import status_view
@@ -173,11 +229,15 @@ def status(
 @app.command(cls=_Command)
 def launch(
     config: SpecPath,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")
+    ] = None,
     foreground: Annotated[
         bool, typer.Option("--foreground", help="Stay attached; Ctrl-C tears the cluster down.")
     ] = False,
-    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for every worker to load.")] = 600.0,
+    timeout: Annotated[
+        float, typer.Option(min=1.0, help="Seconds to wait for every worker to load.")
+    ] = 600.0,
 ) -> None:
     """Start the spec's pools and router on an existing Ray cluster (detached actors)."""
     from tandem.launch import down as run_down
@@ -188,16 +248,20 @@ def launch(
         spec = load_spec(config)  # validated before anything starts
         local = (address or spec.ray.address) == "local"
         if local and not foreground:
-            say("ray.address is 'local': the Ray instance lives in this process, so launch stays "
-                "in the foreground (Ctrl-C tears down).")
+            say(
+                "ray.address is 'local': the Ray instance lives in this process, so launch stays "
+                "in the foreground (Ctrl-C tears down)."
+            )
         result = run_launch(str(config), address, timeout_s=timeout, say=say)
     except TandemError as exc:
         raise fail(str(exc)) from None
     for note in result.notes:
         say(f"note: {note}")
     say(f"Prometheus targets: {result.service_discovery_file}")
-    say(f"Tandem is serving at {result.endpoint} (namespace {result.namespace}, "
-        f"{len(result.workers)} workers)")
+    say(
+        f"Tandem is serving at {result.endpoint} (namespace {result.namespace}, "
+        f"{len(result.workers)} workers)"
+    )
     if foreground or local:
         _wait_for_interrupt()
         run_down(str(config), address, say=say)
@@ -207,7 +271,9 @@ def launch(
 @app.command(cls=_Command)
 def down(
     config: SpecPath,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: the spec's ray.address).")
+    ] = None,
 ) -> None:
     """Tear down what `tandem launch` started for this spec: router, workers, placement groups."""
     from tandem.launch import down as run_down
@@ -219,7 +285,9 @@ def down(
     if not result.actors and not result.placement_groups:
         say("Nothing to tear down.")
     else:
-        say(f"Removed {len(result.actors)} actors and {len(result.placement_groups)} placement groups.")
+        say(
+            f"Removed {len(result.actors)} actors and {len(result.placement_groups)} placement groups."
+        )
 
 
 # ------------------------------------------------------------------ helpers
@@ -237,8 +305,10 @@ def _check_reachable(address: str) -> None:
         with Client(address, timeout=5.0) as probe:
             probe.health()
     except TandemClientError as exc:
-        raise fail(f"no Tandem router reachable at {address} ({exc.code.name}); start one with "
-                   "`tandem serve` or pass --address / TANDEM_ADDRESS") from None
+        raise fail(
+            f"no Tandem router reachable at {address} ({exc.code.name}); start one with "
+            "`tandem serve` or pass --address / TANDEM_ADDRESS"
+        ) from None
 
 
 def _wait_for_interrupt() -> None:

@@ -66,7 +66,9 @@ def build_request(
     if isinstance(prompt, str):
         req.text = prompt
     elif len(prompt) > 0 and isinstance(prompt[0], dict):
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)  # type: ignore[index]
+        req.chat.messages.extend(
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
+        )  # type: ignore[index]
     else:
         req.token_ids.ids.extend(prompt)  # type: ignore[arg-type]
         if not prompt:
@@ -110,25 +112,40 @@ class Tls:
         def read(path: str | None) -> bytes | None:
             return Path(path).read_bytes() if path else None
 
-        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+        return grpc.ssl_channel_credentials(
+            read(self.ca_file), read(self.key_file), read(self.cert_file)
+        )
 
 
 class Client:
     """Blocking client. Thread-safe (one channel); use as a context manager or call `close()`.
     `tls`: connect over TLS (the router's `tls_cert_file`), else plaintext."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: Tls | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: Tls | None = None,
+    ) -> None:
         options = _channel_options(max_message_bytes)
-        self._channel = (grpc.secure_channel(address, tls.credentials(), options=options) if tls
-                         else grpc.insecure_channel(address, options=options))
+        self._channel = (
+            grpc.secure_channel(address, tls.credentials(), options=options)
+            if tls
+            else grpc.insecure_channel(address, options=options)
+        )
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
-    def generate(self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any) -> Iterator[pb.GenerateResponse]:
+    def generate(
+        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GenerateResponse]:
         """Stream a request's responses. `kwargs`: request_id, slo, priority, best_effort, sampling fields."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self._timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout
+        )
         try:
             yield from call
         except grpc.RpcError as exc:
@@ -154,7 +171,7 @@ class Client:
         return self._unary(self._stub.GetClusterStatus, pb.GetClusterStatusRequest())
 
     def health(self, service: str = "") -> str:
-        """"SERVING", "NOT_SERVING", ... for the whole server ("") or a named service."""
+        """ "SERVING", "NOT_SERVING", ... for the whole server ("") or a named service."""
         resp = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service))
         return _health_name(resp.status)
 
@@ -177,17 +194,30 @@ class Client:
 class AsyncClient:
     """asyncio client; create and use it inside one running event loop."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 tls: Tls | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: Tls | None = None,
+    ) -> None:
         options = _channel_options(max_message_bytes)
-        self._channel = (grpc.aio.secure_channel(address, tls.credentials(), options=options) if tls
-                         else grpc.aio.insecure_channel(address, options=options))
+        self._channel = (
+            grpc.aio.secure_channel(address, tls.credentials(), options=options)
+            if tls
+            else grpc.aio.insecure_channel(address, options=options)
+        )
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
-    async def generate(self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[pb.GenerateResponse]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self._timeout)
+    async def generate(
+        self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout
+        )
         try:
             async for msg in call:
                 yield msg
@@ -204,7 +234,9 @@ class AsyncClient:
         return "".join(parts), last
 
     async def abort(self, request_id: str) -> bool:
-        return bool((await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))).found)
+        return bool(
+            (await self._unary(self._stub.Abort, pb.AbortRequest(request_id=request_id))).found
+        )
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())

@@ -79,9 +79,15 @@ class ClusterConfig:
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
     kv_transport: str = "grpc"  # or "p2p": torch.distributed send/recv (NCCL on GPUs, gloo on CPU)
-    stream_kv: bool = True  # decode receives a prompt's KV while it is prefilled (RouterConfig.stream_kv)
-    metrics_port: int | None = 0  # the router's metrics port (0: any free); None: no metrics anywhere
-    metrics_sd_path: str | None = None  # Prometheus file-SD target list; None: service_discovery.default_sd_path()
+    stream_kv: bool = (
+        True  # decode receives a prompt's KV while it is prefilled (RouterConfig.stream_kv)
+    )
+    metrics_port: int | None = (
+        0  # the router's metrics port (0: any free); None: no metrics anywhere
+    )
+    metrics_sd_path: str | None = (
+        None  # Prometheus file-SD target list; None: service_discovery.default_sd_path()
+    )
 
 
 def _actor_classes() -> dict[str, Any]:
@@ -115,8 +121,9 @@ class LocalCluster:
         backend = "nccl" if c.use_gpus else "gloo"
         peers = prefill_decode_peers([pool for _, pool in plan])
         for rank, (worker_id, _) in enumerate(plan):
-            self._kv_groups[worker_id] = KVGroupSpec(f"tcp://{c.host}:{port}", rank, len(plan), backend,
-                                                     peers=peers[rank])
+            self._kv_groups[worker_id] = KVGroupSpec(
+                f"tcp://{c.host}:{port}", rank, len(plan), backend, peers=peers[rank]
+            )
 
     def _plan(self) -> list[tuple[str, str]]:
         c = self.config
@@ -144,12 +151,19 @@ class LocalCluster:
 
         pg = placement_group(size, self.config.use_gpus, PLACEMENT_TIMEOUT_S)
         self._placement_groups.append(pg)
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=0
+            )
+        }
 
     def _spawn(self, worker_id: str, pool: str) -> Any:
         c = self.config
-        kwargs: dict[str, Any] = {"worker_id": worker_id, "calibrate": c.calibrate,
-                                  "engine_kwargs": self._engine_kwargs(pool)}
+        kwargs: dict[str, Any] = {
+            "worker_id": worker_id,
+            "calibrate": c.calibrate,
+            "engine_kwargs": self._engine_kwargs(pool),
+        }
         if pool == "prefill":
             kwargs |= {"host": c.host, "lease_s": c.lease_s}
         if pool == "decode":
@@ -159,8 +173,14 @@ class LocalCluster:
         kwargs |= {"metrics_host": c.host, "metrics_port": None if c.metrics_port is None else 0}
         from tandem.actors import create_worker_actor  # shared with tandem.launch
 
-        return create_worker_actor(pool, kwargs, name=f"tandem-{worker_id}", num_cpus=1,
-                                   num_gpus=1 if c.use_gpus else 0, **self._placement(pool))
+        return create_worker_actor(
+            pool,
+            kwargs,
+            name=f"tandem-{worker_id}",
+            num_cpus=1,
+            num_gpus=1 if c.use_gpus else 0,
+            **self._placement(pool),
+        )
 
     async def start(self) -> str:
         """Start the actors and the router; returns the router's address."""
@@ -199,9 +219,14 @@ class LocalCluster:
 
     def _router_config(self) -> RouterConfig:
         return RouterConfig(
-            max_model_len=self.info["max_model_len"], model_name=self.config.model,
-            vocab_size=self.info["vocab_size"], host=self.config.host, port=self.config.port,
-            kv_salt=self.info["kv_salt"], metrics_port=self.config.metrics_port, stream_kv=self.config.stream_kv,
+            max_model_len=self.info["max_model_len"],
+            model_name=self.config.model,
+            vocab_size=self.info["vocab_size"],
+            host=self.config.host,
+            port=self.config.port,
+            kv_salt=self.info["kv_salt"],
+            metrics_port=self.config.metrics_port,
+            stream_kv=self.config.stream_kv,
         )
 
     def _tokenizer(self) -> Any:

@@ -58,16 +58,20 @@ class DownResult:
     placement_groups: tuple[str, ...]
 
 
-def launch(spec_path: str, address: str | None = None, *, timeout_s: float = 600.0,
-           say: Say = log.info) -> LaunchResult:
+def launch(
+    spec_path: str, address: str | None = None, *, timeout_s: float = 600.0, say: Say = log.info
+) -> LaunchResult:
     spec = load_spec(spec_path)
     connect(spec, address)
     check_token_auth(spec)
     nodes = nodes_from_ray(_ray().nodes())
     plan = plan_cluster(spec, nodes)
     if _named_actors(spec.ray.namespace):
-        raise LaunchError("ray.namespace", f"a Tandem cluster already runs in namespace "
-                          f"{spec.ray.namespace!r}; run `tandem down --config {spec_path}` first")
+        raise LaunchError(
+            "ray.namespace",
+            f"a Tandem cluster already runs in namespace "
+            f"{spec.ray.namespace!r}; run `tandem down --config {spec_path}` first",
+        )
     fixed_ports = len({n.ip for n in nodes}) == len(nodes)
     notes = tuple(kv_transport_notes(plan))
     for note in notes:
@@ -121,9 +125,13 @@ def connect(spec: ClusterSpec, address: str | None) -> None:
         extra["include_dashboard"] = False
     _check_listening(target)
     try:
-        ray.init(address=target, namespace=spec.ray.namespace, logging_level=logging.WARNING, **extra)
+        ray.init(
+            address=target, namespace=spec.ray.namespace, logging_level=logging.WARNING, **extra
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise LaunchError("ray.address", f"cannot join a Ray cluster at {target!r}: {exc}") from None
+        raise LaunchError(
+            "ray.address", f"cannot join a Ray cluster at {target!r}: {exc}"
+        ) from None
 
 
 def _check_listening(target: str) -> None:
@@ -136,7 +144,9 @@ def _check_listening(target: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5.0).close()
     except OSError as exc:
-        raise LaunchError("ray.address", f"no Ray cluster answers at {target}: {exc.strerror or exc}") from None
+        raise LaunchError(
+            "ray.address", f"no Ray cluster answers at {target}: {exc.strerror or exc}"
+        ) from None
 
 
 def check_token_auth(spec: ClusterSpec) -> None:
@@ -145,19 +155,29 @@ def check_token_auth(spec: ClusterSpec) -> None:
     if not spec.ray.require_token_auth:
         return
     ray = _ray()
-    hint = ("start every Ray node with RAY_AUTH_MODE=token (docs/deploy.md, section 2), or set "
-            "ray.require_token_auth: false for a private test cluster")
+    hint = (
+        "start every Ray node with RAY_AUTH_MODE=token (docs/deploy.md, section 2), or set "
+        "ray.require_token_auth: false for a private test cluster"
+    )
     if not _token_auth_enabled():
-        raise LaunchError("ray.require_token_auth", f"this process does not use Ray token auth; {hint}")
+        raise LaunchError(
+            "ray.require_token_auth", f"this process does not use Ray token auth; {hint}"
+        )
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = ray.remote(num_cpus=0, max_retries=0)(_token_auth_enabled)
     nodes = nodes_from_ray(ray.nodes())
-    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
-            for n in nodes]
+    refs = [
+        probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)
+        ).remote()
+        for n in nodes
+    ]
     open_nodes = [n.ip for n, ok in zip(nodes, ray.get(refs, timeout=120)) if not ok]
     if open_nodes:
-        raise LaunchError("ray.require_token_auth", f"nodes {open_nodes} run without token auth; {hint}")
+        raise LaunchError(
+            "ray.require_token_auth", f"nodes {open_nodes} run without token auth; {hint}"
+        )
 
 
 def _token_auth_enabled() -> bool:
@@ -169,23 +189,39 @@ def _token_auth_enabled() -> bool:
 # ------------------------------------------------------------------ starting
 
 
-def _start(spec: ClusterSpec, plan: ClusterPlan, fixed_ports: bool, timeout_s: float,
-           say: Say) -> tuple[str, dict[str, list[str]]]:
+def _start(
+    spec: ClusterSpec, plan: ClusterPlan, fixed_ports: bool, timeout_s: float, say: Say
+) -> tuple[str, dict[str, list[str]]]:
     deadline = time.monotonic() + timeout_s
     groups = [_placement_group(w) for w in plan.workers]
     _wait_placed(plan, groups, deadline)
     kv = kv_groups(plan, fixed_ports, _free_port)
-    actors = [_worker_actor(spec, w, pg, fixed_ports, kv.get(w.name)) for w, pg in zip(plan.workers, groups)]
+    actors = [
+        _worker_actor(spec, w, pg, fixed_ports, kv.get(w.name))
+        for w, pg in zip(plan.workers, groups)
+    ]
     infos = _wait_loaded(plan, actors, deadline)
     metrics = _get([a.metrics_address.remote() for a in actors], deadline, "pools")
     for w in plan.workers:
         say(f"{w.name} on {w.node_ip} ({w.device})")
-    workers = [RouterWorker(w.name, w.role.value, w.actor_name(0), t) for w, t in zip(plan.workers, metrics)]
+    workers = [
+        RouterWorker(w.name, w.role.value, w.actor_name(0), t)
+        for w, t in zip(plan.workers, metrics)
+    ]
     router = _router_actor(spec, plan)
-    started = _get(router.start.remote(router_config(spec, plan, infos[0], fixed_ports),
-                                       infos[0]["model_path"], workers, spec.ray.namespace),
-                   deadline, "router")
-    targets: dict[str, list[str]] = {"router": [started["metrics_target"]] if started["metrics_target"] else []}
+    started = _get(
+        router.start.remote(
+            router_config(spec, plan, infos[0], fixed_ports),
+            infos[0]["model_path"],
+            workers,
+            spec.ray.namespace,
+        ),
+        deadline,
+        "router",
+    )
+    targets: dict[str, list[str]] = {
+        "router": [started["metrics_target"]] if started["metrics_target"] else []
+    }
     for w, target in zip(plan.workers, metrics):
         if target:
             targets.setdefault(w.role.value, []).append(target)
@@ -195,8 +231,12 @@ def _start(spec: ClusterSpec, plan: ClusterPlan, fixed_ports: bool, timeout_s: f
 def _placement_group(worker: WorkerPlan) -> Any:
     from ray.util.placement_group import placement_group
 
-    return placement_group(worker.pinned_bundles(), strategy=worker.strategy,
-                           name=worker.placement_group_name, lifetime="detached")
+    return placement_group(
+        worker.pinned_bundles(),
+        strategy=worker.strategy,
+        name=worker.placement_group_name,
+        lifetime="detached",
+    )
 
 
 def _wait_placed(plan: ClusterPlan, groups: list[Any], deadline: float) -> None:
@@ -204,19 +244,28 @@ def _wait_placed(plan: ClusterPlan, groups: list[Any], deadline: float) -> None:
     for worker, pg in zip(plan.workers, groups):
         ready, _ = ray.wait([pg.ready()], timeout=max(deadline - time.monotonic(), 1.0))
         if not ready:
-            raise LaunchError(f"pools.{worker.role.value}", f"{worker.placement_group_name} was not "
-                              f"placed on {worker.node_ip} in time; resources taken since planning?")
+            raise LaunchError(
+                f"pools.{worker.role.value}",
+                f"{worker.placement_group_name} was not "
+                f"placed on {worker.node_ip} in time; resources taken since planning?",
+            )
 
 
-def _worker_actor(spec: ClusterSpec, worker: WorkerPlan, pg: Any, fixed_ports: bool, kv_group: Any = None) -> Any:
+def _worker_actor(
+    spec: ClusterSpec, worker: WorkerPlan, pg: Any, fixed_ports: bool, kv_group: Any = None
+) -> Any:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from tandem.actors import create_worker_actor
 
     strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
     return create_worker_actor(
-        worker.role.value, worker_kwargs(spec, worker, fixed_ports, kv_group), name=worker.actor_name(0),
-        namespace=spec.ray.namespace, lifetime="detached", scheduling_strategy=strategy,
+        worker.role.value,
+        worker_kwargs(spec, worker, fixed_ports, kv_group),
+        name=worker.actor_name(0),
+        namespace=spec.ray.namespace,
+        lifetime="detached",
+        scheduling_strategy=strategy,
         **actor_resources(worker),
     )
 
@@ -244,10 +293,19 @@ def _router_actor(spec: ClusterSpec, plan: ClusterPlan) -> Any:
 
     ray = _ray()
     strategy = NodeAffinitySchedulingStrategy(plan.router.node_id, soft=False)
-    return ray.remote(RouterActor).options(
-        name=ROUTER_ACTOR_NAME, namespace=spec.ray.namespace, lifetime="detached", num_cpus=0,
-        max_restarts=0, max_concurrency=1000, scheduling_strategy=strategy,
-    ).remote()
+    return (
+        ray.remote(RouterActor)
+        .options(
+            name=ROUTER_ACTOR_NAME,
+            namespace=spec.ray.namespace,
+            lifetime="detached",
+            num_cpus=0,
+            max_restarts=0,
+            max_concurrency=1000,
+            scheduling_strategy=strategy,
+        )
+        .remote()
+    )
 
 
 # ------------------------------------------------------------------ tearing down
@@ -255,7 +313,11 @@ def _router_actor(spec: ClusterSpec, plan: ClusterPlan) -> Any:
 
 def _named_actors(namespace: str) -> list[str]:
     entries = _ray().util.list_named_actors(all_namespaces=True)
-    return sorted(e["name"] for e in entries if e["namespace"] == namespace and e["name"].startswith("tandem-"))
+    return sorted(
+        e["name"]
+        for e in entries
+        if e["namespace"] == namespace and e["name"].startswith("tandem-")
+    )
 
 
 def teardown(spec: ClusterSpec) -> DownResult:
@@ -319,4 +381,3 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-

@@ -12,16 +12,14 @@ rank 0 actor in bundle 0; rank 0 starts its followers in the other bundles itsel
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from typing import Any
 
 from engine.errors import TandemError
+from kvtransfer.pool_link import KVGroupSpec, prefill_decode_peers
 from router.config import RouterConfig
 from router.slo import DEFAULT_SLO_CLASSES, SloClass
-from kvtransfer.pool_link import KVGroupSpec, prefill_decode_peers
 from tandem.placement import ClusterPlan, KVTransport, WorkerPlan
 from tandem.spec import NODE_IP, ClusterSpec, PoolRole
-
 
 
 class LaunchError(TandemError, ValueError):
@@ -35,8 +33,11 @@ class LaunchError(TandemError, ValueError):
 
 
 def pool_of(spec: ClusterSpec, role: PoolRole) -> Any:
-    pool = {PoolRole.PREFILL: spec.pools.prefill, PoolRole.DECODE: spec.pools.decode,
-            PoolRole.COLOCATED: spec.pools.colocated}[role]
+    pool = {
+        PoolRole.PREFILL: spec.pools.prefill,
+        PoolRole.DECODE: spec.pools.decode,
+        PoolRole.COLOCATED: spec.pools.colocated,
+    }[role]
     assert pool is not None, role
     return pool
 
@@ -45,7 +46,9 @@ def metrics_host(spec: ClusterSpec, node_ip: str) -> str:
     return node_ip if spec.metrics.host == NODE_IP else spec.metrics.host
 
 
-def kv_groups(plan: ClusterPlan, fixed_ports: bool, free_port: Callable[[], int]) -> dict[str, KVGroupSpec]:
+def kv_groups(
+    plan: ClusterPlan, fixed_ports: bool, free_port: Callable[[], int]
+) -> dict[str, KVGroupSpec]:
     """When every planned prefill -> decode link is NCCL: one torch.distributed group over all
     prefill and decode workers (KV moves by NCCL send/recv, gRPC carries the control messages).
     Its store lives in the first prefill worker, on that rank's planned KV port (or a free port
@@ -57,13 +60,18 @@ def kv_groups(plan: ClusterPlan, fixed_ports: bool, free_port: Callable[[], int]
     store = members[0]
     port = store.kv_grpc_ports[0] if fixed_ports else free_port()
     address = f"tcp://{store.node_ip}:{port}"
-    peers = prefill_decode_peers(["prefill" if w.role == PoolRole.PREFILL else "decode" for w in members])
-    return {w.name: KVGroupSpec(address, rank, len(members), "nccl", peers=peers[rank])
-            for rank, w in enumerate(members)}
+    peers = prefill_decode_peers(
+        ["prefill" if w.role == PoolRole.PREFILL else "decode" for w in members]
+    )
+    return {
+        w.name: KVGroupSpec(address, rank, len(members), "nccl", peers=peers[rank])
+        for rank, w in enumerate(members)
+    }
 
 
-def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool,
-                  kv_group: KVGroupSpec | None = None) -> dict[str, Any]:
+def worker_kwargs(
+    spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool, kv_group: KVGroupSpec | None = None
+) -> dict[str, Any]:
     """Constructor kwargs of `worker`'s rank-0 actor. `fixed_ports=False` (several Ray nodes
     share one IP, as in tests): metrics bind any free port instead of the plan's."""
     pool = pool_of(spec, worker.role)
@@ -74,7 +82,10 @@ def worker_kwargs(spec: ClusterSpec, worker: WorkerPlan, fixed_ports: bool,
         "metrics_port": worker.metrics_ports[0] if fixed_ports else 0,
     }
     if worker.role == PoolRole.PREFILL:
-        kwargs |= {"host": worker.node_ip, "lease_s": spec.kv.lease_s}  # KV server: reachable by decode
+        kwargs |= {
+            "host": worker.node_ip,
+            "lease_s": spec.kv.lease_s,
+        }  # KV server: reachable by decode
     if kv_group is not None:
         kwargs["kv_group"] = kv_group
     return kwargs
@@ -84,7 +95,11 @@ def actor_resources(worker: WorkerPlan) -> dict[str, Any]:
     """Ray options for rank 0: exactly its bundle (minus the node pin, which only placed it)."""
     bundle = dict(worker.bundles[0])
     custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-    return {"num_cpus": bundle.get("CPU", 0.0), "num_gpus": bundle.get("GPU", 0.0), "resources": custom}
+    return {
+        "num_cpus": bundle.get("CPU", 0.0),
+        "num_gpus": bundle.get("GPU", 0.0),
+        "resources": custom,
+    }
 
 
 def slo_classes(spec: ClusterSpec) -> dict[str, SloClass]:
@@ -99,7 +114,9 @@ def slo_classes(spec: ClusterSpec) -> dict[str, SloClass]:
     return classes
 
 
-def router_config(spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fixed_ports: bool) -> RouterConfig:
+def router_config(
+    spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fixed_ports: bool
+) -> RouterConfig:
     return RouterConfig(
         max_model_len=int(info["max_model_len"]),
         model_name=spec.model.path,
@@ -127,5 +144,6 @@ def kv_transport_notes(plan: ClusterPlan) -> list[str]:
     return [
         f"KV {link.prefill} -> {link.decode}: the plan chose nccl, but other links need grpc and "
         "one cluster runs one KV transport today; using grpc"
-        for link in plan.kv_links if link.transport == KVTransport.NCCL
+        for link in plan.kv_links
+        if link.transport == KVTransport.NCCL
     ]

@@ -190,7 +190,9 @@ class _NodeBudget:
             self.free[name] -= amount
 
     def describe(self, names: Iterable[str]) -> str:
-        parts = [f"{n} {self.free.get(n, 0.0):g}/{self.node.resources.get(n, 0.0):g}" for n in names]
+        parts = [
+            f"{n} {self.free.get(n, 0.0):g}/{self.node.resources.get(n, 0.0):g}" for n in names
+        ]
         return f"{self.node.ip} ({', '.join(parts)} free)"
 
 
@@ -363,7 +365,9 @@ def prometheus_file_sd(plan: ClusterPlan) -> list[dict[str, Any]]:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     router = plan.router
-    groups = [{"targets": [address(router.node_ip, router.metrics_port)], "labels": _labels("router")}]
+    groups = [
+        {"targets": [address(router.node_ip, router.metrics_port)], "labels": _labels("router")}
+    ]
     for role in PoolRole:
         targets = [
             address(w.node_ip, port) for w in plan.workers_of(role) for port in w.metrics_ports

@@ -56,8 +56,9 @@ class RouterActor:
     def __init__(self) -> None:
         self.server: RouterServer | None = None
 
-    async def start(self, config: RouterConfig, model_path: str, workers: list[RouterWorker],
-                    namespace: str) -> dict[str, str | None]:
+    async def start(
+        self, config: RouterConfig, model_path: str, workers: list[RouterWorker], namespace: str
+    ) -> dict[str, str | None]:
         """Serve and register `workers`; returns {"address", "metrics_target"}."""
         import ray
 

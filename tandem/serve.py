@@ -60,12 +60,24 @@ def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
         raise ServeError("--device", "cuda asked for, but no CUDA GPU is visible")
     use_gpus = num_gpus > 0
     counts = _worker_counts(o, num_gpus)
-    engine_kwargs = {"device": "cuda" if use_gpus else "cpu", "dtype": o.dtype,
-                     "tensor_parallel_size": o.tensor_parallel_size, **o.extra_engine_kwargs}
+    engine_kwargs = {
+        "device": "cuda" if use_gpus else "cpu",
+        "dtype": o.dtype,
+        "tensor_parallel_size": o.tensor_parallel_size,
+        **o.extra_engine_kwargs,
+    }
     if o.max_model_len is not None:
         engine_kwargs["max_model_len"] = o.max_model_len
-    return ClusterConfig(model=o.model, mode=o.mode, use_gpus=use_gpus, host=o.host, port=o.port,
-                         engine_kwargs=engine_kwargs, **counts, **_transport(o, use_gpus))
+    return ClusterConfig(
+        model=o.model,
+        mode=o.mode,
+        use_gpus=use_gpus,
+        host=o.host,
+        port=o.port,
+        engine_kwargs=engine_kwargs,
+        **counts,
+        **_transport(o, use_gpus),
+    )
 
 
 def _worker_counts(o: ServeOptions, num_gpus: int) -> dict[str, Any]:
@@ -77,17 +89,25 @@ def _worker_counts(o: ServeOptions, num_gpus: int) -> dict[str, Any]:
     if o.mode == "colocated":
         n = o.num_colocated or max(groups, 1)
         if num_gpus and n > groups:
-            raise ServeError("--num-colocated", f"{n} workers need {n * tp} GPUs; {num_gpus} visible")
+            raise ServeError(
+                "--num-colocated", f"{n} workers need {n * tp} GPUs; {num_gpus} visible"
+            )
         return {"num_colocated": n}
     if groups == 1 and (o.num_prefill or 1) + (o.num_decode or 1) > 1:
-        raise ServeError("--mode", f"disaggregated needs {2 * tp} GPUs ({tp} per worker); {num_gpus} "
-                         "visible: use --mode colocated, or --device cpu")
+        raise ServeError(
+            "--mode",
+            f"disaggregated needs {2 * tp} GPUs ({tp} per worker); {num_gpus} "
+            "visible: use --mode colocated, or --device cpu",
+        )
     half = max(groups // 2, 1)
     prefill = o.num_prefill or half
     decode = o.num_decode or max(groups - prefill, 1)
     if num_gpus and prefill + decode > groups:
-        raise ServeError("--num-decode", f"{prefill} prefill + {decode} decode workers need "
-                         f"{(prefill + decode) * tp} GPUs; {num_gpus} visible")
+        raise ServeError(
+            "--num-decode",
+            f"{prefill} prefill + {decode} decode workers need "
+            f"{(prefill + decode) * tp} GPUs; {num_gpus} visible",
+        )
     return {"num_prefill": prefill, "num_decode": decode}
 
 
@@ -114,7 +134,9 @@ def serving_banner(model: str, address: str, pools: dict[str, str]) -> list[str]
     return [*lines, "Press Ctrl-C to stop."]
 
 
-def serve(options: ServeOptions, say: Say, on_ready: Callable[[LocalCluster], None] | None = None) -> None:
+def serve(
+    options: ServeOptions, say: Say, on_ready: Callable[[LocalCluster], None] | None = None
+) -> None:
     """Blocks until SIGINT / SIGTERM; every resource it started is released on return."""
     import ray
 
@@ -129,7 +151,9 @@ def serve(options: ServeOptions, say: Say, on_ready: Callable[[LocalCluster], No
             ray.shutdown()
 
 
-async def _serve(config: ClusterConfig, say: Say, on_ready: Callable[[LocalCluster], None] | None) -> None:
+async def _serve(
+    config: ClusterConfig, say: Say, on_ready: Callable[[LocalCluster], None] | None
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

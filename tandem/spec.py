@@ -286,7 +286,9 @@ def _check_pool_fits(path: str, pool: PoolSpec, node_types: Mapping[str, NodeTyp
     node = node_types.get(pool.node_type)
     if node is None:
         known = ", ".join(sorted(node_types))
-        raise FieldProblem(f"{path}.node_type", f"{pool.node_type!r} is not in node_types ({known})")
+        raise FieldProblem(
+            f"{path}.node_type", f"{pool.node_type!r} is not in node_types ({known})"
+        )
     tp = pool.tensor_parallel_size
     if pool.device == "cuda" and tp > node.gpus:
         raise FieldProblem(
@@ -307,7 +309,9 @@ def _check_transport(spec: ClusterSpec) -> None:
         return
     for role, pool in spec.pools.items():
         if pool.device == "cpu":
-            raise FieldProblem("kv.transport", f"'nccl' needs CUDA pools; pools.{role.value} is cpu")
+            raise FieldProblem(
+                "kv.transport", f"'nccl' needs CUDA pools; pools.{role.value} is cpu"
+            )
 
 
 def _check_slo_classes(spec: ClusterSpec) -> None:
@@ -317,7 +321,9 @@ def _check_slo_classes(spec: ClusterSpec) -> None:
     default = spec.router.default_slo_class
     if default is not None and default not in spec.slo_classes:
         known = ", ".join(sorted(spec.slo_classes)) or "none defined"
-        raise FieldProblem("router.default_slo_class", f"{default!r} is not in slo_classes ({known})")
+        raise FieldProblem(
+            "router.default_slo_class", f"{default!r} is not in slo_classes ({known})"
+        )
 
 
 def _check_ports(spec: ClusterSpec) -> None:
@@ -372,7 +378,9 @@ def parse_spec(data: Any, source: str | None = None) -> ClusterSpec:
     """Validates an already-parsed mapping; raises `SpecError` naming every bad field."""
     if not isinstance(data, Mapping):
         kind = "an empty document" if data is None else type(data).__name__
-        raise SpecError([SpecProblem("<spec>", f"expected a mapping at the top, got {kind}")], source)
+        raise SpecError(
+            [SpecProblem("<spec>", f"expected a mapping at the top, got {kind}")], source
+        )
     try:
         return ClusterSpec.model_validate(dict(data))
     except ValidationError as exc:

@@ -42,12 +42,18 @@ class StatusSnapshot:
     samples: dict[str, dict[Labels, float]]  # sample name -> labels -> value, summed over targets
     taken_at: float
     failed_targets: tuple[str, ...] = ()
-    worker_samples: dict[str, dict[str, float]] = field(default_factory=dict)  # worker -> "name{k=v}" -> value
+    worker_samples: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # worker -> "name{k=v}" -> value
 
     def total(self, name: str, **match: str) -> float:
         """Sum of a sample over every label set that matches `match`."""
         rows = self.samples.get(name, {})
-        return sum(v for labels, v in rows.items() if all(dict(labels).get(k) == m for k, m in match.items()))
+        return sum(
+            v
+            for labels, v in rows.items()
+            if all(dict(labels).get(k) == m for k, m in match.items())
+        )
 
     def by(self, name: str, label: str, **match: str) -> dict[str, float]:
         out: dict[str, float] = defaultdict(float)
@@ -73,7 +79,9 @@ def _scrape(target: str) -> str:
         return resp.read().decode()
 
 
-def parse_samples(texts: Iterable[str]) -> tuple[dict[str, dict[Labels, float]], dict[str, dict[str, float]]]:
+def parse_samples(
+    texts: Iterable[str],
+) -> tuple[dict[str, dict[Labels, float]], dict[str, dict[str, float]]]:
     """Sum samples of several exposition texts by (name, labels); also index per-worker samples."""
     samples: dict[str, dict[Labels, float]] = defaultdict(lambda: defaultdict(float))
     per_worker: dict[str, dict[str, float]] = defaultdict(dict)
@@ -82,7 +90,11 @@ def parse_samples(texts: Iterable[str]) -> tuple[dict[str, dict[Labels, float]],
             for s in family.samples:
                 samples[s.name][tuple(sorted(s.labels.items()))] += s.value
                 if "worker" in s.labels and "le" not in s.labels:
-                    extra = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("model", "worker", "pool"))
+                    extra = ",".join(
+                        f"{k}={v}"
+                        for k, v in sorted(s.labels.items())
+                        if k not in ("model", "worker", "pool")
+                    )
                     per_worker[s.labels["worker"]][f"{s.name}{{{extra}}}"] = s.value
     return {k: dict(v) for k, v in samples.items()}, dict(per_worker)
 
@@ -126,7 +138,9 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     return prev_le
 
 
-def _delta_buckets(now: StatusSnapshot, before: StatusSnapshot | None, name: str, **match: str) -> list[tuple[float, float]]:
+def _delta_buckets(
+    now: StatusSnapshot, before: StatusSnapshot | None, name: str, **match: str
+) -> list[tuple[float, float]]:
     cur = now.buckets(name, **match)
     if before is None:
         return cur
@@ -171,7 +185,9 @@ def _requests_table(now: StatusSnapshot, before: StatusSnapshot | None) -> Table
 
     def row(label: str, name: str, **match: str) -> None:
         rate = _delta(now, before, name, **match) / dt if dt > 0 else math.nan
-        table.add_row(label, f"{now.total(name, **match):.0f}", "-" if math.isnan(rate) else f"{rate:.2f}")
+        table.add_row(
+            label, f"{now.total(name, **match):.0f}", "-" if math.isnan(rate) else f"{rate:.2f}"
+        )
 
     for reason in ("stop", "length", "abort"):
         row(f"finished: {reason}", "tandem_requests_finished_total", finish_reason=reason)
@@ -213,8 +229,15 @@ def _workers_table(now: StatusSnapshot) -> Table:
         samples = now.worker_samples.get(w.worker_id, {})
         preempt = samples.get("tandem_engine_preemptions_total{}", 0.0)
         healthy = Text("yes", style="green") if w.healthy else Text("NO", style="bold red")
-        table.add_row(w.worker_id, w.pool, healthy, str(w.load.running), str(w.load.waiting),
-                      str(w.load.queued_prefill_tokens), f"{preempt:.0f}")  # fmt: skip
+        table.add_row(
+            w.worker_id,
+            w.pool,
+            healthy,
+            str(w.load.running),
+            str(w.load.waiting),
+            str(w.load.queued_prefill_tokens),
+            f"{preempt:.0f}",
+        )
     return table
 
 
@@ -243,17 +266,32 @@ def render(status: StatusSnapshot, previous: StatusSnapshot | None = None) -> Re
     """The whole view: latency by stage, requests, SLO classes, workers; rates since `previous`."""
     queue = status.total("tandem_router_queue_requests")
     inflight = status.total("tandem_router_inflight_prefills")
-    head = Text(f"Tandem: {len(status.status.workers)} workers, router queue {queue:.0f}, "
-                f"in-flight prefills {inflight:.0f}", style="bold")  # fmt: skip
-    parts: list[RenderableType] = [head, _latency_table(status, previous), _requests_table(status, previous),
-                                   _slo_table(status, previous), _workers_table(status),
-                                   _kv_table(status)]  # fmt: skip
+    head = Text(
+        f"Tandem: {len(status.status.workers)} workers, router queue {queue:.0f}, "
+        f"in-flight prefills {inflight:.0f}",
+        style="bold",
+    )
+    parts: list[RenderableType] = [
+        head,
+        _latency_table(status, previous),
+        _requests_table(status, previous),
+        _slo_table(status, previous),
+        _workers_table(status),
+        _kv_table(status),
+    ]
     if status.failed_targets:
-        parts.append(Text(f"unreachable metrics targets: {', '.join(status.failed_targets)}", style="yellow"))
+        parts.append(
+            Text(f"unreachable metrics targets: {', '.join(status.failed_targets)}", style="yellow")
+        )
     return Group(*parts)
 
 
-def watch(address: str, interval: float = 2.0, console: Console | None = None, iterations: int | None = None) -> None:
+def watch(
+    address: str,
+    interval: float = 2.0,
+    console: Console | None = None,
+    iterations: int | None = None,
+) -> None:
     """Refresh the view every `interval` seconds (until Ctrl-C, or `iterations` frames)."""
     from tandem.client import Client
 

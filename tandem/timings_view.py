@@ -28,11 +28,14 @@ STAGES: tuple[tuple[str, str], ...] = (
 def stage_ms(timings: Any) -> dict[str, float | None]:
     """Milliseconds per stage field; None for a stage the message does not carry."""
     return {
-        name: (getattr(timings, name) * 1e3 if timings.HasField(name) else None) for name, _ in STAGES
+        name: (getattr(timings, name) * 1e3 if timings.HasField(name) else None)
+        for name, _ in STAGES
     }
 
 
-def timings_table(rows: Sequence[tuple[str, Any, int]], title: str = "per-stage latency (ms)") -> Table:
+def timings_table(
+    rows: Sequence[tuple[str, Any, int]], title: str = "per-stage latency (ms)"
+) -> Table:
     """`rows`: (label, StageTimings, completion tokens) per request. A row per stage and a column
     per request, so a few requests fit an 80-column terminal."""
     table = Table(title=title)
@@ -41,6 +44,8 @@ def timings_table(rows: Sequence[tuple[str, Any, int]], title: str = "per-stage 
         table.add_column(f"request {label}", justify="right")
     per_request = [stage_ms(timings) for _, timings, _ in rows]
     for name, header in STAGES:
-        table.add_row(header, *[("-" if ms[name] is None else f"{ms[name]:.1f}") for ms in per_request])
+        table.add_row(
+            header, *[("-" if ms[name] is None else f"{ms[name]:.1f}") for ms in per_request]
+        )
     table.add_row("tokens", *[str(n) for _, _, n in rows], end_section=False)
     return table

@@ -13,7 +13,9 @@ try:  # Triton picks interpreted or compiled at import: decide before anything i
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
-os.environ.setdefault("TANDEM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tandem"))
+os.environ.setdefault(
+    "TANDEM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "tandem")
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

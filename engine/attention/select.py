@@ -14,7 +14,9 @@ BACKEND_NAMES = ("torch", "triton")
 
 
 def get_attention_backend(
-    device: torch.device, name: str | None = None, kv_spec: KVCacheSpec | None = None,
+    device: torch.device,
+    name: str | None = None,
+    kv_spec: KVCacheSpec | None = None,
     model_dtype: str | None = None,
 ) -> AttentionBackend:
     """The backend called `name`, or the default for `device` when name is None, serving a cache
@@ -42,8 +44,12 @@ def _construct(
     if name == "triton":
         interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
         if device.type != "cuda" and not interpreted:
-            raise EngineConfigError(f"attention_backend: 'triton' needs a CUDA device, got {device}")
+            raise EngineConfigError(
+                f"attention_backend: 'triton' needs a CUDA device, got {device}"
+            )
         from engine.attention.triton_backend import TritonAttentionBackend
 
         return TritonAttentionBackend(kv_spec=kv_spec)
-    raise EngineConfigError(f"attention_backend: unknown backend {name!r}; choose one of {BACKEND_NAMES}")
+    raise EngineConfigError(
+        f"attention_backend: unknown backend {name!r}; choose one of {BACKEND_NAMES}"
+    )

@@ -11,7 +11,9 @@ import torch
 from engine.attention.backend import AttentionBackend, AttentionMetadata
 
 
-def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+def apply_rope_ref(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> torch.Tensor:
     """Rotate-half rotary embedding (the Llama / Hugging Face convention) on [T, H, D]."""
     half = cos_sin_cache.shape[-1] // 2
     cos_sin = cos_sin_cache.index_select(0, positions)
@@ -78,20 +80,31 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
     def apply_rope(
-        self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rotate = apply_rope_ref
         return rotate(query, positions, cos_sin_cache), rotate(key, positions, cos_sin_cache)
 
     def store_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
         store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def attend(
-        self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        meta: AttentionMetadata, scale: float,
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
     ) -> torch.Tensor:
         return paged_attention_ref(query, k_cache, v_cache, meta, scale)

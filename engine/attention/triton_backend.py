@@ -35,7 +35,9 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(
-        self, decode_num_splits: int | None = None, extend_config: ExtendConfig | None = None,
+        self,
+        decode_num_splits: int | None = None,
+        extend_config: ExtendConfig | None = None,
         kv_spec: KVCacheSpec | None = None,
     ) -> None:
         """Both knobs default to the kernels' own heuristics (see their launchers)."""
@@ -70,14 +72,21 @@ class TritonAttentionBackend(AttentionBackend):
         return choose_num_splits(meta.num_seqs, heads, meta.max_seq_len, num_sms(device))
 
     def apply_rope(
-        self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        positions: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rotate = apply_rope_ref
         return rotate(query, positions, cos_sin_cache), rotate(key, positions, cos_sin_cache)
 
     def store_kv(
-        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
         store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
@@ -93,7 +102,9 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        return rope_kv_store(query, key, value, positions, cos_sin_cache, meta.slot_mapping, k_cache, v_cache)
+        return rope_kv_store(
+            query, key, value, positions, cos_sin_cache, meta.slot_mapping, k_cache, v_cache
+        )
 
     def attend(
         self,
@@ -108,10 +119,24 @@ class TritonAttentionBackend(AttentionBackend):
             if planned is not None and planned[0] is meta:  # planned for this very step
                 splits = planned[1]
             return paged_decode_attention(
-                query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
+                query,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                meta.max_seq_len,
                 num_splits=splits,
             )
         return extend_attention(
-            query, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            meta.max_query_len, config=self.extend_config, max_seq_len=meta.max_seq_len,
+            query,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            meta.max_query_len,
+            config=self.extend_config,
+            max_seq_len=meta.max_seq_len,
         )

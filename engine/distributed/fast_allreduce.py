@@ -60,8 +60,12 @@ class ReductionSpec:
 
     @classmethod
     def from_configs(cls, engine: EngineConfig, model: ModelConfig) -> ReductionSpec:
-        return cls(AllReduceMode.parse(engine.tp_all_reduce), model.hidden_size,
-                   resolve_dtype(model.torch_dtype), engine.tp_fp32_reduce_max_tokens)
+        return cls(
+            AllReduceMode.parse(engine.tp_all_reduce),
+            model.hidden_size,
+            resolve_dtype(model.torch_dtype),
+            engine.tp_fp32_reduce_max_tokens,
+        )
 
 
 PLAIN = ReductionSpec(AllReduceMode.NCCL)  # the process group's own all-reduce, nothing else
@@ -89,12 +93,12 @@ class SymmMemAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         symm = self.buffer[: x.numel() * x.element_size()].view(x.dtype).view(x.shape)
         out = torch.empty_like(x)
-        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name,
-                                                               out)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", self.group_name, out)
 
 
-def choose_reduction(spec: ReductionSpec, group: dist.ProcessGroup,
-                     device: torch.device) -> Reduction:
+def choose_reduction(
+    spec: ReductionSpec, group: dist.ProcessGroup, device: torch.device
+) -> Reduction:
     """The reduction a group of more than one rank runs: AUTO resolved to a concrete mode.
 
     Collective: call on every rank of `group` in the same order, with the same `spec`.
@@ -102,20 +106,24 @@ def choose_reduction(spec: ReductionSpec, group: dist.ProcessGroup,
     cannot run it."""
     fp32 = _fp32_max_rows(spec.fp32_max_rows, device)
     if spec.mode is AllReduceMode.SKIP:
-        log.warning("tp_all_reduce='skip': ranks do not sum partial results; outputs are wrong "
-                    "(measurement only)")
+        log.warning(
+            "tp_all_reduce='skip': ranks do not sum partial results; outputs are wrong "
+            "(measurement only)"
+        )
         return Reduction(AllReduceMode.SKIP, "skip", fp32_max_rows=fp32)
     if device.type != "cuda":
         if spec.mode is AllReduceMode.FUSED:  # the reference composition: CPU tests of the pass
             op = fused_norm.ReferenceFusedNorm(_group_sum(group))
-            return Reduction(AllReduceMode.FUSED, "fused-reference", fused_norm=op,
-                             fp32_max_rows=fp32)
+            return Reduction(
+                AllReduceMode.FUSED, "fused-reference", fused_norm=op, fp32_max_rows=fp32
+            )
         return Reduction(AllReduceMode.NCCL, "gloo", fp32_max_rows=fp32)
     return _cuda_reduction(spec, group, device, fp32)
 
 
-def _cuda_reduction(spec: ReductionSpec, group: dist.ProcessGroup, device: torch.device,
-                    fp32: int) -> Reduction:
+def _cuda_reduction(
+    spec: ReductionSpec, group: dist.ProcessGroup, device: torch.device, fp32: int
+) -> Reduction:
     mode = spec.mode
     nccl = Reduction(AllReduceMode.NCCL, "nccl", fp32_max_rows=fp32)
     if mode is AllReduceMode.NCCL:
@@ -159,16 +167,19 @@ def _all_ranks(group: dist.ProcessGroup, device: torch.device, ok: bool) -> bool
 _REGISTERED: set[str] = set()  # group names this process enabled symmetric memory for
 
 
-def _symm_mem_all_reduce(group: dist.ProcessGroup, device: torch.device,
-                         max_bytes: int = DEFAULT_MAX_BYTES) -> SymmMemAllReduce | None:
+def _symm_mem_all_reduce(
+    group: dist.ProcessGroup, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES
+) -> SymmMemAllReduce | None:
     """The one-shot all-reduce on every rank, or None on every rank."""
     # torch registers symmetric memory per group name for the life of the process, and a TP
     # group's name repeats when a process builds a second group (an engine restarted in the
     # same process): the stale registration would hang the rendezvous. Every rank first agrees
     # that none of them has registered this name before.
     if not _all_ranks(group, device, group.group_name not in _REGISTERED):
-        log.warning("symmetric memory already registered for this process group name in this "
-                    "process (a restarted TP group): using NCCL all-reduces")
+        log.warning(
+            "symmetric memory already registered for this process group name in this "
+            "process (a restarted TP group): using NCCL all-reduces"
+        )
         return None
     fast: SymmMemAllReduce | None = None
     try:
@@ -189,8 +200,9 @@ def _self_test(fast: SymmMemAllReduce, group: dist.ProcessGroup, device: torch.d
     return bool(torch.all(y == float(size * (size + 1) // 2)).item())
 
 
-def _symm_mem_fused_norm(group: dist.ProcessGroup, device: torch.device, hidden: int,
-                         dtype: torch.dtype) -> fused_norm.SymmMemFusedNorm | None:
+def _symm_mem_fused_norm(
+    group: dist.ProcessGroup, device: torch.device, hidden: int, dtype: torch.dtype
+) -> fused_norm.SymmMemFusedNorm | None:
     """The fused all-reduce + norm on every rank, or None on every rank."""
     op: fused_norm.SymmMemFusedNorm | None = None
     try:

@@ -61,8 +61,10 @@ class _SlotOrder:
 
     def check(self, slot: int) -> None:
         if slot == self.last:
-            raise RuntimeError(f"fused all-reduce + norm: two consecutive calls on slot {slot}; "
-                               "the norms that call it must alternate slots (tp_pass assigns them)")
+            raise RuntimeError(
+                f"fused all-reduce + norm: two consecutive calls on slot {slot}; "
+                "the norms that call it must alternate slots (tp_pass assigns them)"
+            )
         self.last = slot
 
 
@@ -82,8 +84,9 @@ class ReferenceFusedNorm(_FusedNorm):
     """The fused contract from parts: `all_reduce` (the group's sum), then add + RMSNorm (any
     device)."""
 
-    def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor],
-                 max_rows: int = MAX_ROWS) -> None:
+    def __init__(
+        self, all_reduce: Callable[[torch.Tensor], torch.Tensor], max_rows: int = MAX_ROWS
+    ) -> None:
         super().__init__()
         self.all_reduce = all_reduce
         self.max_rows = max_rows
@@ -91,8 +94,9 @@ class ReferenceFusedNorm(_FusedNorm):
     def fits(self, x: torch.Tensor) -> bool:
         return x.dim() == 2 and x.shape[0] <= self.max_rows
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._order.check(slot)
         return add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
@@ -104,15 +108,22 @@ class SymmMemFusedNorm(_FusedNorm):
     Set-up is collective (every rank, same order, after symmetric memory is enabled for the
     group)."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, hidden: int,
-                 dtype: torch.dtype, max_rows: int = MAX_ROWS) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        hidden: int,
+        dtype: torch.dtype,
+        max_rows: int = MAX_ROWS,
+    ) -> None:
         import torch.distributed._symmetric_memory as symm_mem
 
         super().__init__()
         self.rank, self.world = group.rank(), group.size()
         if not supported(self.world, hidden):
-            raise ValueError(f"fused all-reduce + norm: {self.world} ranks of {hidden}-wide rows "
-                             "unsupported")
+            raise ValueError(
+                f"fused all-reduce + norm: {self.world} ranks of {hidden}-wide rows unsupported"
+            )
         self.hidden, self.dtype, self.max_rows = hidden, dtype, min(max_rows, MAX_ROWS)
         esize = torch.tensor([], dtype=dtype).element_size()
         self._slot_elems = self.max_rows * hidden
@@ -122,37 +133,62 @@ class SymmMemFusedNorm(_FusedNorm):
         self.buffer = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
         self.buffer[data_bytes:].zero_()
         handle = symm_mem.rendezvous(self.buffer, group.group_name)
-        self._data = [[handle.get_buffer(r, [self._slot_elems], dtype, s * self._slot_elems)
-                       for s in (0, 1)] for r in range(self.world)]
+        self._data = [
+            [handle.get_buffer(r, [self._slot_elems], dtype, s * self._slot_elems) for s in (0, 1)]
+            for r in range(self.world)
+        ]
         flag_offset = data_bytes // 4
-        self._flags = [[handle.get_buffer(r, [self._flag_elems], torch.int32,
-                                          flag_offset + s * self._flag_elems)
-                        for s in (0, 1)] for r in range(self.world)]
+        self._flags = [
+            [
+                handle.get_buffer(
+                    r, [self._flag_elems], torch.int32, flag_offset + s * self._flag_elems
+                )
+                for s in (0, 1)
+            ]
+            for r in range(self.world)
+        ]
         self.failed = torch.zeros(1, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every rank's flags are zero before anyone raises one
 
     def fits(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and x.dim() == 2 and x.shape[0] <= self.max_rows
-                and x.shape[1] == self.hidden and x.dtype == self.dtype and x.is_contiguous())
+        return (
+            x.is_cuda
+            and x.dim() == 2
+            and x.shape[0] <= self.max_rows
+            and x.shape[1] == self.hidden
+            and x.dtype == self.dtype
+            and x.is_contiguous()
+        )
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, slot: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from engine.kernels.allreduce_add_rmsnorm import allreduce_add_rmsnorm
 
         self._order.check(slot)
-        return allreduce_add_rmsnorm(x, residual, weight, eps, [d[slot] for d in self._data],
-                                     [f[slot] for f in self._flags], self.failed, self.rank)
+        return allreduce_add_rmsnorm(
+            x,
+            residual,
+            weight,
+            eps,
+            [d[slot] for d in self._data],
+            [f[slot] for f in self._flags],
+            self.failed,
+            self.rank,
+        )
 
 
-def self_test(op: FusedNorm, rank: int, world: int, hidden: int, dtype: torch.dtype,
-              device: torch.device) -> bool:
+def self_test(
+    op: FusedNorm, rank: int, world: int, hidden: int, dtype: torch.dtype, device: torch.device
+) -> bool:
     """Two calls (both slots) on known values against the unfused result, on this rank."""
     ok = True
     gen = torch.Generator(device=device).manual_seed(1234)
     for slot, rows in ((0, 3), (1, 1)):
-        parts = [torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
-                 for _ in range(world)]
+        parts = [
+            torch.randn(rows, hidden, generator=gen, device=device).to(dtype) for _ in range(world)
+        ]
         residual = torch.randn(rows, hidden, generator=gen, device=device).to(dtype)
         weight = torch.rand(hidden, generator=gen, device=device).to(dtype) + 0.5
         total = torch.zeros(rows, hidden, dtype=torch.float32, device=device)
@@ -161,7 +197,8 @@ def self_test(op: FusedNorm, rank: int, world: int, hidden: int, dtype: torch.dt
         want = add_rmsnorm(total.to(dtype), residual, weight, 1e-5)
         got = op(parts[rank], residual, weight, 1e-5, slot)
         torch.cuda.synchronize(device)
-        ok &= all(torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2)
-                  for g, w in zip(got, want))
+        ok &= all(
+            torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2) for g, w in zip(got, want)
+        )
     failed = getattr(op, "failed", None)
     return ok and (failed is None or int(failed.item()) == 0)

@@ -42,7 +42,9 @@ from engine.distributed.parallel_state import TPGroup, set_tp_group
 logger = logging.getLogger(__name__)
 
 TEARDOWN_WAIT_S = 10.0  # an abort or destroy that takes longer is left running in its thread
-STEP_GROUP_TIMEOUT_S = 7 * 24 * 3600.0  # followers idle-wait here; fate-sharing ends them with the leader
+STEP_GROUP_TIMEOUT_S = (
+    7 * 24 * 3600.0
+)  # followers idle-wait here; fate-sharing ends them with the leader
 
 
 class DefaultGroup(enum.Enum):
@@ -65,15 +67,21 @@ def claim_default_group(rank: int) -> None:
     if not dist.is_initialized():
         return
     if _default_group is DefaultGroup.STUCK:
-        why = ("the teardown of an earlier TP group in this process did not finish (its "
-               "process group destroy hung); start the new group in a new process")
+        why = (
+            "the teardown of an earlier TP group in this process did not finish (its "
+            "process group destroy hung); start the new group in a new process"
+        )
     elif _default_group is DefaultGroup.TP_GROUP:
-        why = ("an earlier TP group in this process is still open: close the LLM (or shut "
-               "the engine down) that owns it before starting another")
+        why = (
+            "an earlier TP group in this process is still open: close the LLM (or shut "
+            "the engine down) that owns it before starting another"
+        )
     else:
-        why = ("this process already has a torch.distributed default group that Tandem did "
-               "not make; a TP group needs the default group: run the engine in a process of "
-               "its own")
+        why = (
+            "this process already has a torch.distributed default group that Tandem did "
+            "not make; a TP group needs the default group: run the engine in a process of "
+            "its own"
+        )
     raise TPGroupError(rank, f"cannot start: {why}")
 
 
@@ -84,13 +92,26 @@ def nccl_env(rank: int) -> dict[str, str]:
 
 def host_store(world_size: int, timeout_s: float) -> dist.TCPStore:
     """The leader's rendezvous store on 127.0.0.1, on a port the OS picks (`store.port`)."""
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
-def init_tp_group(rank: int, size: int, port: int, device: torch.device, collective_timeout_s: float,
-                  control_timeout_s: float, store: dist.TCPStore | None = None,
-                  reduction: fast_allreduce.ReductionSpec = fast_allreduce.PLAIN) -> TPGroup:
+def init_tp_group(
+    rank: int,
+    size: int,
+    port: int,
+    device: torch.device,
+    collective_timeout_s: float,
+    control_timeout_s: float,
+    store: dist.TCPStore | None = None,
+    reduction: fast_allreduce.ReductionSpec = fast_allreduce.PLAIN,
+) -> TPGroup:
     """Join the local group of `size` ranks through the store on `port` and install it, with
     the reduction `reduction` resolves to (collective: fast_allreduce.choose_reduction)."""
     global _default_group
@@ -99,20 +120,39 @@ def init_tp_group(rank: int, size: int, port: int, device: torch.device, collect
             os.environ.setdefault(key, value)
     claim_default_group(rank)
     if store is None:
-        store = dist.TCPStore("127.0.0.1", port, size, is_master=False,
-                              timeout=datetime.timedelta(seconds=control_timeout_s))
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            size,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=control_timeout_s),
+        )
     backend = "nccl" if device.type == "cuda" else "gloo"
-    device_id = device if device.type == "cuda" and device.index is not None else None  # eager NCCL init
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                            timeout=datetime.timedelta(seconds=collective_timeout_s), device_id=device_id)
+    device_id = (
+        device if device.type == "cuda" and device.index is not None else None
+    )  # eager NCCL init
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=size,
+        timeout=datetime.timedelta(seconds=collective_timeout_s),
+        device_id=device_id,
+    )
     _default_group = DefaultGroup.TP_GROUP
-    cpu_group = dist.new_group(list(range(size)), backend="gloo",
-                               timeout=datetime.timedelta(seconds=STEP_GROUP_TIMEOUT_S))
+    cpu_group = dist.new_group(
+        list(range(size)), backend="gloo", timeout=datetime.timedelta(seconds=STEP_GROUP_TIMEOUT_S)
+    )
     world = dist.group.WORLD
     assert world is not None
-    group = TPGroup(rank=rank, size=size, group=world, cpu_group=cpu_group,
-                    control_timeout_s=control_timeout_s,
-                    reduction=fast_allreduce.choose_reduction(reduction, world, device))
+    group = TPGroup(
+        rank=rank,
+        size=size,
+        group=world,
+        cpu_group=cpu_group,
+        control_timeout_s=control_timeout_s,
+        reduction=fast_allreduce.choose_reduction(reduction, world, device),
+    )
     set_tp_group(group)
     return group
 
@@ -140,6 +180,7 @@ def destroy_tp_group() -> None:
 def _bounded(fn: Callable[[], object], what: str, wait_s: float = TEARDOWN_WAIT_S) -> bool:
     """Run `fn` in a daemon thread and wait at most `wait_s`; True if it returned in time.
     Failures are logged, never raised: these run on failure paths that raise their own error."""
+
     def run() -> None:
         try:
             fn()
@@ -150,6 +191,8 @@ def _bounded(fn: Callable[[], object], what: str, wait_s: float = TEARDOWN_WAIT_
     thread.start()
     thread.join(wait_s)
     if thread.is_alive():
-        logger.warning("%s did not finish within %.0f s; left running in the background", what, wait_s)
+        logger.warning(
+            "%s did not finish within %.0f s; left running in the background", what, wait_s
+        )
         return False
     return True

@@ -50,8 +50,9 @@ class FusedAllReduceRMSNorm(nn.Module):
         self.eps = norm.eps
         self.tp, self.op, self.slot = tp, op, slot
 
-    def forward(self, partial: torch.Tensor,
-                residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, partial: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.op.fits(partial):
             return self.op(partial, residual, self.weight, self.eps, self.slot)
         return add_rmsnorm(self.tp.all_reduce(partial), residual, self.weight, self.eps)
@@ -111,6 +112,10 @@ def _sequential_block(layer: nn.Module) -> DecoderLayer | None:
 def _site(linear: RowParallelLinear, owner: nn.Module, norm_name: str) -> list[FusionSite]:
     """[the site], or [] where the linear or the norm is not the plain kind."""
     norm = getattr(owner, norm_name, None)
-    plain = (type(linear) is RowParallelLinear and linear.bias is None and linear.reduce_output
-             and type(norm) is RMSNorm)
+    plain = (
+        type(linear) is RowParallelLinear
+        and linear.bias is None
+        and linear.reduce_output
+        and type(norm) is RMSNorm
+    )
     return [FusionSite(linear, owner, norm_name)] if plain else []

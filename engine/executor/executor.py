@@ -42,17 +42,17 @@ from typing import Any, TypeVar
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.executor import kv_ops, ray_launch
 from engine.distributed.errors import TPGroupError
 from engine.distributed.fast_allreduce import ReductionSpec
-from engine.executor.follower import FollowerSpec
-from engine.executor.group_resources import GroupResources
-from engine.executor.kv_ops import KVOp
 from engine.distributed.process_group import (
     claim_default_group,
     host_store,
     init_tp_group,
 )
+from engine.executor import kv_ops, ray_launch
+from engine.executor.follower import FollowerSpec
+from engine.executor.group_resources import GroupResources
+from engine.executor.kv_ops import KVOp
 from engine.executor.shm_channel import ChannelAborted
 from engine.executor.step_channel import StepChannel
 from engine.executor.watchdog import Failure, FollowerWatchdog
@@ -81,8 +81,9 @@ class TPState(enum.Enum):
 
 
 class TPExecutor:
-    def __init__(self, size: int, device: torch.device, pg: Any, options: TPOptions,
-                 num_kv_heads: int) -> None:
+    def __init__(
+        self, size: int, device: torch.device, pg: Any, options: TPOptions, num_kv_heads: int
+    ) -> None:
         """`pg`: the placement group to remove at teardown (None: not this group's own)."""
         self.size = size
         self.device = device
@@ -119,30 +120,62 @@ class TPExecutor:
     # ---------------------------------------------------------------- start-up
 
     @classmethod
-    def launch(cls, config: EngineConfig, model_config: ModelConfig, model_path: str, max_model_len: int,
-               options: TPOptions | None = None) -> TPExecutor:
+    def launch(
+        cls,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        model_path: str,
+        max_model_len: int,
+        options: TPOptions | None = None,
+    ) -> TPExecutor:
         """Start followers and join the group as rank 0; the caller then calls build_leader()."""
         opts = options or TPOptions()
         size, use_gpu = config.tensor_parallel_size, config.resolved_device().type == "cuda"
         claim_default_group(0)  # an earlier group still open here fails now, before any follower
         ray_launch.ensure_ray()
-        place = ray_launch.group_placement(size, use_gpu, opts.startup_timeout_s, opts.use_current_placement_group)
-        executor = cls(size, torch.device("cpu"), place.pg if place.owned else None, opts,
-                       model_config.num_kv_heads)
+        place = ray_launch.group_placement(
+            size, use_gpu, opts.startup_timeout_s, opts.use_current_placement_group
+        )
+        executor = cls(
+            size,
+            torch.device("cpu"),
+            place.pg if place.owned else None,
+            opts,
+            model_config.num_kv_heads,
+        )
         with executor._failing_as_group():
             store = host_store(size, RENDEZVOUS_TIMEOUT_S)
-            specs = [FollowerSpec(config, model_config, model_path, max_model_len, rank, size,
-                                  store.port, opts.collective_timeout_s, opts.startup_timeout_s)
-                     for rank in range(1, size)]
+            specs = [
+                FollowerSpec(
+                    config,
+                    model_config,
+                    model_path,
+                    max_model_len,
+                    rank,
+                    size,
+                    store.port,
+                    opts.collective_timeout_s,
+                    opts.startup_timeout_s,
+                )
+                for rank in range(1, size)
+            ]
             executor.followers.extend(
-                ray_launch.spawn_follower(place.pg, s.rank, place.bundles[s.rank], s) for s in specs)
+                ray_launch.spawn_follower(place.pg, s.rank, place.bundles[s.rank], s) for s in specs
+            )
             executor.device = executor._leader_device(use_gpu)
             starts = {rank: f.start.remote() for rank, f in enumerate(executor.followers, start=1)}
             executor._watchdog.watch(starts, may_return=True)
             executor._start_futures = starts
-            init_tp_group(0, size, store.port, executor.device, opts.collective_timeout_s,
-                          opts.startup_timeout_s, store=store,
-                          reduction=ReductionSpec.from_configs(config, model_config))
+            init_tp_group(
+                0,
+                size,
+                store.port,
+                executor.device,
+                opts.collective_timeout_s,
+                opts.startup_timeout_s,
+                store=store,
+                reduction=ReductionSpec.from_configs(config, model_config),
+            )
         return executor
 
     def _leader_device(self, use_gpu: bool) -> torch.device:
@@ -151,8 +184,9 @@ class TPExecutor:
         timeout, res = self.options.startup_timeout_s, self._resources
         ids = ray.get([f.gpu_ids.remote() for f in self.followers], timeout=timeout)
         res.follower_pids[:] = ray.get([f.pid.remote() for f in self.followers], timeout=timeout)
-        res.follower_node_ids[:] = ray.get([f.node_id.remote() for f in self.followers],
-                                           timeout=timeout)
+        res.follower_node_ids[:] = ray.get(
+            [f.node_id.remote() for f in self.followers], timeout=timeout
+        )
         if not use_gpu:
             return torch.device("cpu")
         device = ray_launch.leader_cuda_device([i for gpu in ids for i in gpu])
@@ -165,13 +199,18 @@ class TPExecutor:
 
         with self._failing_as_group():
             runner = make_runner()
-            blocks = ray.get(list(self._start_futures.values()), timeout=self.options.startup_timeout_s)
+            blocks = ray.get(
+                list(self._start_futures.values()), timeout=self.options.startup_timeout_s
+            )
             num_blocks = getattr(runner, "num_blocks", None)
-            assert all(b == num_blocks for b in blocks), f"KV block counts differ across ranks: {blocks}"
+            assert all(b == num_blocks for b in blocks), (
+                f"KV block counts differ across ranks: {blocks}"
+            )
             res = self._resources
             res.channel = StepChannel(_current_group(), self.options.collective_timeout_s)
-            res.run_futures = {rank: f.run_loop.remote()
-                               for rank, f in enumerate(self.followers, start=1)}
+            res.run_futures = {
+                rank: f.run_loop.remote() for rank, f in enumerate(self.followers, start=1)
+            }
             self._watchdog.watch(res.run_futures, may_return=False)
         self.state = TPState.RUNNING
         return runner
@@ -199,8 +238,9 @@ class TPExecutor:
         assert not op.write and op.block_ids
         with self._in_flight("KV read") as channel:
             channel.publish_kv(op, self.num_kv_ops)
-            out = kv_ops.leader_read(_current_group(), cache, op, self.num_kv_heads,
-                                     self.options.collective_timeout_s)
+            out = kv_ops.leader_read(
+                _current_group(), cache, op, self.num_kv_heads, self.options.collective_timeout_s
+            )
             self.num_kv_ops += 1
         return out
 
@@ -209,8 +249,14 @@ class TPExecutor:
         assert op.write and op.block_ids
         with self._in_flight("KV write") as channel:
             channel.publish_kv(op, self.num_kv_ops)
-            kv_ops.leader_write(_current_group(), cache, op, data, self.num_kv_heads,
-                                self.options.collective_timeout_s)
+            kv_ops.leader_write(
+                _current_group(),
+                cache,
+                op,
+                data,
+                self.num_kv_heads,
+                self.options.collective_timeout_s,
+            )
             self.num_kv_ops += 1
 
     @contextlib.contextmanager
@@ -249,8 +295,9 @@ class TPExecutor:
         except Exception as err:
             failure = self._watchdog.failure or self._watchdog.check(self.options.diagnose_s)
             failure = failure or self._presumed_failure(err)
-            raise self._fail_with(TPGroupError(failure.rank, f"{failure.message} [rank 0 saw: "
-                                                             f"{_first_line(err)}]")) from err
+            raise self._fail_with(
+                TPGroupError(failure.rank, f"{failure.message} [rank 0 saw: {_first_line(err)}]")
+            ) from err
 
     def _presumed_failure(self, cause: BaseException) -> Failure:
         """No follower is known to have failed. If rank 0 was waiting on them (a timeout, an
@@ -258,8 +305,10 @@ class TPExecutor:
         if not _is_wait_failure(cause):
             return Failure(0, f"failed: {type(cause).__name__} (no follower reported a failure)")
         ranks = list(range(1, self.size))
-        return Failure(ranks[0] if len(ranks) == 1 else None,
-                       f"did not respond (hung or unreachable); followers {ranks}")
+        return Failure(
+            ranks[0] if len(ranks) == 1 else None,
+            f"did not respond (hung or unreachable); followers {ranks}",
+        )
 
     def _fail_with(self, error: TPGroupError) -> TPGroupError:
         """The group's error from now on (the first one wins); releases its resources."""

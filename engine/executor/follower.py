@@ -23,9 +23,9 @@ import torch
 
 from engine.config import EngineConfig, ModelConfig
 from engine.distributed.fast_allreduce import ReductionSpec
-from engine.executor.kv_ops import follower_serve
 from engine.distributed.parallel_state import TPGroup
 from engine.distributed.process_group import destroy_tp_group, init_tp_group
+from engine.executor.kv_ops import follower_serve
 from engine.executor.ray_launch import follower_cuda_device
 from engine.executor.step_channel import MessageKind, StepChannel
 
@@ -81,12 +81,19 @@ class TPFollower:
         from engine.runner.model_runner import ModelRunner
 
         s, device = self.spec, self._device()
-        tp = self.tp = init_tp_group(s.rank, s.size, s.store_port, device, s.collective_timeout_s,
-                                     s.control_timeout_s,
-                                     reduction=ReductionSpec.from_configs(s.config, s.model_config))
+        tp = self.tp = init_tp_group(
+            s.rank,
+            s.size,
+            s.store_port,
+            device,
+            s.collective_timeout_s,
+            s.control_timeout_s,
+            reduction=ReductionSpec.from_configs(s.config, s.model_config),
+        )
         torch.manual_seed(s.config.seed)
-        runner = self.runner = ModelRunner(s.config, s.model_config, s.model_path, s.max_model_len, device,
-                                           show_progress=False)
+        runner = self.runner = ModelRunner(
+            s.config, s.model_config, s.model_path, s.max_model_len, device, show_progress=False
+        )
         self.channel = StepChannel(tp, s.collective_timeout_s)
         return runner.num_blocks
 
@@ -99,7 +106,12 @@ class TPFollower:
                 if message.kind is MessageKind.SHUTDOWN:
                     return steps
                 if message.kv is not None:
-                    follower_serve(self.tp, self.runner.kv_cache, message.kv, self.spec.model_config.num_kv_heads)
+                    follower_serve(
+                        self.tp,
+                        self.runner.kv_cache,
+                        message.kv,
+                        self.spec.model_config.num_kv_heads,
+                    )
                     continue
                 assert message.inputs is not None
                 self.runner.compute_logits(self.runner.forward(message.inputs))

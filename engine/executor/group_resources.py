@@ -26,8 +26,8 @@ import logging
 import threading
 from typing import Any
 
-from engine.executor import ray_launch
 from engine.distributed.process_group import destroy_tp_group
+from engine.executor import ray_launch
 from engine.executor.step_channel import StepChannel
 from engine.executor.watchdog import FollowerWatchdog
 
@@ -38,8 +38,13 @@ EXIT_WAIT_S = 30.0  # killed followers' processes exit well within this
 
 
 class GroupResources:
-    def __init__(self, pg: Any, watchdog: FollowerWatchdog, stop_timeout_s: float,
-                 exit_wait_s: float = EXIT_WAIT_S) -> None:
+    def __init__(
+        self,
+        pg: Any,
+        watchdog: FollowerWatchdog,
+        stop_timeout_s: float,
+        exit_wait_s: float = EXIT_WAIT_S,
+    ) -> None:
         """`pg`: the placement group to remove, None when it is not the group's own.
         `stop_timeout_s`: how long the followers' loops get to return after SHUTDOWN."""
         self.followers: list[Any] = []  # followers[i] is rank i + 1
@@ -84,8 +89,9 @@ class GroupResources:
             self.channel.publish_shutdown()
             ray.get(list(self.run_futures.values()), timeout=self.stop_timeout_s)
         except Exception as err:  # noqa: BLE001 - any failure here means: kill them
-            log.warning("TP followers did not stop on SHUTDOWN (%s); killing them",
-                        _first_line(err))
+            log.warning(
+                "TP followers did not stop on SHUTDOWN (%s); killing them", _first_line(err)
+            )
             return False
         return True
 
@@ -94,12 +100,16 @@ class GroupResources:
         followers' processes on this node to exit."""
         self.watchdog.stop(WATCHDOG_EXIT_WAIT_S)
         here = ray_launch.this_node_id()
-        pids = [pid for pid, node in zip(self.follower_pids, self.follower_node_ids)
-                if node == here]
+        pids = [
+            pid for pid, node in zip(self.follower_pids, self.follower_node_ids) if node == here
+        ]
         running = ray_launch.wait_exited(pids, self.exit_wait_s)
         if running:
-            log.warning("TP follower processes %s still run %.0f s after they were killed", running,
-                        self.exit_wait_s)
+            log.warning(
+                "TP follower processes %s still run %.0f s after they were killed",
+                running,
+                self.exit_wait_s,
+            )
 
 
 def _first_line(err: BaseException) -> str:

@@ -95,7 +95,9 @@ def _index(cache: torch.Tensor, op: KVOp) -> torch.Tensor:
     return torch.tensor(op.block_ids, dtype=torch.int64, device=cache.device)
 
 
-def leader_read(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int, timeout_s: float) -> torch.Tensor:
+def leader_read(
+    tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int, timeout_s: float
+) -> torch.Tensor:
     """Rank 0: the op's blocks of every rank as one tensor [l, 2, n, bs, h1 - h0, D]."""
     h0, h1 = op.heads
     out = torch.empty(_shape(cache, op, h1 - h0), dtype=cache.dtype, device=cache.device)
@@ -103,9 +105,13 @@ def leader_read(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int, t
     pending: list[tuple[HeadRun, torch.Tensor, dist.Work | None]] = []
     for run in read_plan(op.heads, tp.size, num_kv_heads):
         if run.rank == 0:
-            out[..., run.start - h0 : run.end - h0, :] = _local(cache, op, run, base).index_select(2, index)
+            out[..., run.start - h0 : run.end - h0, :] = _local(cache, op, run, base).index_select(
+                2, index
+            )
             continue
-        buf = torch.empty(_shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device)
+        buf = torch.empty(
+            _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
+        )
         pending.append((run, buf, dist.irecv(buf, group=tp.group, group_src=run.rank)))
     for run, buf, work in pending:
         wait_bounded(work, timeout_s)
@@ -114,8 +120,14 @@ def leader_read(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int, t
     return out
 
 
-def leader_write(tp: TPGroup, cache: torch.Tensor, op: KVOp, data: torch.Tensor, num_kv_heads: int,
-                 timeout_s: float) -> None:
+def leader_write(
+    tp: TPGroup,
+    cache: torch.Tensor,
+    op: KVOp,
+    data: torch.Tensor,
+    num_kv_heads: int,
+    timeout_s: float,
+) -> None:
     """Rank 0: store `data` [l, 2, n, bs, h1 - h0, D] (on rank 0's device) on every holder."""
     h0 = op.heads[0]
     index, base = _index(cache, op), rank_kv_heads(0, tp.size, num_kv_heads)[0]
@@ -146,7 +158,9 @@ def follower_serve(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int
     run, index = mine[0], _index(cache, op)
     local = _local(cache, op, run, rank_kv_heads(tp.rank, tp.size, num_kv_heads)[0])
     if op.write:
-        buf = torch.empty(_shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device)
+        buf = torch.empty(
+            _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
+        )
         dist.recv(buf, group=tp.group, group_src=0)
         local.index_copy_(2, index, buf)
     else:

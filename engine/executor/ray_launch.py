@@ -50,13 +50,17 @@ class GroupPlacement(NamedTuple):
     owned: bool  # created for this group: removed at teardown
 
 
-def group_placement(size: int, use_gpu: bool, timeout_s: float, use_current: bool) -> GroupPlacement:
+def group_placement(
+    size: int, use_gpu: bool, timeout_s: float, use_current: bool
+) -> GroupPlacement:
     """Where the ranks go: the current placement group (`use_current` and there is one), else a
     new one. Raises EngineConfigError if the cluster or the current group cannot hold them."""
     current = current_placement(size, use_gpu) if use_current else None
     if current is not None:
         return current
-    return GroupPlacement(placement_group(size, use_gpu, timeout_s), [_bundle(use_gpu)] * size, True)
+    return GroupPlacement(
+        placement_group(size, use_gpu, timeout_s), [_bundle(use_gpu)] * size, True
+    )
 
 
 def current_placement(size: int, use_gpu: bool) -> GroupPlacement | None:
@@ -102,15 +106,23 @@ def spawn_follower(pg: Any, rank: int, bundle: dict[str, float], spec: Any) -> A
 
     from engine.executor.follower import TPFollower
 
-    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU") and not k.startswith("node:")}
+    custom = {
+        k: v for k, v in bundle.items() if k not in ("CPU", "GPU") and not k.startswith("node:")
+    }
     cls = ray.remote(TPFollower)
     # A follower sees every GPU of its node and selects its own (follower_cuda_device): CUDA
     # IPC peers (the symmetric-memory all-reduce) must have distinct device indices, and Ray's
     # narrowing would make every rank's GPU "cuda:0".
-    runtime_env = {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}} if bundle.get("GPU", 0.0) else None
+    runtime_env = (
+        {"env_vars": {NOSET_CUDA_VISIBLE_DEVICES: "1"}} if bundle.get("GPU", 0.0) else None
+    )
     return cls.options(
-        num_cpus=bundle.get("CPU", 0.0), num_gpus=bundle.get("GPU", 0.0), resources=custom,
-        max_restarts=0, max_task_retries=0, runtime_env=runtime_env,
+        num_cpus=bundle.get("CPU", 0.0),
+        num_gpus=bundle.get("GPU", 0.0),
+        resources=custom,
+        max_restarts=0,
+        max_task_retries=0,
+        runtime_env=runtime_env,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
     ).remote(spec)
 
@@ -133,7 +145,9 @@ def leader_cuda_device(follower_gpu_ids: list[int]) -> torch.device:
     for index, gpu in enumerate(physical):
         if gpu not in follower_gpu_ids:
             return torch.device("cuda", index)
-    raise EngineConfigError(f"tensor_parallel_size: every visible GPU {physical} is held by a follower")
+    raise EngineConfigError(
+        f"tensor_parallel_size: every visible GPU {physical} is held by a follower"
+    )
 
 
 def follower_cuda_device(gpu_ids: list[int]) -> torch.device:
@@ -144,7 +158,9 @@ def follower_cuda_device(gpu_ids: list[int]) -> torch.device:
     self-test and the group uses NCCL (correct, slower)."""
     physical = _visible_gpus()
     if len(gpu_ids) != 1 or gpu_ids[0] not in physical:
-        raise EngineConfigError(f"tensor_parallel_size: follower got GPUs {gpu_ids}, sees {physical}")
+        raise EngineConfigError(
+            f"tensor_parallel_size: follower got GPUs {gpu_ids}, sees {physical}"
+        )
     return torch.device("cuda", physical.index(gpu_ids[0]))
 
 

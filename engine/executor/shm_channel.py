@@ -62,7 +62,11 @@ def supported() -> bool:
 
 
 def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return (
+        "/dev/shm"
+        if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+        else tempfile.gettempdir()
+    )
 
 
 def abort_all() -> None:
@@ -74,7 +78,9 @@ def abort_all() -> None:
 
 
 class ShmBroadcast:
-    def __init__(self, path: str, readers: int, data_bytes: int, reader: int | None, create: bool) -> None:
+    def __init__(
+        self, path: str, readers: int, data_bytes: int, reader: int | None, create: bool
+    ) -> None:
         self.path = path
         self.readers = readers
         self.reader = reader  # None: the writer
@@ -92,7 +98,9 @@ class ShmBroadcast:
             os.close(fd)
         self.data_bytes = size - self.data_offset
         self._words = np.frombuffer(self._mm, dtype=np.int64, count=self.data_offset // 8)
-        self._data = np.frombuffer(self._mm, dtype=np.uint8, count=self.data_bytes, offset=self.data_offset)
+        self._data = np.frombuffer(
+            self._mm, dtype=np.uint8, count=self.data_bytes, offset=self.data_offset
+        )
         self._seen = int(self._words[0]) if reader is not None else 0
         self._aborted = False
         with _LIVE_LOCK:
@@ -133,7 +141,7 @@ class ShmBroadcast:
         """Publish `message` (any dtype, C-contiguous) to every reader, in parts if large."""
         raw = message.reshape(-1).view(np.uint8)
         for start in range(0, max(len(raw), 1), self.data_bytes):
-            part = raw[start:start + self.data_bytes]
+            part = raw[start : start + self.data_bytes]
             self._wait_acks(timeout_s)
             self._data[: len(part)] = part
             self._words[1] = len(part)
@@ -141,7 +149,7 @@ class ShmBroadcast:
 
     def _wait_acks(self, timeout_s: float) -> None:
         seq = int(self._words[0])
-        acks = self._words[LINE // 8::LINE // 8][: self.readers]
+        acks = self._words[LINE // 8 :: LINE // 8][: self.readers]
         if int(acks.min()) >= seq:
             return
         deadline = time.monotonic() + timeout_s
@@ -154,8 +162,10 @@ class ShmBroadcast:
             if spins > 1000:
                 if time.monotonic() > deadline:
                     late = [r for r in range(self.readers) if int(acks[r]) < seq]
-                    raise RuntimeError(f"followers {[r + 1 for r in late]} did not take the previous "
-                                       f"step message within {timeout_s:.0f} s")
+                    raise RuntimeError(
+                        f"followers {[r + 1 for r in late]} did not take the previous "
+                        f"step message within {timeout_s:.0f} s"
+                    )
                 time.sleep(0)  # lets this process's other threads take the GIL
 
     # ---------------------------------------------------------------- reader
@@ -166,7 +176,7 @@ class ShmBroadcast:
         start = 0
         while True:
             n = self._next_part()
-            raw[start:start + n] = self._data[:n]
+            raw[start : start + n] = self._data[:n]
             start += n
             self._ack()
             if start >= len(raw):
@@ -191,7 +201,7 @@ class ShmBroadcast:
         self._ack()
         while got < total:
             n = self._next_part()
-            out[got:got + n] = self._data[:n]
+            out[got : got + n] = self._data[:n]
             got += n
             self._ack()
         return out

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from engine.distributed.parallel_state import TPGroup, wait_bounded
 from engine.executor import shm_channel
 from engine.executor.kv_ops import KVOp
-from engine.distributed.parallel_state import TPGroup, wait_bounded
 from engine.runner.inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,30 @@ class StepMessage(NamedTuple):
 def pack(inputs: StepInputs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(header, payload) int64 CPU tensors for one step (built in numpy: a step's host path is
     latency the followers wait for, and numpy's small-array calls cost a fraction of torch's)."""
-    parts = [inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.query_start_loc,
-             inputs.seq_lens, inputs.block_tables.reshape(-1), inputs.sample_indices]
+    parts = [
+        inputs.input_ids,
+        inputs.positions,
+        inputs.slot_mapping,
+        inputs.query_start_loc,
+        inputs.seq_lens,
+        inputs.block_tables.reshape(-1),
+        inputs.sample_indices,
+    ]
     payload = np.concatenate([p.cpu().numpy() for p in parts], dtype=np.int64)
     b, w = inputs.block_tables.shape
-    header = np.array([MessageKind.STEP, inputs.num_tokens, b, w, inputs.sample_indices.numel(),
-                       int(inputs.decode_only), step, payload.size], dtype=np.int64)
+    header = np.array(
+        [
+            MessageKind.STEP,
+            inputs.num_tokens,
+            b,
+            w,
+            inputs.sample_indices.numel(),
+            int(inputs.decode_only),
+            step,
+            payload.size,
+        ],
+        dtype=np.int64,
+    )
     return torch.from_numpy(header), torch.from_numpy(payload)
 
 
@@ -81,9 +99,14 @@ def unpack(header: list[int], payload: torch.Tensor) -> StepInputs:
     _, t, b, w, s, decode_only, _, _ = header
     ids, pos, slots, qsl, lens, tables, samples = payload.split([t, t, t, b + 1, b, b * w, s])
     return StepInputs(
-        input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl.to(torch.int32),
-        seq_lens=lens.to(torch.int32), block_tables=tables.view(b, w).to(torch.int32),
-        sample_indices=samples, decode_only=bool(decode_only),
+        input_ids=ids,
+        positions=pos,
+        slot_mapping=slots,
+        query_start_loc=qsl.to(torch.int32),
+        seq_lens=lens.to(torch.int32),
+        block_tables=tables.view(b, w).to(torch.int32),
+        sample_indices=samples,
+        decode_only=bool(decode_only),
     )
 
 
@@ -115,7 +138,7 @@ class StepChannel:
 
     @property
     def transport(self) -> str:
-        """"shm" or "gloo" once the first message went through; "unconnected" before."""
+        """ "shm" or "gloo" once the first message went through; "unconnected" before."""
         if not self._connected:
             return "unconnected"
         return "shm" if self._shm is not None else "gloo"
@@ -144,7 +167,9 @@ class StepChannel:
             try:
                 shm = shm_channel.ShmBroadcast.attach(name, self.tp.size - 1, self.tp.rank - 1)
             except OSError as err:
-                log.warning("step channel: rank %d cannot map %s (%s); using gloo", self.tp.rank, name, err)
+                log.warning(
+                    "step channel: rank %d cannot map %s (%s); using gloo", self.tp.rank, name, err
+                )
         ok = torch.tensor([int(shm is not None)], dtype=torch.int64)
         work = dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.tp.cpu_group, async_op=True)
         wait_bounded(work, self.timeout_s if self.tp.is_leader else None)
@@ -176,7 +201,9 @@ class StepChannel:
         header_t = torch.empty(HEADER_LEN, dtype=torch.int64)
         self._gloo_broadcast(header_t)
         header = header_t.tolist()
-        payload = torch.empty(header[7] if header[0] != MessageKind.SHUTDOWN else 0, dtype=torch.int64)
+        payload = torch.empty(
+            header[7] if header[0] != MessageKind.SHUTDOWN else 0, dtype=torch.int64
+        )
         if payload.numel():
             self._gloo_broadcast(payload)
         return header, payload

@@ -76,8 +76,10 @@ class FollowerWatchdog:
         with self._lock:
             ranks = sorted(self._futures)
         rank = ranks[0] if len(ranks) == 1 else None
-        return Failure(rank, f"did not finish a step within {self.step_timeout_s:.0f} s (hung); "
-                             f"followers {ranks}")
+        return Failure(
+            rank,
+            f"did not finish a step within {self.step_timeout_s:.0f} s (hung); followers {ranks}",
+        )
 
     def check(self, timeout_s: float) -> Failure | None:
         """The first follower whose future resolved badly within `timeout_s`, as a Failure."""

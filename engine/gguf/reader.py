@@ -27,9 +27,20 @@ from engine.gguf.names import IGNORED_TENSORS, hf_name, is_rotary_permuted
 _T = GGMLQuantizationType
 FLOAT_TYPES = frozenset({_T.F32, _T.F16, _T.BF16})
 # The block formats gguf.quants dequantizes (in numpy) that llama.cpp's Llama-family files use.
-QUANTIZED_TYPES = frozenset({
-    _T.Q8_0, _T.Q4_0, _T.Q4_1, _T.Q5_0, _T.Q5_1, _T.Q2_K, _T.Q3_K, _T.Q4_K, _T.Q5_K, _T.Q6_K,
-})
+QUANTIZED_TYPES = frozenset(
+    {
+        _T.Q8_0,
+        _T.Q4_0,
+        _T.Q4_1,
+        _T.Q5_0,
+        _T.Q5_1,
+        _T.Q2_K,
+        _T.Q3_K,
+        _T.Q4_K,
+        _T.Q5_K,
+        _T.Q6_K,
+    }
+)
 SUPPORTED_TYPES = FLOAT_TYPES | QUANTIZED_TYPES
 
 
@@ -146,7 +157,11 @@ def _config(path: Path, reader: GGUFReader, metadata: Mapping[str, Any]) -> dict
     types = {t.tensor_type for t in tensors.values()}
     rope_freqs = tensors.get("rope_freqs.weight")
     config = hf_config(
-        path, metadata, shapes, _num_tokens(reader), default_torch_dtype(types),
+        path,
+        metadata,
+        shapes,
+        _num_tokens(reader),
+        default_torch_dtype(types),
         None if rope_freqs is None else np.array(rope_freqs.data),
     )
     _check_shapes(path, config, shapes)
@@ -224,6 +239,12 @@ def _check_shapes(
 
 
 def _shape_context(config: dict[str, Any]) -> str:
-    keys = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+    )
     return ", ".join(f"{k} {config[k]}" for k in keys)

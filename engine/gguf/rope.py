@@ -15,7 +15,9 @@ import numpy as np
 
 # Meta's values for every Llama 3.1 / 3.2 / 3.3 checkpoint; only `factor` is read from the file.
 _LLAMA3_DEFAULTS = {
-    "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 
 

@@ -34,10 +34,26 @@ def _pick(i: tl.constexpr, p0, p1, p2, p3):
 
 @triton.jit
 def _ar_add_rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    b0, b1, b2, b3, f0, f1, f2, f3, failed_ptr,
-    hidden, eps, max_spins,
-    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    b0,
+    b1,
+    b2,
+    b3,
+    f0,
+    f1,
+    f2,
+    f3,
+    failed_ptr,
+    hidden,
+    eps,
+    max_spins,
+    RANK: tl.constexpr,
+    WORLD: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -47,7 +63,9 @@ def _ar_add_rmsnorm_kernel(
     tl.debug_barrier()  # the whole row is written before any peer is told
     for r in tl.static_range(WORLD):
         if r != RANK:
-            tl.atomic_xchg(_pick(r, f0, f1, f2, f3) + row * WORLD + RANK, 1, sem="release", scope="sys")
+            tl.atomic_xchg(
+                _pick(r, f0, f1, f2, f3) + row * WORLD + RANK, 1, sem="release", scope="sys"
+            )
     mine = _pick(RANK, f0, f1, f2, f3) + row * WORLD
     for r in tl.static_range(WORLD):
         if r != RANK:
@@ -64,7 +82,9 @@ def _ar_add_rmsnorm_kernel(
         if r == RANK:
             acc += x.to(tl.float32)
         else:
-            peer = tl.load(_pick(r, b0, b1, b2, b3) + row * hidden + offs, mask=mask, other=0.0, volatile=True)
+            peer = tl.load(
+                _pick(r, b0, b1, b2, b3) + row * hidden + offs, mask=mask, other=0.0, volatile=True
+            )
             acc += peer.to(tl.float32)
     res = tl.load(res_ptr + row * hidden + offs, mask=mask, other=0.0)
     h = (acc.to(res.dtype).to(tl.float32) + res.to(tl.float32)).to(res.dtype)
@@ -73,14 +93,25 @@ def _ar_add_rmsnorm_kernel(
 
 
 def allreduce_add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-    data: list[torch.Tensor], flags: list[torch.Tensor], failed: torch.Tensor, rank: int,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    data: list[torch.Tensor],
+    flags: list[torch.Tensor],
+    failed: torch.Tensor,
+    rank: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new_residual) of [T, hidden]. `data[r]` / `flags[r]`: rank r's slot of this call
     (>= T * hidden elements of x's dtype / >= T * world int32, zero between calls), as mapped in
     this process; `failed` (int32 [1]) is set when a peer never arrived."""
     world = len(data)
-    assert 1 < world <= MAX_WORLD and len(flags) == world and x.shape == residual.shape and x.dim() == 2
+    assert (
+        1 < world <= MAX_WORLD
+        and len(flags) == world
+        and x.shape == residual.shape
+        and x.dim() == 2
+    )
     residual = residual.contiguous()
     out = torch.empty_like(residual)
     new_residual = torch.empty_like(residual)
@@ -90,8 +121,20 @@ def allreduce_add_rmsnorm(
     pad_flags = flags + [flags[rank]] * (MAX_WORLD - world)
     block = next_power_of_2(x.shape[1])
     _ar_add_rmsnorm_kernel[(x.shape[0],)](
-        x.contiguous(), residual, weight, out, new_residual, *pad, *pad_flags, failed,
-        x.shape[1], eps, MAX_SPINS,
-        RANK=rank, WORLD=world, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        x.contiguous(),
+        residual,
+        weight,
+        out,
+        new_residual,
+        *pad,
+        *pad_flags,
+        failed,
+        x.shape[1],
+        eps,
+        MAX_SPINS,
+        RANK=rank,
+        WORLD=world,
+        BLOCK=block,
+        num_warps=min(16, max(1, block // 512)),
     )
     return out, new_residual

@@ -22,7 +22,7 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
@@ -91,7 +91,9 @@ def upcast_dot(dtype: torch.dtype) -> bool:
     return interpreter_enabled() and dtype == torch.bfloat16
 
 
-def check_rows(name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+def check_rows(
+    name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+) -> None:
     """Like `check_tensor` for strided views (e.g. q/k/v split from one qkv projection): only the
     last dim must be contiguous."""
     check_tensor(name, tensor, ndim, dtypes, contiguous=False)
@@ -99,8 +101,13 @@ def check_rows(name: str, tensor: torch.Tensor, ndim: int, dtypes: tuple[torch.d
         raise ValueError(f"{name}: last dim must be contiguous, got strides {tensor.stride()}")
 
 
-def check_paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+def check_paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
     """The checks every paged-attention launcher shares: ranks, dtypes, devices, GQA shapes."""
     check_tensor("query", query, 3)
     check_tensor("k_cache", k_cache, 4)
@@ -109,7 +116,9 @@ def check_paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     check_tensor("seq_lens", seq_lens, 1, (torch.int32,))
     check_same_device(query=query, k_cache=k_cache, block_tables=block_tables, seq_lens=seq_lens)
     if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache")
+        raise ValueError(
+            f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache"
+        )
     if k_cache.dtype != query.dtype:
         raise ValueError(f"k_cache: dtype {k_cache.dtype} differs from query dtype {query.dtype}")
     num_heads, head_dim = query.shape[1:]
@@ -117,5 +126,6 @@ def check_paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"k_cache: head_dim {k_cache.shape[3]} != query head_dim {head_dim}")
     check_head_dim(head_dim)
     if num_heads % k_cache.shape[2]:
-        raise ValueError(f"query: num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
-
+        raise ValueError(
+            f"query: num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}"
+        )

@@ -54,10 +54,26 @@ class ExtendConfig(NamedTuple):
 
 @triton.jit
 def _attend_key_tile(
-    acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
-    stride_kb, stride_kt,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    acc,
+    m_i,
+    l_i,
+    q,
+    q_pos,
+    n0,
+    seq_len,
+    bt_row,
+    k_ptr,
+    v_ptr,
+    head_off,
+    qk_scale,
+    stride_kb,
+    stride_kt,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -96,13 +112,37 @@ def _attend_key_tile(
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    part_acc_ptr, part_ml_ptr, qk_scale,
-    stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh, stride_btb,
-    stride_ps, stride_pt, stride_ph, stride_ms, stride_mt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    qk_scale,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_btb,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ms,
+    stride_mt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
@@ -119,8 +159,11 @@ def _extend_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < q_len
     rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None],
+        other=0.0,
+    )
     if UPCAST_DOT:
         q = q.to(tl.float32)
     q_pos = prefix + offs_m
@@ -141,19 +184,63 @@ def _extend_kernel(
     diag_lo = tl.where(split == NUM_SPLITS - 1, full_end, diag_end)
     for n0 in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
-            acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
-            stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, UPCAST_DOT)
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_pos,
+            n0,
+            seq_len,
+            bt_row,
+            k_ptr,
+            v_ptr,
+            head_off,
+            qk_scale,
+            stride_kb,
+            stride_kt,
+            HEAD_DIM,
+            PAGE_SIZE,
+            BLOCK_N,
+            False,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
     for n0 in range(diag_lo, diag_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
-            acc, m_i, l_i, q, q_pos, n0, seq_len, bt_row, k_ptr, v_ptr, head_off, qk_scale,
-            stride_kb, stride_kt, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, UPCAST_DOT)
+            acc,
+            m_i,
+            l_i,
+            q,
+            q_pos,
+            n0,
+            seq_len,
+            bt_row,
+            k_ptr,
+            v_ptr,
+            head_off,
+            qk_scale,
+            stride_kb,
+            stride_kt,
+            HEAD_DIM,
+            PAGE_SIZE,
+            BLOCK_N,
+            True,
+            DOT_PRECISION,
+            UPCAST_DOT,
+        )
 
     if NUM_SPLITS == 1:
         acc = acc / l_i[:, None]
         o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
     else:  # partials: acc unnormalised, and the running max (log2 domain) and sum of each row
-        p_ptrs = part_acc_ptr + split * stride_ps + rows[:, None] * stride_pt + head * stride_ph + offs_d[None, :]
+        p_ptrs = (
+            part_acc_ptr
+            + split * stride_ps
+            + rows[:, None] * stride_pt
+            + head * stride_ph
+            + offs_d[None, :]
+        )
         tl.store(p_ptrs, acc, mask=m_mask[:, None])
         ml = part_ml_ptr + split * stride_ms + rows * stride_mt + head * 2
         tl.store(ml, m_i, mask=m_mask)
@@ -162,9 +249,19 @@ def _extend_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_acc_ptr, part_ml_ptr, out_ptr,
-    stride_ps, stride_pt, stride_ph, stride_ms, stride_mt, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    stride_ps,
+    stride_pt,
+    stride_ph,
+    stride_ms,
+    stride_mt,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Program (t, h): merges the NUM_SPLITS partials of row t, head h (a split that saw no key
     has max -inf and sum 0, so it weighs nothing)."""
@@ -178,10 +275,19 @@ def _combine_kernel(
     l_s = tl.load(ml + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
-    acc = tl.load(part_acc_ptr + offs_s[:, None] * stride_ps + row * stride_pt + head * stride_ph + offs_d[None, :],
-                  mask=s_mask[:, None], other=0.0)
+    acc = tl.load(
+        part_acc_ptr
+        + offs_s[:, None] * stride_ps
+        + row * stride_pt
+        + head * stride_ph
+        + offs_d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+    )
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(
+        out_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty)
+    )
 
 
 MIN_KEYS_PER_SPLIT = 512
@@ -189,8 +295,9 @@ MAX_EXTEND_SPLITS = 16
 MAX_SPLIT_QUERY_LEN = 64  # longer query runs fill the GPU with query tiles already
 
 
-def choose_extend_splits(max_query_len: int, max_seq_len: int, num_heads: int, batch: int, block_m: int,
-                         sm_count: int) -> int:
+def choose_extend_splits(
+    max_query_len: int, max_seq_len: int, num_heads: int, batch: int, block_m: int, sm_count: int
+) -> int:
     """Key splits for short queries over long contexts: about two programs per SM, each split
     with at least MIN_KEYS_PER_SPLIT keys; 1 (no split) otherwise."""
     if max_query_len > MAX_SPLIT_QUERY_LEN:
@@ -242,8 +349,9 @@ def _check_args(
 _PARTIALS: dict[tuple[torch.device, int, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _partials(num_splits: int, num_tokens: int, num_heads: int, head_dim: int,
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _partials(
+    num_splits: int, num_tokens: int, num_heads: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The split partials' buffers, reused from call to call (a forward pass makes one call per
     layer; allocating per call cost host time there). Hazard: safe because every call on a
     device is enqueued on one stream, so a call's writes follow the previous call's combine;
@@ -254,8 +362,16 @@ def _partials(num_splits: int, num_tokens: int, num_heads: int, head_dim: int,
         if len(_PARTIALS) >= 16:
             _PARTIALS.clear()
         if num_splits > 1:
-            buffers = (torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=device),
-                       torch.empty((num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=device))
+            buffers = (
+                torch.empty(
+                    (num_splits, num_tokens, num_heads, head_dim),
+                    dtype=torch.float32,
+                    device=device,
+                ),
+                torch.empty(
+                    (num_splits, num_tokens, num_heads, 2), dtype=torch.float32, device=device
+                ),
+            )
         else:  # unused by the kernel
             stub = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=device)
             buffers = (stub, stub)
@@ -294,29 +410,67 @@ def extend_attention(
     if num_tokens == 0 or batch == 0 or max_query_len == 0:
         return out
     if num_splits is None:
-        num_splits = 1 if max_seq_len is None else choose_extend_splits(
-            max_query_len, max_seq_len, num_heads, batch, config.block_m, num_sms(query.device))
+        num_splits = (
+            1
+            if max_seq_len is None
+            else choose_extend_splits(
+                max_query_len, max_seq_len, num_heads, batch, config.block_m, num_sms(query.device)
+            )
+        )
     if num_splits < 1:
         raise ValueError(f"num_splits: must be >= 1, got {num_splits}")
     part_acc, part_ml = _partials(num_splits, num_tokens, num_heads, head_dim, query.device)
     grid = (triton.cdiv(max_query_len, config.block_m), num_heads, batch * num_splits)
     _extend_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, part_acc, part_ml,
+        query,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        part_acc,
+        part_ml,
         scale * math.log2(math.e),
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), block_tables.stride(0),
-        part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=upcast_dot(query.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        part_acc.stride(0),
+        part_acc.stride(1),
+        part_acc.stride(2),
+        part_ml.stride(0),
+        part_ml.stride(1),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=dot_precision(query.dtype),
+        UPCAST_DOT=upcast_dot(query.dtype),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if num_splits > 1:
         _combine_kernel[(num_tokens, num_heads)](
-            part_acc, part_ml, out,
-            part_acc.stride(0), part_acc.stride(1), part_acc.stride(2), part_ml.stride(0), part_ml.stride(1),
-            out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_P2=next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            part_acc,
+            part_ml,
+            out,
+            part_acc.stride(0),
+            part_acc.stride(1),
+            part_acc.stride(2),
+            part_ml.stride(0),
+            part_ml.stride(1),
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
         )
     return out
 

@@ -42,20 +42,34 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, hidden, eps, BL
 
 @triton.jit
 def _fused_add_rmsnorm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    stride_x, stride_res, stride_out, stride_res_out, hidden, eps, BLOCK: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_res,
+    stride_out,
+    stride_res_out,
+    hidden,
+    eps,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < hidden
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     res = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-    h = (x.to(res.dtype, fp_downcast_rounding="rtne").to(tl.float32) + res.to(tl.float32)).to(res.dtype)
+    h = (x.to(res.dtype, fp_downcast_rounding="rtne").to(tl.float32) + res.to(tl.float32)).to(
+        res.dtype
+    )
     tl.store(res_out_ptr + row * stride_res_out + offs, h, mask=mask)
     _rmsnorm_row(h, w_ptr, out_ptr + row * stride_out, offs, mask, hidden, eps)
 
 
-def _check_norm_args(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> None:
+def _check_norm_args(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None
+) -> None:
     """`dtype`: the activation dtype (x's unless given)."""
     check_rows("x", x, 2)
     check_tensor("weight", weight, 1)
@@ -84,7 +98,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return out
     block, num_warps = _launch_params(x.shape[1])
     _rmsnorm_kernel[(x.shape[0],)](
-        x, weight, out, x.stride(0), out.stride(0), x.shape[1], eps, BLOCK=block, num_warps=num_warps
+        x,
+        weight,
+        out,
+        x.stride(0),
+        out.stride(0),
+        x.shape[1],
+        eps,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return out
 
@@ -97,8 +119,10 @@ def fused_add_rmsnorm(
     _check_norm_args(x, weight, eps, residual.dtype)
     check_rows("residual", residual, 2)
     if residual.shape != x.shape or x.dtype not in (residual.dtype, torch.float32):
-        raise ValueError(f"residual: {tuple(residual.shape)}/{residual.dtype} does not match x "
-                         f"{tuple(x.shape)}/{x.dtype}")
+        raise ValueError(
+            f"residual: {tuple(residual.shape)}/{residual.dtype} does not match x "
+            f"{tuple(x.shape)}/{x.dtype}"
+        )
     check_same_device(x=x, residual=residual)
     out = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
     new_residual = torch.empty(x.shape, dtype=residual.dtype, device=x.device)
@@ -106,9 +130,19 @@ def fused_add_rmsnorm(
         return out, new_residual
     block, num_warps = _launch_params(x.shape[1])
     _fused_add_rmsnorm_kernel[(x.shape[0],)](
-        x, residual, weight, out, new_residual,
-        x.stride(0), residual.stride(0), out.stride(0), new_residual.stride(0), x.shape[1], eps,
-        BLOCK=block, num_warps=num_warps,
+        x,
+        residual,
+        weight,
+        out,
+        new_residual,
+        x.stride(0),
+        residual.stride(0),
+        out.stride(0),
+        new_residual.stride(0),
+        x.shape[1],
+        eps,
+        BLOCK=block,
+        num_warps=num_warps,
     )
     return out, new_residual
 

@@ -34,13 +34,36 @@ MAX_SPLITS = 32
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
     qk_scale,
-    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-    HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -104,9 +127,19 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -119,7 +152,9 @@ def _decode_reduce_kernel(
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # seq_len 0 (a padded row): out 0
     weights = tl.exp2(lse - lse_max)
     base = part_out_ptr + b.to(tl.int64) * stride_pb + head * stride_ph
-    parts = tl.load(base + offs_s[:, None] * stride_ps + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    parts = tl.load(
+        base + offs_s[:, None] * stride_ps + offs_d[None, :], mask=s_mask[:, None], other=0.0
+    )
     total = tl.sum(weights, 0)
     out = tl.sum(parts * weights[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + head * stride_oh + offs_d
@@ -189,22 +224,54 @@ def paged_decode_attention(
     part_out = query.new_empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32)
     part_lse = query.new_empty((batch, num_heads, num_splits), dtype=torch.float32)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
         scale * math.log2(math.e),
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        NUM_SPLITS=num_splits, GROUP=group, BLOCK_H=max(16, next_power_of_2(group)),
-        HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(query.dtype), UPCAST_DOT=upcast_dot(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        query.stride(0),
+        query.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        BLOCK_H=max(16, next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION=dot_precision(query.dtype),
+        UPCAST_DOT=upcast_dot(query.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_out, part_lse, out,
-            part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            part_out,
+            part_lse,
+            out,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            BLOCK_S=next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
             num_warps=4,
         )
     return out
@@ -220,4 +287,6 @@ def paged_decode_attention_ref(
 ) -> torch.Tensor:
     """Float32 reference (`paged_attention_ref`), one query row per request."""
     query_start_loc = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
-    return extend_attention_ref(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return extend_attention_ref(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+    )

@@ -16,12 +16,27 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.attention.torch_backend import apply_rope_ref, store_kv_ref
-from engine.kernels.checks import check_head_dim, check_rows, check_same_device, check_tensor, next_power_of_2
+from engine.kernels.checks import (
+    check_head_dim,
+    check_rows,
+    check_same_device,
+    check_tensor,
+    next_power_of_2,
+)
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, num_heads,
-                  BLOCK: tl.constexpr, HALF: tl.constexpr):
+def _rotate_heads(
+    src_ptr,
+    dst_ptr,
+    stride_src_h,
+    stride_dst_h,
+    cos,
+    sin,
+    num_heads,
+    BLOCK: tl.constexpr,
+    HALF: tl.constexpr,
+):
     """Rotate `num_heads` heads at src_ptr ([heads, 2*HALF], row stride stride_src_h) into
     dst_ptr; num_heads = 0 writes nothing."""
     heads = tl.arange(0, BLOCK)
@@ -43,10 +58,30 @@ def _rotate_heads(src_ptr, dst_ptr, stride_src_h, stride_dst_h, cos, sin, num_he
 
 @triton.jit
 def _rope_kv_store_kernel(
-    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_qot, stride_qoh,
-    stride_cs, stride_slot, stride_ch,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    slot_mapping_ptr,
+    q_out_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_qot,
+    stride_qoh,
+    stride_cs,
+    stride_slot,
+    stride_ch,
+    NUM_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
     HALF: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -54,17 +89,37 @@ def _rope_kv_store_kernel(
     offs = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + pos * stride_cs + offs)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + offs)
-    _rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * stride_qot, stride_qh, stride_qoh, cos, sin,
-                  NUM_HEADS, BLOCK_H, HALF)
+    _rotate_heads(
+        q_ptr + t * stride_qt,
+        q_out_ptr + t * stride_qot,
+        stride_qh,
+        stride_qoh,
+        cos,
+        sin,
+        NUM_HEADS,
+        BLOCK_H,
+        HALF,
+    )
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     num_written = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # slot -1: a padded row, no write
     cache_off = tl.maximum(slot, 0) * stride_slot
-    _rotate_heads(k_ptr + t * stride_kt, k_cache_ptr + cache_off, stride_kh, stride_ch, cos, sin,
-                  num_written, BLOCK_KH, HALF)
+    _rotate_heads(
+        k_ptr + t * stride_kt,
+        k_cache_ptr + cache_off,
+        stride_kh,
+        stride_ch,
+        cos,
+        sin,
+        num_written,
+        BLOCK_KH,
+        HALF,
+    )
     heads = tl.arange(0, BLOCK_KH)
     offs_d = tl.arange(0, 2 * HALF)
     mask = (heads < num_written)[:, None]
-    v = tl.load(v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(
+        v_ptr + t * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0
+    )
     v_dst = v_cache_ptr + cache_off + heads[:, None] * stride_ch + offs_d[None, :]
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -86,8 +141,16 @@ def _check_args(
     check_tensor("slot_mapping", slot_mapping, 1, (torch.int64,))
     check_tensor("k_cache", k_cache, 4)
     check_tensor("v_cache", v_cache, 4)
-    check_same_device(query=query, key=key, value=value, positions=positions, cos_sin_cache=cos_sin_cache,
-                      slot_mapping=slot_mapping, k_cache=k_cache, v_cache=v_cache)
+    check_same_device(
+        query=query,
+        key=key,
+        value=value,
+        positions=positions,
+        cos_sin_cache=cos_sin_cache,
+        slot_mapping=slot_mapping,
+        k_cache=k_cache,
+        v_cache=v_cache,
+    )
     num_tokens, _, head_dim = query.shape
     check_head_dim(head_dim)
     if key.shape != value.shape or key.shape[0] != num_tokens or key.shape[2] != head_dim:
@@ -132,11 +195,31 @@ def rope_kv_store(
     if num_tokens == 0:
         return q_out
     _rope_kv_store_kernel[(num_tokens,)](
-        query, key, value, positions, cos_sin_cache, slot_mapping, q_out, k_cache, v_cache,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_H=next_power_of_2(num_heads),
-        BLOCK_KH=next_power_of_2(num_kv_heads), HALF=head_dim // 2,
+        query,
+        key,
+        value,
+        positions,
+        cos_sin_cache,
+        slot_mapping,
+        q_out,
+        k_cache,
+        v_cache,
+        query.stride(0),
+        query.stride(1),
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        q_out.stride(0),
+        q_out.stride(1),
+        cos_sin_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_HEADS=num_heads,
+        NUM_KV_HEADS=num_kv_heads,
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KH=next_power_of_2(num_kv_heads),
+        HALF=head_dim // 2,
         num_warps=4,
     )
     return q_out

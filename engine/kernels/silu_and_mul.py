@@ -38,7 +38,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if num_rows == 0 or inter == 0:
         return out
     grid = (num_rows, triton.cdiv(inter, BLOCK_COLS))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK_COLS, num_warps=4)
+    _silu_and_mul_kernel[grid](
+        x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK_COLS, num_warps=4
+    )
     return out
 
 

@@ -145,7 +145,9 @@ class KVManager:
         if self.external is not None and len(block_ids) < max_blocks:
             rest = request.block_hashes[len(block_ids) : max_blocks]
             external = tuple(rest[: self.external.count_prefix(rest)])
-        return ComputedBlocks(block_ids, (len(block_ids) + len(external)) * self.block_size, external)
+        return ComputedBlocks(
+            block_ids, (len(block_ids) + len(external)) * self.block_size, external
+        )
 
     # ------------------------------------------------------------ allocation
 
@@ -204,14 +206,18 @@ class KVManager:
             request.block_ids.extend(self.pool.allocate(num_new_blocks))
             if self.external is not None:
                 self.external.flush_spills()  # before anything writes to the evicted blocks
-        return len(computed_blocks.block_ids) * self.block_size + self._write_external(request, computed_blocks, staged)
+        return len(computed_blocks.block_ids) * self.block_size + self._write_external(
+            request, computed_blocks, staged
+        )
 
     def _fetch_external(self, computed: ComputedBlocks) -> tuple[int, object] | None:
         if not computed.external_hashes or self.external is None:
             return None
         return self.external.fetch(computed.external_hashes)
 
-    def _write_external(self, request: Request, computed: ComputedBlocks, staged: tuple[int, object] | None) -> int:
+    def _write_external(
+        self, request: Request, computed: ComputedBlocks, staged: tuple[int, object] | None
+    ) -> int:
         """Write fetched external hits into the blocks after the HBM hits; tokens that landed."""
         if staged is None or self.external is None:
             return 0

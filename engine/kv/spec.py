@@ -27,13 +27,15 @@ from types import MappingProxyType
 
 from engine.errors import EngineConfigError
 
-KV_DTYPE_ITEMSIZE: Mapping[str, int] = MappingProxyType({
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-})
+KV_DTYPE_ITEMSIZE: Mapping[str, int] = MappingProxyType(
+    {
+        "float32": 4,
+        "float16": 2,
+        "bfloat16": 2,
+        "float8_e4m3fn": 1,
+        "float8_e5m2": 1,
+    }
+)
 SCALED_KV_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2"})
 
 

@@ -29,11 +29,15 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local, hidden), requires_grad=False)
         self.weight.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None) -> None:
+    def _load(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         rows = max(0, min(self.num_local, shape_of(src)[0] - self.start))
         param.data.zero_()  # padded rows stay zero
         if rows:
-            copy_into(param.data.narrow(0, 0, rows), read_narrow(src, 0, self.start, rows), "embedding")
+            copy_into(
+                param.data.narrow(0, 0, rows), read_narrow(src, 0, self.start, rows), "embedding"
+            )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

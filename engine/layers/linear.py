@@ -35,8 +35,9 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self._load  # type: ignore[attr-defined]
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
-              shard_id: object = None) -> None:
+    def _load(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         n = param.shape[0]
         copy_into(param, read_narrow(src, 0, self.tp_rank * n, n), "column-parallel weight")
 
@@ -51,8 +52,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(out_sizes), bias)
         self.out_sizes = out_sizes
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
-              shard_id: object = None) -> None:
+    def _load(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         assert isinstance(shard_id, int)
         size = self.out_sizes[shard_id] // self.tp_size
         offset = sum(self.out_sizes[:shard_id]) // self.tp_size
@@ -64,8 +66,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused q | k | v projection. Query heads split across ranks; KV heads split too, or
     replicated when the TP size exceeds their number (each rank then holds one KV head)."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool) -> None:
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
         tp = get_tp_group()
         assert num_heads % tp.size == 0, f"{num_heads} query heads over TP {tp.size}"
         assert num_kv_heads % tp.size == 0 or tp.size % num_kv_heads == 0
@@ -77,8 +80,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         super().__init__(hidden, out_local * tp.size, bias)
 
-    def _load(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
-              shard_id: object = None) -> None:
+    def _load(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
             dst, start = param.data.narrow(0, 0, q), self.tp_rank * q
@@ -99,8 +103,9 @@ class RowParallelLinear(nn.Module):
     RMSNorm); model files always see the reduced output. Either way forward returns a tensor.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 reduce_output: bool = True) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, reduce_output: bool = True
+    ) -> None:
         super().__init__()
         tp = get_tp_group()
         assert in_features % tp.size == 0, f"{in_features} input features over TP {tp.size}"
@@ -114,13 +119,15 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self._load_bias  # type: ignore[attr-defined]
 
-    def _load_weight(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
-                     shard_id: object = None) -> None:
+    def _load_weight(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         loaded = read_narrow(src, 1, self.tp.rank * self.in_local, self.in_local)
         copy_into(param, loaded, "row-parallel weight")
 
-    def _load_bias(self, param: nn.Parameter, src: torch.Tensor | WeightSource,
-                   shard_id: object = None) -> None:
+    def _load_bias(
+        self, param: nn.Parameter, src: torch.Tensor | WeightSource, shard_id: object = None
+    ) -> None:
         copy_into(param, read_all(src), "row-parallel bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +136,11 @@ class RowParallelLinear(nn.Module):
         separate cast runs (engine.layers.norm). Unreduced (`reduce_output` False): x's dtype."""
         if not self.reduce_output:
             return F.linear(x, self.weight)
-        fp32 = (self.tp.size > 1 and x.dtype != torch.float32
-                and x.shape[0] <= self.tp.reduction.fp32_max_rows)
+        fp32 = (
+            self.tp.size > 1
+            and x.dtype != torch.float32
+            and x.shape[0] <= self.tp.reduction.fp32_max_rows
+        )
         partial = _linear_fp32_out(x, self.weight) if fp32 else F.linear(x, self.weight)
         y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias

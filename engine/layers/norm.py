@@ -21,8 +21,9 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
     return weight * h.to(x.dtype)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`(norm(x + residual), x + residual)` in the residual's dtype (x may be a float32
     row-parallel sum: rounded to that dtype before the add). Triton on CUDA, torch elsewhere."""
     if x.is_cuda and x.shape[-1] == weight.shape[0] and x.dim() == 2:

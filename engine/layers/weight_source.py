@@ -19,7 +19,9 @@ def shape_of(src: torch.Tensor | WeightSource) -> list[int]:
     return list(src.shape) if isinstance(src, torch.Tensor) else list(src.get_shape())
 
 
-def read_narrow(src: torch.Tensor | WeightSource, dim: int, start: int, length: int) -> torch.Tensor:
+def read_narrow(
+    src: torch.Tensor | WeightSource, dim: int, start: int, length: int
+) -> torch.Tensor:
     """`src.narrow(dim, start, length)`, reading only those bytes when `src` is lazy."""
     if isinstance(src, torch.Tensor):
         return src.narrow(dim, start, length)
@@ -36,5 +38,7 @@ def copy_into(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
         from engine.errors import ModelLoadError
 
-        raise ModelLoadError(f"{what}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}")
+        raise ModelLoadError(
+            f"{what}: checkpoint shape {tuple(loaded.shape)} != model shape {tuple(param.shape)}"
+        )
     param.data.copy_(loaded.to(param.dtype))

@@ -49,7 +49,11 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        cos_sin: torch.Tensor,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -110,7 +114,11 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, ctx: ForwardContext
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        ctx: ForwardContext,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
@@ -144,7 +152,9 @@ class LlamaForCausalLM(nn.Module):
         cache = cos_sin_cache(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         """Final hidden states [T, hidden] of every new token."""
         return self.model(input_ids, positions, self.cos_sin_cache, ctx)
 

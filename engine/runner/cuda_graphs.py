@@ -94,8 +94,10 @@ class DecodeGraphs:
         return replace(self.metas[bs], seq_lens_cpu=lens + (1,) * (bs - len(lens)))
 
     def can_run(self, host: StepInputs) -> bool:
-        return host.decode_only and host.num_tokens <= self.batch_sizes[-1] and (
-            host.block_tables.shape[1] <= self.block_tables.shape[1]
+        return (
+            host.decode_only
+            and host.num_tokens <= self.batch_sizes[-1]
+            and (host.block_tables.shape[1] <= self.block_tables.shape[1])
         )
 
     def run(self, host: StepInputs, dev: StepInputs) -> torch.Tensor:
@@ -106,7 +108,7 @@ class DecodeGraphs:
         self.slot_mapping[:num].copy_(dev.slot_mapping)
         self.seq_lens[:num].copy_(dev.seq_lens)
         self.block_tables[:num, : dev.block_tables.shape[1]].copy_(dev.block_tables)
-        self.block_tables[:num, dev.block_tables.shape[1]:].zero_()
+        self.block_tables[:num, dev.block_tables.shape[1] :].zero_()
         if bs > num:  # padded rows: null block, one token of context
             self.input_ids[num:bs].zero_()
             self.positions[num:bs].zero_()

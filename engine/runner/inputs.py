@@ -34,11 +34,21 @@ class StepInputs:
         """The tensors on `device`: to a GPU as one copy from one pinned buffer (see `packed_to`)."""
         if self.input_ids.device == device:
             return self
-        moved = packed_to([getattr(self, name) for name in _TENSORS], device, pin=device.type == "cuda")
+        moved = packed_to(
+            [getattr(self, name) for name in _TENSORS], device, pin=device.type == "cuda"
+        )
         return StepInputs(**dict(zip(_TENSORS, moved)), decode_only=self.decode_only)
 
 
-_TENSORS = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables", "sample_indices")
+_TENSORS = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "query_start_loc",
+    "seq_lens",
+    "block_tables",
+    "sample_indices",
+)
 
 
 def packed_to(tensors: list[torch.Tensor], device: torch.device, pin: bool) -> list[torch.Tensor]:
@@ -59,9 +69,15 @@ def packed_to(tensors: list[torch.Tensor], device: torch.device, pin: bool) -> l
         if size:
             buf[start : start + size].copy_(t.contiguous().view(-1).view(torch.uint8))
     moved = buf.to(device, non_blocking=True)
-    return [moved[start : start + size].view(t.dtype).view(t.shape) for t, start, size in zip(tensors, offsets, sizes)]
+    return [
+        moved[start : start + size].view(t.dtype).view(t.shape)
+        for t, start, size in zip(tensors, offsets, sizes)
+    ]
 
-def attention_metadata(host: StepInputs, dev: StepInputs, max_seq_len: int | None = None) -> AttentionMetadata:
+
+def attention_metadata(
+    host: StepInputs, dev: StepInputs, max_seq_len: int | None = None
+) -> AttentionMetadata:
     """Metadata over the device tensors, with the host copies the reference path reads.
 
     `max_seq_len` may be an upper bound (CUDA graphs pass max_model_len)."""
@@ -82,17 +98,25 @@ def attention_metadata(host: StepInputs, dev: StepInputs, max_seq_len: int | Non
 
 def _block_table_rows(out: SchedulerOutput) -> tuple[np.ndarray, np.ndarray]:
     """The block tables as one padded int64 array, and each row's length."""
-    lengths = np.fromiter((len(s.block_ids) for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
+    lengths = np.fromiter(
+        (len(s.block_ids) for s in out.scheduled), dtype=np.int64, count=len(out.scheduled)
+    )
     table = np.zeros((len(out.scheduled), int(lengths.max())), dtype=np.int64)
     for i, s in enumerate(out.scheduled):
         table[i, : len(s.block_ids)] = s.block_ids
     return table, lengths
 
 
-def _positions_and_slots(out: SchedulerOutput, table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _positions_and_slots(
+    out: SchedulerOutput, table: np.ndarray, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Each new token's position and cache slot, vectorised over the whole step."""
-    counts = np.fromiter((s.num_tokens for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
-    starts = np.fromiter((s.start_position for s in out.scheduled), dtype=np.int64, count=len(out.scheduled))
+    counts = np.fromiter(
+        (s.num_tokens for s in out.scheduled), dtype=np.int64, count=len(out.scheduled)
+    )
+    starts = np.fromiter(
+        (s.start_position for s in out.scheduled), dtype=np.int64, count=len(out.scheduled)
+    )
     rows = np.repeat(np.arange(len(counts)), counts)
     first_of_row = np.repeat(np.cumsum(counts) - counts, counts)
     positions = np.repeat(starts, counts) + (np.arange(int(counts.sum())) - first_of_row)
@@ -114,7 +138,9 @@ def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
     assert out.scheduled, "an empty step has no inputs"
     table, _ = _block_table_rows(out)
     positions, slots = _positions_and_slots(out, table, block_size)
-    counts = np.fromiter((s.num_tokens for s in out.scheduled), dtype=np.int32, count=len(out.scheduled))
+    counts = np.fromiter(
+        (s.num_tokens for s in out.scheduled), dtype=np.int32, count=len(out.scheduled)
+    )
     query_start_loc = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=query_start_loc[1:])
     return StepInputs(

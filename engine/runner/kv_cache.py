@@ -44,7 +44,10 @@ def activation_reserve(cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtyp
 
 
 def num_kv_blocks(
-    cfg: ModelConfig, engine: EngineConfig, device: torch.device, spec: KVCacheSpec,
+    cfg: ModelConfig,
+    engine: EngineConfig,
+    device: torch.device,
+    spec: KVCacheSpec,
     model_dtype: torch.dtype,
 ) -> int:
     """Blocks (the reserved null block 0 included) of `spec.bytes_per_block()` in the budget."""

@@ -49,9 +49,16 @@ def _default_dtype_and_device(dtype: torch.dtype, device: torch.device) -> Itera
 
 
 class ModelRunner:
-    def __init__(self, engine: EngineConfig, model_cfg: ModelConfig, model_path: str, max_model_len: int,
-                 device: torch.device, show_progress: bool = True,
-                 step_scope: Callable[[StepInputs], AbstractContextManager[None]] | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineConfig,
+        model_cfg: ModelConfig,
+        model_path: str,
+        max_model_len: int,
+        device: torch.device,
+        show_progress: bool = True,
+        step_scope: Callable[[StepInputs], AbstractContextManager[None]] | None = None,
+    ) -> None:
         self.engine_cfg = engine
         self.model_path = model_path
         self.model_cfg = model_cfg
@@ -101,21 +108,27 @@ class ModelRunner:
         if self.engine_cfg.load_format == "dummy":
             fill_dummy(model, self.engine_cfg.seed)
         else:
-            load_safetensors(model, Path(self.model_path), show_progress and get_tp_group().rank == 0)
+            load_safetensors(
+                model, Path(self.model_path), show_progress and get_tp_group().rank == 0
+            )
         # TP's fused all-reduce + norm, where the group has one: a pass over the loaded model,
         # before any CUDA graph captures it (engine.distributed.tp_pass).
         apply_fused_residual_norm(model, get_tp_group())
         return model.eval()
 
     @torch.inference_mode()
-    def forward(self, host: StepInputs, layer_marks: list[torch.cuda.Event | None] | None = None) -> torch.Tensor:
+    def forward(
+        self, host: StepInputs, layer_marks: list[torch.cuda.Event | None] | None = None
+    ) -> torch.Tensor:
         """Hidden states of the sampled rows [S, hidden] (every rank of a TP group runs this).
 
         `layer_marks`, when given, gets one entry per layer: on CUDA an event recorded once that
         layer's kernels are enqueued (a CUDA graph records one event for every layer, after
         the graph); on CPU None, the layer having run by then."""
         dev = host.to(self.device)
-        mark = None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
+        mark = (
+            None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
+        )
         if self.graphs is not None and self.graphs.can_run(host):
             hidden = self.graphs.run(host, dev)  # the backend's prepare_replay, then the replay
         else:
@@ -132,8 +145,11 @@ class ModelRunner:
         return self.model.compute_logits(hidden).float()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput,
-                on_kv_enqueued: Callable[[list[torch.cuda.Event | None]], None] | None = None) -> RunnerOutput:
+    def execute(
+        self,
+        out: SchedulerOutput,
+        on_kv_enqueued: Callable[[list[torch.cuda.Event | None]], None] | None = None,
+    ) -> RunnerOutput:
         """`on_kv_enqueued(layer_marks)` runs once the forward pass is enqueued, before the
         sampler waits for it (see `forward` for the marks)."""
         if out.is_empty:
@@ -152,4 +168,3 @@ class ModelRunner:
         sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)}
         logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
         return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
-

@@ -104,7 +104,10 @@ class Scheduler:
         prompt's KV arrived from a prefill worker) straight into the running batch."""
         if request.request_id in self._requests:
             raise InvalidRequestError("request_id", f"{request.request_id!r} is already queued")
-        assert request.block_ids and request.num_computed_tokens <= len(request.block_ids) * self.config.block_size
+        assert (
+            request.block_ids
+            and request.num_computed_tokens <= len(request.block_ids) * self.config.block_size
+        )
         request.status = RequestStatus.RUNNING
         self._requests[request.request_id] = request
         self._running[request.request_id] = request
@@ -245,7 +248,9 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         request.num_swapped_tokens = 0
         if self.swap is not None and request.num_computed_tokens > 0:
-            computed_blocks = request.block_ids[: self.kv.num_blocks_for(request.num_computed_tokens)]
+            computed_blocks = request.block_ids[
+                : self.kv.num_blocks_for(request.num_computed_tokens)
+            ]
             if self.swap.swap_out(request.request_id, computed_blocks):
                 request.num_swapped_tokens = request.num_computed_tokens
         self.kv.free(request)
@@ -285,7 +290,9 @@ class Scheduler:
     def _admit(self, request: Request, budget: int) -> int:
         """Allocate a waiting request's first chunk; the number of tokens, or 0 if no room."""
         if request.num_swapped_tokens:
-            return self._admit_swapped(request, budget, self._watermark_blocks if self._running else 0)
+            return self._admit_swapped(
+                request, budget, self._watermark_blocks if self._running else 0
+            )
         computed: ComputedBlocks = NO_BLOCKS
         if self.config.enable_prefix_caching:
             computed = self.kv.get_computed_blocks(request)

@@ -34,7 +34,9 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 class CpuTier:
-    def __init__(self, bytes_per_block: int, budget_bytes: int, pin_memory: bool | None = None) -> None:
+    def __init__(
+        self, bytes_per_block: int, budget_bytes: int, pin_memory: bool | None = None
+    ) -> None:
         self.bytes_per_block = bytes_per_block
         num_slots = budget_bytes // bytes_per_block
         pin = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -55,8 +57,13 @@ class CpuTier:
         """Whether `key` has a slot, readable or reserved."""
         return key in self.lru
 
-    def put(self, keys: Sequence[Hashable], rows: torch.Tensor, pinned: bool = False,
-            keep_evicted: bool = True) -> list[tuple[Hashable, torch.Tensor]]:
+    def put(
+        self,
+        keys: Sequence[Hashable],
+        rows: torch.Tensor,
+        pinned: bool = False,
+        keep_evicted: bool = True,
+    ) -> list[tuple[Hashable, torch.Tensor]]:
         """Stores rows [n, bytes_per_block] (any device); returns evicted (key, bytes copy),
         or (key, empty tensor) when `keep_evicted` is False (nothing below to spill to).
 
@@ -75,8 +82,9 @@ class CpuTier:
             self._write_rows(slots, rows[start : start + step])
         return evicted
 
-    def reserve(self, keys: Sequence[Hashable], keep_evicted: bool = True
-                ) -> tuple[list[int], list[tuple[Hashable, torch.Tensor]]]:
+    def reserve(
+        self, keys: Sequence[Hashable], keep_evicted: bool = True
+    ) -> tuple[list[int], list[tuple[Hashable, torch.Tensor]]]:
         """Pinned, hidden slots for new `keys` (at most `lru.num_evictable()` of them) and the
         entries evicted for them (as `put` returns them). The caller fills the slots
         (`copy_into`) and then calls `publish(keys)`."""
@@ -142,4 +150,6 @@ class CpuTier:
     def _write_rows(self, slots: list[int], rows: torch.Tensor) -> None:
         self.copy_into(slots, rows)
         if rows.is_cuda:
-            torch.cuda.current_stream(rows.device).synchronize()  # slab rows are read by the CPU next
+            torch.cuda.current_stream(
+                rows.device
+            ).synchronize()  # slab rows are read by the CPU next

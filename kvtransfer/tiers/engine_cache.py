@@ -85,4 +85,3 @@ class TieredSwap:
         handle = self._handles.pop(request_id, None)
         if handle is not None:
             self.store.release_swap(handle)
-

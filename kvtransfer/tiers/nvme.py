@@ -23,7 +23,9 @@ _MAGIC, _VERSION, _SUFFIX = b"TKVB", 1, ".kvb"
 
 
 class NvmeTier:
-    def __init__(self, directory: str | os.PathLike[str], bytes_per_block: int, budget_bytes: int) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], bytes_per_block: int, budget_bytes: int
+    ) -> None:
         self.directory = Path(directory)
         self.bytes_per_block = bytes_per_block
         self.lru = SlotLRU(budget_bytes // (bytes_per_block + _HEADER.size))
@@ -86,7 +88,12 @@ class NvmeTier:
             return False
         magic, version, file_key, length, crc = _HEADER.unpack_from(raw)
         payload = memoryview(raw)[_HEADER.size :]
-        return (magic, version, file_key, length) == (_MAGIC, _VERSION, key, self.bytes_per_block) and zlib.crc32(payload) == crc
+        return (magic, version, file_key, length) == (
+            _MAGIC,
+            _VERSION,
+            key,
+            self.bytes_per_block,
+        ) and zlib.crc32(payload) == crc
 
     def _path(self, key: bytes) -> Path:
         return self.directory / f"{key.hex()}{_SUFFIX}"

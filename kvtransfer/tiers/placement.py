@@ -62,7 +62,9 @@ class SlotLRU:
     def can_allocate(self) -> bool:
         return bool(self._free) or bool(self._lru)
 
-    def allocate(self, key: Hashable, pinned: bool = False) -> tuple[int, tuple[Hashable, int] | None]:
+    def allocate(
+        self, key: Hashable, pinned: bool = False
+    ) -> tuple[int, tuple[Hashable, int] | None]:
         """A slot for a new `key` and the (key, slot) evicted to make room, if any."""
         assert key not in self, "allocate() of a present key"
         evicted: tuple[Hashable, int] | None = None

@@ -71,7 +71,13 @@ class SpillQueue:
     def __len__(self) -> int:
         return len(self._inflight)
 
-    def enqueue(self, keys: Sequence[Hashable], slots: Sequence[int], staging: torch.Tensor, held: bool = False) -> None:
+    def enqueue(
+        self,
+        keys: Sequence[Hashable],
+        slots: Sequence[int],
+        staging: torch.Tensor,
+        held: bool = False,
+    ) -> None:
         """Starts copying `staging` rows into the reserved `slots` of `keys` (`held`: at
         `release()`, e.g. once the engine step that evicted the blocks is over)."""
         gathered: torch.cuda.Event | None = None
@@ -122,7 +128,9 @@ class SpillQueue:
     def _start_pump(self, device: torch.device) -> None:
         if self._thread is None:
             self._stream = torch.cuda.Stream(device)
-            self._thread = threading.Thread(target=self._run_pump, args=(device,), daemon=True, name="kv-spill-pump")
+            self._thread = threading.Thread(
+                target=self._run_pump, args=(device,), daemon=True, name="kv-spill-pump"
+            )
             self._thread.start()
 
     def _run_pump(self, device: torch.device) -> None:
@@ -139,7 +147,8 @@ class SpillQueue:
                         for off in range(0, n, rows_per_piece):
                             k = min(rows_per_piece, n - off)
                             self.cpu.slab[first + off : first + off + k].copy_(
-                                spill.staging[pos + off : pos + off + k], non_blocking=True)
+                                spill.staging[pos + off : pos + off + k], non_blocking=True
+                            )
                             queued.append(torch.cuda.Event())
                             queued[-1].record(self._stream)
                             if len(queued) > PIECES_QUEUED:  # without the GIL

@@ -89,8 +89,12 @@ class TieredStore:
         # The whole spec (dtype, geometry, scales) and the head slice: another cache is a miss.
         self._prefix = f"{spec_version}|{model_salt}|{view.spec!r}|{view.tp}".encode()
         self.cpu = CpuTier(self.bytes_per_block, cpu_bytes, pin_memory)
-        self.nvme = NvmeTier(nvme_dir, self.bytes_per_block, nvme_bytes) if nvme_dir is not None else None
-        self._enabled = {Tier.CPU} | ({Tier.NVME} if self.nvme and self.nvme.lru.num_slots else set())
+        self.nvme = (
+            NvmeTier(nvme_dir, self.bytes_per_block, nvme_bytes) if nvme_dir is not None else None
+        )
+        self._enabled = {Tier.CPU} | (
+            {Tier.NVME} if self.nvme and self.nvme.lru.num_slots else set()
+        )
         self._stats = {Tier.CPU: TierStats(), Tier.NVME: TierStats()}
         self._lock = threading.Lock()
         self._spill = _Spill()
@@ -116,7 +120,9 @@ class TieredStore:
                 found.append((tier, h))
         return found
 
-    def load(self, block_hashes: Sequence[bytes], dst_view: KVCacheView, dst_block_ids: Sequence[int]) -> int:
+    def load(
+        self, block_hashes: Sequence[bytes], dst_view: KVCacheView, dst_block_ids: Sequence[int]
+    ) -> int:
         """Copies the cached prefix of `block_hashes` into `dst_block_ids`; returns its length."""
         assert len(dst_block_ids) >= len(block_hashes)
         rows = self.fetch(block_hashes, dst_view.device)
@@ -154,11 +160,15 @@ class TieredStore:
             return torch.empty((0, self.bytes_per_block), dtype=torch.uint8, device=device)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
 
-    def write(self, rows: torch.Tensor, dst_view: KVCacheView, dst_block_ids: Sequence[int]) -> None:
+    def write(
+        self, rows: torch.Tensor, dst_view: KVCacheView, dst_block_ids: Sequence[int]
+    ) -> None:
         """Rows from `fetch` into `dst_block_ids` (one per row)."""
         dst_view.write_rows(dst_block_ids, rows)
 
-    def store(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int]) -> int:
+    def store(
+        self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int]
+    ) -> int:
         """Offloads blocks to the CPU tier and waits until they are hits (already cached ones
         are only touched); returns the number of new blocks."""
         with self._lock:
@@ -166,8 +176,13 @@ class TieredStore:
             self._publish_offloads(wait=True)
         return num_new
 
-    def spill(self, block_hashes: Sequence[bytes], src_view: KVCacheView, block_ids: Sequence[int],
-              held: bool = False) -> int:
+    def spill(
+        self,
+        block_hashes: Sequence[bytes],
+        src_view: KVCacheView,
+        block_ids: Sequence[int],
+        held: bool = False,
+    ) -> int:
         """`store` without the wait: the blocks may be overwritten (by kernels on the current
         stream) as soon as this returns; they become hits once their copy finished. `held`:
         the copy out starts at `start_spills()` (or when something waits for it)."""
@@ -178,11 +193,16 @@ class TieredStore:
     def swap_out(self, view: KVCacheView, block_ids: Sequence[int]) -> SwapHandle:
         """Copies blocks (full or partial) to pinned CPU slots; raises TierFullError if no room."""
         swap_id = uuid.uuid4().hex
-        keys = tuple(hashlib.blake2b(f"swap|{swap_id}|{i}".encode(), digest_size=16).digest() for i in range(len(block_ids)))
+        keys = tuple(
+            hashlib.blake2b(f"swap|{swap_id}|{i}".encode(), digest_size=16).digest()
+            for i in range(len(block_ids))
+        )
         rows = view.read_rows(block_ids)
         with self._lock:
             if len(self.cpu.lru.lru_keys()) + (self.cpu.num_slots - len(self.cpu.lru)) < len(keys):
-                raise TierFullError(f"swap_out of {len(keys)} blocks: not enough evictable CPU slots")
+                raise TierFullError(
+                    f"swap_out of {len(keys)} blocks: not enough evictable CPU slots"
+                )
             self._spill_down(self.cpu.put(keys, rows, pinned=True, keep_evicted=self._spills_down))  # type: ignore[arg-type]
         return SwapHandle(swap_id, keys)
 
@@ -209,7 +229,9 @@ class TieredStore:
             self._stats[Tier.NVME].blocks = nvme_blocks
             self._stats[Tier.NVME].bytes = nvme_blocks * self.bytes_per_block
             if self.nvme:
-                self._stats[Tier.NVME].failures = self.nvme.num_write_failures + self.nvme.num_corrupt
+                self._stats[Tier.NVME].failures = (
+                    self.nvme.num_write_failures + self.nvme.num_corrupt
+                )
             return {t: TierStats(**vars(s)) for t, s in self._stats.items()}
 
     def start_spills(self) -> None:
@@ -231,14 +253,25 @@ class TieredStore:
         self._thread.join(timeout=10)
 
     # --- internals (under self._lock) ---------------------------------------------------------
-    def _offload(self, block_hashes: Sequence[bytes], view: KVCacheView, block_ids: Sequence[int],
-                 held: bool = False) -> int:
+    def _offload(
+        self,
+        block_hashes: Sequence[bytes],
+        view: KVCacheView,
+        block_ids: Sequence[int],
+        held: bool = False,
+    ) -> int:
         """Starts the copies of blocks not in any tier yet into reserved CPU slots, in batches
         that fit the evictable slots and the staging budget (waiting for older copies when
         either is short). Raises TierFullError when every CPU slot is pinned."""
         self._publish_offloads()
         keys = [self.key(h) for h in block_hashes]
-        new = list({k: b for k, b in zip(keys, block_ids) if not self.cpu.holds(k) and self._where(k) is None}.items())
+        new = list(
+            {
+                k: b
+                for k, b in zip(keys, block_ids)
+                if not self.cpu.holds(k) and self._where(k) is None
+            }.items()
+        )
         for k in keys:
             self.cpu.lru.touch(k)
         if self.cpu.num_slots == 0:
@@ -259,7 +292,9 @@ class TieredStore:
         return len(new)
 
     def _offload_room(self, wanted: int) -> int:
-        budget = max(1, (self._max_staging_bytes - self._offloads.num_bytes) // self.bytes_per_block)
+        budget = max(
+            1, (self._max_staging_bytes - self._offloads.num_bytes) // self.bytes_per_block
+        )
         return min(wanted, self.cpu.lru.num_evictable(), budget)
 
     def _publish_offloads(self, wait: bool = False) -> None:
@@ -284,7 +319,11 @@ class TieredStore:
         row = self._spill.pending.get(key)
         if row is None and self.nvme is not None:
             payload = self.nvme.read(key)
-            row = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload is not None else None
+            row = (
+                torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                if payload is not None
+                else None
+            )
         if row is None:
             self._stats[Tier.NVME].misses += 1
             return None

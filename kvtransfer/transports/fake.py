@@ -58,7 +58,14 @@ class FakeSender(LeasedSender):
         lease_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(view, worker_id=name, model_salt=model_salt, on_release=on_release, lease_s=lease_s, clock=clock)
+        super().__init__(
+            view,
+            worker_id=name,
+            model_salt=model_salt,
+            on_release=on_release,
+            lease_s=lease_s,
+            clock=clock,
+        )
         self.fabric = fabric
         self._address = f"fake://{name}"
         fabric.attach(self)
@@ -86,7 +93,9 @@ class FakeReceiver(ThreadedReceiver):
     def _fetch_slice(self, job: Transfer, part: HeadSlice) -> None:
         address = job.handle.source_addresses[part.source_rank]
         sender = self.fabric.lookup(address)
-        for first, chunk in sender.serve_chunks(job.transfer_id, (part.src_start, part.src_end), self._chunk_bytes):
+        for first, chunk in sender.serve_chunks(
+            job.transfer_id, (part.src_start, part.src_end), self._chunk_bytes
+        ):
             if self.fabric.is_dead(address):
                 raise TransferAbortedError(f"sender {address} died mid-stream")
             job.write(first, chunk, part)

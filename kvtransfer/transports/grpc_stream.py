@@ -51,13 +51,17 @@ class _Servicer(pb_grpc.KVTransferServicer):
     def __init__(self, sender: GrpcSender) -> None:
         self.sender = sender
 
-    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.BlockChunk]:
+    def Pull(
+        self, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.BlockChunk]:
         heads = (request.head_start, request.head_end)
         chunk_bytes = request.max_chunk_bytes or self.sender.chunk_bytes
         try:
             for first, chunk in self.sender.serve_chunks(request.transfer_id, heads, chunk_bytes):
                 data, crcs = block_bytes(chunk)
-                yield pb.BlockChunk(first_block=first, num_blocks=chunk.shape[0], block_crc32=crcs, data=data)
+                yield pb.BlockChunk(
+                    first_block=first, num_blocks=chunk.shape[0], block_crc32=crcs, data=data
+                )
         except UnknownTransferError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown transfer id {request.transfer_id!r}")
         except TransferAbortedError as exc:
@@ -66,7 +70,9 @@ class _Servicer(pb_grpc.KVTransferServicer):
     def Ack(self, request: pb.AckRequest, context: grpc.ServicerContext) -> pb.AckReply:
         return pb.AckReply(known=self.sender.ack(request.transfer_id, request.ok, request.reason))
 
-    def PrepareSend(self, request: pb.PrepareSendRequest, context: grpc.ServicerContext) -> pb.PrepareSendReply:
+    def PrepareSend(
+        self, request: pb.PrepareSendRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareSendReply:
         handler = self.sender.prepare_send_handler
         if handler is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sender has no p2p transport")
@@ -91,7 +97,14 @@ class GrpcSender(LeasedSender):
         max_streams: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(view, worker_id=worker_id, model_salt=model_salt, on_release=on_release, lease_s=lease_s, clock=clock)
+        super().__init__(
+            view,
+            worker_id=worker_id,
+            model_salt=model_salt,
+            on_release=on_release,
+            lease_s=lease_s,
+            clock=clock,
+        )
         self.chunk_bytes = chunk_bytes
         self.prepare_send_handler: PrepareSendHandler | None = None
         self._server = grpc.server(futures.ThreadPoolExecutor(max_streams), options=CHANNEL_OPTIONS)
@@ -133,7 +146,10 @@ class GrpcChannels:
 
     def notify(self, address: str, transfer_id: str, ok: bool, reason: str) -> None:
         try:
-            self.stub(address).Ack(pb.AckRequest(transfer_id=transfer_id, ok=ok, reason=reason), timeout=NOTICE_TIMEOUT_S)
+            self.stub(address).Ack(
+                pb.AckRequest(transfer_id=transfer_id, ok=ok, reason=reason),
+                timeout=NOTICE_TIMEOUT_S,
+            )
         except grpc.RpcError:
             pass  # a dead sender frees its blocks with its process; a live one at lease expiry
 
@@ -153,14 +169,23 @@ class GrpcReceiver(ThreadedReceiver):
         max_concurrent: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(view, on_release=on_release, timeout_s=timeout_s, max_concurrent=max_concurrent, clock=clock)
+        super().__init__(
+            view,
+            on_release=on_release,
+            timeout_s=timeout_s,
+            max_concurrent=max_concurrent,
+            clock=clock,
+        )
         self._chunk_bytes = chunk_bytes
         self._channels = GrpcChannels()
 
     def _fetch_slice(self, job: Transfer, part: HeadSlice) -> None:
         stub = self._channels.stub(job.handle.source_addresses[part.source_rank])
         request = pb.PullRequest(
-            transfer_id=job.transfer_id, head_start=part.src_start, head_end=part.src_end, max_chunk_bytes=self._chunk_bytes
+            transfer_id=job.transfer_id,
+            head_start=part.src_start,
+            head_end=part.src_end,
+            max_chunk_bytes=self._chunk_bytes,
         )
         call = stub.Pull(request, timeout=max(0.001, job.deadline - self._clock()))
         job.on_abort(call.cancel)
@@ -170,14 +195,29 @@ class GrpcReceiver(ThreadedReceiver):
             job.write(expected, blocks, part)
             expected += msg.num_blocks
         if expected != job.handle.num_blocks:
-            raise TransferAbortedError(f"stream ended after {expected} of {job.handle.num_blocks} blocks")
+            raise TransferAbortedError(
+                f"stream ended after {expected} of {job.handle.num_blocks} blocks"
+            )
 
-    def _decode(self, job: Transfer, part: HeadSlice, msg: pb.BlockChunk, expected: int) -> torch.Tensor:
-        if msg.first_block != expected or msg.num_blocks < 1 or len(msg.block_crc32) != msg.num_blocks:
-            raise TransferAbortedError(f"chunk out of order: first={msg.first_block} expected={expected}")
+    def _decode(
+        self, job: Transfer, part: HeadSlice, msg: pb.BlockChunk, expected: int
+    ) -> torch.Tensor:
+        if (
+            msg.first_block != expected
+            or msg.num_blocks < 1
+            or len(msg.block_crc32) != msg.num_blocks
+        ):
+            raise TransferAbortedError(
+                f"chunk out of order: first={msg.first_block} expected={expected}"
+            )
         per_block = self.view.bytes_per_block(part.num_heads)
-        if len(msg.data) != per_block * msg.num_blocks or expected + msg.num_blocks > job.handle.num_blocks:
-            raise TransferAbortedError(f"chunk size {len(msg.data)} != {msg.num_blocks} x {per_block}")
+        if (
+            len(msg.data) != per_block * msg.num_blocks
+            or expected + msg.num_blocks > job.handle.num_blocks
+        ):
+            raise TransferAbortedError(
+                f"chunk size {len(msg.data)} != {msg.num_blocks} x {per_block}"
+            )
         raw = memoryview(msg.data)
         for i, crc in enumerate(msg.block_crc32):
             if zlib.crc32(raw[i * per_block : (i + 1) * per_block]) != crc:
@@ -185,7 +225,9 @@ class GrpcReceiver(ThreadedReceiver):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
             flat = torch.frombuffer(msg.data, dtype=torch.uint8)
-        return flat.view(self.view.dtype).reshape(msg.num_blocks, *self.view.block_shape(part.num_heads))
+        return flat.view(self.view.dtype).reshape(
+            msg.num_blocks, *self.view.block_shape(part.num_heads)
+        )
 
     def _notify(self, handle: KVHandle, source_rank: int, ok: bool, reason: str) -> None:
         self._channels.notify(handle.source_addresses[source_rank], handle.transfer_id, ok, reason)

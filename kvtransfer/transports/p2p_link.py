@@ -106,12 +106,16 @@ class Generation:
         return self.backend.recv([tensor], peer, TAG)
 
 
-def make_backend(kind: str, store: dist.Store, rank: int, size: int, timeout_s: float, name: str) -> Backend:
+def make_backend(
+    kind: str, store: dist.Store, rank: int, size: int, timeout_s: float, name: str
+) -> Backend:
     """A standalone gloo or NCCL backend over `store` (a collective for gloo, lazy for NCCL:
     each pair's communicator is made at its first send/recv, both sides at once: `warm_up`)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if kind == "gloo":
-        return cast(Backend, dist.ProcessGroupGloo(store, rank, size, timeout))  # the stubs lack send/recv
+        return cast(
+            Backend, dist.ProcessGroupGloo(store, rank, size, timeout)
+        )  # the stubs lack send/recv
     if kind != "nccl":
         raise ValueError(f"backend: {kind!r} is not 'nccl' or 'gloo'")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -159,7 +163,11 @@ class P2PLink:
         self.store, self.rank, self.world_size, self.backend_name = store, rank, world_size, backend
         self.peers = pair_order(rank, world_size, peers)
         self.device = device or _default_device(backend)
-        self._timeout_s, self._rebuild_timeout_s, self._watch_s = timeout_s, rebuild_timeout_s, watch_s
+        self._timeout_s, self._rebuild_timeout_s, self._watch_s = (
+            timeout_s,
+            rebuild_timeout_s,
+            watch_s,
+        )
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._wake = threading.Event()
@@ -202,12 +210,18 @@ class P2PLink:
                     raise StaleEpochError(exact, gen.epoch)
                 if exact == gen.epoch and gen.broken.is_set():
                     raise LinkBrokenError(f"epoch {gen.epoch} broke: {self.reason}")
-                if self.state is LinkState.READY and not gen.broken.is_set() and gen.epoch >= min_epoch:
+                if (
+                    self.state is LinkState.READY
+                    and not gen.broken.is_set()
+                    and gen.epoch >= min_epoch
+                ):
                     gen.users += 1
                     return gen
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise LinkBrokenError(f"p2p link not ready at the deadline (epoch {gen.epoch}: {self.reason})")
+                    raise LinkBrokenError(
+                        f"p2p link not ready at the deadline (epoch {gen.epoch}: {self.reason})"
+                    )
                 self._cond.wait(min(remaining, self._watch_s))
 
     def release(self, gen: Generation) -> None:
@@ -232,7 +246,9 @@ class P2PLink:
             if gen is self._gen:
                 self.reason = reason
             self._cond.notify_all()
-        log.warning("kvtransfer: p2p link epoch %d broken on rank %d: %s", gen.epoch, self.rank, reason)
+        log.warning(
+            "kvtransfer: p2p link epoch %d broken on rank %d: %s", gen.epoch, self.rank, reason
+        )
         self._wake.set()
 
     def post_send(self, gen: Generation, tensor: torch.Tensor, peer: int) -> dist.Work:
@@ -241,8 +257,13 @@ class P2PLink:
     def post_recv(self, gen: Generation, tensor: torch.Tensor, peer: int) -> dist.Work:
         return self._post(gen, gen.post_recv, tensor, peer)
 
-    def _post(self, gen: Generation, op: Callable[[torch.Tensor, int], dist.Work], tensor: torch.Tensor,
-              peer: int) -> dist.Work:
+    def _post(
+        self,
+        gen: Generation,
+        op: Callable[[torch.Tensor, int], dist.Work],
+        tensor: torch.Tensor,
+        peer: int,
+    ) -> dist.Work:
         if gen.broken.is_set():
             raise LinkBrokenError(f"epoch {gen.epoch} broke: {self.reason}")
         try:
@@ -290,7 +311,9 @@ class P2PLink:
             self._wake.clear()
             self._retire_idle()
             gen = self._gen
-            if self._stopped.is_set() or not (gen.broken.is_set() or self._published_broken(gen.epoch)):
+            if self._stopped.is_set() or not (
+                gen.broken.is_set() or self._published_broken(gen.epoch)
+            ):
                 continue
             if not self._rebuild(gen):
                 return
@@ -350,14 +373,26 @@ class P2PLink:
                         f"{timeout_s:g}s (a member is gone); p2p transfers are off, gRPC still works"
                     )
                 time.sleep(min(0.01, self._watch_s))
-            backend = make_backend(self.backend_name, dist.PrefixStore(f"e{epoch}/pg/", self.store),
-                                   self.rank, self.world_size, self._timeout_s, f"tandem-kv-e{epoch}")
+            backend = make_backend(
+                self.backend_name,
+                dist.PrefixStore(f"e{epoch}/pg/", self.store),
+                self.rank,
+                self.world_size,
+                self._timeout_s,
+                f"tandem-kv-e{epoch}",
+            )
             warm_up(backend, self.rank, self.peers, self.device, deadline)
         except LinkFailedError:
             raise
         except Exception as exc:  # the store, the backend's rendezvous or a pair's set-up failed
-            hint = "; p2p transfers are off, gRPC still works" if isinstance(exc, PairSetupError) else ""
-            raise LinkFailedError(f"KV group epoch {epoch} did not form: {type(exc).__name__}: {exc}{hint}") from exc
+            hint = (
+                "; p2p transfers are off, gRPC still works"
+                if isinstance(exc, PairSetupError)
+                else ""
+            )
+            raise LinkFailedError(
+                f"KV group epoch {epoch} did not form: {type(exc).__name__}: {exc}{hint}"
+            ) from exc
         return Generation(epoch, backend)
 
 

@@ -59,7 +59,9 @@ def pair_order(rank: int, world_size: int, peers: Collection[int] | None) -> lis
     return sorted(chosen)
 
 
-def warm_up(backend: Backend, rank: int, peers: list[int], device: torch.device, deadline: float) -> None:
+def warm_up(
+    backend: Backend, rank: int, peers: list[int], device: torch.device, deadline: float
+) -> None:
     """Exchanges one element each way with every peer in `peers` order, by `deadline`
     (time.monotonic). Raises PairSetupError."""
     errors: list[BaseException] = []
@@ -75,13 +77,21 @@ def warm_up(backend: Backend, rank: int, peers: list[int], device: torch.device,
             finished.set()
 
     threading.Thread(target=run, daemon=True, name=f"kv-pairs-{rank}").start()
-    if not finished.wait(max(0.0, deadline - time.monotonic()) + _GRACE_S):  # its own waits end at the deadline
-        raise PairSetupError(f"rank {rank}: pair set-up with peers {peers} did not finish by the deadline")
+    if not finished.wait(
+        max(0.0, deadline - time.monotonic()) + _GRACE_S
+    ):  # its own waits end at the deadline
+        raise PairSetupError(
+            f"rank {rank}: pair set-up with peers {peers} did not finish by the deadline"
+        )
     if errors:
-        raise PairSetupError(f"rank {rank}: pair set-up failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
+        raise PairSetupError(
+            f"rank {rank}: pair set-up failed: {type(errors[0]).__name__}: {errors[0]}"
+        ) from errors[0]
 
 
-def _exchange(backend: Backend, rank: int, peer: int, device: torch.device, deadline: float) -> None:
+def _exchange(
+    backend: Backend, rank: int, peer: int, device: torch.device, deadline: float
+) -> None:
     out, back = torch.full((1,), float(rank), device=device), torch.empty(1, device=device)
     if rank < peer:
         _finish(backend.send([out], peer, TAG), out, peer, deadline)

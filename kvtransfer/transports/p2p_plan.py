@@ -28,7 +28,9 @@ def layer_chunks(num_layers: int, num_bytes: int) -> list[tuple[int, int]]:
     assert num_layers >= 1 and num_bytes >= 0
     if num_layers == 1 or num_bytes < 2 * MIN_CHUNK_BYTES:
         return [(0, num_layers)]
-    count = min(num_layers, num_bytes // MIN_CHUNK_BYTES, max(MIN_CHUNKS, round(num_bytes / CHUNK_BYTES)))
+    count = min(
+        num_layers, num_bytes // MIN_CHUNK_BYTES, max(MIN_CHUNKS, round(num_bytes / CHUNK_BYTES))
+    )
     edge = num_layers // count // 4 if count >= MIN_CHUNKS else 0  # layers of each short end
     if edge == 0:
         return _split(0, num_layers, count)

@@ -24,7 +24,13 @@ from kvtransfer.interfaces import ReleaseCallback
 from kvtransfer.receiver import Transfer
 from kvtransfer.reshard import HeadSlice
 from kvtransfer.transports.grpc_stream import GrpcReceiver
-from kvtransfer.transports.p2p_link import Generation, LinkBrokenError, LinkFailedError, LinkState, P2PLink
+from kvtransfer.transports.p2p_link import (
+    Generation,
+    LinkBrokenError,
+    LinkFailedError,
+    LinkState,
+    P2PLink,
+)
 from kvtransfer.transports.p2p_plan import layer_chunks
 from tandem.api import kvtransfer_pb2 as pb
 
@@ -34,7 +40,9 @@ _MAX_ATTEMPTS = 3  # per head slice: a generation broken elsewhere in the group 
 @dataclass
 class _Posted:
     staging: torch.Tensor  # [L, 2, n, bs, h, D]: every message lands in its layers' slice
-    messages: list[tuple[dist.Work, torch.Tensor, tuple[int, int]]]  # (receive, its slice, its layers)
+    messages: list[
+        tuple[dist.Work, torch.Tensor, tuple[int, int]]
+    ]  # (receive, its slice, its layers)
 
 
 class _Drained(TransferAbortedError):
@@ -54,7 +62,13 @@ class TorchP2PReceiver(GrpcReceiver):
         max_concurrent: int = 4,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(view, on_release=on_release, timeout_s=timeout_s, max_concurrent=max_concurrent, clock=clock)
+        super().__init__(
+            view,
+            on_release=on_release,
+            timeout_s=timeout_s,
+            max_concurrent=max_concurrent,
+            clock=clock,
+        )
         self.link = link
         self._copies = CopyStream(view.device)
         self._peer_locks: dict[int, threading.Lock] = {}
@@ -75,7 +89,9 @@ class TorchP2PReceiver(GrpcReceiver):
             raise LinkFailedError(self.link.reason)
         lock = self._peer_lock(peer)
         if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TransferAbortedError(f"timed out waiting for the earlier transfer from rank {peer}")
+            raise TransferAbortedError(
+                f"timed out waiting for the earlier transfer from rank {peer}"
+            )
         try:
             self._fetch_p2p_locked(job, part, peer, deadline)
         finally:
@@ -99,9 +115,13 @@ class TorchP2PReceiver(GrpcReceiver):
             if retry_at is None:
                 return
             min_epoch = max(retry_at, gen.epoch + 1)
-        raise TransferAbortedError(f"p2p link: gave up after {_MAX_ATTEMPTS} attempts (epoch {self.link.epoch})")
+        raise TransferAbortedError(
+            f"p2p link: gave up after {_MAX_ATTEMPTS} attempts (epoch {self.link.epoch})"
+        )
 
-    def _receive(self, job: Transfer, part: HeadSlice, peer: int, gen: Generation, deadline: float) -> int | None:
+    def _receive(
+        self, job: Transfer, part: HeadSlice, peer: int, gen: Generation, deadline: float
+    ) -> int | None:
         """One attempt on generation `gen`: None once the slice landed, or the epoch to retry
         at when the sender could not use `gen` (it is past it, or `gen` broke on its side).
         Any other exit than `_Drained` breaks `gen`: receives may be posted that nothing will
@@ -115,19 +135,34 @@ class TorchP2PReceiver(GrpcReceiver):
         except _Drained:
             raise
         except BaseException as exc:
-            self.link.fail(gen, f"receiving {job.transfer_id} from rank {peer}: {type(exc).__name__}: {exc}")
+            self.link.fail(
+                gen, f"receiving {job.transfer_id} from rank {peer}: {type(exc).__name__}: {exc}"
+            )
             raise
 
-    def _exchange(self, job: Transfer, part: HeadSlice, peer: int, gen: Generation, deadline: float,
-                  answer: grpc.Future, expected: int) -> int | None:
-        posted = self._post_receives(job, part, peer, gen, expected)  # the data need not wait for the answer
+    def _exchange(
+        self,
+        job: Transfer,
+        part: HeadSlice,
+        peer: int,
+        gen: Generation,
+        deadline: float,
+        answer: grpc.Future,
+        expected: int,
+    ) -> int | None:
+        posted = self._post_receives(
+            job, part, peer, gen, expected
+        )  # the data need not wait for the answer
         reply = self._answer(answer)
         if reply.num_bytes != expected:  # nothing will fill the posted receives
             if not reply.accepted and reply.retry:
                 self.link.fail(gen, f"rank {peer} cannot use epoch {gen.epoch}: {reply.reason}")
                 return reply.epoch
-            raise TransferAbortedError(f"sender rejected: {reply.reason}" if not reply.accepted
-                                       else f"size mismatch: {reply.num_bytes} bytes announced, {expected} posted")
+            raise TransferAbortedError(
+                f"sender rejected: {reply.reason}"
+                if not reply.accepted
+                else f"size mismatch: {reply.num_bytes} bytes announced, {expected} posted"
+            )
         if not reply.accepted:  # filler of the posted sizes: drained, the pair stays in step
             for work, buf, _ in posted.messages:
                 self.link.wait(gen, work, buf, deadline)
@@ -138,8 +173,13 @@ class TorchP2PReceiver(GrpcReceiver):
     def _ask(self, job: Transfer, part: HeadSlice, gen: Generation, deadline: float) -> grpc.Future:
         """Sends PrepareSend for `part` on `gen`; the answer arrives on the returned future."""
         stub = self._channels.stub(job.handle.source_addresses[part.source_rank])
-        request = pb.PrepareSendRequest(transfer_id=job.transfer_id, receiver_rank=self.link.rank, head_start=part.src_start,
-                                        head_end=part.src_end, epoch=gen.epoch)
+        request = pb.PrepareSendRequest(
+            transfer_id=job.transfer_id,
+            receiver_rank=self.link.rank,
+            head_start=part.src_start,
+            head_end=part.src_end,
+            epoch=gen.epoch,
+        )
         return stub.PrepareSend.future(request, timeout=max(0.001, deadline - time.monotonic()))
 
     def _answer(self, answer: grpc.Future) -> pb.PrepareSendReply:
@@ -150,21 +190,35 @@ class TorchP2PReceiver(GrpcReceiver):
         except grpc.RpcError as exc:  # the outcome is unknown: the sender may have queued a send
             raise TransferAbortedError(f"PrepareSend failed: {exc.code()}") from exc
 
-    def _post_receives(self, job: Transfer, part: HeadSlice, peer: int, gen: Generation, num_bytes: int) -> _Posted:
+    def _post_receives(
+        self, job: Transfer, part: HeadSlice, peer: int, gen: Generation, num_bytes: int
+    ) -> _Posted:
         """Posts a receive per message into its layers of a fresh staging tensor (all at once:
         NCCL keeps their order)."""
         view = self.view
         with self._copies.use():
             job.stamp("posted")
-            staging = torch.empty((view.num_layers, 2, job.handle.num_blocks, view.block_size, part.num_heads,
-                                   view.head_dim), dtype=view.dtype, device=view.device)
+            staging = torch.empty(
+                (
+                    view.num_layers,
+                    2,
+                    job.handle.num_blocks,
+                    view.block_size,
+                    part.num_heads,
+                    view.head_dim,
+                ),
+                dtype=view.dtype,
+                device=view.device,
+            )
             messages = []
             for layers in layer_chunks(view.num_layers, num_bytes):
                 buf = staging[layers[0] : layers[1]]
                 messages.append((self.link.post_recv(gen, buf, peer), buf, layers))
         return _Posted(staging, messages)
 
-    def _land(self, job: Transfer, part: HeadSlice, gen: Generation, deadline: float, posted: _Posted) -> None:
+    def _land(
+        self, job: Transfer, part: HeadSlice, gen: Generation, deadline: float, posted: _Posted
+    ) -> None:
         """Scatters each message into the destination blocks as it lands (a view whose writes
         are group operations: all at once), on the copy stream, after the engine work queued
         before start(). A cancelled transfer drains the rest."""
@@ -183,13 +237,21 @@ class TorchP2PReceiver(GrpcReceiver):
         if cancelled is not None:
             raise _Drained(str(cancelled)) from cancelled
 
-    def _write(self, job: Transfer, part: HeadSlice, layers: tuple[int, int], data: torch.Tensor,
-               index: torch.Tensor) -> TransferAbortedError | None:
+    def _write(
+        self,
+        job: Transfer,
+        part: HeadSlice,
+        layers: tuple[int, int],
+        data: torch.Tensor,
+        index: torch.Tensor,
+    ) -> TransferAbortedError | None:
         """Writes `data` into `layers`, settled; the refusal of a cancelled transfer, if so."""
         try:
             job.write_layers(layers, data, part, index, self._copies.settle)
             return None
-        except TransferAbortedError as exc:  # cancelled: the caller drains the rest, keeping the pair in step
+        except (
+            TransferAbortedError
+        ) as exc:  # cancelled: the caller drains the rest, keeping the pair in step
             return exc
 
     def _peer_lock(self, peer: int) -> threading.Lock:

@@ -22,8 +22,8 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from kvtransfer.cache_view import KVCacheView
 from engine.device_sync import mark_current
+from kvtransfer.cache_view import KVCacheView
 from kvtransfer.copy_stream import CopyStream
 from kvtransfer.errors import TransferAbortedError, UnknownTransferError
 from kvtransfer.handle import KVHandle
@@ -74,7 +74,14 @@ class TorchP2PSender(GrpcSender):
         send_timeout_s: float = 30.0,
         **grpc_kwargs: object,
     ) -> None:
-        super().__init__(view, worker_id=worker_id, model_salt=model_salt, on_release=on_release, lease_s=lease_s, **grpc_kwargs)  # type: ignore[arg-type]
+        super().__init__(
+            view,
+            worker_id=worker_id,
+            model_salt=model_salt,
+            on_release=on_release,
+            lease_s=lease_s,
+            **grpc_kwargs,
+        )  # type: ignore[arg-type]
         self.link = link
         self.send_timeout_s = send_timeout_s
         self.prepare_send_handler = self._prepare_send
@@ -102,11 +109,24 @@ class TorchP2PSender(GrpcSender):
         of its layers: for `layer_ready[l1 - 1]` (l1: the message's last layer + 1), so messages
         leave while later layers still compute; without `layer_ready`, for the work queued on
         the caller's (the engine's) stream so far."""
-        handle = super().register(transfer_id, block_ids, block_hashes, num_tokens, num_readers=num_readers,
-                                  source_addresses=source_addresses, source_p2p_ranks=source_p2p_ranks)
+        handle = super().register(
+            transfer_id,
+            block_ids,
+            block_hashes,
+            num_tokens,
+            num_readers=num_readers,
+            source_addresses=source_addresses,
+            source_p2p_ranks=source_p2p_ranks,
+        )
         if layer_ready is not None and len(layer_ready) != self.view.num_layers:
-            raise ValueError(f"layer_ready: {len(layer_ready)} events for {self.view.num_layers} layers")
-        ready = list(layer_ready) if layer_ready is not None else [mark_current(self.view.device)] * self.view.num_layers
+            raise ValueError(
+                f"layer_ready: {len(layer_ready)} events for {self.view.num_layers} layers"
+            )
+        ready = (
+            list(layer_ready)
+            if layer_ready is not None
+            else [mark_current(self.view.device)] * self.view.num_layers
+        )
         if self.view.device.type == "cuda":
             self._kv_ready[transfer_id] = ready
         with self._lock:
@@ -128,7 +148,9 @@ class TorchP2PSender(GrpcSender):
         return released
 
     # --- PrepareSend (a gRPC server thread) -----------------------------------------------------
-    def _prepare_send(self, request: pb.PrepareSendRequest, context: grpc.ServicerContext) -> pb.PrepareSendReply:
+    def _prepare_send(
+        self, request: pb.PrepareSendRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareSendReply:
         remaining = context.time_remaining()
         deadline = time.monotonic() + (self.send_timeout_s if remaining is None else remaining)
         try:
@@ -137,7 +159,9 @@ class TorchP2PSender(GrpcSender):
             gen = self.link.acquire_epoch(deadline, request.epoch)
         except LinkBrokenError as exc:
             retry = not isinstance(exc, LinkFailedError)
-            return pb.PrepareSendReply(accepted=False, reason=str(exc), epoch=self.link.epoch, retry=retry)
+            return pb.PrepareSendReply(
+                accepted=False, reason=str(exc), epoch=self.link.epoch, retry=retry
+            )
         read, queued = ExitStack(), False
         try:
             reply, queued = self._accept(request, context, gen, read)
@@ -147,16 +171,25 @@ class TorchP2PSender(GrpcSender):
                 read.close()
                 self.link.release(gen)
 
-    def _accept(self, request: pb.PrepareSendRequest, context: grpc.ServicerContext, gen: Generation,
-                read: ExitStack) -> tuple[pb.PrepareSendReply, bool]:
+    def _accept(
+        self,
+        request: pb.PrepareSendRequest,
+        context: grpc.ServicerContext,
+        gen: Generation,
+        read: ExitStack,
+    ) -> tuple[pb.PrepareSendReply, bool]:
         """Answers on `gen`: a send of the leased blocks (accepted), filler for a transfer whose
         lease is gone (rejected, with its byte count), or nothing (rejected). True when a send
         was queued: its thread then owns `gen` and `read`, the lease's read."""
         tid, heads = request.transfer_id, (request.head_start, request.head_end)
         if not 0 <= heads[0] < heads[1] <= self.view.num_local_heads:
-            return pb.PrepareSendReply(accepted=False, reason=f"heads {heads} outside [0, {self.view.num_local_heads})"), False
+            return pb.PrepareSendReply(
+                accepted=False, reason=f"heads {heads} outside [0, {self.view.num_local_heads})"
+            ), False
         try:
-            block_ids: list[int] | None = list(read.enter_context(self.leases.reader(tid)).block_ids)
+            block_ids: list[int] | None = list(
+                read.enter_context(self.leases.reader(tid)).block_ids
+            )
         except (UnknownTransferError, TransferAbortedError):
             block_ids = None
         num_blocks = len(block_ids) if block_ids is not None else self._remembered(tid)
@@ -165,14 +198,31 @@ class TorchP2PSender(GrpcSender):
         if self.chunk_hook is not None:
             self.chunk_hook(tid)
         if gen.broken.is_set():
-            return pb.PrepareSendReply(accepted=False, reason=f"epoch {gen.epoch} broke", epoch=self.link.epoch, retry=True), False
-        send = _Send(tid, block_ids, num_blocks, heads, request.receiver_rank, time.monotonic() + self.send_timeout_s, gen, read)
+            return pb.PrepareSendReply(
+                accepted=False, reason=f"epoch {gen.epoch} broke", epoch=self.link.epoch, retry=True
+            ), False
+        send = _Send(
+            tid,
+            block_ids,
+            num_blocks,
+            heads,
+            request.receiver_rank,
+            time.monotonic() + self.send_timeout_s,
+            gen,
+            read,
+        )
         num_bytes = num_blocks * self.view.bytes_per_block(heads[1] - heads[0])
         if not context.is_active() or not self._queue(send):  # nobody will receive these
-            return pb.PrepareSendReply(accepted=False, reason="the sender stopped or the receiver gave up"), False
+            return pb.PrepareSendReply(
+                accepted=False, reason="the sender stopped or the receiver gave up"
+            ), False
         if block_ids is None:
-            return pb.PrepareSendReply(accepted=False, reason=f"transfer {tid!r} ended here (filled)", num_bytes=num_bytes,
-                                       epoch=gen.epoch), True
+            return pb.PrepareSendReply(
+                accepted=False,
+                reason=f"transfer {tid!r} ended here (filled)",
+                num_bytes=num_bytes,
+                epoch=gen.epoch,
+            ), True
         return pb.PrepareSendReply(accepted=True, num_bytes=num_bytes, epoch=gen.epoch), True
 
     def _remembered(self, transfer_id: str) -> int | None:
@@ -188,8 +238,12 @@ class TorchP2PSender(GrpcSender):
                 return False
             if send.peer not in self._queues:
                 self._queues[send.peer] = queue.Queue()
-                thread = threading.Thread(target=self._send_loop, args=(self._queues[send.peer],), daemon=True,
-                                          name=f"kv-p2p-send-{send.peer}")
+                thread = threading.Thread(
+                    target=self._send_loop,
+                    args=(self._queues[send.peer],),
+                    daemon=True,
+                    name=f"kv-p2p-send-{send.peer}",
+                )
                 thread.start()
                 self._threads.append(thread)
             self._queues[send.peer].put(send)
@@ -205,7 +259,9 @@ class TorchP2PSender(GrpcSender):
                 pass  # the generation is broken: the receiver fails or retries on the next epoch
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory; the thread goes on
                 log.exception("kvtransfer: p2p send of %s failed", item.transfer_id)
-                self.link.fail(item.gen, f"send of {item.transfer_id} failed: {type(exc).__name__}: {exc}")
+                self.link.fail(
+                    item.gen, f"send of {item.transfer_id} failed: {type(exc).__name__}: {exc}"
+                )
             finally:
                 item.drop(self.link)
 
@@ -237,8 +293,16 @@ class TorchP2PSender(GrpcSender):
         """A message's tensor by its layers: a gather of the leased blocks, or zeros (filler)."""
         view = self.view
         if item.block_ids is None:
-            shape = (2, item.num_blocks, view.block_size, item.heads[1] - item.heads[0], view.head_dim)
-            return lambda layers: torch.zeros((layers[1] - layers[0], *shape), dtype=view.dtype, device=view.device)
+            shape = (
+                2,
+                item.num_blocks,
+                view.block_size,
+                item.heads[1] - item.heads[0],
+                view.head_dim,
+            )
+            return lambda layers: torch.zeros(
+                (layers[1] - layers[0], *shape), dtype=view.dtype, device=view.device
+            )
         with self._lock:
             if (registered := self._registered.get(item.transfer_id)) is not None:
                 registered.stamps["sending"] = time.perf_counter()
@@ -250,7 +314,9 @@ class TorchP2PSender(GrpcSender):
             return lambda layers: whole[layers[0] : layers[1]].contiguous()
 
         def gather(layers: tuple[int, int]) -> torch.Tensor:
-            self._copies.wait_for(ready[layers[1] - 1] if ready else None)  # these layers' KV is written
+            self._copies.wait_for(
+                ready[layers[1] - 1] if ready else None
+            )  # these layers' KV is written
             return view.read_indexed(index, item.heads, layers)
 
         return gather

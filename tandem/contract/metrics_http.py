@@ -16,9 +16,38 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 # Fine enough for millisecond decode steps, wide enough for minutes-long requests.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
-    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 
 
 @dataclass
@@ -41,7 +70,9 @@ class MetricsEndpoint:
             self._server = None
 
 
-def serve_registry(registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> MetricsEndpoint:
+def serve_registry(
+    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
+) -> MetricsEndpoint:
     """Start a daemon-thread HTTP server for `registry` on host:port (0: any free port).
 
     Raises OSError when the port is taken. The server answers `/metrics` (any path, in fact).

@@ -13,11 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tandem.pool.outbox import Outbox
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import Request
-from tandem.pool.core import PoolWorker, WorkerCore
 from tandem.contract.worker_api import (
     PrefillRequest,
     StageTimes,
@@ -25,6 +23,8 @@ from tandem.contract.worker_api import (
     WorkerRejectedError,
     deadline_to_monotonic,
 )
+from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.pool.outbox import Outbox
 
 
 class ColocatedStatus(enum.Enum):
@@ -54,9 +54,15 @@ class ColocatedWorker(PoolWorker):
         self.outbox = Outbox()
         self._requests: dict[str, _Submitted] = {}  # engine thread only
         self.core = WorkerCore(
-            worker_id, engine_kwargs, self._on_output, transport="fake", calibrate=calibrate,
-            pool="colocated", metrics_host=metrics_host, metrics_port=metrics_port,
-        )  # fmt: skip
+            worker_id,
+            engine_kwargs,
+            self._on_output,
+            transport="fake",
+            calibrate=calibrate,
+            pool="colocated",
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+        )
         self.core.start()
 
     async def submit(self, req: PrefillRequest) -> None:
@@ -64,9 +70,12 @@ class ColocatedWorker(PoolWorker):
 
         def add(engine: LLMEngine) -> None:
             request = engine.add_request(
-                req.request_id, list(req.prompt_token_ids), req.sampling_params,
-                priority=req.priority, deadline=deadline_to_monotonic(req.deadline),
-            )  # fmt: skip
+                req.request_id,
+                list(req.prompt_token_ids),
+                req.sampling_params,
+                priority=req.priority,
+                deadline=deadline_to_monotonic(req.deadline),
+            )
             self._requests[req.request_id] = _Submitted(request, time.monotonic())
 
         try:
@@ -96,11 +105,19 @@ class ColocatedWorker(PoolWorker):
         if out.finished:  # the engine freed its blocks
             self._requests.pop(out.request_id, None)
             timings = None if entry is None else _timings(entry, now)
-        self.outbox.put([StepOutput(
-            request_id=out.request_id, new_token_ids=tuple(out.new_token_ids),
-            text_delta=out.text_delta, finished=out.finished, finish_reason=out.finish_reason,
-            logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (), timings=timings,
-        )])  # fmt: skip
+        self.outbox.put(
+            [
+                StepOutput(
+                    request_id=out.request_id,
+                    new_token_ids=tuple(out.new_token_ids),
+                    text_delta=out.text_delta,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason,
+                    logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
+                    timings=timings,
+                )
+            ]
+        )
 
 
 def _timings(entry: _Submitted, now: float) -> StageTimes:

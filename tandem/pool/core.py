@@ -19,9 +19,9 @@ from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.worker_stats import engine_load
 from kvtransfer.cache_view import KVCacheView, TPLayout
-from tandem.pool.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
 from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 from tandem.contract.worker_api import CostModel, LoadSnapshot
+from tandem.pool.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,16 @@ class WorkerCore:
         self.view = _kv_view(self.engine)
         self.transport = transport
         self._on_output = on_output
-        self.aengine = AsyncEngine(self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate)
+        self.aengine = AsyncEngine(
+            self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate
+        )
         self.metrics = WorkerMetrics(str(self.engine.config.model), worker_id, pool, self._snapshot)
         self.aengine.loop.on_step(self.metrics.on_step)
         self.metrics_endpoint: MetricsEndpoint | None = None
         if metrics_port is not None:
-            self.metrics_endpoint = serve_registry(self.metrics.registry, metrics_host, metrics_port)
+            self.metrics_endpoint = serve_registry(
+                self.metrics.registry, metrics_host, metrics_port
+            )
 
     @property
     def metrics_address(self) -> str | None:
@@ -69,7 +73,9 @@ class WorkerCore:
         snap = self.aengine.loop.call(engine_snapshot).result(timeout=SNAPSHOT_TIMEOUT_S)
         if self.tier_store is None:
             return snap
-        return WorkerSnapshot(snap.load, {**snap.tiers, **tier_figures(self.tier_store, self.view.block_size)})
+        return WorkerSnapshot(
+            snap.load, {**snap.tiers, **tier_figures(self.tier_store, self.view.block_size)}
+        )
 
     def attach_tiers(self, cpu_bytes: int, swap: bool) -> Any:
         """A pinned CPU tier under this engine's HBM: the preemption swap space (`swap`), or a
@@ -149,7 +155,9 @@ def _build_engine(config: EngineConfig) -> LLMEngine:
         return LLMEngine(config, show_progress=False)
     from engine.executor.executor import TPOptions
 
-    return LLMEngine(config, show_progress=False, tp_options=TPOptions(use_current_placement_group=True))
+    return LLMEngine(
+        config, show_progress=False, tp_options=TPOptions(use_current_placement_group=True)
+    )
 
 
 def _kv_view(engine: LLMEngine) -> KVCacheView:
@@ -198,4 +206,3 @@ class PoolWorker:
     async def metrics_address(self) -> str | None:
         """This worker's Prometheus target ("host:port"), None when metrics are off."""
         return self.core.metrics_address
-

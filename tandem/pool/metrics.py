@@ -31,7 +31,14 @@ from tandem.contract.metrics_http import LATENCY_BUCKETS
 
 log = logging.getLogger(__name__)
 BATCH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-TRANSFER_FAILURE_REASONS = ("timeout", "cancelled", "checksum", "unknown_transfer", "peer_unavailable", "other")
+TRANSFER_FAILURE_REASONS = (
+    "timeout",
+    "cancelled",
+    "checksum",
+    "unknown_transfer",
+    "peer_unavailable",
+    "other",
+)
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,11 @@ def engine_snapshot(engine: LLMEngine) -> WorkerSnapshot:
     load = engine_load(engine)
     cached = engine.kv_manager.pool.num_cached_free_blocks
     hbm = TierFigures(
-        blocks={"used": load.num_total_blocks - load.num_free_blocks, "cached": cached,
-                "free": load.num_free_blocks - cached},  # fmt: skip
+        blocks={
+            "used": load.num_total_blocks - load.num_free_blocks,
+            "cached": cached,
+            "free": load.num_free_blocks - cached,
+        },
         lookup_tokens=load.prefix_queried_tokens,
         hit_tokens=load.prefix_hit_tokens,
     )
@@ -81,9 +91,16 @@ def tier_figures(store: Any, block_size: int) -> dict[str, TierFigures]:
 def transfer_failure_reason(text: str | None) -> str:
     """Map a receiver's free-text failure reason onto the bounded label set."""
     t = (text or "").lower()
-    for needle, reason in (("timed out", "timeout"), ("timeout", "timeout"), ("cancel", "cancelled"),
-                           ("crc", "checksum"), ("checksum", "checksum"), ("unknown transfer", "unknown_transfer"),
-                           ("unavailable", "peer_unavailable"), ("connect", "peer_unavailable")):  # fmt: skip
+    for needle, reason in (
+        ("timed out", "timeout"),
+        ("timeout", "timeout"),
+        ("cancel", "cancelled"),
+        ("crc", "checksum"),
+        ("checksum", "checksum"),
+        ("unknown transfer", "unknown_transfer"),
+        ("unavailable", "peer_unavailable"),
+        ("connect", "peer_unavailable"),
+    ):
         if needle in t:
             return reason
     return "other"
@@ -101,16 +118,34 @@ class WorkerMetrics:
         self.labels = (model, worker_id, pool)
         self.registry = registry if registry is not None else CollectorRegistry()
         names, r = ["model", "worker", "pool"], self.registry
-        self.step_seconds = Histogram("tandem_engine_step_seconds", "Wall time of one engine step.",
-                                      names, registry=r, buckets=LATENCY_BUCKETS).labels(*self.labels)  # fmt: skip
-        self.batch_tokens = Histogram("tandem_engine_batch_tokens", "Tokens fed to the model per step.",
-                                      names, registry=r, buckets=BATCH_TOKEN_BUCKETS).labels(*self.labels)  # fmt: skip
+        self.step_seconds = Histogram(
+            "tandem_engine_step_seconds",
+            "Wall time of one engine step.",
+            names,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        ).labels(*self.labels)
+        self.batch_tokens = Histogram(
+            "tandem_engine_batch_tokens",
+            "Tokens fed to the model per step.",
+            names,
+            registry=r,
+            buckets=BATCH_TOKEN_BUCKETS,
+        ).labels(*self.labels)
         tnames = [*names, "transport"]
-        self._bytes = Counter("tandem_kv_transfer_bytes", "KV bytes received by transfers.", tnames, registry=r)
-        self._seconds = Counter("tandem_kv_transfer_seconds", "Seconds spent receiving KV.", tnames, registry=r)
+        self._bytes = Counter(
+            "tandem_kv_transfer_bytes", "KV bytes received by transfers.", tnames, registry=r
+        )
+        self._seconds = Counter(
+            "tandem_kv_transfer_seconds", "Seconds spent receiving KV.", tnames, registry=r
+        )
         self._count = Counter("tandem_kv_transfers", "KV transfers completed.", tnames, registry=r)
-        self._failures = Counter("tandem_kv_transfer_failures", "KV transfers that failed, by reason.",
-                                 [*tnames, "reason"], registry=r)  # fmt: skip
+        self._failures = Counter(
+            "tandem_kv_transfer_failures",
+            "KV transfers that failed, by reason.",
+            [*tnames, "reason"],
+            registry=r,
+        )
         r.register(_SnapshotCollector(self.labels, snapshot))
 
     def touch_transport(self, transport: str) -> None:
@@ -137,7 +172,9 @@ class WorkerMetrics:
 class _SnapshotCollector(Collector):
     """Live figures, read once per scrape. A snapshot that fails reports `tandem_engine_healthy 0`."""
 
-    def __init__(self, labels: tuple[str, str, str], snapshot: Callable[[], WorkerSnapshot | None]) -> None:
+    def __init__(
+        self, labels: tuple[str, str, str], snapshot: Callable[[], WorkerSnapshot | None]
+    ) -> None:
         self._labels = list(labels)
         self._snapshot = snapshot
 
@@ -155,30 +192,55 @@ class _SnapshotCollector(Collector):
         except Exception:  # a scrape must never raise into the HTTP server
             log.exception("metrics snapshot failed")
             snap = None
-        yield self._gauge("tandem_engine_healthy", "1 while the engine loop answers.", 0.0 if snap is None else 1.0)
+        yield self._gauge(
+            "tandem_engine_healthy",
+            "1 while the engine loop answers.",
+            0.0 if snap is None else 1.0,
+        )
         if snap is None:
             return
         load = snap.load
-        yield self._gauge("tandem_engine_running_requests", "Requests in the running batch.", load.num_running)
-        yield self._gauge("tandem_engine_waiting_requests", "Requests waiting for admission.", load.num_waiting)
-        yield self._gauge("tandem_engine_queued_prefill_tokens", "Prompt tokens not yet prefilled.",
-                          load.num_queued_prefill_tokens)  # fmt: skip
-        preempt = CounterMetricFamily("tandem_engine_preemptions", "Requests preempted.", labels=["model", "worker", "pool"])
+        yield self._gauge(
+            "tandem_engine_running_requests", "Requests in the running batch.", load.num_running
+        )
+        yield self._gauge(
+            "tandem_engine_waiting_requests", "Requests waiting for admission.", load.num_waiting
+        )
+        yield self._gauge(
+            "tandem_engine_queued_prefill_tokens",
+            "Prompt tokens not yet prefilled.",
+            load.num_queued_prefill_tokens,
+        )
+        preempt = CounterMetricFamily(
+            "tandem_engine_preemptions", "Requests preempted.", labels=["model", "worker", "pool"]
+        )
         preempt.add_metric(self._labels, load.num_preemptions_total)
         yield preempt
         yield from self._kv(snap.tiers)
 
-    def _kv(self, tiers: Mapping[str, TierFigures]) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+    def _kv(
+        self, tiers: Mapping[str, TierFigures]
+    ) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         names = ["model", "worker", "pool", "tier"]
-        blocks = GaugeMetricFamily("tandem_kv_blocks", "KV blocks by tier and state.", labels=[*names, "state"])
-        usage = GaugeMetricFamily("tandem_kv_usage_ratio", "Fraction of a tier's blocks in use.", labels=names)
-        lookups = CounterMetricFamily("tandem_kv_lookup_tokens", "Tokens looked up in a KV tier.", labels=names)
-        hits = CounterMetricFamily("tandem_kv_hit_tokens", "Looked-up tokens found in a KV tier.", labels=names)
+        blocks = GaugeMetricFamily(
+            "tandem_kv_blocks", "KV blocks by tier and state.", labels=[*names, "state"]
+        )
+        usage = GaugeMetricFamily(
+            "tandem_kv_usage_ratio", "Fraction of a tier's blocks in use.", labels=names
+        )
+        lookups = CounterMetricFamily(
+            "tandem_kv_lookup_tokens", "Tokens looked up in a KV tier.", labels=names
+        )
+        hits = CounterMetricFamily(
+            "tandem_kv_hit_tokens", "Looked-up tokens found in a KV tier.", labels=names
+        )
         for tier, fig in tiers.items():
             for state, count in fig.blocks.items():
                 blocks.add_metric([*self._labels, tier, state], count)
             total = sum(fig.blocks.values())
-            usage.add_metric([*self._labels, tier], fig.blocks.get("used", 0) / total if total else 0.0)
+            usage.add_metric(
+                [*self._labels, tier], fig.blocks.get("used", 0) / total if total else 0.0
+            )
             lookups.add_metric([*self._labels, tier], fig.lookup_tokens)
             hits.add_metric([*self._labels, tier], fig.hit_tokens)
         yield from (blocks, usage, lookups, hits)

@@ -150,8 +150,18 @@ class FakeWorker:
         else:
             handle = b""
             self.leases.pop(req.request_id, None)
-        return PrefillResult(req.request_id, token, self._detok(token), reason is not None, reason, handle,
-                             len(req.prompt_token_ids), 0, None, times)  # fmt: skip
+        return PrefillResult(
+            req.request_id,
+            token,
+            self._detok(token),
+            reason is not None,
+            reason,
+            handle,
+            len(req.prompt_token_ids),
+            0,
+            None,
+            times,
+        )
 
     async def kv_handle(self, request_id: str) -> bytes:
         await self._check_alive()
@@ -189,7 +199,9 @@ class FakeWorker:
             return
         if not req.kv_handle.startswith(_HANDLE_PREFIX):
             raise WorkerRejectedError(f"unreadable KV handle for {req.request_id}")
-        seq = self._admit(req.request_id, req.prompt_token_ids, req.sampling_params, needs_prefill=False)
+        seq = self._admit(
+            req.request_id, req.prompt_token_ids, req.sampling_params, needs_prefill=False
+        )
         if req.first_token_id is None:
             seq.awaiting_first = True
         else:
@@ -204,7 +216,9 @@ class FakeWorker:
         self.submits.append(req.request_id)
         self._admit(req.request_id, req.prompt_token_ids, req.sampling_params, needs_prefill=True)
 
-    def _admit(self, request_id: str, prompt: tuple[int, ...], params: SamplingParams, needs_prefill: bool) -> _Seq:
+    def _admit(
+        self, request_id: str, prompt: tuple[int, ...], params: SamplingParams, needs_prefill: bool
+    ) -> _Seq:
         assert params.max_tokens is not None, "the router caps max_tokens"
         need = self._blocks(len(prompt) + params.max_tokens)
         if need > self.num_free_blocks:
@@ -216,7 +230,9 @@ class FakeWorker:
         self._seqs[request_id] = seq
         self._work.set()
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name=f"fake-{self.worker_id}")
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._step_loop(), name=f"fake-{self.worker_id}"
+            )
         return seq
 
     async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
@@ -248,10 +264,14 @@ class FakeWorker:
                 self._work.clear()
                 await self._work.wait()
             pending = sum(len(s.prompt) for s in self._seqs.values() if s.needs_prefill)
-            await self._sleep(self.delays.step_s + (self._prefill_delay(pending) if pending else 0.0))
+            await self._sleep(
+                self.delays.step_s + (self._prefill_delay(pending) if pending else 0.0)
+            )
             if self._fail is not FailMode.NONE:
                 continue  # a dead worker produces nothing
-            self._emit([self._step(seq) for seq in list(self._seqs.values()) if not seq.awaiting_first])
+            self._emit(
+                [self._step(seq) for seq in list(self._seqs.values()) if not seq.awaiting_first]
+            )
 
     def _step(self, seq: _Seq) -> StepOutput:
         now = time.monotonic()
@@ -270,7 +290,9 @@ class FakeWorker:
             return StepOutput(seq.request_id, tuple(new), text)
         del self._seqs[seq.request_id]
         self.num_free_blocks += seq.num_blocks
-        times = StageTimes(kv_transfer=0.0, decode_queue=seq.first_step - seq.start, decode=now - seq.first_step)
+        times = StageTimes(
+            kv_transfer=0.0, decode_queue=seq.first_step - seq.start, decode=now - seq.first_step
+        )
         return StepOutput(seq.request_id, tuple(new), text, True, reason, (), times)
 
     def _next_token(self, seq: _Seq) -> tuple[int, str | None]:

@@ -45,7 +45,9 @@ class ClusterThread:
 
     def all_blocks_free(self) -> bool:
         status = self.client.cluster_status()
-        return all(w.load.free_kv_blocks == w.load.total_kv_blocks for w in status.workers if w.healthy)
+        return all(
+            w.load.free_kv_blocks == w.load.total_kv_blocks for w in status.workers if w.healthy
+        )
 
     def wait_all_free(self, timeout_s: float = 5.0) -> bool:
         deadline = time.monotonic() + timeout_s

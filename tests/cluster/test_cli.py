@@ -52,8 +52,15 @@ def test_unsupported_serve_flags_fail_cleanly_before_starting(args, flag):
     assert f"error: {flag}" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("args", [["serve", "--mode", "sideways"], ["serve", "--num-decode", "0"],
-                                  ["generate"], ["status", "--interval", "0"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--mode", "sideways"],
+        ["serve", "--num-decode", "0"],
+        ["generate"],
+        ["status", "--interval", "0"],
+    ],
+)
 def test_malformed_flags_are_usage_errors(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -74,14 +81,20 @@ def test_invalid_spec_fails_naming_the_field(tmp_path):
     for command in ("launch", "down"):
         result = runner.invoke(app, [command, "--config", str(path), "--address", "127.0.0.1:1"])
         assert result.exit_code == 1, result.output
-        assert "pools.decode.tensor_parallel_size" in result.output and "Traceback" not in result.output
+        assert (
+            "pools.decode.tensor_parallel_size" in result.output
+            and "Traceback" not in result.output
+        )
 
 
 def test_launch_without_a_ray_cluster_is_one_line():
     spec = str(REPO / "deploy" / "tandem-local.yaml")
     result = _cli("launch", "--config", spec, "--address", f"127.0.0.1:{_free_port()}")
     assert result.returncode == 1
-    assert "error: ray.address: no Ray cluster answers" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "error: ray.address: no Ray cluster answers" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 class Served:
@@ -91,8 +104,13 @@ class Served:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(
-            [*TANDEM, "serve", "--port", str(port), *(flags or ("--device", "cpu"))], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [*TANDEM, "serve", "--port", str(port), *(flags or ("--device", "cpu"))],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
@@ -116,7 +134,9 @@ class Served:
         raise AssertionError(f"no {text!r} from tandem serve:\n{''.join(self.output)}")
 
     def session_processes(self) -> list[str]:
-        out = subprocess.run(["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "sid=,pid=,args="], capture_output=True, text=True
+        ).stdout
         return [line for line in out.splitlines() if line.split()[0] == str(self.proc.pid)]
 
 
@@ -134,14 +154,20 @@ def served() -> Iterator[tuple[Served, str]]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "120"}
-    return subprocess.run([*TANDEM, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*TANDEM, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_generate_streams_text_then_the_timing_table(served):
     _, address = served
     with Client(address) as client:
-        expected, _ = client.generate_text("Hello there", temperature=0.0, max_tokens=8, ignore_eos=True)
-    result = _cli("generate", "Hello there", "--address", address, "--max-tokens", "8", "--temperature", "0")
+        expected, _ = client.generate_text(
+            "Hello there", temperature=0.0, max_tokens=8, ignore_eos=True
+        )
+    result = _cli(
+        "generate", "Hello there", "--address", address, "--max-tokens", "8", "--temperature", "0"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(expected + "\n")  # greedy: the same text the client got
     for stage in ("router queue", "prefill", "KV transfer", "decode", "TTFT", "end to end"):
@@ -151,8 +177,14 @@ def test_generate_streams_text_then_the_timing_table(served):
 def test_generate_reads_the_address_from_the_environment(served):
     _, address = served
     env = {**os.environ, "TANDEM_ADDRESS": address}
-    result = subprocess.run([*TANDEM, "generate", "hi", "--max-tokens", "2"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [*TANDEM, "generate", "hi", "--max-tokens", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "end to end" in result.stdout
 
@@ -192,7 +224,9 @@ def test_serve_on_gpus_one_worker_per_gpu():
     server = Served(port, "--device", "cuda", "--num-prefill", "1", "--num-decode", "1")
     try:
         server.wait_for("Tandem is serving", 300)
-        result = _cli("generate", "Hello there", "--address", f"127.0.0.1:{port}", "--max-tokens", "16")
+        result = _cli(
+            "generate", "Hello there", "--address", f"127.0.0.1:{port}", "--max-tokens", "16"
+        )
         assert result.returncode == 0, result.stderr
         assert "KV transfer" in result.stdout
         server.proc.send_signal(signal.SIGINT)

@@ -12,8 +12,8 @@ import pytest
 
 from engine import LLM, SamplingParams
 from tandem.client import AsyncClient, Slo, TandemClientError
-from tests.cluster.cluster_harness import ClusterThread
 from tandem.cluster import ClusterConfig
+from tests.cluster.cluster_harness import ClusterThread
 
 PROMPTS = ["Hello world", "The quick brown fox", "def main():", "Blocks of the cache move"]
 
@@ -36,7 +36,9 @@ def test_greedy_equals_offline_engine(cluster):
         assert tokens == ref.token_ids
         assert final.completion_tokens == 16 and final.prompt_tokens == len(ref.prompt_token_ids)
         t = final.timings
-        stages = t.router_queue + t.prefill_queue + t.prefill + t.kv_transfer + t.decode_queue + t.decode
+        stages = (
+            t.router_queue + t.prefill_queue + t.prefill + t.kv_transfer + t.decode_queue + t.decode
+        )
         assert t.HasField("kv_transfer") and t.prefill > 0 and stages <= t.end_to_end * 1.05
     assert cluster.wait_all_free()
 
@@ -44,7 +46,9 @@ def test_greedy_equals_offline_engine(cluster):
 def test_64_concurrent_streams_complete(cluster):
     async def one(client: AsyncClient, i: int) -> int:
         n = 0
-        async for msg in client.generate(f"stream {i}", temperature=0.8, seed=i, max_tokens=12, ignore_eos=True):
+        async for msg in client.generate(
+            f"stream {i}", temperature=0.8, seed=i, max_tokens=12, ignore_eos=True
+        ):
             n += len(msg.token_ids)
         return n
 
@@ -78,8 +82,13 @@ def test_deadline_mid_decode(cluster):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"temperature": -1.0}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"max_tokens": 10**6}, "max_tokens"),
-     ({"logprobs": 1000}, "logprobs"), ({"stop": ["x" * 2**20]}, "stop")],
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": 10**6}, "max_tokens"),
+        ({"logprobs": 1000}, "logprobs"),
+        ({"stop": ["x" * 2**20]}, "stop"),
+    ],
 )
 def test_bad_input_is_invalid_argument(cluster, kwargs, field):
     with pytest.raises(TandemClientError) as err:
@@ -99,7 +108,9 @@ def test_infeasible_slo_rejected_before_prefill(cluster):
     steps_before = cluster.run(prefill.counters.remote())["engine_steps"]
     with pytest.raises(TandemClientError) as err:
         list(cluster.client.generate("x " * 200, slo=Slo(ttft_ms=0.001)))
-    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "ttft" in err.value.details.lower()
+    assert (
+        err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "ttft" in err.value.details.lower()
+    )
     assert cluster.run(prefill.counters.remote())["engine_steps"] == steps_before
 
 
@@ -118,7 +129,9 @@ def test_killing_a_decode_worker_mid_stream(cluster):
 
     def stream() -> None:
         try:
-            for i, _ in enumerate(cluster.client.generate("victim", max_tokens=1500, ignore_eos=True)):
+            for i, _ in enumerate(
+                cluster.client.generate("victim", max_tokens=1500, ignore_eos=True)
+            ):
                 if i == 2:
                     started.set()
         except TandemClientError as exc:
@@ -129,7 +142,11 @@ def test_killing_a_decode_worker_mid_stream(cluster):
     assert started.wait(30)
     busy: list[str] = []
     for _ in range(50):  # load snapshots are heartbeats: wait for the next one
-        busy = [w.worker_id for w in cluster.client.cluster_status().workers if w.pool == "decode" and w.load.running]
+        busy = [
+            w.worker_id
+            for w in cluster.client.cluster_status().workers
+            if w.pool == "decode" and w.load.running
+        ]
         if busy:
             break
         time.sleep(0.05)
@@ -143,4 +160,3 @@ def test_killing_a_decode_worker_mid_stream(cluster):
     text, final = cluster.client.generate_text("after", max_tokens=8, temperature=0.0)
     assert final.completion_tokens == 8
     assert cluster.client.health() == "SERVING"
-

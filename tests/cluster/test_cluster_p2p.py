@@ -8,17 +8,22 @@ from tests.cluster.cluster_harness import ClusterThread
 
 
 def test_p2p_transport_equals_offline_engine():
-    cluster = ClusterThread(ClusterConfig(engine_kwargs={"device": "cpu"}, calibrate=False, kv_transport="p2p"))
+    cluster = ClusterThread(
+        ClusterConfig(engine_kwargs={"device": "cpu"}, calibrate=False, kv_transport="p2p")
+    )
     try:
         prompts = ["Hello world", "Blocks of the cache move"]
         offline = LLM("tiny-random", device="cpu", show_progress=False).generate(
-            prompts, SamplingParams(temperature=0.0, max_tokens=12))
+            prompts, SamplingParams(temperature=0.0, max_tokens=12)
+        )
         for prompt, ref in zip(prompts, offline):
             tokens, final = [], None
             for msg in cluster.client.generate(prompt, temperature=0.0, max_tokens=12):
                 tokens.extend(msg.token_ids)
                 final = msg
-            assert tokens == ref.token_ids and final.timings.HasField("kv_transfer")  # 0 when it landed first
+            assert tokens == ref.token_ids and final.timings.HasField(
+                "kv_transfer"
+            )  # 0 when it landed first
         assert cluster.wait_all_free()
     finally:
         cluster.close()

@@ -19,19 +19,28 @@ NUM_NEW = 12
 
 @pytest.fixture(scope="module", params=["grpc", "p2p"])
 def cluster(request):
-    c = ClusterThread(ClusterConfig(num_prefill=1, num_decode=1, engine_kwargs={"device": "cpu"},
-                                    pool_engine_kwargs={"prefill": {"tensor_parallel_size": 2}},
-                                    kv_transport=request.param))
+    c = ClusterThread(
+        ClusterConfig(
+            num_prefill=1,
+            num_decode=1,
+            engine_kwargs={"device": "cpu"},
+            pool_engine_kwargs={"prefill": {"tensor_parallel_size": 2}},
+            kv_transport=request.param,
+        )
+    )
     yield c
     c.close()
 
 
 def test_greedy_equals_offline_engine(cluster):
     offline = LLM("tiny-random", device="cpu", show_progress=False).generate(
-        PROMPTS, SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True))
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+    )
     for prompt, ref in zip(PROMPTS, offline):
         tokens, final = [], None
-        for final in cluster.client.generate(prompt, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True):
+        for final in cluster.client.generate(
+            prompt, temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True
+        ):
             tokens.extend(final.token_ids)
         assert tokens == ref.token_ids
         assert final is not None and final.timings.HasField("kv_transfer")

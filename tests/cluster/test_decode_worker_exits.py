@@ -77,8 +77,9 @@ def handle(d: DecodeWorker, rid: str) -> bytes:
     block_size = d.core.engine.config.block_size
     num_blocks = -(-len(PROMPT) // block_size)
     layout = KVLayout(1, 1, 1, 1, block_size, "float32")  # the scripted receiver reads none of it
-    return KVHandle(rid, "p", ("127.0.0.1:1",), layout, tuple(range(num_blocks)), (), len(PROMPT),
-                    d.core.salt).to_bytes()  # fmt: skip
+    return KVHandle(
+        rid, "p", ("127.0.0.1:1",), layout, tuple(range(num_blocks)), (), len(PROMPT), d.core.salt
+    ).to_bytes()
 
 
 async def start(d: DecodeWorker, rid: str, first_token: int | None) -> None:

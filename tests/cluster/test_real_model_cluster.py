@@ -42,7 +42,9 @@ def test_cluster_greedy_equals_transformers(cluster):
 
 
 def test_capital_of_france(cluster):
-    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    question = [
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."}
+    ]
     text, final = cluster.client.generate_text(question, temperature=0.0, max_tokens=32)
     assert "Paris" in text
     assert final.HasField("timings") and final.timings.HasField("kv_transfer")

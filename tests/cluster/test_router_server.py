@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from router.config import RouterConfig
-from tandem.testing.fake_worker import FailMode, FakeDelays, FakeWorker
 from router.server import RouterServer
 from router.tokenizer import ByteTokenizer
-from tandem.contract.worker_api import CostModel
 from tandem.api import generation_pb2 as pb
 from tandem.client import AsyncClient, Slo, TandemClientError
+from tandem.contract.worker_api import CostModel
+from tandem.testing.fake_worker import FailMode, FakeDelays, FakeWorker
 
 MAX_MODEL_LEN = 512
 FAST = dict(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.3, poll_wait_s=0.2, poll_grace_s=0.3)
@@ -31,7 +31,9 @@ def run(coro: Awaitable[Any]) -> Any:
 async def cluster(
     workers: dict[str, tuple[str, FakeWorker]], **config: Any
 ) -> AsyncIterator[tuple[RouterServer, AsyncClient]]:
-    server = RouterServer(RouterConfig(max_model_len=MAX_MODEL_LEN, **{**FAST, **config}), ByteTokenizer())
+    server = RouterServer(
+        RouterConfig(max_model_len=MAX_MODEL_LEN, **{**FAST, **config}), ByteTokenizer()
+    )
     await server.start()
     for wid, (pool, worker) in workers.items():
         await server.add_worker(wid, pool, worker)
@@ -79,7 +81,14 @@ def test_stream_echoes_tokens_with_final_counts_and_timings() -> None:
         assert final.request_id == "r-1" and final.finish_reason == pb.FINISH_REASON_LENGTH
         assert final.prompt_tokens == 5 and final.completion_tokens == 12
         t = final.timings
-        for name in ("router_queue", "prefill_queue", "prefill", "kv_transfer", "decode_queue", "decode"):
+        for name in (
+            "router_queue",
+            "prefill_queue",
+            "prefill",
+            "kv_transfer",
+            "decode_queue",
+            "decode",
+        ):
             assert t.HasField(name), name
         assert 0 < t.time_to_first_token <= t.end_to_end
         assert workers["p0"][1].prefills == ["r-1"] and workers["d0"][1].starts == ["r-1"]
@@ -91,9 +100,13 @@ def test_stream_echoes_tokens_with_final_counts_and_timings() -> None:
 def test_token_ids_and_chat_prompts_and_stop_token() -> None:
     async def body() -> None:
         async with cluster(pd()) as (_, client):
-            text, final = await client.generate_text([65, 66, 67, 68], max_tokens=50, stop_token_ids=[67])
+            text, final = await client.generate_text(
+                [65, 66, 67, 68], max_tokens=50, stop_token_ids=[67]
+            )
             assert text == "ABC" and final.finish_reason == pb.FINISH_REASON_STOP
-            text, final = await client.generate_text([{"role": "user", "content": "hi"}], max_tokens=3)
+            text, final = await client.generate_text(
+                [{"role": "user", "content": "hi"}], max_tokens=3
+            )
             assert text == "use" and final.prompt_tokens == len("user: hi\nassistant: ")
 
     run(body())
@@ -113,7 +126,10 @@ def test_one_token_request_ends_at_prefill() -> None:
 
 def streaming_pd(prefill_s: float = 0.2, step_s: float = 0.0) -> dict[str, tuple[str, FakeWorker]]:
     return {
-        "p0": ("prefill", FakeWorker("p0", delays=FakeDelays(prefill_s=prefill_s), streams_kv=True)),
+        "p0": (
+            "prefill",
+            FakeWorker("p0", delays=FakeDelays(prefill_s=prefill_s), streams_kv=True),
+        ),
         "d0": ("decode", FakeWorker("d0", delays=FakeDelays(step_s=step_s))),
     }
 
@@ -123,7 +139,9 @@ def test_streamed_kv_starts_the_decode_worker_before_the_first_token() -> None:
         workers = streaming_pd()
         p, d = workers["p0"][1], workers["d0"][1]
         async with cluster(workers) as (_, client):
-            request = asyncio.ensure_future(collect(client, "hello", max_tokens=12, request_id="s-1"))
+            request = asyncio.ensure_future(
+                collect(client, "hello", max_tokens=12, request_id="s-1")
+            )
             await until(lambda: d.starts == ["s-1"])
             assert "s-1" in p._prefilling, "the decode worker started while the prefill ran"
             msgs = await request
@@ -149,7 +167,9 @@ def test_streamed_request_that_ends_at_its_first_token_is_aborted_on_the_decode_
         workers = streaming_pd()
         p, d = workers["p0"][1], workers["d0"][1]
         async with cluster(workers) as (_, client):
-            text, final = await client.generate_text("xyz", max_tokens=20, stop_token_ids=[ord("x")], request_id="s-2")
+            text, final = await client.generate_text(
+                "xyz", max_tokens=20, stop_token_ids=[ord("x")], request_id="s-2"
+            )
             assert text == "x" and final.finish_reason == pb.FINISH_REASON_STOP
             await until(lambda: "s-2" in d.aborts)
         assert d.starts == ["s-2"] and p.leases == {} and d.num_free_blocks == d.num_total_blocks
@@ -175,7 +195,9 @@ def test_cancel_while_the_streamed_prefill_runs_aborts_both_workers() -> None:
 def test_64_concurrent_streams_complete() -> None:
     async def body() -> None:
         async with cluster(pd(step_s=0.001)) as (_, client):
-            results = await asyncio.gather(*(client.generate_text(f"req{i:02d}", max_tokens=16) for i in range(64)))
+            results = await asyncio.gather(
+                *(client.generate_text(f"req{i:02d}", max_tokens=16) for i in range(64))
+            )
         for i, (text, final) in enumerate(results):
             assert text == (f"req{i:02d}" * 4)[:16] and final.completion_tokens == 16
 
@@ -189,7 +211,11 @@ def test_colocated_worker_serves_alone() -> None:
             assert await client.health() == "SERVING"
             text, final = await client.generate_text("abcd", max_tokens=10)
         assert text == "abcdabcdab" and final.completion_tokens == 10
-        assert final.finish_reason == pb.FINISH_REASON_LENGTH and worker.submits and not worker.prefills
+        assert (
+            final.finish_reason == pb.FINISH_REASON_LENGTH
+            and worker.submits
+            and not worker.prefills
+        )
 
     run(body())
 
@@ -219,8 +245,12 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("prompt", "kwargs", "field"), BAD_INPUTS, ids=[c[2] + str(i) for i, c in enumerate(BAD_INPUTS)])
-def test_bad_input_is_invalid_argument_naming_the_field(prompt: Any, kwargs: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    ("prompt", "kwargs", "field"), BAD_INPUTS, ids=[c[2] + str(i) for i, c in enumerate(BAD_INPUTS)]
+)
+def test_bad_input_is_invalid_argument_naming_the_field(
+    prompt: Any, kwargs: dict[str, Any], field: str
+) -> None:
     async def body() -> None:
         workers = pd()
         async with cluster(workers) as (_, client):
@@ -229,7 +259,9 @@ def test_bad_input_is_invalid_argument_naming_the_field(prompt: Any, kwargs: dic
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert info.value.details.startswith(f"{field}:"), info.value.details
         for _, worker in workers.values():
-            assert not (worker.prefills or worker.starts or worker.submits), "a bad request reached a worker"
+            assert not (worker.prefills or worker.starts or worker.submits), (
+                "a bad request reached a worker"
+            )
 
     run(body())
 
@@ -244,7 +276,10 @@ def test_missing_prompt_is_invalid_argument() -> None:
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     async for _ in call:
                         pass
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("prompt:")
+        assert (
+            info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and info.value.details().startswith("prompt:")
+        )
 
     run(body())
 
@@ -256,7 +291,9 @@ def test_oversized_message_is_resource_exhausted() -> None:
             with pytest.raises(TandemClientError) as info:
                 await collect(client, "x" * (128 * 1024))
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert (await client.generate_text("ok", max_tokens=2))[0] == "ok"  # the server lives on
+            assert (await client.generate_text("ok", max_tokens=2))[
+                0
+            ] == "ok"  # the server lives on
         assert workers["p0"][1].prefills != [] and len(workers["p0"][1].prefills) == 1
 
     run(body())
@@ -268,13 +305,21 @@ def test_oversized_message_is_resource_exhausted() -> None:
 def test_infeasible_slo_is_rejected_before_any_prefill_and_best_effort_is_served() -> None:
     async def body() -> None:
         slow = CostModel(prefill_s_per_token=0.1)  # 5 prompt tokens -> 0.5 s predicted TTFT
-        workers = {"p0": ("prefill", FakeWorker("p0", cost=slow)), "d0": ("decode", FakeWorker("d0"))}
+        workers = {
+            "p0": ("prefill", FakeWorker("p0", cost=slow)),
+            "d0": ("decode", FakeWorker("d0")),
+        }
         async with cluster(workers) as (_, client):
             with pytest.raises(TandemClientError) as info:
                 await collect(client, "hello", max_tokens=4, slo=Slo(ttft_ms=50))
-            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "TTFT" in info.value.details
+            assert (
+                info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and "TTFT" in info.value.details
+            )
             assert workers["p0"][1].prefills == []
-            text, _ = await client.generate_text("hello", max_tokens=4, slo=Slo(ttft_ms=50), best_effort=True)
+            text, _ = await client.generate_text(
+                "hello", max_tokens=4, slo=Slo(ttft_ms=50), best_effort=True
+            )
             assert text == "hell" and len(workers["p0"][1].prefills) == 1
 
     run(body())
@@ -282,11 +327,17 @@ def test_infeasible_slo_is_rejected_before_any_prefill_and_best_effort_is_served
 
 def test_no_kv_room_is_resource_exhausted() -> None:
     async def body() -> None:
-        workers = {"p0": ("prefill", FakeWorker("p0")), "d0": ("decode", FakeWorker("d0", num_blocks=2))}
+        workers = {
+            "p0": ("prefill", FakeWorker("p0")),
+            "d0": ("decode", FakeWorker("d0", num_blocks=2)),
+        }
         async with cluster(workers) as (_, client):
             with pytest.raises(TandemClientError) as info:
                 await collect(client, "hello", max_tokens=100)
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and workers["p0"][1].prefills == []
+        assert (
+            info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and workers["p0"][1].prefills == []
+        )
 
     run(body())
 
@@ -317,7 +368,9 @@ def test_deadline_is_deadline_exceeded_and_aborts() -> None:
             with pytest.raises(TandemClientError) as info:
                 await collect(client, "abc", max_tokens=400, request_id="slow", timeout=0.3)
             assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            await until(lambda: "slow" in workers["p0"][1].aborts and "slow" in workers["d0"][1].aborts)
+            await until(
+                lambda: "slow" in workers["p0"][1].aborts and "slow" in workers["d0"][1].aborts
+            )
 
     run(body())
 
@@ -397,7 +450,11 @@ def test_health_follows_the_pools() -> None:
                 ("d0", "decode", True),
             }
             info = await client.model_info()
-            assert info.max_model_len == MAX_MODEL_LEN and info.vocab_size == 257 and "interactive" in info.slo_classes
+            assert (
+                info.max_model_len == MAX_MODEL_LEN
+                and info.vocab_size == 257
+                and "interactive" in info.slo_classes
+            )
         await p.close()
         await d.close()
 

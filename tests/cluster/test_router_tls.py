@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from router.config import RouterConfig
-from tandem.testing.fake_worker import FakeWorker
 from router.server import RouterServer
 from router.tokenizer import ByteTokenizer
 from tandem.client import AsyncClient, TandemClientError, Tls
+from tandem.testing.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -23,9 +23,26 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, cert
 
@@ -59,8 +76,12 @@ def test_tls_port_serves_tls_clients_and_refuses_plaintext(tmp_path: Path) -> No
 def test_mutual_tls_requires_a_client_certificate(tmp_path: Path) -> None:
     key, cert = _self_signed(tmp_path, "server")
     client_key, client_cert = _self_signed(tmp_path, "client")
-    config = RouterConfig(max_model_len=256, tls_cert_file=str(cert), tls_key_file=str(key),
-                          tls_client_ca_file=str(client_cert))
+    config = RouterConfig(
+        max_model_len=256,
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+        tls_client_ca_file=str(client_cert),
+    )
     ok = Tls(ca_file=str(cert), cert_file=str(client_cert), key_file=str(client_key))
     assert asyncio.run(_serve_and_call(config, ok)) is not None
     with pytest.raises(TandemClientError) as err:

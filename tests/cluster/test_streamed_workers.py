@@ -26,7 +26,9 @@ def run(body: Callable[[], Awaitable[Any]]) -> Any:
 
 def workers(**decode_kw: Any) -> tuple[PrefillWorker, DecodeWorker]:
     p = PrefillWorker("p", dict(ENGINE), calibrate=False, metrics_port=None)
-    d = DecodeWorker("d", dict(ENGINE), calibrate=False, metrics_port=None, swap_cpu_bytes=0, **decode_kw)
+    d = DecodeWorker(
+        "d", dict(ENGINE), calibrate=False, metrics_port=None, swap_cpu_bytes=0, **decode_kw
+    )
     return p, d
 
 
@@ -53,16 +55,24 @@ def test_handle_before_the_first_token_decodes_like_colocated() -> None:
     async def body() -> None:
         p, d = workers()
         try:
-            prefill = asyncio.ensure_future(p.prefill(PrefillRequest("r", PROMPT, GREEDY, decode_worker_id="d")))
+            prefill = asyncio.ensure_future(
+                p.prefill(PrefillRequest("r", PROMPT, GREEDY, decode_worker_id="d"))
+            )
             handle = await p.kv_handle("r")
             assert handle, "a TP = 1 prefill worker streams"
             await d.start(DecodeRequest("r", PROMPT, None, handle, GREEDY))
             result = await prefill
             assert result.kv_handle == handle and not result.finished
-            await d.start(DecodeRequest("r", PROMPT, result.first_token_id, b"", GREEDY, first_text=result.text_delta))
+            await d.start(
+                DecodeRequest(
+                    "r", PROMPT, result.first_token_id, b"", GREEDY, first_text=result.text_delta
+                )
+            )
             outs = await outputs_until_finished(d, "r")
             tokens = [result.first_token_id] + [t for o in outs for t in o.new_token_ids]
-            colocated = LLM(**ENGINE, show_progress=False).generate([list(PROMPT)], GREEDY)[0].token_ids
+            colocated = (
+                LLM(**ENGINE, show_progress=False).generate([list(PROMPT)], GREEDY)[0].token_ids
+            )
             assert tokens == list(colocated) and outs[-1].error is None
             assert outs[-1].timings is not None and outs[-1].timings.kv_transfer is not None
             await until(lambda: _zero(p.kv_leases()))
@@ -116,7 +126,7 @@ def test_landed_kv_waiting_for_its_first_token_is_freed_by_abort_and_by_timeout(
                 prefill = asyncio.ensure_future(p.prefill(PrefillRequest(rid, PROMPT, GREEDY)))
                 await d.start(DecodeRequest(rid, PROMPT, None, await p.kv_handle(rid), GREEDY))
                 await prefill
-                await until(lambda: _landed(d, rid))
+                await until(lambda rid=rid: _landed(d, rid))
             await d.abort("aborted")
             outs = await outputs_until_finished(d, "forgotten")  # no first token within 1 s
             assert "no first token" in (outs[-1].error or "")

@@ -17,8 +17,9 @@ from kvtransfer.transports.p2p_link import P2PLink
 from kvtransfer.transports.torch_p2p import TorchP2PReceiver, TorchP2PSender
 
 
-def in_process_links(world_size: int = 2, peers: Sequence[Collection[int] | None] | None = None,
-                     **kwargs: float) -> list[P2PLink]:
+def in_process_links(
+    world_size: int = 2, peers: Sequence[Collection[int] | None] | None = None, **kwargs: float
+) -> list[P2PLink]:
     """Builds the links concurrently (joining is a collective), one per rank; `peers[rank]` is
     that rank's `peers` (default: every other rank)."""
     store = dist.HashStore()
@@ -27,8 +28,14 @@ def in_process_links(world_size: int = 2, peers: Sequence[Collection[int] | None
 
     def make(rank: int) -> None:
         try:
-            links[rank] = P2PLink(dist.PrefixStore("kv/", store), rank, world_size, "gloo",
-                                  peers=None if peers is None else peers[rank], **kwargs)
+            links[rank] = P2PLink(
+                dist.PrefixStore("kv/", store),
+                rank,
+                world_size,
+                "gloo",
+                peers=None if peers is None else peers[rank],
+                **kwargs,
+            )
         except BaseException as exc:  # noqa: BLE001 - re-raised below on the test's thread
             errors.append(exc)
 
@@ -46,8 +53,13 @@ class P2PPair:
     """Rank 0 sends from `src`, rank 1 receives into `dst` (random and zero KV caches of
     `shape`), both with `timeout_s`; released blocks are recorded in `sent` / `received`."""
 
-    def __init__(self, links: list[P2PLink], shape: tuple[int, ...], timeout_s: float,
-                 view: type[KVCacheView] = KVCacheView) -> None:
+    def __init__(
+        self,
+        links: list[P2PLink],
+        shape: tuple[int, ...],
+        timeout_s: float,
+        view: type[KVCacheView] = KVCacheView,
+    ) -> None:
         self.links = links
         self.timeout_s = timeout_s
         self.block_size = shape[3]
@@ -55,13 +67,25 @@ class P2PPair:
         self.dst = view(torch.zeros(*shape))
         self.sent: list[tuple[str, list[int]]] = []
         self.received: list[tuple[str, list[int]]] = []
-        self.sender = TorchP2PSender(self.src, links[0], worker_id="p0", model_salt="m", send_timeout_s=timeout_s,
-                                     on_release=lambda t, b: self.sent.append((t, b)))
-        self.receiver = TorchP2PReceiver(self.dst, links[1], timeout_s=timeout_s,
-                                         on_release=lambda t, b: self.received.append((t, b)))
+        self.sender = TorchP2PSender(
+            self.src,
+            links[0],
+            worker_id="p0",
+            model_salt="m",
+            send_timeout_s=timeout_s,
+            on_release=lambda t, b: self.sent.append((t, b)),
+        )
+        self.receiver = TorchP2PReceiver(
+            self.dst,
+            links[1],
+            timeout_s=timeout_s,
+            on_release=lambda t, b: self.received.append((t, b)),
+        )
 
     def register(self, tid: str, src_ids: list[int]) -> KVHandle:
-        return self.sender.register(tid, src_ids, [], len(src_ids) * self.block_size, source_p2p_ranks=[0])
+        return self.sender.register(
+            tid, src_ids, [], len(src_ids) * self.block_size, source_p2p_ranks=[0]
+        )
 
     def finish(self, tid: str, within_s: float | None = None) -> KVPoll:
         """The receiver's final state of `tid` (fails the test past `within_s`)."""

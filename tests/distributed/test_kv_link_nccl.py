@@ -27,7 +27,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 
 L, N, BS, H, D = 4, 64, 16, 8, 128
 SRC_IDS = [3, 17, 5, 29, 8, 11, 40, 41]
-DST_IDS = {"t1": [30, 2, 9, 14, 21, 6, 50, 51], "t2": [1, 2, 3, 4, 5, 6, 7, 8], "t3": [60, 61, 62, 63, 10, 11, 12, 13]}
+DST_IDS = {
+    "t1": [30, 2, 9, 14, 21, 6, 50, 51],
+    "t2": [1, 2, 3, 4, 5, 6, 7, 8],
+    "t3": [60, 61, 62, 63, 10, 11, 12, 13],
+}
 MANY_SRC, MANY_DST = list(range(1, 61)), list(range(63, 3, -1))  # 60 blocks, 15 MiB: 3 messages
 
 
@@ -40,21 +44,38 @@ def _free_port() -> int:
 def _cache(fill: bool, device: torch.device) -> torch.Tensor:
     if not fill:
         return torch.zeros(L, 2, N, BS, H, D, dtype=torch.bfloat16, device=device)
-    return torch.randn(L, 2, N, BS, H, D, generator=torch.Generator().manual_seed(7)).bfloat16().to(device)
+    return (
+        torch.randn(L, 2, N, BS, H, D, generator=torch.Generator().manual_seed(7))
+        .bfloat16()
+        .to(device)
+    )
 
 
 def _wait_epoch(link: P2PLink, epoch: int) -> None:
     deadline = time.monotonic() + 30
-    while not (link.epoch >= epoch and link.state is LinkState.READY) and time.monotonic() < deadline:
+    while (
+        not (link.epoch >= epoch and link.state is LinkState.READY) and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
-    assert link.epoch >= epoch and link.state is LinkState.READY, (link.epoch, link.state, link.reason)
+    assert link.epoch >= epoch and link.state is LinkState.READY, (
+        link.epoch,
+        link.state,
+        link.reason,
+    )
 
 
 def _sender(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> None:
     link = join(spec)
     released: list[str] = []
-    sender = make_sender(KVCacheView(_cache(True, device)), spec, worker_id="p0", model_salt="m",
-                         on_release=lambda t, b: released.append(t), lease_s=60.0, host="127.0.0.1")
+    sender = make_sender(
+        KVCacheView(_cache(True, device)),
+        spec,
+        worker_id="p0",
+        model_salt="m",
+        on_release=lambda t, b: released.append(t),
+        lease_s=60.0,
+        host="127.0.0.1",
+    )
     for tid in ("t1", "t2", "t3"):
         if tid == "t2":
             link.fail(link.current, "injected: failure between transfers")
@@ -63,13 +84,21 @@ def _sender(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> None:
             store.get("dangling-recv-posted")
             link.fail(link.current, "injected: failure while a receive is posted")
             _wait_epoch(link, 3)
-        store.set(f"handle-{tid}", sender.register(tid, SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0]).to_bytes())
+        store.set(
+            f"handle-{tid}",
+            sender.register(tid, SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0]).to_bytes(),
+        )
         _wait_released(sender, released, tid)
     handle = sender.register("t4", SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0])
-    sender.fail("t4", "injected: the request was aborted")  # its lease ends before the receiver asks
+    sender.fail(
+        "t4", "injected: the request was aborted"
+    )  # its lease ends before the receiver asks
     _wait_released(sender, released, "t4")
     store.set("handle-t4", handle.to_bytes())
-    store.set("handle-t5", sender.register("t5", MANY_SRC, [], len(MANY_SRC) * BS, source_p2p_ranks=[0]).to_bytes())
+    store.set(
+        "handle-t5",
+        sender.register("t5", MANY_SRC, [], len(MANY_SRC) * BS, source_p2p_ranks=[0]).to_bytes(),
+    )
     _wait_released(sender, released, "t5")
     store.get("receiver-done")
     assert link.epoch == 3
@@ -86,7 +115,10 @@ def _wait_released(sender: KVSender, released: list[str], tid: str) -> None:
 
 def _finish(receiver: KVReceiver, tid: str) -> KVPoll:
     deadline = time.monotonic() + 30
-    while (state := receiver.poll(tid)) not in (KVPoll.DONE, KVPoll.FAILED) and time.monotonic() < deadline:
+    while (state := receiver.poll(tid)) not in (
+        KVPoll.DONE,
+        KVPoll.FAILED,
+    ) and time.monotonic() < deadline:
         time.sleep(0.002)
     return state
 
@@ -109,7 +141,9 @@ def _receiver(store: dist.Store, spec: KVGroupSpec, device: torch.device) -> Non
     receiver.start(KVHandle.from_bytes(store.get("handle-t5")), MANY_DST)
     assert _finish(receiver, "t5") is KVPoll.DONE, receiver.failure_reason("t5")
     torch.cuda.synchronize()
-    assert torch.equal(view.read_blocks(MANY_DST), KVCacheView(_cache(True, device)).read_blocks(MANY_SRC))
+    assert torch.equal(
+        view.read_blocks(MANY_DST), KVCacheView(_cache(True, device)).read_blocks(MANY_SRC)
+    )
     assert link.epoch == 3  # the filler kept the pair in step
     store.set("receiver-done", b"1")
     receiver.close()
@@ -130,12 +164,20 @@ def _dangling_recv(link: P2PLink, store: dist.Store, device: torch.device) -> No
 def _worker(rank: int, port: int) -> None:
     device = torch.device(f"cuda:{rank}")
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, device_id=device)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, device_id=device
+    )
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:  # picked late: the default group's own sockets took their ports already
         store.set("kv-port", str(_free_port()))
-    spec = KVGroupSpec(f"tcp://127.0.0.1:{int(store.get('kv-port'))}", rank, 2, "nccl", timeout_s=60.0,
-                       rebuild_timeout_s=20.0)
+    spec = KVGroupSpec(
+        f"tcp://127.0.0.1:{int(store.get('kv-port'))}",
+        rank,
+        2,
+        "nccl",
+        timeout_s=60.0,
+        rebuild_timeout_s=20.0,
+    )
     try:
         (_sender if rank == 0 else _receiver)(store, spec, device)
         total = torch.ones(1, device=device)

@@ -46,7 +46,9 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[Call]:
     recorded: list[Call] = []
     real = p2p_link.make_backend
 
-    def make(kind: str, store: dist.Store, rank: int, size: int, timeout_s: float, name: str) -> Any:
+    def make(
+        kind: str, store: dist.Store, rank: int, size: int, timeout_s: float, name: str
+    ) -> Any:
         return _Recording(real(kind, store, rank, size, timeout_s, name), name, rank, recorded)
 
     monkeypatch.setattr(p2p_link, "make_backend", make)
@@ -62,15 +64,25 @@ def closing() -> Iterator[list[P2PLink]]:
 
 
 def _expected(rank: int, peers: list[int]) -> list[tuple[str, int]]:
-    return [op for p in peers for op in ((("send", p), ("recv", p)) if rank < p else (("recv", p), ("send", p)))]
+    return [
+        op
+        for p in peers
+        for op in ((("send", p), ("recv", p)) if rank < p else (("recv", p), ("send", p)))
+    ]
 
 
 def _ops(calls: list[Call], epoch: int, rank: int) -> list[tuple[str, int]]:
-    return [(op, peer) for name, r, op, peer in list(calls) if name == f"tandem-kv-e{epoch}" and r == rank]
+    return [
+        (op, peer)
+        for name, r, op, peer in list(calls)
+        if name == f"tandem-kv-e{epoch}" and r == rank
+    ]
 
 
 @pytest.mark.timeout(60)
-def test_every_pair_is_set_up_in_order_before_the_link_is_handed_out(calls: list[Call], closing: list[P2PLink]) -> None:
+def test_every_pair_is_set_up_in_order_before_the_link_is_handed_out(
+    calls: list[Call], closing: list[P2PLink]
+) -> None:
     closing += in_process_links(4, timeout_s=20.0)
     for rank in range(4):
         assert _ops(calls, 1, rank) == _expected(rank, [p for p in range(4) if p != rank])
@@ -93,7 +105,9 @@ def test_prefill_by_decode_pairs_only(calls: list[Call], closing: list[P2PLink])
 
 
 @pytest.mark.timeout(60)
-def test_a_rebuilt_epoch_sets_its_pairs_up_before_it_is_handed_out(calls: list[Call], closing: list[P2PLink]) -> None:
+def test_a_rebuilt_epoch_sets_its_pairs_up_before_it_is_handed_out(
+    calls: list[Call], closing: list[P2PLink]
+) -> None:
     closing += in_process_links(3, timeout_s=20.0, rebuild_timeout_s=10.0)
     closing[2].fail(closing[2].current, "injected")
     deadline = time.monotonic() + 10
@@ -111,12 +125,17 @@ def test_a_pair_that_is_not_set_up_fails_the_build_at_the_deadline(closing: list
 
     def make(rank: int, peers: list[int]) -> None:
         try:
-            results[rank] = P2PLink(dist.PrefixStore("kv/", store), rank, 2, "gloo", timeout_s=1.0, peers=peers)
+            results[rank] = P2PLink(
+                dist.PrefixStore("kv/", store), rank, 2, "gloo", timeout_s=1.0, peers=peers
+            )
         except BaseException as exc:  # noqa: BLE001 - inspected below
             results[rank] = exc
 
     start = time.monotonic()
-    threads = [threading.Thread(target=make, args=(0, [1])), threading.Thread(target=make, args=(1, []))]
+    threads = [
+        threading.Thread(target=make, args=(0, [1])),
+        threading.Thread(target=make, args=(1, [])),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -33,7 +33,11 @@ class Pair(P2PPair):
 @pytest.fixture
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     rebuild_timeout_s = getattr(request, "param", 5.0)
-    p = Pair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=rebuild_timeout_s), (L, 2, N, BS, H, D), TIMEOUT_S)
+    p = Pair(
+        in_process_links(2, timeout_s=20.0, rebuild_timeout_s=rebuild_timeout_s),
+        (L, 2, N, BS, H, D),
+        TIMEOUT_S,
+    )
     yield p
     p.close()
 
@@ -60,13 +64,15 @@ def test_failing_sends_free_both_sides_then_the_rebuilt_group_carries_the_next(p
     assert pair.received == [("t1", [6, 7, 8, 9, 10])]  # the receiver freed its blocks
     pair.wait_sender_released("t1")
     assert pair.sent == [("t1", [1, 2, 3, 4, 5])]  # and the sender its lease, via the notice
-    _wait_for(lambda: all(l.epoch == 4 and l.state is LinkState.READY for l in pair.links), 5.0)
-    assert [l.epoch for l in pair.links] == [4, 4]  # rebuilt after each of the 3 failures
+    _wait_for(
+        lambda: all(link.epoch == 4 and link.state is LinkState.READY for link in pair.links), 5.0
+    )
+    assert [link.epoch for link in pair.links] == [4, 4]  # rebuilt after each of the 3 failures
 
     state, _ = pair.transfer("t2", [11, 3, 17], [2, 20, 5])
     assert state is KVPoll.DONE, pair.receiver.failure_reason("t2")
     assert torch.equal(pair.dst.read_blocks([2, 20, 5]), pair.src.read_blocks([11, 3, 17]))
-    assert [l.epoch for l in pair.links] == [4, 4]
+    assert [link.epoch for link in pair.links] == [4, 4]
 
 
 @pytest.mark.parametrize("pair", [0.5], indirect=True)
@@ -93,4 +99,4 @@ def test_break_between_transfers_is_retried_on_the_new_epoch(pair: Pair) -> None
     state, _ = pair.transfer("t2", [5, 6, 7], [8, 9, 10])  # asks at whatever epoch it sees first
     assert state is KVPoll.DONE, pair.receiver.failure_reason("t2")
     assert torch.equal(pair.dst.read_blocks([8, 9, 10]), pair.src.read_blocks([5, 6, 7]))
-    assert [l.epoch for l in pair.links] == [2, 2]
+    assert [link.epoch for link in pair.links] == [2, 2]

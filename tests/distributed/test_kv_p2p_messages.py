@@ -35,13 +35,22 @@ class GroupLikeView(KVCacheView):
         super().__init__(kv_cache)
         self.calls: list[tuple[str, tuple[int, int] | None]] = []
 
-    def read_indexed(self, index: torch.Tensor, heads: tuple[int, int] | None = None,
-                     layers: tuple[int, int] | None = None) -> torch.Tensor:
+    def read_indexed(
+        self,
+        index: torch.Tensor,
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         self.calls.append(("read", layers))
         return super().read_indexed(index, heads, layers)
 
-    def write_indexed(self, index: torch.Tensor, data: torch.Tensor, heads: tuple[int, int] | None = None,
-                      layers: tuple[int, int] | None = None) -> None:
+    def write_indexed(
+        self,
+        index: torch.Tensor,
+        data: torch.Tensor,
+        heads: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+    ) -> None:
         self.calls.append(("write", layers))
         super().write_indexed(index, data, heads, layers)
 
@@ -49,9 +58,17 @@ class GroupLikeView(KVCacheView):
 @pytest.fixture
 def pair(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[P2PPair]:
     for module in (p2p_sender, p2p_receiver):
-        monkeypatch.setattr(module, "layer_chunks", lambda num_layers, num_bytes: [(i, i + 1) for i in range(num_layers)])
-    p = P2PPair(in_process_links(2, timeout_s=20.0, rebuild_timeout_s=5.0), (L, 2, N, BS, H, D), TIMEOUT_S,
-                getattr(request, "param", KVCacheView))
+        monkeypatch.setattr(
+            module,
+            "layer_chunks",
+            lambda num_layers, num_bytes: [(i, i + 1) for i in range(num_layers)],
+        )
+    p = P2PPair(
+        in_process_links(2, timeout_s=20.0, rebuild_timeout_s=5.0),
+        (L, 2, N, BS, H, D),
+        TIMEOUT_S,
+        getattr(request, "param", KVCacheView),
+    )
     yield p
     p.close()
 
@@ -87,7 +104,9 @@ def test_every_message_lands_exactly(pair: P2PPair, monkeypatch: pytest.MonkeyPa
     assert pair.sender_released("t1") == ["t1"] and pair.received == []
 
 
-def test_sender_cut_after_its_first_message_frees_both_sides(pair: P2PPair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sender_cut_after_its_first_message_frees_both_sides(
+    pair: P2PPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sender's communicator dies after its first message and stays dead for this transfer
     (every later send of it fails, on any epoch: a receiver that retries on a rebuilt epoch
     would otherwise succeed, which is the link's job but not this test's): the receiver fails
@@ -111,8 +130,11 @@ def test_sender_cut_after_its_first_message_frees_both_sides(pair: P2PPair, monk
     assert pair.sender.leases.num_live() == 0
     cut.clear()
     deadline = time.monotonic() + 5
-    while not (len({link.epoch for link in pair.links}) == 1 and pair.links[0].epoch >= 2
-               and all(link.state is LinkState.READY for link in pair.links)):
+    while not (
+        len({link.epoch for link in pair.links}) == 1
+        and pair.links[0].epoch >= 2
+        and all(link.state is LinkState.READY for link in pair.links)
+    ):
         assert time.monotonic() < deadline, pair.epochs()
         time.sleep(0.01)
     pair.receiver.start(pair.register("t2", SRC), DST)
@@ -120,7 +142,9 @@ def test_sender_cut_after_its_first_message_frees_both_sides(pair: P2PPair, monk
     assert torch.equal(pair.dst.read_blocks(DST), pair.src.read_blocks(SRC))
 
 
-def test_cancel_mid_stream_fails_at_once_and_keeps_the_pair_in_step(pair: P2PPair, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cancel_mid_stream_fails_at_once_and_keeps_the_pair_in_step(
+    pair: P2PPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
     stalled, go_on = threading.Event(), threading.Event()
     _on_second_send(monkeypatch, pair.links[0], lambda gen: (stalled.set(), go_on.wait(10.0)))
     pair.receiver.start(pair.register("t1", SRC), DST)
@@ -157,7 +181,9 @@ def test_a_transfer_whose_lease_ended_is_filled_and_the_epoch_survives(pair: P2P
     assert pair.epochs() == [1, 1]
 
 
-def test_an_id_the_sender_never_registered_breaks_the_epoch_and_frees_both_sides(pair: P2PPair) -> None:
+def test_an_id_the_sender_never_registered_breaks_the_epoch_and_frees_both_sides(
+    pair: P2PPair,
+) -> None:
     handle = dataclasses.replace(pair.register("t1", SRC), transfer_id="never-registered")
     start = time.monotonic()
     pair.receiver.start(handle, DST)
@@ -180,5 +206,7 @@ def test_a_view_of_group_copies_is_read_and_written_once_per_transfer(pair: P2PP
     pair.receiver.start(pair.register("t1", SRC), DST)
     assert pair.finish("t1") is KVPoll.DONE, pair.receiver.failure_reason("t1")
     assert isinstance(pair.src, GroupLikeView) and isinstance(pair.dst, GroupLikeView)
-    assert pair.src.calls == [("read", None)] and pair.dst.calls == [("write", (0, L))]  # L messages each way
+    assert pair.src.calls == [("read", None)] and pair.dst.calls == [
+        ("write", (0, L))
+    ]  # L messages each way
     assert torch.equal(pair.dst.read_blocks(DST), pair.src.read_blocks(SRC))

@@ -32,8 +32,15 @@ def _free_port() -> int:
 def _sender(store: dist.Store, spec: KVGroupSpec) -> None:
     released: list[str] = []
     view = KVCacheView(torch.randn(L, 2, N, BS, H, D, generator=torch.Generator().manual_seed(7)))
-    sender = make_sender(view, spec, worker_id="p0", model_salt="m", on_release=lambda t, b: released.append(t),
-                         lease_s=30.0, host="127.0.0.1")
+    sender = make_sender(
+        view,
+        spec,
+        worker_id="p0",
+        model_salt="m",
+        on_release=lambda t, b: released.append(t),
+        lease_s=30.0,
+        host="127.0.0.1",
+    )
     for tid in ("t1", "t2"):
         handle = sender.register(tid, SRC_IDS, [], len(SRC_IDS) * BS, source_p2p_ranks=[0])
         store.set(f"handle-{tid}", handle.to_bytes())
@@ -48,29 +55,39 @@ def _sender(store: dist.Store, spec: KVGroupSpec) -> None:
 
 
 def _receiver(store: dist.Store, spec: KVGroupSpec) -> None:
-    expected = KVCacheView(torch.randn(L, 2, N, BS, H, D, generator=torch.Generator().manual_seed(7)))
+    expected = KVCacheView(
+        torch.randn(L, 2, N, BS, H, D, generator=torch.Generator().manual_seed(7))
+    )
     view = KVCacheView(torch.zeros(L, 2, N, BS, H, D))
     receiver = make_receiver(view, spec, on_release=lambda t, b: None, timeout_s=15)
     for tid, dst in (("t1", DST_IDS), ("t2", [i + 1 for i in range(len(SRC_IDS))])):
         receiver.start(KVHandle.from_bytes(store.get(f"handle-{tid}")), dst)
     for tid in ("t1", "t2"):
         deadline = time.monotonic() + 15
-        while receiver.poll(tid) not in (KVPoll.DONE, KVPoll.FAILED) and time.monotonic() < deadline:
+        while (
+            receiver.poll(tid) not in (KVPoll.DONE, KVPoll.FAILED) and time.monotonic() < deadline
+        ):
             time.sleep(0.005)
         assert receiver.poll(tid) is KVPoll.DONE, receiver.failure_reason(tid)
     assert torch.equal(view.read_blocks(DST_IDS), expected.read_blocks(SRC_IDS))
-    assert torch.equal(view.read_blocks([i + 1 for i in range(len(SRC_IDS))]), expected.read_blocks(SRC_IDS))
+    assert torch.equal(
+        view.read_blocks([i + 1 for i in range(len(SRC_IDS))]), expected.read_blocks(SRC_IDS)
+    )
     store.get("sender-done")
     store.set("receiver-done", b"1")
     receiver.close()
 
 
 def _worker(rank: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)  # the "TP" group
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )  # the "TP" group
     store = dist.distributed_c10d._get_default_store()
     if rank == 0:  # picked late: the default group's own sockets took their ports already
         store.set("kv-port", str(_free_port()))
-    spec = KVGroupSpec(f"tcp://127.0.0.1:{int(store.get('kv-port'))}", rank, 2, "gloo", timeout_s=30.0)
+    spec = KVGroupSpec(
+        f"tcp://127.0.0.1:{int(store.get('kv-port'))}", rank, 2, "gloo", timeout_s=30.0
+    )
     try:
         (_sender if rank == 0 else _receiver)(store, spec)
         total = torch.tensor([rank + 1.0])

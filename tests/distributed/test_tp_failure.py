@@ -12,17 +12,21 @@ import pytest
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.distributed import TPGroupError
-from engine.executor.executor import TPState
 from engine.engine import LLMEngine
-from tests.distributed.tp_fixtures import checkpoints, local_ray, prompts  # noqa: F401
+from engine.executor.executor import TPState
+from tests.distributed.tp_fixtures import prompts
 
 BOUND_S = 30.0
 
 
 def _engine_mid_generation(path) -> LLMEngine:
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", tensor_parallel_size=2), show_progress=False)
+    engine = LLMEngine(
+        EngineConfig(model=str(path), device="cpu", tensor_parallel_size=2), show_progress=False
+    )
     for i, p in enumerate(prompts()):
-        engine.add_request(str(i), p, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True))
+        engine.add_request(
+            str(i), p, SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        )
     for _ in range(3):
         engine.step()
     return engine

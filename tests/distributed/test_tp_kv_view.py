@@ -18,13 +18,13 @@ import torch
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.distributed import TPGroupError
-from engine.executor.executor import TPState
 from engine.engine import LLMEngine
+from engine.executor.executor import TPState
 from kvtransfer.cache_view import KVCacheView, TPLayout
 from kvtransfer.errors import InvalidBlockIdsError, KVLayoutError
 from kvtransfer.tp_view import TPGroupKVView
 from kvtransfer.transports.fake import FakeFabric, FakeReceiver, FakeSender
-from tests.distributed.tp_fixtures import local_ray, prompts  # noqa: F401
+from tests.distributed.tp_fixtures import prompts
 from tests.engine import tiny_models
 
 NUM_NEW = 12
@@ -37,7 +37,9 @@ class Pair:
     """A TP = 1 and a TP = 2 engine of one checkpoint, with their KV views."""
 
     def __init__(self, path: Path, device: str) -> None:
-        kwargs = dict(model=str(path), device=device, dtype="float32", num_kv_blocks=48, block_size=16)
+        kwargs = dict(
+            model=str(path), device=device, dtype="float32", num_kv_blocks=48, block_size=16
+        )
         if device == "cuda":
             kwargs["gpu_memory_utilization"] = 0.3
         self.tp1 = LLMEngine(EngineConfig(**kwargs), show_progress=False)
@@ -51,9 +53,15 @@ class Pair:
         self.tp2.shutdown()
 
 
-@pytest.fixture(scope="module", params=[("qwen2", "cpu"), ("mistral", "cpu"),
-                                        pytest.param(("mistral", "cuda"), marks=pytest.mark.multi_gpu)],
-                ids=["qwen2", "mistral", "mistral-nccl"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("qwen2", "cpu"),
+        ("mistral", "cpu"),
+        pytest.param(("mistral", "cuda"), marks=pytest.mark.multi_gpu),
+    ],
+    ids=["qwen2", "mistral", "mistral-nccl"],
+)
 def pair(request, local_ray, tmp_path_factory) -> Iterator[Pair]:  # noqa: F811
     name, device = request.param
     p = Pair(tiny_models.build(name, tmp_path_factory.mktemp("tiny_kv")), device)
@@ -81,7 +89,11 @@ def _generate(engine: LLMEngine, rid: str, prompt: list[int]) -> list[int]:
 def _free_blocks(engine: LLMEngine, n: int) -> list[int]:
     """Free blocks that no prefix-cache entry points at (safe to scribble on)."""
     pool = engine.kv_manager.pool
-    free = [b for b in range(1, engine.runner.num_blocks) if pool.ref_count(b) == 0 and pool.block_hash(b) is None]
+    free = [
+        b
+        for b in range(1, engine.runner.num_blocks)
+        if pool.ref_count(b) == 0 and pool.block_hash(b) is None
+    ]
     return free[-n:]
 
 
@@ -91,15 +103,28 @@ def test_reads_equal_the_tp1_engine(pair):
     try:
         assert first1 == first2 and len(ids1) == len(ids2) == 4
         heads, layers = pair.view1.num_local_heads, pair.view1.num_layers
-        assert pair.view2.tp == TPLayout(0, 1, heads) and pair.view2.block_shape() == pair.view1.block_shape()
+        assert (
+            pair.view2.tp == TPLayout(0, 1, heads)
+            and pair.view2.block_shape() == pair.view1.block_shape()
+        )
         close = dict(rtol=1e-4, atol=1e-4)  # TP sums the row-parallel outputs in another order
-        torch.testing.assert_close(pair.view2.read_blocks(ids2), pair.view1.read_blocks(ids1), **close)
+        torch.testing.assert_close(
+            pair.view2.read_blocks(ids2), pair.view1.read_blocks(ids1), **close
+        )
         last = (heads - 1, heads)
-        torch.testing.assert_close(pair.view2.read_blocks(ids2, last), pair.view1.read_blocks(ids1, last), **close)
-        torch.testing.assert_close(pair.view2.read_blocks(ids2[1:3], None, (0, 1)),
-                                   pair.view1.read_blocks(ids1[1:3], None, (0, 1)), **close)
-        torch.testing.assert_close(pair.view2.read_blocks(ids2, last, (1, layers)),
-                                   pair.view1.read_blocks(ids1, last, (1, layers)), **close)
+        torch.testing.assert_close(
+            pair.view2.read_blocks(ids2, last), pair.view1.read_blocks(ids1, last), **close
+        )
+        torch.testing.assert_close(
+            pair.view2.read_blocks(ids2[1:3], None, (0, 1)),
+            pair.view1.read_blocks(ids1[1:3], None, (0, 1)),
+            **close,
+        )
+        torch.testing.assert_close(
+            pair.view2.read_blocks(ids2, last, (1, layers)),
+            pair.view1.read_blocks(ids1, last, (1, layers)),
+            **close,
+        )
         assert pair.view2.read_blocks([]).shape == (layers, 2, 0, 16, heads, pair.view1.head_dim)
     finally:
         pair.tp1.release_blocks(ids1)
@@ -127,7 +152,9 @@ def test_tier_store_swaps_through_the_group_view(pair):
     ids = _free_blocks(pair.tp2, 2)
     data = torch.randn(view.block_shape()[:2] + (2,) + view.block_shape()[2:])
     view.write_blocks(ids, data)
-    store = TieredStore(view, model_salt="m", cpu_bytes=4 * view.bytes_per_block(), pin_memory=False)
+    store = TieredStore(
+        view, model_salt="m", cpu_bytes=4 * view.bytes_per_block(), pin_memory=False
+    )
     try:
         handle = store.swap_out(view, ids)
         view.write_blocks(ids, torch.zeros_like(data))
@@ -137,12 +164,21 @@ def test_tier_store_swaps_through_the_group_view(pair):
         store.close()
 
 
-def _move(src: KVCacheView, src_engine: LLMEngine, dst: KVCacheView, dst_engine: LLMEngine) -> list[int]:
+def _move(
+    src: KVCacheView, src_engine: LLMEngine, dst: KVCacheView, dst_engine: LLMEngine
+) -> list[int]:
     """Prefill on `src_engine`, pull its KV into `dst_engine` through the fake transport, decode there."""
     released: list[str] = []
     fabric = FakeFabric()
-    sender = FakeSender(fabric, "p", src, model_salt="m", on_release=lambda t, b: src_engine.release_blocks(b))
-    receiver = FakeReceiver(fabric, dst, on_release=lambda t, b: released.append(t), chunk_bytes=2 * src.bytes_per_block())
+    sender = FakeSender(
+        fabric, "p", src, model_salt="m", on_release=lambda t, b: src_engine.release_blocks(b)
+    )
+    receiver = FakeReceiver(
+        fabric,
+        dst,
+        on_release=lambda t, b: released.append(t),
+        chunk_bytes=2 * src.bytes_per_block(),
+    )
     try:
         held, first = _prefill(src_engine, "moved", PROMPT)
         handle = sender.register("moved", held, [], len(PROMPT))

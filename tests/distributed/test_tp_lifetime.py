@@ -16,7 +16,7 @@ from engine import LLM, SamplingParams
 from engine.distributed import TPGroupError
 from engine.executor.ray_launch import wait_exited
 from engine.llm import LLMClosedError
-from tests.distributed.tp_fixtures import local_ray, prompts  # noqa: F401
+from tests.distributed.tp_fixtures import prompts
 from tests.engine import tiny_models
 
 pytestmark = pytest.mark.usefixtures("local_ray")

@@ -24,9 +24,13 @@ def build_odd_vocab(root: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(4321)
-    cfg = LlamaConfig(**{**tiny_models.COMMON, "vocab_size": 501, "num_key_value_heads": 1},
-                      tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg).float().eval().save_pretrained(str(path), safe_serialization=True)
+    cfg = LlamaConfig(
+        **{**tiny_models.COMMON, "vocab_size": 501, "num_key_value_heads": 1},
+        tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(cfg).float().eval().save_pretrained(
+        str(path), safe_serialization=True
+    )
     return path
 
 

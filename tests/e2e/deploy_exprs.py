@@ -30,7 +30,12 @@ def _walk(node: Any, key: str) -> list[Any]:
 
 def dashboard_exprs() -> list[str]:
     """Every panel query of every dashboard, as written (with Grafana variables)."""
-    return [e for path in DASHBOARDS for e in _walk(json.loads(path.read_text()), "expr") if isinstance(e, str)]
+    return [
+        e
+        for path in DASHBOARDS
+        for e in _walk(json.loads(path.read_text()), "expr")
+        if isinstance(e, str)
+    ]
 
 
 def dashboard_variable_queries() -> list[str]:
@@ -44,7 +49,12 @@ def dashboard_variable_queries() -> list[str]:
 
 
 def rule_exprs() -> list[str]:
-    return [r["expr"] for path in RULE_FILES for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+    return [
+        r["expr"]
+        for path in RULE_FILES
+        for g in yaml.safe_load(path.read_text())["groups"]
+        for r in g["rules"]
+    ]
 
 
 def to_promql(expr: str) -> str:

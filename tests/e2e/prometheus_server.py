@@ -31,7 +31,9 @@ INSTALL_TIMEOUT_S = 600
 
 def _apt(*args: str) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    return subprocess.run(
+        ["apt-get", *args], env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
+    )
 
 
 def ensure_prometheus() -> str:
@@ -40,7 +42,9 @@ def ensure_prometheus() -> str:
     if found:
         return found
     if shutil.which("apt-get") is None:
-        pytest.skip("prometheus is not installed and apt-get is unavailable (not a Debian-like machine)")
+        pytest.skip(
+            "prometheus is not installed and apt-get is unavailable (not a Debian-like machine)"
+        )
     if os.geteuid() != 0:
         pytest.skip("prometheus is not installed and installing Debian's package needs root")
     update = _apt("update")
@@ -59,7 +63,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25) -> Any:
+def wait_for(
+    check: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.25
+) -> Any:
     """Poll `check()` until it returns something truthy; fail naming `what` at the deadline."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
@@ -75,21 +81,35 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, interval_s: 
 
 
 class PrometheusServer:
-    def __init__(self, binary: str, workdir: Path, sd_file: str, rule_files: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, sd_file: str, rule_files: Sequence[Path] = ()
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
             "rule_files": [str(p) for p in rule_files],
             "scrape_configs": [
-                {"job_name": "tandem", "file_sd_configs": [{"files": [sd_file], "refresh_interval": "1s"}]}
+                {
+                    "job_name": "tandem",
+                    "file_sd_configs": [{"files": [sd_file], "refresh_interval": "1s"}],
+                }
             ],
         }
         config_path = workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "prometheus.log"
-        args = [binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]  # fmt: skip
+        args = [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT)
         wait_for(self._ready, 60, "Prometheus to become ready")
@@ -127,7 +147,11 @@ class PrometheusServer:
 
     def wait_value(self, expr: str, expected: float, timeout_s: float = 30.0) -> float:
         """Poll until the expression equals `expected` (counters reach a workload's totals)."""
-        wait_for(lambda: self.value(expr) == expected, timeout_s, f"{expr} == {expected} (now {self.value(expr)})")
+        wait_for(
+            lambda: self.value(expr) == expected,
+            timeout_s,
+            f"{expr} == {expected} (now {self.value(expr)})",
+        )
         return expected
 
     def stop(self) -> None:

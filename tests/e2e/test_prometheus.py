@@ -23,7 +23,14 @@ from tandem.client import AsyncClient, Slo, TandemClientError
 from tandem.cluster import ClusterConfig
 from tandem.status_view import collect, histogram_quantile, render
 from tests.cluster.cluster_harness import ClusterThread
-from tests.e2e.deploy_exprs import RULE_FILES, SCRAPE_CONFIG, dashboard_exprs, metric_names, rule_exprs, to_promql
+from tests.e2e.deploy_exprs import (
+    RULE_FILES,
+    SCRAPE_CONFIG,
+    dashboard_exprs,
+    metric_names,
+    rule_exprs,
+    to_promql,
+)
 from tests.e2e.prometheus_server import PrometheusServer, ensure_prometheus, wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,7 +50,9 @@ class Tally:
     finals: list[pb.GenerateResponse] = field(default_factory=list)
 
     def add(self, prompt_len: int, tokens: int, final: pb.GenerateResponse) -> None:
-        reason = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}.get(final.finish_reason, "abort")
+        reason = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}.get(
+            final.finish_reason, "abort"
+        )
         self.finished[reason] += 1
         self.prompt_tokens += prompt_len
         self.generated_tokens += tokens
@@ -64,18 +73,26 @@ def prometheus_binary() -> str:
 @pytest.fixture(scope="module")
 def cluster(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> ClusterThread:
     sd_path = tmp_path_factory.mktemp("sd") / "prometheus_sd.json"
-    config = ClusterConfig(num_prefill=1, num_decode=1, engine_kwargs={"device": "cpu"}, metrics_sd_path=str(sd_path))
+    config = ClusterConfig(
+        num_prefill=1, num_decode=1, engine_kwargs={"device": "cpu"}, metrics_sd_path=str(sd_path)
+    )
     c = ClusterThread(config)
     yield c
     c.close()
 
 
 @pytest.fixture(scope="module")
-def prom(prometheus_binary: str, cluster: ClusterThread, tmp_path_factory: pytest.TempPathFactory) -> PrometheusServer:
+def prom(
+    prometheus_binary: str, cluster: ClusterThread, tmp_path_factory: pytest.TempPathFactory
+) -> PrometheusServer:
     assert cluster.cluster.sd_path is not None
-    server = PrometheusServer(prometheus_binary, tmp_path_factory.mktemp("prom"), cluster.cluster.sd_path, RULE_FILES)
+    server = PrometheusServer(
+        prometheus_binary, tmp_path_factory.mktemp("prom"), cluster.cluster.sd_path, RULE_FILES
+    )
     try:
-        wait_for(lambda: server.value('count(up{job="tandem"} == 1)') == 3, 30, "3 tandem targets up")
+        wait_for(
+            lambda: server.value('count(up{job="tandem"} == 1)') == 3, 30, "3 tandem targets up"
+        )
         yield server
     finally:
         server.stop()
@@ -86,7 +103,9 @@ async def _run(client: AsyncClient, prompt: list[int], **kwargs) -> tuple[int, p
     return len(tokens), final
 
 
-async def _tokens(client: AsyncClient, prompt: list[int], **kwargs) -> tuple[list[int], pb.GenerateResponse]:
+async def _tokens(
+    client: AsyncClient, prompt: list[int], **kwargs
+) -> tuple[list[int], pb.GenerateResponse]:
     tokens: list[int] = []
     final = None
     async for msg in client.generate(prompt, **kwargs):
@@ -102,29 +121,57 @@ async def _scripted(address: str) -> tuple[Tally, int, int]:
     async with AsyncClient(address) as client:
         for i in range(NUM_STOP):  # sequential, < 1 block: no prefix hit changes the greedy result
             prompt = _prompt(100 + i, 12)
-            tokens, probe = await _tokens(client, prompt, temperature=0.0, max_tokens=8, ignore_eos=True, best_effort=True)
+            tokens, probe = await _tokens(
+                client, prompt, temperature=0.0, max_tokens=8, ignore_eos=True, best_effort=True
+            )
             tally.add(len(prompt), len(tokens), probe)
             stop_token = next(t for k, t in enumerate(tokens) if k >= 2 and t not in tokens[:k])
-            n, final = await _run(client, prompt, temperature=0.0, max_tokens=8, stop_token_ids=[stop_token],
-                                  best_effort=True)
+            n, final = await _run(
+                client,
+                prompt,
+                temperature=0.0,
+                max_tokens=8,
+                stop_token_ids=[stop_token],
+                best_effort=True,
+            )
             assert final.finish_reason == pb.FINISH_REASON_STOP, final
             tally.add(len(prompt), n, final)
         lengths = [20 + i for i in range(NUM_LENGTH)]
-        runs = [_run(client, _prompt(i, n), temperature=0.7, seed=i, max_tokens=6, ignore_eos=True, best_effort=True)
-                for i, n in enumerate(lengths)]  # fmt: skip
+        runs = [
+            _run(
+                client,
+                _prompt(i, n),
+                temperature=0.7,
+                seed=i,
+                max_tokens=6,
+                ignore_eos=True,
+                best_effort=True,
+            )
+            for i, n in enumerate(lengths)
+        ]
         for n_prompt, (n, final) in zip(lengths, await asyncio.gather(*runs)):
             assert final.finish_reason == pb.FINISH_REASON_LENGTH and n == 6
             tally.add(n_prompt, n, final)
-        n, final = await _run(client, _prompt(7, 9), max_tokens=1, best_effort=True)  # ends at the prefill worker
+        n, final = await _run(
+            client, _prompt(7, 9), max_tokens=1, best_effort=True
+        )  # ends at the prefill worker
         tally.add(9, n, final)
-        slo_rejects = await _expect_errors(client, NUM_SLO_REJECTS, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                           _prompt(1, 300), slo=Slo(ttft_ms=0.001))  # fmt: skip
-        invalid = await _expect_errors(client, NUM_INVALID, grpc.StatusCode.INVALID_ARGUMENT, _prompt(2, 5),
-                                       temperature=-1.0)  # fmt: skip
+        slo_rejects = await _expect_errors(
+            client,
+            NUM_SLO_REJECTS,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            _prompt(1, 300),
+            slo=Slo(ttft_ms=0.001),
+        )
+        invalid = await _expect_errors(
+            client, NUM_INVALID, grpc.StatusCode.INVALID_ARGUMENT, _prompt(2, 5), temperature=-1.0
+        )
     return tally, slo_rejects, invalid
 
 
-async def _expect_errors(client: AsyncClient, count: int, code: grpc.StatusCode, prompt: list[int], **kwargs) -> int:
+async def _expect_errors(
+    client: AsyncClient, count: int, code: grpc.StatusCode, prompt: list[int], **kwargs
+) -> int:
     for _ in range(count):
         with pytest.raises(TandemClientError) as err:
             await _run(client, prompt, **kwargs)
@@ -144,17 +191,24 @@ def workload(cluster: ClusterThread, prom: PrometheusServer) -> tuple[Tally, int
     return tally, slo_rejects, invalid
 
 
-def test_counters_match_the_workload_exactly(prom: PrometheusServer, workload: tuple[Tally, int, int]) -> None:
+def test_counters_match_the_workload_exactly(
+    prom: PrometheusServer, workload: tuple[Tally, int, int]
+) -> None:
     tally, slo_rejects, invalid = workload
     for reason, count in tally.finished.items():
-        assert prom.value(f'sum(tandem_requests_finished_total{{finish_reason="{reason}"}})') == count, reason
+        assert (
+            prom.value(f'sum(tandem_requests_finished_total{{finish_reason="{reason}"}})') == count
+        ), reason
     assert prom.value('sum(tandem_requests_rejected_total{reason="slo_infeasible"})') == slo_rejects
     assert prom.value('sum(tandem_requests_rejected_total{reason="invalid_argument"})') == invalid
     assert prom.value("sum(tandem_requests_rejected_total)") == slo_rejects + invalid
     assert prom.value("sum(tandem_prompt_tokens_total)") == tally.prompt_tokens
     assert prom.value("sum(tandem_generation_tokens_total)") == tally.generated_tokens
     served = sum(tally.finished.values())
-    assert prom.value('sum(tandem_slo_requests_total{slo_class="interactive"})') == served + slo_rejects
+    assert (
+        prom.value('sum(tandem_slo_requests_total{slo_class="interactive"})')
+        == served + slo_rejects
+    )
     assert prom.value("sum(tandem_kv_transfers_total)") == tally.decoded
     assert prom.value("sum(tandem_kv_transfer_bytes_total)") > 0
     assert prom.value("sum(tandem_requests_failed_total)") == 0
@@ -162,12 +216,20 @@ def test_counters_match_the_workload_exactly(prom: PrometheusServer, workload: t
     assert prom.value("sum(tandem_inter_token_latency_seconds_count)") == itl_count
 
 
-def test_every_stage_quantile_is_finite(prom: PrometheusServer, workload: tuple[Tally, int, int]) -> None:
+def test_every_stage_quantile_is_finite(
+    prom: PrometheusServer, workload: tuple[Tally, int, int]
+) -> None:
     for stage in STAGES:
         for q in (0.5, 0.99):
             expr = f'histogram_quantile({q}, sum by (le) (rate(tandem_stage_seconds_bucket{{stage="{stage}"}}[5m])))'
             assert math.isfinite(prom.value(expr)), expr
-    for name in ("time_to_first_token", "inter_token_latency", "time_per_output_token", "end_to_end", "engine_step"):
+    for name in (
+        "time_to_first_token",
+        "inter_token_latency",
+        "time_per_output_token",
+        "end_to_end",
+        "engine_step",
+    ):
         expr = f"histogram_quantile(0.9, sum by (le) (rate(tandem_{name}_seconds_bucket[5m])))"
         assert math.isfinite(prom.value(expr)), expr
     assert prom.value('sum(tandem_engine_batch_tokens_count{pool="prefill"})') > 0
@@ -180,11 +242,17 @@ def test_status_view_shows_the_figures_prometheus_has(
 ) -> None:
     snap = collect(cluster.address)
     assert not snap.failed_targets and len(snap.status.metrics_targets) == 3
-    assert snap.total("tandem_requests_finished_total") == prom.value("sum(tandem_requests_finished_total)")
-    assert snap.total("tandem_generation_tokens_total") == prom.value("sum(tandem_generation_tokens_total)")
+    assert snap.total("tandem_requests_finished_total") == prom.value(
+        "sum(tandem_requests_finished_total)"
+    )
+    assert snap.total("tandem_generation_tokens_total") == prom.value(
+        "sum(tandem_generation_tokens_total)"
+    )
     for stage in STAGES:
         ours = histogram_quantile(0.9, snap.buckets("tandem_stage_seconds", stage=stage))
-        theirs = prom.value(f'histogram_quantile(0.9, sum by (le) (tandem_stage_seconds_bucket{{stage="{stage}"}}))')
+        theirs = prom.value(
+            f'histogram_quantile(0.9, sum by (le) (tandem_stage_seconds_bucket{{stage="{stage}"}}))'
+        )
         assert ours == pytest.approx(theirs), stage
     console = Console(record=True, width=200)
     console.print(render(snap))
@@ -215,15 +283,21 @@ def test_dashboard_and_alert_expressions_run_and_name_scraped_metrics(
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     if shutil.which("promtool"):
         for path in [*RULE_FILES]:
-            check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+            check = subprocess.run(
+                ["promtool", "check", "rules", str(path)], capture_output=True, text=True
+            )
             assert check.returncode == 0, check.stdout + check.stderr
-        check = subprocess.run(["promtool", "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True)
+        check = subprocess.run(
+            ["promtool", "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True
+        )
         assert check.returncode == 0, check.stdout + check.stderr
 
 
 def _evaluated_rules(prom: PrometheusServer) -> list[dict]:
     rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
-    return rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else []
+    return (
+        rules if rules and all(r.get("lastEvaluation", "").startswith("20") for r in rules) else []
+    )
 
 
 async def _distinct_requests(address: str, count: int, concurrency: int = 16) -> int:
@@ -233,8 +307,17 @@ async def _distinct_requests(address: str, count: int, concurrency: int = 16) ->
     async def one(client: AsyncClient, i: int) -> None:
         nonlocal tokens
         async with gate:
-            n, _ = await _run(client, _prompt(1000 + i, 6 + i % 11), request_id=f"bound-{i:04d}", slo="batch",
-                              best_effort=True, temperature=0.5, seed=i, max_tokens=2, ignore_eos=True)  # fmt: skip
+            n, _ = await _run(
+                client,
+                _prompt(1000 + i, 6 + i % 11),
+                request_id=f"bound-{i:04d}",
+                slo="batch",
+                best_effort=True,
+                temperature=0.5,
+                seed=i,
+                max_tokens=2,
+                ignore_eos=True,
+            )
             tokens += n
 
     async with AsyncClient(address) as client:
@@ -251,7 +334,9 @@ def test_series_stay_bounded_after_500_distinct_requests(
     before = prom.value(series)
     generated = prom.value("sum(tandem_generation_tokens_total)")
     tokens = asyncio.run(_distinct_requests(cluster.address, NUM_DISTINCT))
-    prom.wait_value("sum(tandem_requests_finished_total)", before_total + NUM_DISTINCT, timeout_s=30)
+    prom.wait_value(
+        "sum(tandem_requests_finished_total)", before_total + NUM_DISTINCT, timeout_s=30
+    )
     prom.wait_value("sum(tandem_generation_tokens_total)", generated + tokens)
     assert prom.value(series) == before, "the number of series grew with the number of requests"
     assert before < 2000

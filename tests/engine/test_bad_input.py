@@ -16,7 +16,9 @@ def llm() -> LLM:
 
 
 def test_unknown_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 10})
+    )
     with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
         LLM(str(tmp_path), device="cpu", show_progress=False)
 
@@ -62,8 +64,14 @@ def test_invalid_request_names_field_and_engine_keeps_serving(llm, prompt, param
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"temperature": -1}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"n": 1000}, "n"),
-     ({"logprobs": 1000}, "logprobs"), ({"stop": ["x" * 2**20]}, "stop"), ({"max_tokens": 0}, "max_tokens")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 1000}, "n"),
+        ({"logprobs": 1000}, "logprobs"),
+        ({"stop": ["x" * 2**20]}, "stop"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
 )
 def test_invalid_sampling_params(kwargs, field):
     with pytest.raises(InvalidRequestError) as err:
@@ -84,7 +92,9 @@ def test_stop_strings_abort_and_finish_reasons(llm):
     assert out.finish_reason == "length" and len(out.token_ids) == 24
     stop = out.text[3:6]
     if stop:
-        stopped = llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
+        stopped = llm.generate(
+            ["Hello world"], SamplingParams(temperature=0, max_tokens=24, stop=[stop])
+        )[0]
         assert stopped.finish_reason == "stop" and stop not in stopped.text
         assert out.text.startswith(stopped.text)
     engine.add_request("x", [5] * 40, SamplingParams(max_tokens=50))
@@ -98,5 +108,7 @@ def test_seeded_sampling_reproducible_across_batches(llm):
     p = SamplingParams(temperature=1.0, top_k=50, seed=42, max_tokens=12)
     alone = llm.generate([[11, 12, 13]], p)[0].token_ids
     others = [SamplingParams(temperature=0.7, seed=i, max_tokens=12) for i in range(5)]
-    batch = llm.generate([[20, 21]] * 2 + [[11, 12, 13]] + [[30]] * 3, others[:2] + [p] + others[2:5])
+    batch = llm.generate(
+        [[20, 21]] * 2 + [[11, 12, 13]] + [[30]] * 3, others[:2] + [p] + others[2:5]
+    )
     assert batch[2].token_ids == alone

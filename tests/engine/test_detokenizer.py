@@ -17,14 +17,26 @@ from engine.detokenizer import IncrementalDetokenizer, find_stop
 
 INCOMPLETE = "\ufffd"
 CHINESE = "你好，世界！这是中文测试。"
-FAMILY = "\U0001F468\u200d\U0001F469\u200d\U0001F467\u200d\U0001F466"  # man, woman, girl, boy
+FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466"  # man, woman, girl, boy
 EMOJI = f"ok {FAMILY} 👍🏽 🇯🇵 done"
 MIXED = f"hello 中文 world {FAMILY}!"
 TEXTS = (CHINESE, EMOJI, MIXED)
-WHOLE_CHARS = "中文你好"  # byte-fallback vocabularies hold these as whole tokens; the rest fall back
+WHOLE_CHARS = (
+    "中文你好"  # byte-fallback vocabularies hold these as whole tokens; the rest fall back
+)
 VOCAB_SIZE = 500  # the tiny checkpoints' vocabulary (tests/engine/tiny_models)
-MERGES = [("▁", "h"), ("e", "l"), ("el", "l"), ("▁h", "ell"), ("▁hell", "o"),
-          ("▁", "w"), ("o", "r"), ("▁w", "or"), ("l", "d"), ("▁wor", "ld")]
+MERGES = [
+    ("▁", "h"),
+    ("e", "l"),
+    ("el", "l"),
+    ("▁h", "ell"),
+    ("▁hell", "o"),
+    ("▁", "w"),
+    ("o", "r"),
+    ("▁w", "or"),
+    ("l", "d"),
+    ("▁wor", "ld"),
+]
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -53,10 +65,12 @@ def _byte_fallback(kind: str) -> Any:
         model = models.Unigram([(p, -1.0) for p in pieces], unk_id=0, byte_fallback=True)
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def _tiny_random(directory: Path) -> Any:
@@ -88,12 +102,16 @@ def tiny_random(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return _tiny_random(tmp_path_factory.mktemp("tiny_random_tokenizer"))
 
 
-@pytest.fixture(scope="module",
-                params=["tiny-random", "byte-fallback-bpe", "byte-fallback-unigram", "slow"])
+@pytest.fixture(
+    scope="module", params=["tiny-random", "byte-fallback-bpe", "byte-fallback-unigram", "slow"]
+)
 def tokenizer(request: pytest.FixtureRequest, tiny_random: Any) -> Any:
-    return {"tiny-random": lambda: tiny_random, "byte-fallback-bpe": lambda: _byte_fallback("bpe"),
-            "byte-fallback-unigram": lambda: _byte_fallback("unigram"),
-            "slow": SlowByteTokenizer}[request.param]()
+    return {
+        "tiny-random": lambda: tiny_random,
+        "byte-fallback-bpe": lambda: _byte_fallback("bpe"),
+        "byte-fallback-unigram": lambda: _byte_fallback("unigram"),
+        "slow": SlowByteTokenizer,
+    }[request.param]()
 
 
 # ------------------------------------------------------------------ the property
@@ -127,7 +145,7 @@ def _check_stream(tok: Any, ids: list[int], split: int, *, valid_utf8: bool = Tr
         assert detok.text == text
         expected = _readable(tok, ids, k)
         assert expected.startswith(base), (split, k, expected)
-        assert text == expected[len(base):], (split, k, text, expected)
+        assert text == expected[len(base) :], (split, k, text, expected)
     return text
 
 
@@ -188,8 +206,9 @@ def test_clean_up_spaces_uses_the_offset_fallback():
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(cleanup=False)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
-                                   clean_up_tokenization_spaces=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", clean_up_tokenization_spaces=True
+    )
     ids = fast.encode("don't stop it!")
     detok = IncrementalDetokenizer(fast, [vocab["it"]], skip_special_tokens=False)
     assert not detok.uses_decode_stream
@@ -274,11 +293,21 @@ def test_stop_strings_are_exact(tiny_llm):
     stops = [s for s in (full.text[4:6], full.text[9:10]) if s]
     assert stops
     cases = [(stop, include) for stop in stops for include in (False, True)]
-    outs = llm.generate([prompt] * len(cases), [
-        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop],
-                       include_stop_str_in_output=include) for stop, include in cases])
+    outs = llm.generate(
+        [prompt] * len(cases),
+        [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=24,
+                ignore_eos=True,
+                stop=[stop],
+                include_stop_str_in_output=include,
+            )
+            for stop, include in cases
+        ],
+    )
     for (stop, include), out in zip(cases, outs):
         cut = full.text.index(stop) + (len(stop) if include else 0)
         assert out.finish_reason == "stop" and out.stop_reason == stop
         assert out.text == full.text[:cut], (stop, out.text, full.text)
-        assert out.token_ids == full.token_ids[:len(out.token_ids)]
+        assert out.token_ids == full.token_ids[: len(out.token_ids)]

@@ -211,7 +211,9 @@ def _truncated(path: Path, keep: float) -> Path:
 
 
 def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
-    llama = lambda name, **meta: gguf_files.model_gguf(tmp_path / name, "llama", Q.Q8_0, **meta)
+    def llama(name: str, **meta: object) -> Path:
+        return gguf_files.model_gguf(tmp_path / name, "llama", Q.Q8_0, **meta)
+
     gpt2 = gguf_files.write_gguf(tmp_path / "gpt2.gguf", "gpt2", {"gpt2.block_count": 1}, {})
     bert = gguf_files.write_gguf(tmp_path / "bert.gguf", "bert", {"bert.block_count": 1}, {})
     not_gguf = tmp_path / "text.gguf"

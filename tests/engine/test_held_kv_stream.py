@@ -31,7 +31,9 @@ def _run(llm: LLM) -> None:
 
 @pytest.mark.parametrize("chunk", [None, 32])
 def test_listener_sees_the_held_blocks_once_at_the_last_prefill_step(chunk: int | None) -> None:
-    kwargs = {} if chunk is None else {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True}
+    kwargs = (
+        {} if chunk is None else {"max_num_batched_tokens": chunk, "enable_chunked_prefill": True}
+    )
     llm = _llm(**kwargs)
     engine = llm.engine
     seen: list[tuple[HeldKVEnqueued, int]] = []
@@ -43,7 +45,9 @@ def test_listener_sees_the_held_blocks_once_at_the_last_prefill_step(chunk: int 
     event, computed_before = seen[0]
     assert event.request is held and event.block_ids == held.held_block_ids
     assert event.block_hashes == held.block_hashes[: len(PROMPT) // engine.config.block_size]
-    assert event.layer_ready == [None] * engine.model_config.num_layers  # CPU: the layers already ran
+    assert (
+        event.layer_ready == [None] * engine.model_config.num_layers
+    )  # CPU: the layers already ran
     if chunk is not None:
         assert computed_before > 0, "called at the last chunk, not the first"
     engine.release_blocks(held.held_block_ids)
@@ -64,14 +68,24 @@ def test_streamed_handle_before_the_first_token_decodes_like_colocated() -> None
     prefill, decode = _llm(), _llm()
     colocated = decode.generate([PROMPT], GREEDY)[0].token_ids
     fabric, released = FakeFabric(), []
-    sender = FakeSender(fabric, "p", KVCacheView(prefill.engine.runner.kv_cache), model_salt=prefill.engine.kv_manager.salt,
-                        on_release=lambda tid, blocks: released.append(blocks))
-    receiver = FakeReceiver(fabric, KVCacheView(decode.engine.runner.kv_cache),
-                            on_release=lambda tid, blocks: decode.engine.release_blocks(blocks))
+    sender = FakeSender(
+        fabric,
+        "p",
+        KVCacheView(prefill.engine.runner.kv_cache),
+        model_salt=prefill.engine.kv_manager.salt,
+        on_release=lambda tid, blocks: released.append(blocks),
+    )
+    receiver = FakeReceiver(
+        fabric,
+        KVCacheView(decode.engine.runner.kv_cache),
+        on_release=lambda tid, blocks: decode.engine.release_blocks(blocks),
+    )
     incoming = []
 
     def on_enqueued(held: HeldKVEnqueued) -> None:  # the decode side starts before the first token
-        handle = sender.register("r", held.block_ids, held.block_hashes, len(PROMPT), layer_ready=held.layer_ready)
+        handle = sender.register(
+            "r", held.block_ids, held.block_hashes, len(PROMPT), layer_ready=held.layer_ready
+        )
         request = decode.engine.add_prefilled("r", PROMPT, None, GREEDY)
         assert request is not None
         receiver.start(handle, request.block_ids[: handle.num_blocks])

@@ -43,10 +43,14 @@ def hf_reference(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
         for p in prompts:
             ids = torch.tensor([p])
             gen = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_NEW, min_new_tokens=NUM_NEW,
-                do_sample=False, pad_token_id=0,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NUM_NEW,
+                min_new_tokens=NUM_NEW,
+                do_sample=False,
+                pad_token_id=0,
             )
-            outs.append(gen[0, len(p):].tolist())
+            outs.append(gen[0, len(p) :].tolist())
         refs[name] = outs
     return refs
 
@@ -90,13 +94,21 @@ def test_prefix_caching_equals_hf(arch, checkpoints):
     first = llm.generate(prompts[:1], GREEDY)
     rest = llm.generate(prompts[1:], GREEDY)
     stats = llm.engine.stats()
-    assert stats.prefix_hit_tokens > 0 and stats.prefix_hit_tokens / stats.prefix_queried_tokens > 0.5
+    assert (
+        stats.prefix_hit_tokens > 0 and stats.prefix_hit_tokens / stats.prefix_queried_tokens > 0.5
+    )
     model = tiny_models.hf_model(checkpoints[arch])
     for p, out in zip(prompts, first + rest):
         ids = torch.tensor([p])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_NEW,
-                             min_new_tokens=NUM_NEW, do_sample=False, pad_token_id=0)
-        assert out.token_ids == ref[0, len(p):].tolist()
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NUM_NEW,
+            min_new_tokens=NUM_NEW,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        assert out.token_ids == ref[0, len(p) :].tolist()
         assert out is first[0] or out.num_cached_tokens >= 192
 
 
@@ -108,7 +120,9 @@ def test_last_position_logits_match_hf(arch, checkpoints):
     for i, prompt in enumerate(tiny_models.mixed_prompts(4, seed=3)):
         engine.add_request(f"probe{i}", prompt, SamplingParams(temperature=0.0, max_tokens=1))
         out = engine.scheduler.schedule()
-        ours = engine.runner.compute_logits(engine.runner.forward(build_step_inputs(out, engine.config.block_size)))
+        ours = engine.runner.compute_logits(
+            engine.runner.forward(build_step_inputs(out, engine.config.block_size))
+        )
         engine.abort([f"probe{i}"])
         with torch.no_grad():
             ref = model(torch.tensor([prompt])).logits[0, -1].float()
@@ -118,8 +132,11 @@ def test_last_position_logits_match_hf(arch, checkpoints):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)
-@pytest.mark.parametrize("extra", [{}, {"max_num_batched_tokens": 16}, {"num_kv_blocks": 27}],
-                         ids=["batched", "chunked16", "preempt"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"max_num_batched_tokens": 16}, {"num_kv_blocks": 27}],
+    ids=["batched", "chunked16", "preempt"],
+)
 def test_triton_backend_on_gpu_equals_hf(arch, extra, checkpoints, hf_reference):
     """The same equality on CUDA with the Triton kernels and CUDA graphs, in float32."""
     extra = {"num_kv_blocks": 4096, **extra}  # tests share the GPU: size the cache, do not fill HBM
@@ -149,7 +166,9 @@ def test_bf16_on_gpu_close_to_hf(arch, checkpoints):
     for i, prompt in enumerate(tiny_models.mixed_prompts(4, seed=5)):
         engine.add_request(f"bf16-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=1))
         out = engine.scheduler.schedule()
-        ours = engine.runner.compute_logits(engine.runner.forward(build_step_inputs(out, engine.config.block_size)))[0]
+        ours = engine.runner.compute_logits(
+            engine.runner.forward(build_step_inputs(out, engine.config.block_size))
+        )[0]
         engine.abort([f"bf16-{i}"])
         ids = torch.tensor([prompt], device="cuda")
         with torch.no_grad():

@@ -127,8 +127,13 @@ def test_sharded_spec_gives_the_rank_and_group_views() -> None:
 
 def test_handle_layout_from_spec_survives_the_wire() -> None:
     handle = KVHandle(
-        transfer_id="t", source_worker_id="w", source_addresses=("a",),
-        layout=KVLayout.from_spec(SPEC), block_ids=(3, 4), block_hashes=(), num_tokens=9,
+        transfer_id="t",
+        source_worker_id="w",
+        source_addresses=("a",),
+        layout=KVLayout.from_spec(SPEC),
+        block_ids=(3, 4),
+        block_hashes=(),
+        num_tokens=9,
         model_salt="m",
     )
     decoded = KVHandle.from_bytes(handle.to_bytes())

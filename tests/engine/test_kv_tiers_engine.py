@@ -34,8 +34,13 @@ def _tiered_llm(path: Path, nvme_dir: Path) -> tuple[LLM, TieredStore]:
     llm = LLM(str(path), device="cpu", show_progress=False, num_kv_blocks=24)  # 23 usable blocks
     view = KVCacheView(llm.engine.runner.kv_cache)
     per_block = view.bytes_per_block()
-    store = TieredStore(view, model_salt=llm.engine.kv_manager.salt, cpu_bytes=4 * per_block,
-                        nvme_dir=nvme_dir, nvme_bytes=64 * per_block)
+    store = TieredStore(
+        view,
+        model_salt=llm.engine.kv_manager.salt,
+        cpu_bytes=4 * per_block,
+        nvme_dir=nvme_dir,
+        nvme_bytes=64 * per_block,
+    )
     llm.engine.attach_external_cache(TieredEngineCache(store, view))
     return llm, store
 
@@ -46,9 +51,15 @@ def _evict_target(llm: LLM, store: TieredStore, fillers: list[list[int]]) -> Non
     store.flush()
 
 
-def test_prefix_from_cpu_and_nvme_tiers_gives_identical_tokens(checkpoint: Path, tmp_path: Path) -> None:
+def test_prefix_from_cpu_and_nvme_tiers_gives_identical_tokens(
+    checkpoint: Path, tmp_path: Path
+) -> None:
     target, fillers = _prompts()
-    reference = LLM(str(checkpoint), device="cpu", show_progress=False).generate([target], GREEDY)[0].token_ids
+    reference = (
+        LLM(str(checkpoint), device="cpu", show_progress=False)
+        .generate([target], GREEDY)[0]
+        .token_ids
+    )
     llm, store = _tiered_llm(checkpoint, tmp_path / "nvme")
     assert llm.generate([target], GREEDY)[0].token_ids == reference
     _evict_target(llm, store, fillers)
@@ -56,7 +67,9 @@ def test_prefix_from_cpu_and_nvme_tiers_gives_identical_tokens(checkpoint: Path,
     again = llm.generate([target], GREEDY)[0]
     stats = store.stats()
     assert again.token_ids == reference
-    assert llm.engine.kv_manager.external_hit_tokens - hits_before >= 8 * 16  # most of the 12 prefix blocks
+    assert (
+        llm.engine.kv_manager.external_hit_tokens - hits_before >= 8 * 16
+    )  # most of the 12 prefix blocks
     assert stats[Tier.NVME].hits > 0 and stats[Tier.CPU].hits + stats[Tier.NVME].hits >= 8
     llm.engine.scheduler.kv.pool.check_integrity()
     store.close()
@@ -64,7 +77,11 @@ def test_prefix_from_cpu_and_nvme_tiers_gives_identical_tokens(checkpoint: Path,
 
 def test_corrupted_nvme_block_is_a_miss(checkpoint: Path, tmp_path: Path) -> None:
     target, fillers = _prompts()
-    reference = LLM(str(checkpoint), device="cpu", show_progress=False).generate([target], GREEDY)[0].token_ids
+    reference = (
+        LLM(str(checkpoint), device="cpu", show_progress=False)
+        .generate([target], GREEDY)[0]
+        .token_ids
+    )
     llm, store = _tiered_llm(checkpoint, tmp_path / "nvme")
     llm.generate([target], GREEDY)
     _evict_target(llm, store, fillers)

@@ -59,7 +59,9 @@ class Harness:
 
     def register(self, block_ids: list[int], tid: str | None = None) -> KVHandle:
         tid = tid or uuid.uuid4().hex
-        return self.sender.register(tid, block_ids, [], len(block_ids) * BS, source_p2p_ranks=self.p2p_ranks or None)
+        return self.sender.register(
+            tid, block_ids, [], len(block_ids) * BS, source_p2p_ranks=self.p2p_ranks or None
+        )
 
 
 def _views() -> tuple[KVCacheView, KVCacheView]:
@@ -76,7 +78,9 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     if request.param == "fake":
         fabric = FakeFabric()
         sender: LeasedSender = FakeSender(fabric, "p0", src, **common)
-        receiver: ThreadedReceiver = FakeReceiver(fabric, dst, on_release=received, timeout_s=2.0, chunk_bytes=CHUNK)
+        receiver: ThreadedReceiver = FakeReceiver(
+            fabric, dst, on_release=received, timeout_s=2.0, chunk_bytes=CHUNK
+        )
         kill = lambda: fabric.kill(sender.address)  # noqa: E731
     elif request.param == "grpc":
         sender = GrpcSender(src, worker_id="p0", chunk_bytes=CHUNK, **common)
@@ -176,7 +180,12 @@ def test_stalled_sender_times_out_and_failure_notice_frees_lease(harness: Harnes
     assert harness.received.calls == [(handle.transfer_id, [5, 6, 7, 8])]
     unblock.set()
     wait_sender_released(harness, handle.transfer_id)  # via the receiver's failure notice
-    assert harness.sender.leases.released[next(r for r in harness.sender.leases.released if r.value == "failed")] == 1
+    assert (
+        harness.sender.leases.released[
+            next(r for r in harness.sender.leases.released if r.value == "failed")
+        ]
+        == 1
+    )
 
 
 def test_cancel_mid_transfer_releases_destination_once(harness: Harness) -> None:

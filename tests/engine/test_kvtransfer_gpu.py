@@ -15,12 +15,19 @@ from kvtransfer.tiers.store import TieredStore
 from kvtransfer.transports.fake import FakeFabric, FakeReceiver, FakeSender
 from kvtransfer.transports.grpc_stream import GrpcReceiver, GrpcSender
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def _view(fill: bool) -> KVCacheView:
     shape = (4, 2, 64, 16, 8, 128)
-    t = torch.randn(shape, device="cuda").bfloat16() if fill else torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
+    t = (
+        torch.randn(shape, device="cuda").bfloat16()
+        if fill
+        else torch.zeros(shape, device="cuda", dtype=torch.bfloat16)
+    )
     return KVCacheView(t)
 
 
@@ -29,8 +36,16 @@ def test_cuda_to_cuda_transfer_is_exact(transport: str) -> None:
     src, dst = _view(True), _view(False)
     fabric = FakeFabric()
     noop = lambda t, b: None  # noqa: E731
-    sender = FakeSender(fabric, "p", src, model_salt="m", on_release=noop) if transport == "fake" else GrpcSender(src, worker_id="p", model_salt="m", on_release=noop)
-    receiver = FakeReceiver(fabric, dst, on_release=noop) if transport == "fake" else GrpcReceiver(dst, on_release=noop)
+    sender = (
+        FakeSender(fabric, "p", src, model_salt="m", on_release=noop)
+        if transport == "fake"
+        else GrpcSender(src, worker_id="p", model_salt="m", on_release=noop)
+    )
+    receiver = (
+        FakeReceiver(fabric, dst, on_release=noop)
+        if transport == "fake"
+        else GrpcReceiver(dst, on_release=noop)
+    )
     handle = sender.register("t", [5, 9, 33, 2], [], 64)
     receiver.start(handle, [7, 1, 60, 12])
     deadline = time.monotonic() + 10
@@ -46,7 +61,9 @@ def test_cuda_to_cuda_transfer_is_exact(transport: str) -> None:
 def test_pinned_cpu_and_nvme_tiers_round_trip_from_cuda(tmp_path: Path) -> None:
     src, dst = _view(True), _view(False)
     per = src.bytes_per_block()
-    store = TieredStore(src, model_salt="m", cpu_bytes=4 * per, nvme_dir=tmp_path, nvme_bytes=32 * (per + 64))
+    store = TieredStore(
+        src, model_salt="m", cpu_bytes=4 * per, nvme_dir=tmp_path, nvme_bytes=32 * (per + 64)
+    )
     assert store.cpu.slab.is_pinned()
     hs = hash_blocks(list(range(8 * 16)), 16, "m")
     store.store(hs, src, list(range(1, 9)))

@@ -13,9 +13,14 @@ from kvtransfer.handle import KVHandle, KVLayout
 
 def handle(**overrides: object) -> KVHandle:
     fields: dict[str, object] = dict(
-        transfer_id="t", source_worker_id="p0", source_addresses=("127.0.0.1:1", "127.0.0.1:2"),
-        layout=KVLayout(2, 8, 128, 32, 16, "bfloat16"), block_ids=(5, 9, 2),
-        block_hashes=tuple(hash_blocks(list(range(32)), 16, "m")), num_tokens=40, model_salt="m",
+        transfer_id="t",
+        source_worker_id="p0",
+        source_addresses=("127.0.0.1:1", "127.0.0.1:2"),
+        layout=KVLayout(2, 8, 128, 32, 16, "bfloat16"),
+        block_ids=(5, 9, 2),
+        block_hashes=tuple(hash_blocks(list(range(32)), 16, "m")),
+        num_tokens=40,
+        model_salt="m",
         source_p2p_ranks=(0, 1),
     )
     fields.update(overrides)
@@ -29,7 +34,12 @@ def test_round_trip_through_bytes() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("source_addresses", ("a",)), ("num_tokens", 49), ("transfer_id", ""), ("block_hashes", (b"short",))],
+    [
+        ("source_addresses", ("a",)),
+        ("num_tokens", 49),
+        ("transfer_id", ""),
+        ("block_hashes", (b"short",)),
+    ],
 )
 def test_invalid_fields_are_named(field: str, value: object) -> None:
     with pytest.raises(KVLayoutError) as info:

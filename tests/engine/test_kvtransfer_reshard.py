@@ -29,8 +29,10 @@ def test_plan_1_to_2_splits_the_single_source() -> None:
 def test_plan_2_to_4() -> None:
     plans = [plan_for_destination(d, 4, 2, 8) for d in range(4)]
     assert plans == [
-        [HeadSlice(0, 0, 2, 0, 2)], [HeadSlice(0, 2, 4, 0, 2)],
-        [HeadSlice(1, 0, 2, 0, 2)], [HeadSlice(1, 2, 4, 0, 2)],
+        [HeadSlice(0, 0, 2, 0, 2)],
+        [HeadSlice(0, 2, 4, 0, 2)],
+        [HeadSlice(1, 0, 2, 0, 2)],
+        [HeadSlice(1, 2, 4, 0, 2)],
     ]
     assert [readers_of_source(s, 2, 4, 8) for s in range(2)] == [2, 2]
 
@@ -41,7 +43,10 @@ def test_replicated_heads_when_fewer_kv_heads_than_tp() -> None:
     assert plan_for_destination(0, 1, 4, 2) == [HeadSlice(0, 0, 1, 0, 1), HeadSlice(2, 0, 1, 1, 2)]
     # destination TP 4 from source TP 2: replicas on the destination side each read their head
     assert [plan_for_destination(d, 4, 2, 2) for d in range(4)] == [
-        [HeadSlice(0, 0, 1, 0, 1)], [HeadSlice(0, 0, 1, 0, 1)], [HeadSlice(1, 0, 1, 0, 1)], [HeadSlice(1, 0, 1, 0, 1)],
+        [HeadSlice(0, 0, 1, 0, 1)],
+        [HeadSlice(0, 0, 1, 0, 1)],
+        [HeadSlice(1, 0, 1, 0, 1)],
+        [HeadSlice(1, 0, 1, 0, 1)],
     ]
     # source replicas spread over destination ranks: 4 -> 4 with 2 heads uses every source rank
     used = {p.source_rank for d in range(4) for p in plan_for_destination(d, 4, 4, 2)}
@@ -51,7 +56,11 @@ def test_replicated_heads_when_fewer_kv_heads_than_tp() -> None:
 def test_every_destination_head_is_covered_exactly_once() -> None:
     for heads, src_tp, dst_tp in [(8, 1, 8), (8, 8, 1), (8, 2, 4), (8, 4, 2), (2, 8, 4), (4, 2, 8)]:
         for d in range(dst_tp):
-            covered = [h for p in plan_for_destination(d, dst_tp, src_tp, heads) for h in range(p.dst_start, p.dst_end)]
+            covered = [
+                h
+                for p in plan_for_destination(d, dst_tp, src_tp, heads)
+                for h in range(p.dst_start, p.dst_end)
+            ]
             start, end = rank_heads(d, dst_tp, heads)
             assert covered == list(range(end - start))
 
@@ -77,16 +86,32 @@ def test_reshard_through_transport(transport: str, src_tp: int, dst_tp: int) -> 
         if transport == "fake":
             senders.append(FakeSender(fabric, f"p{r}", view, model_salt="m", on_release=on_release))
         else:
-            senders.append(GrpcSender(view, worker_id=f"p{r}", model_salt="m", on_release=on_release))
+            senders.append(
+                GrpcSender(view, worker_id=f"p{r}", model_salt="m", on_release=on_release)
+            )
     addresses = [s.address for s in senders]
     src_ids, dst_ids = [2, 7, 5], [9, 1, 4]
     handles = [
-        s.register("t1", src_ids, [], 12, num_readers=readers_of_source(r, src_tp, dst_tp, H), source_addresses=addresses)
+        s.register(
+            "t1",
+            src_ids,
+            [],
+            12,
+            num_readers=readers_of_source(r, src_tp, dst_tp, H),
+            source_addresses=addresses,
+        )
         for r, s in enumerate(senders)
     ]
-    dst_views = [KVCacheView(torch.zeros(L, 2, N, BS, H // dst_tp if H >= dst_tp else 1, D), TPLayout(d, dst_tp, H)) for d in range(dst_tp)]
+    dst_views = [
+        KVCacheView(
+            torch.zeros(L, 2, N, BS, H // dst_tp if H >= dst_tp else 1, D), TPLayout(d, dst_tp, H)
+        )
+        for d in range(dst_tp)
+    ]
     receivers: list[ThreadedReceiver] = [
-        FakeReceiver(fabric, v, on_release=on_release) if transport == "fake" else GrpcReceiver(v, on_release=on_release)
+        FakeReceiver(fabric, v, on_release=on_release)
+        if transport == "fake"
+        else GrpcReceiver(v, on_release=on_release)
         for v in dst_views
     ]
     try:

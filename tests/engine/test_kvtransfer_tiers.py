@@ -18,7 +18,11 @@ L, N, BS, H, D = 2, 16, 4, 2, 8
 
 
 def view(fill: bool = True, dtype: torch.dtype = torch.bfloat16) -> KVCacheView:
-    t = torch.randn(L, 2, N, BS, H, D).to(dtype) if fill else torch.zeros(L, 2, N, BS, H, D, dtype=dtype)
+    t = (
+        torch.randn(L, 2, N, BS, H, D).to(dtype)
+        if fill
+        else torch.zeros(L, 2, N, BS, H, D, dtype=dtype)
+    )
     return KVCacheView(t)
 
 
@@ -26,9 +30,17 @@ def hashes(n: int, salt: str = "m") -> list[bytes]:
     return hash_blocks(list(range(n * BS)), BS, salt)
 
 
-def make(tmp_path: Path, src: KVCacheView, cpu_blocks: int, nvme_blocks: int = 64, salt: str = "m") -> TieredStore:
+def make(
+    tmp_path: Path, src: KVCacheView, cpu_blocks: int, nvme_blocks: int = 64, salt: str = "m"
+) -> TieredStore:
     per = src.bytes_per_block()
-    return TieredStore(src, model_salt=salt, cpu_bytes=cpu_blocks * per, nvme_dir=tmp_path / "nvme", nvme_bytes=nvme_blocks * (per + 64))
+    return TieredStore(
+        src,
+        model_salt=salt,
+        cpu_bytes=cpu_blocks * per,
+        nvme_dir=tmp_path / "nvme",
+        nvme_bytes=nvme_blocks * (per + 64),
+    )
 
 
 def test_round_trip_hbm_cpu_nvme_back_is_bit_exact(tmp_path: Path) -> None:
@@ -145,11 +157,15 @@ def test_swap_round_trip_is_exact_and_pinned(tmp_path: Path) -> None:
     store.close()
 
 
-def test_background_spill_keeps_evicted_bytes_when_blocks_are_reused_at_once(tmp_path: Path) -> None:
+def test_background_spill_keeps_evicted_bytes_when_blocks_are_reused_at_once(
+    tmp_path: Path,
+) -> None:
     src = view()
     evicted = src.read_blocks([1, 2, 3, 4, 5])
     per = src.bytes_per_block()
-    store = TieredStore(src, model_salt="m", cpu_bytes=8 * per, max_staging_bytes=2 * per)  # 3 batches
+    store = TieredStore(
+        src, model_salt="m", cpu_bytes=8 * per, max_staging_bytes=2 * per
+    )  # 3 batches
     hs = hashes(5)
     assert store.spill(hs, src, [1, 2, 3, 4, 5]) == 5
     src.kv_cache[:, :, 1:6] = 7.0  # the engine reuses the blocks right after evicting them

@@ -52,16 +52,22 @@ class _SpySlice:
         return out
 
 
-def _expected_shards(full: dict[str, torch.Tensor], cfg: ModelConfig, rank: int,
-                     size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _expected_shards(
+    full: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank `rank`'s qkv_proj and gate_up_proj rows of layer 1, cut from the fused tensors."""
     hd, q_rows = cfg.head_dim, cfg.num_heads * cfg.head_dim
     qkv = full["model.layers.1.self_attn.qkv_proj.weight"]
     q, k, v = qkv.split([q_rows, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd])
     local_q, kv_rows = q_rows // size, max(1, cfg.num_kv_heads // size) * hd
     kv_start = rank * cfg.num_kv_heads // size * hd  # replicated when TP exceeds the KV heads
-    want_qkv = torch.cat([q[rank * local_q:(rank + 1) * local_q],
-                          k[kv_start:kv_start + kv_rows], v[kv_start:kv_start + kv_rows]])
+    want_qkv = torch.cat(
+        [
+            q[rank * local_q : (rank + 1) * local_q],
+            k[kv_start : kv_start + kv_rows],
+            v[kv_start : kv_start + kv_rows],
+        ]
+    )
     gate, up = full["model.layers.1.mlp.gate_up_proj.weight"].chunk(2)
     inter = cfg.intermediate_size // size
     mine = slice(rank * inter, (rank + 1) * inter)
@@ -79,16 +85,21 @@ def test_fused_tensors_load_only_the_ranks_rows(size: int, phi3: Path, monkeypat
     real = weights._iter_slices
     for rank in range(size):
         log: list[tuple[str, int, int]] = []
-        monkeypatch.setattr(weights, "_iter_slices", lambda files, show, log=log: (
-            (n, _SpySlice(s, log, n)) for n, s in real(files, show)))
+        monkeypatch.setattr(
+            weights,
+            "_iter_slices",
+            lambda files, show, log=log: ((n, _SpySlice(s, log, n)) for n, s in real(files, show)),
+        )
         model = _build(cfg, rank, size)
         load_safetensors(model, phi3, show_progress=False)
         params = dict(model.named_parameters())
         want_qkv, want_gate_up = _expected_shards(full, cfg, rank, size)
-        torch.testing.assert_close(params["model.layers.1.self_attn.qkv_proj.weight"], want_qkv,
-                                   rtol=0, atol=0)
-        torch.testing.assert_close(params["model.layers.1.mlp.gate_up_proj.weight"], want_gate_up,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            params["model.layers.1.self_attn.qkv_proj.weight"], want_qkv, rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            params["model.layers.1.mlp.gate_up_proj.weight"], want_gate_up, rtol=0, atol=0
+        )
         fused_reads = [(got, total) for n, got, total in log if "qkv_proj" in n or "gate_up" in n]
         assert len(fused_reads) == 5 * cfg.num_layers  # q, k, v, gate, up: one read each
         assert sum(got for got, _ in fused_reads) < 0.75 * sum(total for _, total in fused_reads)
@@ -125,8 +136,10 @@ def test_dummy_weights_are_the_same_model_at_every_tp_size(phi3: Path) -> None:
         part = _build(cfg, rank, 2)
         fill_dummy(part, seed=3)
         got = dict(part.named_parameters())
-        for name, sizes in (("self_attn.qkv_proj.weight", [q_rows, kv_rows, kv_rows]),
-                            ("mlp.gate_up_proj.weight", [cfg.intermediate_size] * 2)):
+        for name, sizes in (
+            ("self_attn.qkv_proj.weight", [q_rows, kv_rows, kv_rows]),
+            ("mlp.gate_up_proj.weight", [cfg.intermediate_size] * 2),
+        ):
             shards = full[f"model.layers.0.{name}"].split(sizes)
             want = torch.cat([shard.chunk(2)[rank] for shard in shards])
             torch.testing.assert_close(got[f"model.layers.0.{name}"], want, rtol=0, atol=0)
@@ -160,19 +173,36 @@ def _phi3_config(phi3: Path, **changes: Any) -> dict[str, Any]:
     return {**json.loads((phi3 / "config.json").read_text()), **changes}
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
-                          "long_factor": [2.0] * 8, "original_max_position_embeddings": 256}},
-     "rope_scaling: type 'longrope' is not supported"),
-    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
-     "rope_scaling: type 'su' is not supported"),
-    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}},
-     "rope_scaling.partial_rotary_factor: 0.75 is not supported"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor: 0.5 is not supported"),
-    ({"hidden_act": "gelu_new"}, "hidden_act: 'gelu_new' is not supported"),
-])
-def test_unsupported_variants_rejected_naming_the_field(phi3: Path, changes: dict[str, Any],
-                                                        field: str) -> None:
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 256,
+                }
+            },
+            "rope_scaling: type 'longrope' is not supported",
+        ),
+        (
+            {"rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
+            "rope_scaling: type 'su' is not supported",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}},
+            "rope_scaling.partial_rotary_factor: 0.75 is not supported",
+        ),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor: 0.5 is not supported"),
+        ({"hidden_act": "gelu_new"}, "hidden_act: 'gelu_new' is not supported"),
+    ],
+)
+def test_unsupported_variants_rejected_naming_the_field(
+    phi3: Path, changes: dict[str, Any], field: str
+) -> None:
     with pytest.raises(ModelLoadError, match=field.replace(".", r"\.")):
         ModelConfig.from_dict(_phi3_config(phi3, **changes))
 

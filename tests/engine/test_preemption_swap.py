@@ -24,7 +24,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _swapping_llm(path: Path) -> tuple[LLM, TieredSwap, TieredStore]:
     llm = LLM(str(path), device="cpu", show_progress=False, num_kv_blocks=27)
     view = KVCacheView(llm.engine.runner.kv_cache)
-    store = TieredStore(view, model_salt=llm.engine.kv_manager.salt, cpu_bytes=64 * view.bytes_per_block())
+    store = TieredStore(
+        view, model_salt=llm.engine.kv_manager.salt, cpu_bytes=64 * view.bytes_per_block()
+    )
     swap = TieredSwap(store, view)
     llm.engine.attach_preemption_swap(swap)
     return llm, swap, store
@@ -32,7 +34,10 @@ def _swapping_llm(path: Path) -> tuple[LLM, TieredSwap, TieredStore]:
 
 def test_swapped_preemption_gives_the_same_tokens(checkpoint: Path) -> None:
     prompts = tiny_models.mixed_prompts()
-    reference = [o.token_ids for o in LLM(str(checkpoint), device="cpu", show_progress=False).generate(prompts, GREEDY)]
+    reference = [
+        o.token_ids
+        for o in LLM(str(checkpoint), device="cpu", show_progress=False).generate(prompts, GREEDY)
+    ]
     llm, swap, store = _swapping_llm(checkpoint)
     outs = llm.generate(prompts, GREEDY)
     assert llm.engine.stats().num_preemptions_total > 0

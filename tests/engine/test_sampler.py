@@ -27,7 +27,10 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")],
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"),
+        ],
     ),
 ]
 
@@ -120,7 +123,9 @@ def test_sampled_rows_never_pick_padded_columns(device: str) -> None:
     logits[:, vocab:] = 50.0
     logits = logits.to(device)
     sampler = Sampler(vocab, eos_token_ids=(), device=torch.device(device))
-    tokens = torch.tensor(run(sampler, logits, [SamplingParams(temperature=1.0)] * NUM_DRAWS).token_ids)
+    tokens = torch.tensor(
+        run(sampler, logits, [SamplingParams(temperature=1.0)] * NUM_DRAWS).token_ids
+    )
     assert tokens.max().item() < vocab
     assert torch.unique(tokens).numel() == vocab  # uniform over the real vocabulary
 
@@ -165,7 +170,9 @@ def test_seeded_rows_reproduce_across_runs_batches_and_positions(device: str) ->
     steps = [torch.randn(64) * 0.5 for _ in range(12)]
     target = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     others = [
-        SamplingParams(temperature=0.7, seed=i) if i % 2 else SamplingParams(temperature=1.3, top_k=5)
+        SamplingParams(temperature=0.7, seed=i)
+        if i % 2
+        else SamplingParams(temperature=1.3, top_k=5)
         for i in range(8)
     ]
     alone = _generate(steps, target, [], 0, device)
@@ -194,7 +201,9 @@ def test_step_seed_is_stable_across_processes() -> None:
     # This process's str hashes are salted randomly; the child's with a fixed salt.
     code = "from engine.sampling.seeds import step_seed; print(step_seed(42, 7))"
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert int(out.stdout.strip()) == step_seed(42, 7)
     assert step_seed(42, 7) != step_seed(42, 8) != step_seed(43, 7)
     assert 0 <= step_seed(2**63 - 1, 10**9) < 2**63
@@ -205,7 +214,9 @@ def test_seeded_rows_follow_the_distribution() -> None:
     sampler = Sampler(len(PROBS), eos_token_ids=(), device=CPU)
     n = 5000
     logits = probs.log().expand(n, -1).contiguous()
-    tokens = torch.tensor(run(sampler, logits, [SamplingParams(seed=s) for s in range(n)]).token_ids)
+    tokens = torch.tensor(
+        run(sampler, logits, [SamplingParams(seed=s) for s in range(n)]).token_ids
+    )
     # Fewer draws than elsewhere: the bound is scaled by sqrt(NUM_DRAWS / n) = 2.
     assert total_variation(tokens, probs) < 2 * TV_BOUND
 
@@ -236,7 +247,10 @@ def test_top_k_never_leaves_the_k_highest(top_p: float) -> None:
     vocab, k, rows = 50, 5, 4000
     base = torch.randperm(vocab).float() * 0.1  # distinct logits
     allowed = set(torch.topk(base, k).indices.tolist())
-    params = [SamplingParams(temperature=3.0, top_k=k, top_p=top_p), SamplingParams(temperature=3.0)]
+    params = [
+        SamplingParams(temperature=3.0, top_k=k, top_p=top_p),
+        SamplingParams(temperature=3.0),
+    ]
     sampler = Sampler(vocab, eos_token_ids=(), device=CPU)
     out = run(sampler, base.expand(rows, -1).contiguous(), params * (rows // 2)).token_ids
     truncated, free = set(out[0::2]), set(out[1::2])
@@ -361,7 +375,10 @@ def test_presence_and_frequency_penalties_match_hand_reference() -> None:
 
 def test_repetition_then_presence_frequency() -> None:
     params = SamplingParams(
-        temperature=0.0, repetition_penalty=2.0, presence_penalty=-1.0, frequency_penalty=0.5,
+        temperature=0.0,
+        repetition_penalty=2.0,
+        presence_penalty=-1.0,
+        frequency_penalty=0.5,
         logprobs=len(LOGITS),
     )
     got = penalized_logprobs(LOGITS, params, prompt=[0], output=[3, 3])
@@ -378,7 +395,9 @@ def test_penalties_touch_only_their_rows_and_change_greedy_choice() -> None:
     assert result.token_ids == [1, 0]
     plain_lp = result.logprobs[1]
     assert plain_lp is not None
-    assert dict(plain_lp.top) == pytest.approx(dict(enumerate(torch.log_softmax(logits[1], -1).tolist())))
+    assert dict(plain_lp.top) == pytest.approx(
+        dict(enumerate(torch.log_softmax(logits[1], -1).tolist()))
+    )
 
 
 # ----------------------------------------------------------------------------------- min_tokens

@@ -90,8 +90,9 @@ def test_tp1_model_has_plain_tensors_only(checkpoints: dict[str, Path]) -> None:
     rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
     assert rows and all(m.reduce_output for m in rows)
     outputs: list[object] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-             for m in model.modules()]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in model.modules()
+    ]
     try:
         llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=2))
     finally:
@@ -158,10 +159,16 @@ def test_engine_config_takes_mode_names_and_rejects_others() -> None:
         EngineConfig(model="m", tp_all_reduce="fast")
 
 
-@pytest.mark.parametrize("mode,label", [
-    (AllReduceMode.AUTO, "gloo"), (AllReduceMode.NCCL, "gloo"), (AllReduceMode.SYMM_MEM, "gloo"),
-    (AllReduceMode.FUSED, "fused-reference"), (AllReduceMode.SKIP, "skip"),
-])
+@pytest.mark.parametrize(
+    "mode,label",
+    [
+        (AllReduceMode.AUTO, "gloo"),
+        (AllReduceMode.NCCL, "gloo"),
+        (AllReduceMode.SYMM_MEM, "gloo"),
+        (AllReduceMode.FUSED, "fused-reference"),
+        (AllReduceMode.SKIP, "skip"),
+    ],
+)
 def test_cpu_reductions_resolve_once_to_a_concrete_mode(mode: AllReduceMode, label: str) -> None:
     group = object()  # on CPU choosing runs no collective
     spec = ReductionSpec(mode, hidden=64, fp32_max_rows=32)

@@ -7,9 +7,17 @@ from pathlib import Path
 import torch
 
 COMMON = dict(
-    vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.1,
-    bos_token_id=1, eos_token_id=2,
+    vocab_size=500,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
@@ -26,12 +34,19 @@ def _configs() -> dict:
         "llama31": LlamaConfig(
             **COMMON,
             rope_theta=500000.0,
-            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                              original_max_position_embeddings=128),
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
         ),
         "mistral": MistralConfig(**{**COMMON, "num_key_value_heads": 1}, sliding_window=None),
         "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True, use_sliding_window=False),
-        "qwen3": Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False),
+        "qwen3": Qwen3Config(
+            **COMMON, head_dim=32, tie_word_embeddings=False, use_sliding_window=False
+        ),
         # Fused qkv_proj / gate_up_proj tensors; a sliding window the engine caps max_model_len
         # at (prompts stay inside it); dropout the inference path ignores
         "phi3": Phi3Config(**COMMON, sliding_window=512, resid_pdrop=0.1, pad_token_id=None),
@@ -52,7 +67,11 @@ def build(name: str, root: Path) -> Path:
     if name == "qwen2":  # exercise the qkv bias with non-zero values
         with torch.no_grad():
             for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
                     proj.bias.normal_(0, 0.1)
     model.save_pretrained(str(path), safe_serialization=True)
     return path

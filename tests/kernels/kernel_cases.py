@@ -16,7 +16,11 @@ import torch
 from engine.attention.backend import AttentionMetadata
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -67,14 +71,20 @@ def make_paged_batch(
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.empty(shape, dtype=dtype, device=device).normal_(generator=gen)
     v_cache = torch.empty(shape, dtype=dtype, device=device).normal_(generator=gen)
-    query = torch.empty(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device).normal_(generator=gen)
+    query = torch.empty(sum(q_lens), num_heads, head_dim, dtype=dtype, device=device).normal_(
+        generator=gen
+    )
     meta = make_metadata(q_lens, seq_lens, block_ids, block_size, device)
     positions = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)]).to(device)
     return PagedBatch(query, k_cache, v_cache, meta, positions, block_ids)
 
 
 def make_metadata(
-    q_lens: list[int], seq_lens: list[int], block_ids: list[list[int]], block_size: int, device: torch.device
+    q_lens: list[int],
+    seq_lens: list[int],
+    block_ids: list[list[int]],
+    block_size: int,
+    device: torch.device,
 ) -> AttentionMetadata:
     width = max(len(ids) for ids in block_ids) + 1  # one padding column, as the runner pads
     table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
@@ -99,7 +109,9 @@ def make_metadata(
     )
 
 
-def rope_cache(max_positions: int, head_dim: int, device: torch.device = DEVICE, base: float = 10000.0) -> torch.Tensor:
+def rope_cache(
+    max_positions: int, head_dim: int, device: torch.device = DEVICE, base: float = 10000.0
+) -> torch.Tensor:
     """[max_positions, head_dim] float32: cos | sin halves (rotate-half convention)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)

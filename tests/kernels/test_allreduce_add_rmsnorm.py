@@ -21,7 +21,9 @@ def _rows(num_rows: int, hidden: int, dtype: torch.dtype, seed: int) -> torch.Te
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("world,rank", [(2, 0), (2, 1), (4, 2)])
-def test_sums_every_rank_in_order_then_adds_and_normalises(dtype: torch.dtype, world: int, rank: int) -> None:
+def test_sums_every_rank_in_order_then_adds_and_normalises(
+    dtype: torch.dtype, world: int, rank: int
+) -> None:
     rows, hidden = 3, 96
     parts = [_rows(rows, hidden, dtype, seed) for seed in range(world)]
     residual, weight = _rows(rows, hidden, dtype, 10), _rows(1, hidden, dtype, 11)[0]
@@ -33,12 +35,16 @@ def test_sums_every_rank_in_order_then_adds_and_normalises(dtype: torch.dtype, w
             flags[rank].view(rows, world)[:, peer] = 1  # the peer arrived: its flag is up here
     failed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
 
-    normed, new_residual = allreduce_add_rmsnorm(parts[rank], residual, weight, 1e-6, data, flags, failed, rank)
+    normed, new_residual = allreduce_add_rmsnorm(
+        parts[rank], residual, weight, 1e-6, data, flags, failed, rank
+    )
 
     total = torch.zeros(rows, hidden, dtype=torch.float32, device=DEVICE)
     for p in parts:
         total += p.float()
-    ref_normed, ref_residual = fused_add_rmsnorm_ref(total.to(dtype).float(), residual.float(), weight.float(), 1e-6)
+    ref_normed, ref_residual = fused_add_rmsnorm_ref(
+        total.to(dtype).float(), residual.float(), weight.float(), 1e-6
+    )
     assert_close(new_residual, ref_residual, dtype)
     assert_close(normed, ref_normed, dtype)
     assert torch.equal(data[rank].view(rows, hidden), parts[rank])  # this rank's row, for its peers
@@ -54,7 +60,11 @@ def test_a_peer_that_never_arrives_is_reported(monkeypatch: pytest.MonkeyPatch) 
     import engine.kernels.allreduce_add_rmsnorm as kernel
 
     monkeypatch.setattr(kernel, "MAX_SPINS", 3)
-    x, residual, weight = _rows(1, 32, torch.float32, 0), _rows(1, 32, torch.float32, 1), _rows(1, 32, torch.float32, 2)[0]
+    x, residual, weight = (
+        _rows(1, 32, torch.float32, 0),
+        _rows(1, 32, torch.float32, 1),
+        _rows(1, 32, torch.float32, 2)[0],
+    )
     data = [torch.zeros(32, device=DEVICE) for _ in range(2)]
     flags = [torch.zeros(2, dtype=torch.int32, device=DEVICE) for _ in range(2)]
     failed = torch.zeros(1, dtype=torch.int32, device=DEVICE)

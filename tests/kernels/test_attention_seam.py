@@ -36,7 +36,8 @@ def _batch(q_lens: list[int], seq_lens: list[int]) -> tuple[PagedBatch, torch.Te
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     shape = (sum(q_lens), KV_HEADS, HEAD_DIM)
     new_k, new_v = (
-        torch.empty(shape, dtype=torch.float16, device=DEVICE).normal_(generator=gen) for _ in range(2)
+        torch.empty(shape, dtype=torch.float16, device=DEVICE).normal_(generator=gen)
+        for _ in range(2)
     )
     return batch, new_k, new_v
 

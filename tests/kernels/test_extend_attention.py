@@ -21,19 +21,40 @@ CPU_Q_LENS = [1, 1, 37, 20, 16]
 CPU_SEQ_LENS = [40, 1, 37, 70, 83]
 
 
-def _run(batch: PagedBatch, config: ExtendConfig | None = None, num_splits: int | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(
+    batch: PagedBatch, config: ExtendConfig | None = None, num_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
     tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
-    out = extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, scale, meta.max_query_len, config,
-                           num_splits=num_splits)
-    ref = extend_attention_ref(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale)
+    out = extend_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        *tables,
+        scale,
+        meta.max_query_len,
+        config,
+        num_splits=num_splits,
+    )
+    ref = extend_attention_ref(
+        batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale
+    )
     return out, ref
 
 
-def _batch(group: int, block_size: int, head_dim: int, dtype: torch.dtype, q_lens: list[int], seq_lens: list[int], **kw) -> PagedBatch:
+def _batch(
+    group: int,
+    block_size: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    q_lens: list[int],
+    seq_lens: list[int],
+    **kw,
+) -> PagedBatch:
     num_kv_heads = 2 if group == 1 else 1  # few heads: the interpreter runs programs one by one
-    return make_paged_batch(q_lens, seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, **kw)
+    return make_paged_batch(
+        q_lens, seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, **kw
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,7 +66,9 @@ def test_matches_reference(dtype: torch.dtype, group: int, block_size: int, head
     assert_close(out, ref, dtype)
 
 
-@pytest.mark.parametrize("config", [ExtendConfig(16, 32, 4, 1), ExtendConfig(32, 16, 4, 1), ExtendConfig(32, 32, 4, 1)])
+@pytest.mark.parametrize(
+    "config", [ExtendConfig(16, 32, 4, 1), ExtendConfig(32, 16, 4, 1), ExtendConfig(32, 32, 4, 1)]
+)
 def test_tile_shapes_agree(config: ExtendConfig) -> None:
     """Query tiles wider and narrower than key tiles move the masked diagonal band around."""
     batch = make_paged_batch([45, 3, 70], [45, 90, 100], 4, 2, 64, 16, torch.float32, seed=2)
@@ -73,7 +96,10 @@ def test_extend_splits_only_for_short_queries_over_long_contexts() -> None:
 
 
 def test_default_config_prefers_small_query_tiles_for_short_queries() -> None:
-    assert default_config(128, 1, on_cuda=True).block_m < default_config(128, 4096, on_cuda=True).block_m
+    assert (
+        default_config(128, 1, on_cuda=True).block_m
+        < default_config(128, 4096, on_cuda=True).block_m
+    )
 
 
 def test_rejects_bad_arguments() -> None:
@@ -81,16 +107,35 @@ def test_rejects_bad_arguments() -> None:
     meta, q = batch.meta, batch.query
     caches = (batch.k_cache, batch.v_cache)
     with pytest.raises(ValueError, match="query_start_loc"):
-        extend_attention(q, *caches, meta.block_tables, meta.query_start_loc[:2], meta.seq_lens, 0.1, 3)
+        extend_attention(
+            q, *caches, meta.block_tables, meta.query_start_loc[:2], meta.seq_lens, 0.1, 3
+        )
     with pytest.raises(ValueError, match="head_dim"):
-        extend_attention(q[..., :48].contiguous(), batch.k_cache[..., :48].contiguous(),
-                         batch.v_cache[..., :48].contiguous(), meta.block_tables, meta.query_start_loc,
-                         meta.seq_lens, 0.1, 3)
+        extend_attention(
+            q[..., :48].contiguous(),
+            batch.k_cache[..., :48].contiguous(),
+            batch.v_cache[..., :48].contiguous(),
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            0.1,
+            3,
+        )
     with pytest.raises(ValueError, match="num_splits"):
-        extend_attention(q, *caches, meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.1, 3, num_splits=0)
+        extend_attention(
+            q, *caches, meta.block_tables, meta.query_start_loc, meta.seq_lens, 0.1, 3, num_splits=0
+        )
     with pytest.raises(ValueError, match="v_cache"):
-        extend_attention(q, batch.k_cache, batch.v_cache[:1], meta.block_tables, meta.query_start_loc,
-                         meta.seq_lens, 0.1, 3)
+        extend_attention(
+            q,
+            batch.k_cache,
+            batch.v_cache[:1],
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            0.1,
+            3,
+        )
 
 
 @pytest.mark.gpu
@@ -114,9 +159,18 @@ def test_short_queries_over_long_context_split_gpu(dtype: torch.dtype) -> None:
     batch = make_paged_batch([16, 1, 7], [4096, 3000, 5000], 32, 8, 128, 16, dtype)
     meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
     tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
-    out = extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, scale, meta.max_query_len,
-                           max_seq_len=meta.max_seq_len)
-    ref = extend_attention_ref(batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale)
+    out = extend_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        *tables,
+        scale,
+        meta.max_query_len,
+        max_seq_len=meta.max_seq_len,
+    )
+    ref = extend_attention_ref(
+        batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), *tables, scale
+    )
     assert_close(out, ref, dtype)
 
 
@@ -126,7 +180,14 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     block_size, num_kv_heads, head_dim = 16, 8, 128
     first_block = 2**31 // (block_size * num_kv_heads * head_dim) + 1
     batch = make_paged_batch(
-        [200, 1], [600, 1000], 32, num_kv_heads, head_dim, block_size, torch.bfloat16, first_block_id=first_block
+        [200, 1],
+        [600, 1000],
+        32,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        torch.bfloat16,
+        first_block_id=first_block,
     )
     assert batch.k_cache.numel() > 2**31
     out, ref = _run(batch)

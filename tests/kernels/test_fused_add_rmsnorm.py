@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.fused_add_rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
+from engine.kernels.fused_add_rmsnorm import (
+    fused_add_rmsnorm,
+    fused_add_rmsnorm_ref,
+    rmsnorm,
+    rmsnorm_ref,
+)
 from tests.kernels.kernel_cases import DEVICE, DTYPES, assert_close
 
 
@@ -16,11 +21,15 @@ def _rows(num_rows: int, hidden: int, dtype: torch.dtype, seed: int) -> torch.Te
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows,hidden", [(1, 64), (7, 300), (3, 1024)])
-def test_fused_add_rmsnorm_matches_reference(dtype: torch.dtype, num_rows: int, hidden: int) -> None:
+def test_fused_add_rmsnorm_matches_reference(
+    dtype: torch.dtype, num_rows: int, hidden: int
+) -> None:
     x, residual = _rows(num_rows, hidden, dtype, 0), _rows(num_rows, hidden, dtype, 1)
     weight = _rows(1, hidden, dtype, 2)[0]
     normed, new_residual = fused_add_rmsnorm(x, residual, weight, 1e-6)
-    ref_normed, ref_residual = fused_add_rmsnorm_ref(x.float(), residual.float(), weight.float(), 1e-6)
+    ref_normed, ref_residual = fused_add_rmsnorm_ref(
+        x.float(), residual.float(), weight.float(), 1e-6
+    )
     assert normed.dtype == dtype and new_residual.shape == x.shape
     assert_close(new_residual, ref_residual, dtype)
     assert_close(normed, ref_normed, dtype)
@@ -49,9 +58,15 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", [4096, 5120, 8192])
 def test_full_shapes_gpu(dtype: torch.dtype, hidden: int) -> None:
-    x, residual, weight = _rows(4096, hidden, dtype, 0), _rows(4096, hidden, dtype, 1), _rows(1, hidden, dtype, 2)[0]
+    x, residual, weight = (
+        _rows(4096, hidden, dtype, 0),
+        _rows(4096, hidden, dtype, 1),
+        _rows(1, hidden, dtype, 2)[0],
+    )
     normed, new_residual = fused_add_rmsnorm(x, residual, weight, 1e-6)
-    ref_normed, ref_residual = fused_add_rmsnorm_ref(x.float(), residual.float(), weight.float(), 1e-6)
+    ref_normed, ref_residual = fused_add_rmsnorm_ref(
+        x.float(), residual.float(), weight.float(), 1e-6
+    )
     assert_close(new_residual, ref_residual, dtype)
     assert_close(normed, ref_normed, dtype)
 

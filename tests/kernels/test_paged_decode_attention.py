@@ -27,10 +27,19 @@ def _run(batch: PagedBatch, num_splits: int | None = None) -> tuple[torch.Tensor
     return out, ref
 
 
-def _decode_batch(group: int, block_size: int, head_dim: int, dtype: torch.dtype, seq_lens: list[int], **kw) -> PagedBatch:
+def _decode_batch(
+    group: int, block_size: int, head_dim: int, dtype: torch.dtype, seq_lens: list[int], **kw
+) -> PagedBatch:
     num_kv_heads = 2 if group < 8 else 1
     return make_paged_batch(
-        [1] * len(seq_lens), seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, **kw
+        [1] * len(seq_lens),
+        seq_lens,
+        group * num_kv_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        **kw,
     )
 
 
@@ -58,11 +67,20 @@ def test_padded_row_with_empty_context_gives_zeros(num_splits: int) -> None:
     meta, scale = batch.meta, 0.125
     seq_lens = meta.seq_lens.clone()
     seq_lens[0] = 0
-    out = paged_decode_attention(batch.query, batch.k_cache, batch.v_cache, meta.block_tables, seq_lens,
-                                 scale, 33, num_splits=num_splits)
+    out = paged_decode_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        meta.block_tables,
+        seq_lens,
+        scale,
+        33,
+        num_splits=num_splits,
+    )
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    ref = paged_decode_attention_ref(batch.query[1:], batch.k_cache, batch.v_cache, meta.block_tables[1:],
-                                     seq_lens[1:], scale)
+    ref = paged_decode_attention_ref(
+        batch.query[1:], batch.k_cache, batch.v_cache, meta.block_tables[1:], seq_lens[1:], scale
+    )
     assert_close(out[1:], ref, torch.float32)
 
 
@@ -81,7 +99,9 @@ def test_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="k_cache"):
         paged_decode_attention(q.half(), *args)
     with pytest.raises(ValueError, match="block_tables"):
-        paged_decode_attention(q, batch.k_cache, batch.v_cache, meta.block_tables.long(), meta.seq_lens, 0.125, 9)
+        paged_decode_attention(
+            q, batch.k_cache, batch.v_cache, meta.block_tables.long(), meta.seq_lens, 0.125, 9
+        )
     with pytest.raises(ValueError, match="seq_lens"):
         paged_decode_attention(q[:1], *args)
     with pytest.raises(ValueError, match="must be contiguous"):
@@ -94,8 +114,12 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("batch_size", [1, 32])
 @pytest.mark.gpu
-def test_full_shapes_gpu(dtype: torch.dtype, block_size: int, group: int, head_dim: int, batch_size: int) -> None:
-    seq_lens = torch.randint(1, 4097, (batch_size,), generator=torch.Generator().manual_seed(1)).tolist()
+def test_full_shapes_gpu(
+    dtype: torch.dtype, block_size: int, group: int, head_dim: int, batch_size: int
+) -> None:
+    seq_lens = torch.randint(
+        1, 4097, (batch_size,), generator=torch.Generator().manual_seed(1)
+    ).tolist()
     seq_lens[0] = 4096
     batch = make_paged_batch([1] * batch_size, seq_lens, 8 * group, 8, head_dim, block_size, dtype)
     out, ref = _run(batch)
@@ -109,7 +133,14 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     block_size, num_kv_heads, head_dim = 16, 8, 128
     first_block = 2**31 // (block_size * num_kv_heads * head_dim) + 1
     batch = make_paged_batch(
-        [1, 1], [300, 1000], 32, num_kv_heads, head_dim, block_size, torch.bfloat16, first_block_id=first_block
+        [1, 1],
+        [300, 1000],
+        32,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        torch.bfloat16,
+        first_block_id=first_block,
     )
     assert batch.k_cache.numel() > 2**31
     out, ref = _run(batch)

@@ -9,13 +9,24 @@ from engine.kernels.rope_kv_store import rope_kv_store, rope_kv_store_ref
 from tests.kernels.kernel_cases import DEVICE, DTYPES, assert_close, rope_cache
 
 
-def _inputs(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-            num_blocks: int, block_size: int, first_block: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+def _inputs(
+    num_tokens: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    num_blocks: int,
+    block_size: int,
+    first_block: int = 0,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """q/k/v as strided views of one qkv projection; distinct slots, one padded row (-1)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     width = (num_heads + 2 * num_kv_heads) * head_dim
     qkv = torch.empty(num_tokens, width, dtype=dtype, device=DEVICE).normal_(generator=gen)
-    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    q, k, v = qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1
+    )
     cpu_gen = torch.Generator().manual_seed(seed)
     slots = torch.randperm((num_blocks - first_block) * block_size, generator=cpu_gen)[:num_tokens]
     slots += first_block * block_size
@@ -46,8 +57,12 @@ def _check(args: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(2, 2, 64), (8, 2, 64), (8, 1, 128)])
-def test_matches_reference(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    _check(_inputs(12, num_heads, num_kv_heads, head_dim, dtype, num_blocks=4, block_size=16), dtype)
+def test_matches_reference(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    _check(
+        _inputs(12, num_heads, num_kv_heads, head_dim, dtype, num_blocks=4, block_size=16), dtype
+    )
 
 
 def test_padded_rows_leave_cache_untouched() -> None:
@@ -73,9 +88,18 @@ def test_rejects_bad_arguments() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 32, 128), (32, 8, 128), (64, 8, 128), (16, 4, 64)])
-def test_full_shapes_gpu(dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-    _check(_inputs(4096, num_heads, num_kv_heads, head_dim, dtype, num_blocks=600, block_size=block_size), dtype)
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_dim", [(32, 32, 128), (32, 8, 128), (64, 8, 128), (16, 4, 64)]
+)
+def test_full_shapes_gpu(
+    dtype: torch.dtype, block_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    _check(
+        _inputs(
+            4096, num_heads, num_kv_heads, head_dim, dtype, num_blocks=600, block_size=block_size
+        ),
+        dtype,
+    )
 
 
 @pytest.mark.gpu
@@ -83,6 +107,8 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     """Slots past element 2^31 of a > 2^31-element cache are written where the reference writes."""
     block_size, num_kv_heads, head_dim = 16, 8, 128
     first_block = 2**31 // (block_size * num_kv_heads * head_dim) + 1
-    args = _inputs(256, 32, num_kv_heads, head_dim, torch.bfloat16, first_block + 40, block_size, first_block)
+    args = _inputs(
+        256, 32, num_kv_heads, head_dim, torch.bfloat16, first_block + 40, block_size, first_block
+    )
     assert args["k_cache"].numel() > 2**31
     _check(args, torch.bfloat16)

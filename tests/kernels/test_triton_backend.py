@@ -11,26 +11,46 @@ from engine.attention.select import get_attention_backend
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.attention.triton_backend import TritonAttentionBackend
 from engine.errors import EngineConfigError
-from tests.kernels.kernel_cases import DEVICE, DTYPES, PagedBatch, assert_close, make_paged_batch, rope_cache
+from tests.kernels.kernel_cases import (
+    DEVICE,
+    DTYPES,
+    PagedBatch,
+    assert_close,
+    make_paged_batch,
+    rope_cache,
+)
 
 # (new tokens, context): decode rows, a prefix-hit prefill, a chunked-prefill row, a full prefill.
 MIXED = ([1, 1, 24, 16, 33], [57, 2, 60, 48, 33])
 DECODE = ([1, 1, 1], [1, 30, 77])
 
 
-def _step(backend: AttentionBackend, batch: PagedBatch, new_kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _step(
+    backend: AttentionBackend, batch: PagedBatch, new_kv: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
     """One layer step on fresh copies of the caches; returns (rotated q, output, k_cache, v_cache)."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     cos_sin = rope_cache(max(256, int(batch.positions.max()) + 1), batch.query.shape[-1])
-    q = backend.rope_and_store(batch.query, *new_kv, batch.positions, cos_sin, k_cache, v_cache, batch.meta)
+    q = backend.rope_and_store(
+        batch.query, *new_kv, batch.positions, cos_sin, k_cache, v_cache, batch.meta
+    )
     out = backend.attend(q, k_cache, v_cache, batch.meta, batch.query.shape[-1] ** -0.5)
     return q, out, k_cache, v_cache
 
 
-def _compare(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype, group: int, block_size: int,
-             head_dim: int, backend: TritonAttentionBackend) -> None:
+def _compare(
+    q_lens: list[int],
+    seq_lens: list[int],
+    dtype: torch.dtype,
+    group: int,
+    block_size: int,
+    head_dim: int,
+    backend: TritonAttentionBackend,
+) -> None:
     num_kv_heads = 2 if group == 1 else 1
-    batch = make_paged_batch(q_lens, seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype)
+    batch = make_paged_batch(
+        q_lens, seq_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype
+    )
     gen = torch.Generator(device=DEVICE).manual_seed(7)
     kv_shape = (sum(q_lens), num_kv_heads, head_dim)
     new_k = torch.empty(kv_shape, dtype=dtype, device=DEVICE).normal_(generator=gen)
@@ -46,13 +66,17 @@ def _compare(q_lens: list[int], seq_lens: list[int], dtype: torch.dtype, group: 
     "dtype,group,block_size,head_dim",  # kernel tests cover the full cross; here one of each
     [(torch.float32, 1, 16, 64), (torch.float16, 4, 32, 64), (torch.bfloat16, 8, 16, 128)],
 )
-def test_mixed_batch_matches_torch_backend(dtype: torch.dtype, group: int, block_size: int, head_dim: int) -> None:
+def test_mixed_batch_matches_torch_backend(
+    dtype: torch.dtype, group: int, block_size: int, head_dim: int
+) -> None:
     _compare(*MIXED, dtype, group, block_size, head_dim, TritonAttentionBackend())
 
 
 @pytest.mark.parametrize("num_splits", [None, 3])
 def test_decode_batch_matches_torch_backend(num_splits: int | None) -> None:
-    _compare(*DECODE, torch.float16, 4, 16, 64, TritonAttentionBackend(decode_num_splits=num_splits))
+    _compare(
+        *DECODE, torch.float16, 4, 16, 64, TritonAttentionBackend(decode_num_splits=num_splits)
+    )
 
 
 def test_select_picks_by_device_and_name() -> None:

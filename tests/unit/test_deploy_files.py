@@ -144,7 +144,9 @@ def test_kuberay_spec_configmap_validates_and_matches_the_cluster() -> None:
 
 def test_rayjob_runs_tandem_launch_with_the_mounted_spec() -> None:
     (job,) = _of_kind("RayJob")
-    assert job["spec"]["entrypoint"] == "tandem launch --config /etc/tandem/tandem.yaml --address auto"
+    assert (
+        job["spec"]["entrypoint"] == "tandem launch --config /etc/tandem/tandem.yaml --address auto"
+    )
     assert job["spec"]["submissionMode"] == "SidecarMode"
     for cluster in _cluster_specs():
         head = cluster["headGroupSpec"]["template"]["spec"]
@@ -206,7 +208,9 @@ def test_network_policy_keeps_ray_ports_inside() -> None:
     (policy,) = _of_kind("NetworkPolicy")
     rules = policy["spec"]["ingress"]
     open_to_all = [r for r in rules if "from" not in r]
-    assert [[p["port"] for p in r["ports"]] for r in open_to_all] == [[_k8s_tandem_spec().router.port]]
+    assert [[p["port"] for p in r["ports"]] for r in open_to_all] == [
+        [_k8s_tandem_spec().router.port]
+    ]
     for rule in rules:
         for port in rule.get("ports", []):
             assert port["port"] not in RAY_PORTS

@@ -50,8 +50,13 @@ def test_a_bar_on_a_terminal_draws_unless_turned_off() -> None:
 def _wide_frame() -> StatusSnapshot:
     """The test frame plus a worker with long names and large figures."""
     snap = _frame()
-    load = pb.LoadSnapshot(running=12, waiting=140, queued_prefill_tokens=123456,
-                           total_kv_blocks=100000, free_kv_blocks=12345)
+    load = pb.LoadSnapshot(
+        running=12,
+        waiting=140,
+        queued_prefill_tokens=123456,
+        total_kv_blocks=100000,
+        free_kv_blocks=12345,
+    )
     snap.status.workers.append(
         pb.WorkerStatus(worker_id="colocated-10", pool="colocated", healthy=False, load=load)
     )
@@ -65,8 +70,23 @@ def test_status_view_keeps_every_column_at_80() -> None:
     assert "…" not in text, text
     for line in text.splitlines():
         assert len(line.rstrip()) <= WIDTH, line
-    for header in ("worker", "pool", "healthy", "running", "waiting", "queued", "preempt", "used",
-                   "cached", "free", "hit rate", "colocated-10", "123456", "87655", "12345"):
+    for header in (
+        "worker",
+        "pool",
+        "healthy",
+        "running",
+        "waiting",
+        "queued",
+        "preempt",
+        "used",
+        "cached",
+        "free",
+        "hit rate",
+        "colocated-10",
+        "123456",
+        "87655",
+        "12345",
+    ):
         assert header in text, header
 
 

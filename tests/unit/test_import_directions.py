@@ -48,7 +48,11 @@ def module_name(path: Path) -> str:
 def _resolve(module: str, name: str) -> str:
     """`from module import name`: the submodule when `name` is one, else the module."""
     candidate = ROOT / Path(*f"{module}.{name}".split("."))
-    return f"{module}.{name}" if candidate.is_dir() or candidate.with_suffix(".py").is_file() else module
+    return (
+        f"{module}.{name}"
+        if candidate.is_dir() or candidate.with_suffix(".py").is_file()
+        else module
+    )
 
 
 def first_party_imports(path: Path) -> Iterator[tuple[int, str]]:

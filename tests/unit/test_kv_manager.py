@@ -165,7 +165,9 @@ def test_caching_disabled_never_hits_and_counts_nothing() -> None:
 
 def test_eviction_callback_reports_hash() -> None:
     evicted: list[tuple[int, bytes]] = []
-    kv = KVManager(num_blocks=3, block_size=BS, salt="m", on_evict=lambda b, bh: evicted.append((b, bh)))
+    kv = KVManager(
+        num_blocks=3, block_size=BS, salt="m", on_evict=lambda b, bh: evicted.append((b, bh))
+    )
     a = make_request("a", list(range(33)))
     kv.allocate_slots(a, 32)
     a.num_computed_tokens = 32

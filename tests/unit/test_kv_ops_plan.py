@@ -10,12 +10,24 @@ from engine.executor.kv_ops import HeadRun, KVOp, rank_kv_heads, read_plan, writ
 from engine.executor.step_channel import MessageKind, pack_kv, unpack_kv
 from kvtransfer.reshard import rank_heads
 
-LAYOUTS = [(1, 1), (2, 2), (8, 2), (8, 4), (1, 2), (1, 4), (2, 4), (4, 8), (16, 8)]  # (KV heads, TP)
+LAYOUTS = [
+    (1, 1),
+    (2, 2),
+    (8, 2),
+    (8, 4),
+    (1, 2),
+    (1, 4),
+    (2, 4),
+    (4, 8),
+    (16, 8),
+]  # (KV heads, TP)
 
 
 @pytest.mark.parametrize(("heads", "size"), LAYOUTS)
 def test_placement_agrees_with_reshard(heads, size):
-    assert [rank_kv_heads(r, size, heads) for r in range(size)] == [rank_heads(r, size, heads) for r in range(size)]
+    assert [rank_kv_heads(r, size, heads) for r in range(size)] == [
+        rank_heads(r, size, heads) for r in range(size)
+    ]
 
 
 @pytest.mark.parametrize(("heads", "size"), LAYOUTS)
@@ -45,7 +57,9 @@ def test_kv_message_round_trips():
     op = KVOp(True, (3, 9, 1), (1, 2), (0, 4))
     header, payload = pack_kv(op, seq=7)
     values = header.tolist()
-    assert values[0] == MessageKind.KV_WRITE and values[6] == 7 and values[7] == payload.numel() == 3
+    assert (
+        values[0] == MessageKind.KV_WRITE and values[6] == 7 and values[7] == payload.numel() == 3
+    )
     assert unpack_kv(values, payload) == op
     read = op._replace(write=False)
     assert unpack_kv(pack_kv(read, 0)[0].tolist(), pack_kv(read, 0)[1]) == read

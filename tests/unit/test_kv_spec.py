@@ -13,7 +13,11 @@ from engine.kv.spec import KVCacheSpec, KVSpecError, LayerScales, dtype_name
 from tandem.contract.worker_api import CostModel
 
 BASE = {
-    "num_layers": 4, "num_kv_heads": 8, "head_dim": 128, "block_size": 16, "kv_dtype": "bfloat16",
+    "num_layers": 4,
+    "num_kv_heads": 8,
+    "head_dim": 128,
+    "block_size": 16,
+    "kv_dtype": "bfloat16",
 }
 
 

@@ -13,7 +13,9 @@ MiB = 1 << 20
 
 
 def _sizes(num_layers: int, num_bytes: int) -> list[float]:
-    return [(l1 - l0) * num_bytes / num_layers / MiB for l0, l1 in layer_chunks(num_layers, num_bytes)]
+    return [
+        (l1 - l0) * num_bytes / num_layers / MiB for l0, l1 in layer_chunks(num_layers, num_bytes)
+    ]
 
 
 @given(st.integers(1, 160), st.integers(0, 16 << 30))
@@ -28,18 +30,23 @@ def test_messages_cover_every_layer_in_order(num_layers: int, num_bytes: int) ->
 def test_enough_messages_and_none_small_but_the_ends(num_layers: int, num_bytes: int) -> None:
     chunks = layer_chunks(num_layers, num_bytes)
     per_layer = num_bytes / num_layers
-    inner = [(l1 - l0) * per_layer for l0, l1 in chunks[1:-1]] or [(l1 - l0) * per_layer for l0, l1 in chunks]
+    inner = [(l1 - l0) * per_layer for l0, l1 in chunks[1:-1]] or [
+        (l1 - l0) * per_layer for l0, l1 in chunks
+    ]
     assert len(chunks) >= min(MIN_CHUNKS, num_layers, num_bytes // MIN_CHUNK_BYTES)
     assert min(inner) >= min(MIN_CHUNK_BYTES, per_layer) * 0.999
     if per_layer <= CHUNK_BYTES / 2:  # layers small enough to make ~CHUNK_BYTES messages
         assert max(inner) <= 1.5 * max(CHUNK_BYTES, num_bytes / MIN_CHUNKS)
 
 
-@pytest.mark.parametrize(("tokens", "expected_mib"), [
-    (1024, [8, 28, 28, 28, 28, 8]),  # 128 MiB: short ends, so the unhidden copies are small
-    (4096, [32, 112, 112, 112, 112, 32]),  # 512 MiB
-    (16384, [128] * 16),  # 2 GiB: two layers (64 MiB each) per message
-])
+@pytest.mark.parametrize(
+    ("tokens", "expected_mib"),
+    [
+        (1024, [8, 28, 28, 28, 28, 8]),  # 128 MiB: short ends, so the unhidden copies are small
+        (4096, [32, 112, 112, 112, 112, 32]),  # 512 MiB
+        (16384, [128] * 16),  # 2 GiB: two layers (64 MiB each) per message
+    ],
+)
 def test_llama3_8b_plans(tokens: int, expected_mib: list[int]) -> None:
     num_bytes = tokens // 16 * (2 << 20)  # 2 MiB per 16-token block
     assert _sizes(32, num_bytes) == expected_mib

@@ -199,7 +199,9 @@ def test_label_selected_node_type() -> None:
     data = yaml.safe_load((REPO / "deploy" / "tandem.yaml").read_text())
     data["node_types"]["decode_gpu"] = {"gpus": 8, "labels": {"tandem.io/pool": "decode"}}
     spec = parse_spec(data)
-    decode_node = NodeInfo("d", "10.0.0.3", {"CPU": 96.0, "GPU": 8.0}, {"tandem.io/pool": "decode"}, False)
+    decode_node = NodeInfo(
+        "d", "10.0.0.3", {"CPU": 96.0, "GPU": 8.0}, {"tandem.io/pool": "decode"}, False
+    )
     plain_gpu_node = NodeInfo("x", "10.0.0.9", {"CPU": 96.0, "GPU": 8.0}, {}, False)
     nodes = [_node("10.0.0.1", head=True), _node("10.0.0.2", gpus=8, tandem_prefill=8)]
     plan = plan_cluster(spec, nodes + [plain_gpu_node, decode_node])

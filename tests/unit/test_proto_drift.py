@@ -48,8 +48,10 @@ def test_the_descriptor_compared_is_the_one_that_runs() -> None:
 def test_a_new_field_without_regenerating_is_caught(tmp_path: Path) -> None:
     root = _copy_protos(tmp_path)
     _edit_proto(
-        root, "generation.proto", "message AbortRequest {", "message AbortRequest {\n"
-        "  string reason = 99;"
+        root,
+        "generation.proto",
+        "message AbortRequest {",
+        "message AbortRequest {\n  string reason = 99;",
     )
     problems = generate.check(generate.API_DIR, root)
     assert any(p.startswith("generation_pb2.py is stale") and "reason" in p for p in problems)
@@ -76,10 +78,12 @@ def test_only_the_generator_version_differing_is_no_drift(tmp_path: Path) -> Non
     stubs = tmp_path / "stubs"
     shutil.copytree(generate.API_DIR, stubs, ignore=shutil.ignore_patterns("__pycache__"))
     for path in stubs.glob("*_pb2*.py"):
-        text = re.sub(r"Protobuf Python Version: [\d.]+", "Protobuf Python Version: 99.0.0",
-                      path.read_text())
-        text = re.sub(r"GRPC_GENERATED_VERSION = '[\d.]+'", "GRPC_GENERATED_VERSION = '9.9.9'",
-                      text)
+        text = re.sub(
+            r"Protobuf Python Version: [\d.]+", "Protobuf Python Version: 99.0.0", path.read_text()
+        )
+        text = re.sub(
+            r"GRPC_GENERATED_VERSION = '[\d.]+'", "GRPC_GENERATED_VERSION = '9.9.9'", text
+        )
         path.write_text(text.replace("\n\n\n", "\n\n"))  # formatting too
     assert generate.check(stubs) == []
 
@@ -110,7 +114,8 @@ def test_pyproject_asks_for_the_runtimes_the_stubs_need() -> None:
         assert grpc_needs is not None
         assert _lower_bound(deps["grpcio"]) >= Version(grpc_needs.group(1)), path.name
     for path in generate.API_DIR.glob("*_pb2.py"):
-        pb_needs = re.search(r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),",
-                             path.read_text())
+        pb_needs = re.search(
+            r"ValidateProtobufRuntimeVersion\(\s*\S+,\s*(\d+),\s*(\d+),\s*(\d+),", path.read_text()
+        )
         assert pb_needs is not None
         assert _lower_bound(deps["protobuf"]) >= Version(".".join(pb_needs.groups())), path.name

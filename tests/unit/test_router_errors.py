@@ -15,8 +15,13 @@ from router.server import RETRY_PUSHBACK_KEY, STATUS_CODES, status_code, trailin
 
 ROUTER = Path(__file__).resolve().parents[2] / "router"
 TRANSPORT_NEUTRAL = (
-    "flow.py", "request.py", "errors.py", "stage_clock.py", "registry.py", "policy.py",
-)  # fmt: skip
+    "flow.py",
+    "request.py",
+    "errors.py",
+    "stage_clock.py",
+    "registry.py",
+    "policy.py",
+)
 EXPECTED_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,

@@ -15,13 +15,13 @@ import pytest
 from engine.sampling_params import SamplingParams
 from router.config import RouterConfig
 from router.errors import ErrorKind, RequestError
-from tandem.testing.fake_worker import FailMode, FakeDelays, FakeWorker
 from router.flow import Orchestrator
 from router.policy import DecodeChoice, Placement, PrefillChoice
 from router.registry import Pool, WorkerEntry, WorkerRegistry
 from router.request import FinishReason, GenerateRequest, OutputBatch
 from router.slo import Slo
 from tandem.contract.worker_api import CostModel
+from tandem.testing.fake_worker import FailMode, FakeDelays, FakeWorker
 
 NO_SLO = Slo(ttft_s=None, tpot_s=None, best_effort=False, priority=0)
 PROMPT = tuple(range(65, 65 + 40))  # 40 tokens: 3 blocks of 16

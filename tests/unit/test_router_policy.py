@@ -30,18 +30,26 @@ from router.prefix_index import PrefixIndex
 from router.slo import DEFAULT_SLO_CLASSES, Slo, resolve_slo
 from tandem.contract.worker_api import CostModel, LoadSnapshot
 
-PREFILL_COST = CostModel(prefill_s_per_token=1e-4, prefill_s_per_request=1e-3, transfer_s_per_token=1e-5)
-DECODE_COST = CostModel(decode_step_s=0.01, decode_step_s_per_seq=1e-4, decode_step_s_per_context_token=1e-6)
+PREFILL_COST = CostModel(
+    prefill_s_per_token=1e-4, prefill_s_per_request=1e-3, transfer_s_per_token=1e-5
+)
+DECODE_COST = CostModel(
+    decode_step_s=0.01, decode_step_s_per_seq=1e-4, decode_step_s_per_context_token=1e-6
+)
 NO_SLO = Slo(ttft_s=None, tpot_s=None, best_effort=False, priority=0)
 
 
 def prefill_view(wid: str, queued: int = 0, pending: int = 0) -> WorkerView:
-    load = LoadSnapshot(num_queued_prefill_tokens=queued, num_free_blocks=1000, num_total_blocks=1000)
+    load = LoadSnapshot(
+        num_queued_prefill_tokens=queued, num_free_blocks=1000, num_total_blocks=1000
+    )
     return WorkerView(wid, load, PREFILL_COST, pending_prefill_tokens=pending)
 
 
 def decode_view(wid: str, free: int = 1000, running: int = 0, reserved: int = 0) -> WorkerView:
-    load = LoadSnapshot(num_running=running, num_free_blocks=free, num_total_blocks=1000, block_size=16)
+    load = LoadSnapshot(
+        num_running=running, num_free_blocks=free, num_total_blocks=1000, block_size=16
+    )
     return WorkerView(wid, load, DECODE_COST, reserved_blocks=reserved)
 
 
@@ -55,18 +63,26 @@ def demand(prompt: int = 1000, new: int = 100, slo: Slo = NO_SLO) -> Demand:
 def test_ttft_prediction_counts_queue_uncached_prompt_and_transfer() -> None:
     view = prefill_view("p", queued=2000)
     expected = 2000 * 1e-4 + (1e-3 + 600 * 1e-4) + 1000 * 1e-5
-    assert predict_ttft(view, demand(1000), num_cached_tokens=400, transfer=True) == pytest.approx(expected)
-    assert predict_ttft(view, demand(1000), 400, transfer=False) == pytest.approx(expected - 1000 * 1e-5)
-
-
-def test_router_pending_tokens_count_when_the_snapshot_lags() -> None:
-    assert predict_ttft(prefill_view("p", queued=0, pending=5000), demand(), 0, transfer=False) > predict_ttft(
-        prefill_view("q"), demand(), 0, transfer=False
+    assert predict_ttft(view, demand(1000), num_cached_tokens=400, transfer=True) == pytest.approx(
+        expected
+    )
+    assert predict_ttft(view, demand(1000), 400, transfer=False) == pytest.approx(
+        expected - 1000 * 1e-5
     )
 
 
+def test_router_pending_tokens_count_when_the_snapshot_lags() -> None:
+    assert predict_ttft(
+        prefill_view("p", queued=0, pending=5000), demand(), 0, transfer=False
+    ) > predict_ttft(prefill_view("q"), demand(), 0, transfer=False)
+
+
 def test_prefill_goes_to_lowest_predicted_ttft() -> None:
-    views = [prefill_view("busy", queued=10_000), prefill_view("idle"), prefill_view("mid", queued=3000)]
+    views = [
+        prefill_view("busy", queued=10_000),
+        prefill_view("idle"),
+        prefill_view("mid", queued=3000),
+    ]
     choice = place_prefill(views, demand(), {})
     assert isinstance(choice, PrefillChoice) and choice.worker_id == "idle"
 
@@ -80,7 +96,11 @@ def test_prefix_hits_can_outweigh_a_short_queue() -> None:
 
 def test_decode_needs_kv_headroom_for_the_whole_sequence() -> None:
     # prompt 1000 + 100 new = 1100 tokens = 69 blocks of 16
-    views = [decode_view("tight", free=68), decode_view("reserved", free=100, reserved=40), decode_view("ok", free=69)]
+    views = [
+        decode_view("tight", free=68),
+        decode_view("reserved", free=100, reserved=40),
+        decode_view("ok", free=69),
+    ]
     choice = place_decode(views, demand())
     assert isinstance(choice, DecodeChoice) and choice.worker_id == "ok" and choice.num_blocks == 69
     rejected = place_decode(views[:2], demand())
@@ -110,7 +130,9 @@ def test_infeasible_ttft_is_rejected_with_a_reason() -> None:
 
 
 def test_infeasible_tpot_is_rejected() -> None:
-    slo = Slo(ttft_s=None, tpot_s=0.005, best_effort=False, priority=0)  # decode step floor is 10 ms
+    slo = Slo(
+        ttft_s=None, tpot_s=0.005, best_effort=False, priority=0
+    )  # decode step floor is 10 ms
     result = place([prefill_view("p")], [decode_view("d")], demand(slo=slo), {})
     assert isinstance(result, Rejection) and "TPOT" in result.reason
 
@@ -119,7 +141,11 @@ def test_best_effort_is_placed_and_flagged_at_risk() -> None:
     slo = Slo(ttft_s=0.001, tpot_s=0.001, best_effort=True, priority=0)
     result = place([prefill_view("p", queued=10_000)], [decode_view("d")], demand(slo=slo), {})
     assert isinstance(result, Placement) and result.slo_at_risk
-    assert result.prefill.worker_id == "p" and result.decode is not None and result.decode.worker_id == "d"
+    assert (
+        result.prefill.worker_id == "p"
+        and result.decode is not None
+        and result.decode.worker_id == "d"
+    )
 
 
 def test_feasible_request_is_not_at_risk() -> None:
@@ -141,7 +167,9 @@ def test_colocated_placement_checks_room_and_both_targets() -> None:
     full = WorkerView("full", LoadSnapshot(num_free_blocks=2, num_total_blocks=1000), cost)
     ok = place_colocated([busy, idle, full], demand(slo=Slo(1.0, 0.1, False, 0)), {})
     assert isinstance(ok, Placement) and ok.decode is None and ok.prefill.worker_id == "idle"
-    assert isinstance(place_colocated([busy, idle], demand(slo=Slo(1.0, 0.001, False, 0)), {}), Rejection)
+    assert isinstance(
+        place_colocated([busy, idle], demand(slo=Slo(1.0, 0.001, False, 0)), {}), Rejection
+    )
     assert isinstance(place_colocated([full], demand(), {}), Rejection)
 
 
@@ -158,7 +186,11 @@ def test_slo_class_defaults_and_explicit_overrides() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"slo_class": "nope"}, "slo_class"), ({"ttft_ms": -1.0}, "ttft_ms"), ({"tpot_ms": float("nan")}, "tpot_ms")],
+    [
+        ({"slo_class": "nope"}, "slo_class"),
+        ({"ttft_ms": -1.0}, "ttft_ms"),
+        ({"tpot_ms": float("nan")}, "tpot_ms"),
+    ],
 )
 def test_bad_slo_names_the_field(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidRequestError) as info:

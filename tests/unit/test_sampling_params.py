@@ -68,7 +68,9 @@ INVALID: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-@pytest.mark.parametrize(("field", "kwargs"), INVALID, ids=[f"{f}={list(k.values())[0]!r:.20}" for f, k in INVALID])
+@pytest.mark.parametrize(
+    ("field", "kwargs"), INVALID, ids=[f"{f}={list(k.values())[0]!r:.20}" for f, k in INVALID]
+)
 def test_invalid_field_raises_naming_it(field: str, kwargs: dict[str, Any]) -> None:
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**kwargs)

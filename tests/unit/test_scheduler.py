@@ -242,7 +242,10 @@ def test_preemption_by_recompute_when_blocks_run_out() -> None:
         for s in out.scheduled:
             if s.request_id == "b" and s.start_position + s.num_tokens > 8 and not readmitted:
                 readmitted = True  # recompute: prompt + earlier outputs are fed as the prompt
-                assert s.token_ids == (b.prompt_token_ids + outputs_before)[s.start_position : s.seq_len]
+                assert (
+                    s.token_ids
+                    == (b.prompt_token_ids + outputs_before)[s.start_position : s.seq_len]
+                )
     assert readmitted
     for r in (a, b):
         assert r.status is RequestStatus.FINISHED_LENGTH and r.num_output_tokens == 12

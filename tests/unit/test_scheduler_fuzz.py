@@ -49,7 +49,9 @@ class CheckingRunner:
             for j, token in enumerate(s.token_ids):
                 p = s.start_position + j
                 self.kv.setdefault(s.block_ids[p // self.bs], [None] * self.bs)[p % self.bs] = token
-        return RunnerOutput({s.request_id: self.rng.randrange(VOCAB) for s in out.scheduled if s.sample})
+        return RunnerOutput(
+            {s.request_id: self.rng.randrange(VOCAB) for s in out.scheduled if s.sample}
+        )
 
     def _slot(self, block_ids: list[int], p: int) -> int | None:
         return self.kv.get(block_ids[p // self.bs], [None] * self.bs)[p % self.bs]
@@ -123,8 +125,16 @@ class Clock:
         return self.t
 
 
-def run_ops(seed: int, num_blocks: int, block_size: int, budget: int, max_num_seqs: int,
-            chunked: bool, caching: bool, drain_by_abort: bool) -> None:
+def run_ops(
+    seed: int,
+    num_blocks: int,
+    block_size: int,
+    budget: int,
+    max_num_seqs: int,
+    chunked: bool,
+    caching: bool,
+    drain_by_abort: bool,
+) -> None:
     rng = random.Random(seed)
     max_model_len = min((num_blocks - 1) * block_size, 96)
     cfg = SchedulerConfig(
@@ -138,8 +148,13 @@ def run_ops(seed: int, num_blocks: int, block_size: int, budget: int, max_num_se
         starvation_timeout_s=40.0,
     )
     evicted: list[int] = []
-    kv = KVManager(num_blocks, block_size, "fuzz", enable_caching=caching,
-                   on_evict=lambda b, h: evicted.append(b))
+    kv = KVManager(
+        num_blocks,
+        block_size,
+        "fuzz",
+        enable_caching=caching,
+        on_evict=lambda b, h: evicted.append(b),
+    )
     clock = Clock()
     sched = Scheduler(cfg, kv, clock=clock)
     runner = CheckingRunner(sched, rng)
@@ -170,7 +185,9 @@ def run_ops(seed: int, num_blocks: int, block_size: int, budget: int, max_num_se
     kv.pool.check_integrity()
 
 
-def drain(sched: Scheduler, runner: CheckingRunner, live: dict[str, Request], by_abort: bool) -> None:
+def drain(
+    sched: Scheduler, runner: CheckingRunner, live: dict[str, Request], by_abort: bool
+) -> None:
     if by_abort:
         sched.abort(list(live))
     for _ in range(100_000):
@@ -195,8 +212,14 @@ def drain(sched: Scheduler, runner: CheckingRunner, live: dict[str, Request], by
     drain_by_abort=st.booleans(),
 )
 def test_random_operations_keep_pool_consistent(
-    seed: int, num_blocks: int, block_size: int, budget: int, max_num_seqs: int,
-    chunked: bool, caching: bool, drain_by_abort: bool,
+    seed: int,
+    num_blocks: int,
+    block_size: int,
+    budget: int,
+    max_num_seqs: int,
+    chunked: bool,
+    caching: bool,
+    drain_by_abort: bool,
 ) -> None:
     run_ops(seed, num_blocks, block_size, budget, max_num_seqs, chunked, caching, drain_by_abort)
 
@@ -204,5 +227,13 @@ def test_random_operations_keep_pool_consistent(
 def test_tight_pool_with_prefix_sharing_preempts_and_recovers() -> None:
     """A fixed, adversarial shape: a tiny pool, many sequences, caching on."""
     for seed in range(3):
-        run_ops(seed, num_blocks=8, block_size=4, budget=32, max_num_seqs=8,
-                chunked=True, caching=True, drain_by_abort=False)
+        run_ops(
+            seed,
+            num_blocks=8,
+            block_size=4,
+            budget=32,
+            max_num_seqs=8,
+            chunked=True,
+            caching=True,
+            drain_by_abort=False,
+        )

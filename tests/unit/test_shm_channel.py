@@ -22,7 +22,9 @@ def _pair(readers: int = 2, data_bytes: int = 64):
 def test_every_reader_gets_every_message_in_order_including_multipart():
     writer, ends = _pair(readers=2, data_bytes=64)  # 8 int64 per part: most messages span parts
     rng = np.random.default_rng(0)
-    messages = [rng.integers(-2**40, 2**40, size=int(n), dtype=np.int64) for n in rng.integers(1, 40, 60)]
+    messages = [
+        rng.integers(-(2**40), 2**40, size=int(n), dtype=np.int64) for n in rng.integers(1, 40, 60)
+    ]
     got: list[list[np.ndarray]] = [[], []]
 
     def read(r: int) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -83,7 +84,9 @@ def test_tp_larger_than_node_gpus() -> None:
     assert err.field == "pools.decode.tensor_parallel_size"
     assert "exceeds the 2 GPUs of node type 'decode_gpu'" in err.reason
     err = _fails(lambda d: d["pools"]["decode"].update(tensor_parallel_size=16))
-    assert str(err).startswith("test.yaml: pools.decode.tensor_parallel_size: 16 exceeds the 8 GPUs")
+    assert str(err).startswith(
+        "test.yaml: pools.decode.tensor_parallel_size: 16 exceeds the 8 GPUs"
+    )
 
 
 def test_tp_must_be_a_power_of_two() -> None:

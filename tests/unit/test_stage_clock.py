@@ -53,6 +53,8 @@ def test_aborted_before_dispatch_is_all_router_queue() -> None:
 
 def test_worker_figures_larger_than_the_span_are_clamped() -> None:
     marks = StageMarks(arrival=0.0, dispatched=0.0, prefill_done=0.1, decode_started=0.1)
-    msg = stage_timings(marks, StageTimes(prefill=5.0), StageTimes(kv_transfer=9.0, decode_queue=9.0), end=0.3)
+    msg = stage_timings(
+        marks, StageTimes(prefill=5.0), StageTimes(kv_transfer=9.0, decode_queue=9.0), end=0.3
+    )
     assert min(getattr(msg, s) for s in STAGES) >= 0.0
     assert _sum(msg) == pytest.approx(0.3)

@@ -17,21 +17,38 @@ from tests.unit.test_metrics import SLO, _final, _router, _snapshot, _worker
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:
     buckets = [(0.1, 10.0), (0.2, 30.0), (0.4, 40.0), (math.inf, 40.0)]
-    assert histogram_quantile(0.5, buckets) == pytest.approx(0.15)  # rank 20: halfway through (0.1, 0.2]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(
+        0.15
+    )  # rank 20: halfway through (0.1, 0.2]
     assert histogram_quantile(0.25, buckets) == pytest.approx(0.1)
     assert histogram_quantile(1.0, buckets) == pytest.approx(0.4)
     assert math.isnan(histogram_quantile(0.5, [(0.1, 0.0), (math.inf, 0.0)]))
-    assert histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 2.0)]) == 0.1  # the +Inf bucket: the last finite bound
+    assert (
+        histogram_quantile(0.99, [(0.1, 1.0), (math.inf, 2.0)]) == 0.1
+    )  # the +Inf bucket: the last finite bound
 
 
 def _frame() -> StatusSnapshot:
     router = _router()
-    router.request("interactive", SLO).on_message(_final(pb.FINISH_REASON_STOP, ttft=0.2, e2e=0.5, tokens=4))
+    router.request("interactive", SLO).on_message(
+        _final(pb.FINISH_REASON_STOP, ttft=0.2, e2e=0.5, tokens=4)
+    )
     router.request("interactive", SLO).rejected("queue_full")
-    texts = [generate_latest(router.registry).decode(), generate_latest(_worker(_snapshot()).registry).decode()]
+    texts = [
+        generate_latest(router.registry).decode(),
+        generate_latest(_worker(_snapshot()).registry).decode(),
+    ]
     samples, per_worker = parse_samples(texts)
-    status = pb.ClusterStatus(workers=[pb.WorkerStatus(worker_id="decode-0", pool="decode", healthy=True,
-                                                       load=pb.LoadSnapshot(running=3, total_kv_blocks=100))])  # fmt: skip
+    status = pb.ClusterStatus(
+        workers=[
+            pb.WorkerStatus(
+                worker_id="decode-0",
+                pool="decode",
+                healthy=True,
+                load=pb.LoadSnapshot(running=3, total_kv_blocks=100),
+            )
+        ]
+    )
     return StatusSnapshot(status, samples, taken_at=10.0, worker_samples=per_worker)
 
 
@@ -48,5 +65,13 @@ def test_render_shows_every_stage_worker_and_class() -> None:
     console = Console(record=True, width=200)
     console.print(render(_frame()))
     text = console.export_text()
-    for word in (*STAGES, "TTFT", "decode-0", "interactive", "rejected: queue_full", "25.0%", "50.0%"):
+    for word in (
+        *STAGES,
+        "TTFT",
+        "decode-0",
+        "interactive",
+        "rejected: queue_full",
+        "25.0%",
+        "50.0%",
+    ):
         assert word in text, word

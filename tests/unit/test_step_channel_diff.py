@@ -12,16 +12,30 @@ def _decode_step(batch: int, width: int, step: int) -> StepInputs:
     ctx = torch.arange(batch, dtype=torch.int64) * 7 + 100 + step
     tables = torch.arange(batch * width, dtype=torch.int32).reshape(batch, width) + 1
     return StepInputs(
-        input_ids=(ctx * 31) % 5000, positions=ctx - 1, slot_mapping=ctx * 3,
-        query_start_loc=torch.arange(batch + 1, dtype=torch.int32), seq_lens=ctx.to(torch.int32),
-        block_tables=tables, sample_indices=torch.arange(batch, dtype=torch.int64), decode_only=True,
+        input_ids=(ctx * 31) % 5000,
+        positions=ctx - 1,
+        slot_mapping=ctx * 3,
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=ctx.to(torch.int32),
+        block_tables=tables,
+        sample_indices=torch.arange(batch, dtype=torch.int64),
+        decode_only=True,
     )
 
 
 def _same(a: StepInputs, b: StepInputs) -> bool:
-    return all(torch.equal(getattr(a, f).to(torch.int64), getattr(b, f).to(torch.int64))
-               for f in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
-                         "block_tables", "sample_indices"))
+    return all(
+        torch.equal(getattr(a, f).to(torch.int64), getattr(b, f).to(torch.int64))
+        for f in (
+            "input_ids",
+            "positions",
+            "slot_mapping",
+            "query_start_loc",
+            "seq_lens",
+            "block_tables",
+            "sample_indices",
+        )
+    )
 
 
 def test_consecutive_decode_steps_go_as_small_diffs_and_rebuild_exactly():
