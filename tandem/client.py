@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -66,9 +66,10 @@ def build_request(
     if isinstance(prompt, str):
         req.text = prompt
     elif len(prompt) > 0 and isinstance(prompt[0], dict):
+        messages = cast(list[dict[str, str]], prompt)
         req.chat.messages.extend(
-            pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt
-        )  # type: ignore[index]
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages
+        )
     else:
         req.token_ids.ids.extend(prompt)  # type: ignore[arg-type]
         if not prompt:

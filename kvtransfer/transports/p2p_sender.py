@@ -80,8 +80,8 @@ class TorchP2PSender(GrpcSender):
             model_salt=model_salt,
             on_release=on_release,
             lease_s=lease_s,
-            **grpc_kwargs,
-        )  # type: ignore[arg-type]
+            **grpc_kwargs,  # type: ignore[arg-type]
+        )
         self.link = link
         self.send_timeout_s = send_timeout_s
         self.prepare_send_handler = self._prepare_send
