@@ -25,8 +25,8 @@ from rich.table import Table
 
 QUESTIONS = [
     "What is the capital of France? Answer in one sentence.",
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
+    "What is 2 + 2?",
+    "Give one tip for better sleep.",
 ]
 MAX_TOKENS = 64
 
@@ -43,7 +43,8 @@ async def _stream_all(address: str, console: Console) -> list[tuple[str, Any, in
         for i, question in enumerate(QUESTIONS):
             console.print(f"\n[cyan]>>> {question}[/cyan]")
             final = None
-            async for final in client.generate(_messages(question), max_tokens=MAX_TOKENS):
+            stream = client.generate(_messages(question), temperature=0.0, max_tokens=MAX_TOKENS)
+            async for final in stream:
                 console.print(final.text_delta, end="", markup=False, highlight=False)
             if final is None or not final.HasField("timings"):
                 raise RuntimeError("the stream ended without its timings")
@@ -70,7 +71,8 @@ async def _run_cluster(console: Console, use_gpus: bool) -> list[tuple[str, Any,
         address = await cluster.start()
         workers = ", ".join(f"{w} ({p}, {device})" for w, p in cluster.pools.items())
         elapsed = time.perf_counter() - started
-        console.print(f"cluster up in {elapsed:.1f} s: router at {address}, workers {workers}")
+        console.print(f"cluster up in {elapsed:.1f} s, router at {address}")
+        console.print(f"workers: {workers}")
         return await _stream_all(address, console)
     finally:
         await cluster.stop()
@@ -92,9 +94,9 @@ def cluster_demo(console: Console) -> None:
     from tandem.timings_view import timings_table
 
     console.print(
-        "[bold]Tandem demo[/bold]: a local disaggregated cluster (prefill pool -> KV over gRPC "
-        "-> decode pool) serving SmolLM2-135M-Instruct"
+        "[bold]Tandem demo[/bold]: SmolLM2-135M-Instruct on a local disaggregated cluster"
     )
+    console.print("(a prefill pool -> KV over gRPC -> a decode pool; greedy answers)")
     _prepare_model(console)
     started_ray = start_local_ray()
     try:

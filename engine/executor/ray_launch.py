@@ -13,6 +13,7 @@ torch.distributed (engine.executor.step_channel).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -37,11 +38,14 @@ def ensure_ray() -> None:
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    # Ray's own INFO lines ("Started a local Ray instance.") are not the user's business;
+    # its warnings and the workers' output still reach the terminal.
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(include_dashboard=False)
+        ray.init(**quiet)
     else:
         num_cpus = max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, **quiet)
 
 
 class GroupPlacement(NamedTuple):
