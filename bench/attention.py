@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.utils.math import cdiv  # noqa: E402
+
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 DECODE_BATCH, DECODE_CONTEXT = 32, 4096
 PREFILL_LENGTHS = (4096, 8192, 16384)
@@ -55,7 +57,7 @@ def matmul_peak_tflops() -> float:
 
 def paged_cache(num_tokens_per_seq: list[int], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random K/V caches and a block table of shuffled block ids (block 0 unused)."""
-    blocks_per_seq = [-(-n // BLOCK) for n in num_tokens_per_seq]
+    blocks_per_seq = [cdiv(n, BLOCK) for n in num_tokens_per_seq]
     num_blocks = sum(blocks_per_seq) + 1
     ids = torch.randperm(num_blocks - 1, generator=gen, device=DEVICE) + 1
     table = torch.zeros(len(blocks_per_seq), max(blocks_per_seq), dtype=torch.int32, device=DEVICE)

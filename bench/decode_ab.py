@@ -35,6 +35,7 @@ def step_times(llm: object, batch: int, steps: int) -> list[float]:
     from engine import SamplingParams
 
     engine = llm.engine  # type: ignore[attr-defined]
+    # ceil division written out: the trees this times may predate engine.utils.math.cdiv
     warmup = -(-batch * CTX // engine.config.max_num_batched_tokens) + 8
     params = SamplingParams(temperature=0.0, max_tokens=steps + warmup, ignore_eos=True)
     ids = [f"ab{batch}-{i}" for i in range(batch)]

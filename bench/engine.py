@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_bandwidth, gpu_name, matmul_peak, print_table, sync, write_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.demo_model import PRESETS  # noqa: E402
+from engine.utils.math import cdiv  # noqa: E402
 
 PRESET = "llama-3-8b"
 CTX = 1024
@@ -51,7 +52,7 @@ def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
     engine = llm.engine
     vocab = engine.vocab_size
     # Early requests decode while later ones prefill: leave room for those steps too.
-    warmup_steps = -(-batch * CTX // engine.config.max_num_batched_tokens) + 8
+    warmup_steps = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 8
     params = SamplingParams(temperature=0.0, max_tokens=steps + warmup_steps, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
     for rid, prompt in zip(ids, random_prompts(batch, CTX, vocab, batch)):

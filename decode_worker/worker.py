@@ -37,7 +37,7 @@ from tandem.contract.worker_api import (
     deadline_to_monotonic,
 )
 from tandem.pool.core import PoolWorker, WorkerCore
-from tandem.pool.outbox import Outbox
+from tandem.pool.outbox import Outbox, step_output
 
 AWAITING_KV = ArrivalStatus.AWAITING_KV
 KV_LANDED = ArrivalStatus.KV_LANDED_AWAITING_FIRST_TOKEN
@@ -200,19 +200,7 @@ class DecodeWorker(PoolWorker):
         timings = None
         if out.finished:  # the engine freed its blocks
             timings = _timings(self._arrivals.remove(out.request_id))
-        self.outbox.put(
-            [
-                StepOutput(
-                    request_id=out.request_id,
-                    new_token_ids=tuple(out.new_token_ids),
-                    text_delta=out.text_delta,
-                    finished=out.finished,
-                    finish_reason=out.finish_reason,
-                    logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
-                    timings=timings,
-                )
-            ]
-        )
+        self.outbox.put([step_output(out, timings)])
 
 
 def _timings(arrival: Arrival | None) -> StageTimes | None:

@@ -199,9 +199,29 @@ class LLMEngine:
         `hold_kv`: when it finishes (not aborted) its blocks stay allocated in
         `request.held_block_ids` for a KV lease; free them with `release_blocks()`."""
         params = params or SamplingParams()
+        request = self._new_request(request_id, prompt, params, priority, deadline, hold_kv)
+        self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+            )
+        if params.logprobs is not None:
+            self._logprobs[request_id] = []
+        return request
+
+    def _new_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        priority: int,
+        deadline: float | None,
+        hold_kv: bool = False,
+    ) -> Request:
+        """A validated request, not yet queued (raises InvalidRequestError naming the field)."""
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
-        request = Request(
+        return Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             sampling_params=params,
@@ -210,14 +230,6 @@ class LLMEngine:
             deadline=deadline,
             hold_kv=hold_kv,
         )
-        self.scheduler.add_request(request)
-        if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, params.skip_special_tokens
-            )
-        if params.logprobs is not None:
-            self._logprobs[request_id] = []
-        return request
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         aborted = self.scheduler.abort(list(request_ids))
@@ -351,19 +363,10 @@ class LLMEngine:
         no room now (nothing is held then). Call `activate_prefilled` once the KV landed.
         `first_token` None: the prefill has not sampled it yet (its KV streams in while it
         computes); pass it to `set_first_token` before activating."""
-        prompt_ids = self.tokenize(prompt_ids)
-        self.validate(prompt_ids, params)
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=prompt_ids,
-            sampling_params=params,
-            eos_token_ids=self.model_config.eos_token_ids,
-            priority=priority,
-            deadline=deadline,
-        )
-        if not self.kv_manager.can_allocate_slots(request, len(prompt_ids)):
+        request = self._new_request(request_id, prompt_ids, params, priority, deadline)
+        if not self.kv_manager.can_allocate_slots(request, request.num_prompt_tokens):
             return None
-        self.kv_manager.allocate_slots(request, len(prompt_ids))
+        self.kv_manager.allocate_slots(request, request.num_prompt_tokens)
         if params.logprobs is not None:
             self._logprobs[request_id] = []
         if first_token is not None:

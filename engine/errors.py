@@ -30,3 +30,15 @@ class UnsupportedArchitectureError(ModelLoadError):
 
 class EngineConfigError(TandemError, ValueError):
     """An engine setting is invalid or the hardware cannot satisfy it."""
+
+
+def check_request(ok: bool, field: str, message: str) -> None:
+    """Raises InvalidRequestError(field, message) unless `ok`: one check of a request field."""
+    if not ok:
+        raise InvalidRequestError(field, message)
+
+
+def check_config(ok: bool, field: str, message: str) -> None:
+    """Raises EngineConfigError("field: message") unless `ok`: one check of a setting."""
+    if not ok:
+        raise EngineConfigError(f"{field}: {message}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequestError
+from engine.errors import check_request
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -13,11 +13,6 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPERATURE = 100.0
-
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequestError(field_name, message)
 
 
 def _int(x: object) -> bool:
@@ -66,64 +61,68 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
-        _check(
+        check_request(_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]")
+        check_request(
             _finite(self.temperature) and 0.0 <= self.temperature <= MAX_TEMPERATURE,
             "temperature",
             f"must be a finite number in [0, {MAX_TEMPERATURE}]",
         )
-        _check(_int(self.top_k) and self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
-        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
-        _check(
+        check_request(_int(self.top_k) and self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
+        check_request(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check_request(
+            _finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]"
+        )
+        check_request(
             _finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 10.0,
             "repetition_penalty",
             "must be in (0, 10]",
         )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_finite(value) and -2.0 <= value <= 2.0, name, "must be in [-2, 2]")
-        _check(
+            check_request(_finite(value) and -2.0 <= value <= 2.0, name, "must be in [-2, 2]")
+        check_request(
             self.seed is None or (_int(self.seed) and 0 <= self.seed < 2**63),
             "seed",
             "must be an integer in [0, 2^63)",
         )
-        _check(
+        check_request(
             self.max_tokens is None or (_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "must be >= 1",
         )
-        _check(_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
-        _check(
+        check_request(_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be >= 0")
+        check_request(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",
             "must not exceed max_tokens",
         )
         self._validate_stops()
-        _check(
+        check_request(
             self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be in [0, {MAX_LOGPROBS}]",
         )
 
     def _validate_stops(self) -> None:
-        _check(
+        check_request(
             len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings"
         )
         for s in self.stop:
-            _check(isinstance(s, str) and len(s) > 0, "stop", "stop strings must be non-empty")
-            _check(
+            check_request(
+                isinstance(s, str) and len(s) > 0, "stop", "stop strings must be non-empty"
+            )
+            check_request(
                 len(s) <= MAX_STOP_STRING_CHARS,
                 "stop",
                 f"a stop string is {len(s)} characters; at most {MAX_STOP_STRING_CHARS}",
             )
-        _check(
+        check_request(
             len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
             "stop_token_ids",
             f"at most {MAX_STOP_TOKEN_IDS} ids",
         )
         for t in self.stop_token_ids:
-            _check(_int(t) and t >= 0, "stop_token_ids", "ids must be >= 0")
+            check_request(_int(t) and t >= 0, "stop_token_ids", "ids must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -131,9 +130,11 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Checks that depend on the model: raise InvalidRequestError naming the field."""
-        _check(self.top_k <= vocab_size, "top_k", f"must be <= the vocabulary size {vocab_size}")
+        check_request(
+            self.top_k <= vocab_size, "top_k", f"must be <= the vocabulary size {vocab_size}"
+        )
         for t in self.stop_token_ids:
-            _check(
+            check_request(
                 t < vocab_size,
                 "stop_token_ids",
                 f"id {t} is outside the vocabulary [0, {vocab_size})",

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from engine.utils.math import cdiv
 from router.slo import Slo
 from tandem.contract.worker_api import CostModel, LoadSnapshot
 
@@ -86,10 +87,6 @@ class Rejection:
     reason: str
 
 
-def blocks_needed(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 def predict_queue_wait(view: WorkerView) -> float:
     queued = max(view.load.num_queued_prefill_tokens, view.pending_prefill_tokens)
     return (
@@ -132,7 +129,7 @@ def place_decode(views: Sequence[WorkerView], demand: Demand) -> DecodeChoice | 
     num_tokens = demand.num_prompt_tokens + demand.max_new_tokens
     scored: list[tuple[float, int, WorkerView, int]] = []
     for view in views:
-        need = blocks_needed(num_tokens, view.load.block_size)
+        need = cdiv(num_tokens, view.load.block_size)
         if view.free_blocks >= need:
             scored.append((predict_tpot(view, demand), -view.free_blocks, view, need))
     if not scored:

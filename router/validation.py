@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, check_request
 from engine.sampling_params import SamplingParams
 from router.errors import RequestError
 from router.request import GenerateRequest
@@ -54,21 +54,16 @@ class ModelLimits:
     vocab_size: int
 
 
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise InvalidRequestError(field_name, message)
-
-
 def _check_request_id(req: pb.GenerateRequest) -> None:
     if not req.HasField("request_id"):
         return
     rid = req.request_id
-    _check(
+    check_request(
         0 < len(rid) <= MAX_REQUEST_ID_CHARS,
         "request_id",
         f"must be 1..{MAX_REQUEST_ID_CHARS} characters",
     )
-    _check(
+    check_request(
         _REQUEST_ID.match(rid) is not None,
         "request_id",
         "may hold only letters, digits and _ . : -",
@@ -84,37 +79,43 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         params = SamplingParams(**kwargs)  # type: ignore[arg-type]
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
-    _check(params.n == 1, "sampling.n", "the router streams one sequence per request: n must be 1")
+    check_request(
+        params.n == 1, "sampling.n", "the router streams one sequence per request: n must be 1"
+    )
     return params
 
 
 def _check_prompt_shape(req: pb.GenerateRequest, limits: ModelLimits) -> None:
     kind = req.WhichOneof("prompt")
-    _check(kind is not None, "prompt", "missing: set one of text, token_ids, chat")
+    check_request(kind is not None, "prompt", "missing: set one of text, token_ids, chat")
     max_chars = limits.max_model_len * MAX_CHARS_PER_TOKEN
     if kind == "text":
-        _check(len(req.text) > 0, "text", "the prompt is empty")
-        _check(
+        check_request(len(req.text) > 0, "text", "the prompt is empty")
+        check_request(
             len(req.text) <= max_chars, "text", f"{len(req.text)} characters; at most {max_chars}"
         )
     elif kind == "token_ids":
         ids = req.token_ids.ids
-        _check(len(ids) > 0, "token_ids", "the prompt is empty")
-        _check(
+        check_request(len(ids) > 0, "token_ids", "the prompt is empty")
+        check_request(
             len(ids) < limits.max_model_len,
             "token_ids",
             f"{len(ids)} tokens; the context is {limits.max_model_len}",
         )
         bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
-        _check(
+        check_request(
             bad is None, "token_ids", f"id {bad} is outside the vocabulary [0, {limits.vocab_size})"
         )
     else:
         msgs = req.chat.messages
-        _check(0 < len(msgs) <= MAX_CHAT_MESSAGES, "chat", f"needs 1..{MAX_CHAT_MESSAGES} messages")
-        _check(all(m.role for m in msgs), "chat", "every message needs a role")
+        check_request(
+            0 < len(msgs) <= MAX_CHAT_MESSAGES, "chat", f"needs 1..{MAX_CHAT_MESSAGES} messages"
+        )
+        check_request(all(m.role for m in msgs), "chat", "every message needs a role")
         num_chars = sum(len(m.content) + len(m.role) for m in msgs)
-        _check(num_chars <= max_chars, "chat", f"{num_chars} characters; at most {max_chars}")
+        check_request(
+            num_chars <= max_chars, "chat", f"{num_chars} characters; at most {max_chars}"
+        )
 
 
 def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
@@ -127,7 +128,7 @@ def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
         turns = [ChatTurn(m.role, m.content) for m in req.chat.messages]
         add = req.chat.add_generation_prompt if req.chat.HasField("add_generation_prompt") else True
         ids = tokenizer.encode_chat(turns, add)
-    _check(len(ids) > 0, str(kind), "the prompt tokenizes to nothing")
+    check_request(len(ids) > 0, str(kind), "the prompt tokenizes to nothing")
     return ids
 
 
@@ -135,14 +136,14 @@ def _cap_max_tokens(
     params: SamplingParams, explicit: bool, num_prompt: int, limits: ModelLimits
 ) -> SamplingParams:
     room = limits.max_model_len - num_prompt
-    _check(
+    check_request(
         room >= 1,
         "prompt",
         f"{num_prompt} tokens leave no room in the {limits.max_model_len}-token context",
     )
     if params.max_tokens is None or (not explicit and params.max_tokens > room):
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
-    _check(
+    check_request(
         params.max_tokens <= room,
         "sampling.max_tokens",
         f"{params.max_tokens} exceeds the {room} tokens left in the context",
@@ -180,7 +181,7 @@ def _validate(
     _check_prompt_shape(req, limits)
     params = sampling_from_proto(req.sampling)
     priority = req.priority if req.HasField("priority") else None
-    _check(
+    check_request(
         priority is None or abs(priority) <= MAX_PRIORITY,
         "priority",
         f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]",

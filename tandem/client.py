@@ -89,13 +89,6 @@ def build_request(
     return req
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ]
-
-
 def _health_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
 
@@ -118,6 +111,18 @@ class Tls:
         )
 
 
+def _open_channel(api: Any, address: str, tls: Tls | None, max_message_bytes: int) -> Any:
+    """A channel from `api`, `grpc` or `grpc.aio` (the same constructors): over TLS when `tls`
+    is given, else plaintext; messages up to `max_message_bytes` both ways."""
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if tls:
+        return api.secure_channel(address, tls.credentials(), options=options)
+    return api.insecure_channel(address, options=options)
+
+
 class Client:
     """Blocking client. Thread-safe (one channel); use as a context manager or call `close()`.
     `tls`: connect over TLS (the router's `tls_cert_file`), else plaintext."""
@@ -130,12 +135,7 @@ class Client:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        self._channel = (
-            grpc.secure_channel(address, tls.credentials(), options=options)
-            if tls
-            else grpc.insecure_channel(address, options=options)
-        )
+        self._channel: grpc.Channel = _open_channel(grpc, address, tls, max_message_bytes)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
@@ -203,12 +203,7 @@ class AsyncClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
     ) -> None:
-        options = _channel_options(max_message_bytes)
-        self._channel = (
-            grpc.aio.secure_channel(address, tls.credentials(), options=options)
-            if tls
-            else grpc.aio.insecure_channel(address, options=options)
-        )
+        self._channel: grpc.aio.Channel = _open_channel(grpc.aio, address, tls, max_message_bytes)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
+from engine.utils.math import cdiv
 
 
 def apply_rope_ref(
@@ -40,7 +41,7 @@ def store_kv_ref(
 
 def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first `seq_len` tokens of a request from its blocks: [seq_len, Hkv, D]."""
-    num_blocks = -(-seq_len // cache.shape[1])
+    num_blocks = cdiv(seq_len, cache.shape[1])
     blocks = cache.index_select(0, block_ids[:num_blocks].long())
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 

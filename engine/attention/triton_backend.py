@@ -5,7 +5,8 @@ rotates q/k and writes k/v into the cache in one kernel (`rope_kv_store`); `atte
 flash-decoding kernel when every request has exactly one new token, and the extend kernel
 otherwise (it also serves the decode rows of mixed batches; short queries over long contexts
 split their keys over several programs). `apply_rope` and `store_kv` on their own (for a model
-that rotates elsewhere) are the torch reference ops: correct everywhere, not tuned.
+that rotates elsewhere) are the torch reference ops, inherited from `TorchAttentionBackend`:
+correct everywhere, not tuned.
 
 The kernels read the cache in the query's dtype: this backend serves only a KV cache in the
 model's dtype (`check_kv_spec`).
@@ -21,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention.backend import AttentionBackend, AttentionMetadata
-from engine.attention.torch_backend import apply_rope_ref, store_kv_ref
+from engine.attention.backend import AttentionMetadata
+from engine.attention.torch_backend import TorchAttentionBackend
 from engine.errors import EngineConfigError
 from engine.kernels.checks import num_sms
 from engine.kernels.extend_attention import ExtendConfig, extend_attention
@@ -31,7 +32,10 @@ from engine.kernels.rope_kv_store import rope_kv_store
 from engine.kv.spec import KVCacheSpec
 
 
-class TritonAttentionBackend(AttentionBackend):
+class TritonAttentionBackend(TorchAttentionBackend):
+    """The torch backend's `apply_rope` and `store_kv` (the reference ops), its own fused
+    `rope_and_store` and attention kernels, and a narrower `check_kv_spec`."""
+
     name = "triton"
 
     def __init__(
@@ -70,26 +74,6 @@ class TritonAttentionBackend(AttentionBackend):
             return self.decode_num_splits
         heads, device = self.kv_spec.num_local_heads, meta.seq_lens.device
         return choose_num_splits(meta.num_seqs, heads, meta.max_seq_len, num_sms(device))
-
-    def apply_rope(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        positions: torch.Tensor,
-        cos_sin_cache: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        rotate = apply_rope_ref
-        return rotate(query, positions, cos_sin_cache), rotate(key, positions, cos_sin_cache)
-
-    def store_kv(
-        self,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def rope_and_store(
         self,

@@ -40,12 +40,16 @@ def ensure_ray() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
     # Ray's own INFO lines ("Started a local Ray instance.") are not the user's business;
     # its warnings and the workers' output still reach the terminal.
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(**quiet)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
     else:
         num_cpus = max(LOCAL_RAY_MIN_CPUS, os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=num_cpus, **quiet)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
 
 
 class GroupPlacement(NamedTuple):

@@ -178,7 +178,7 @@ def _extend_kernel(
     diag_end = tl.minimum(seq_len, prefix + (tile + 1) * BLOCK_M)
     # This program's unmasked key tiles: split `split` of them; the last split takes the diagonal.
     num_full = full_end // BLOCK_N
-    per_split = (num_full + NUM_SPLITS - 1) // NUM_SPLITS
+    per_split = tl.cdiv(num_full, NUM_SPLITS)
     lo = tl.minimum(split * per_split, num_full) * BLOCK_N
     hi = tl.minimum((split + 1) * per_split, num_full) * BLOCK_N
     diag_lo = tl.where(split == NUM_SPLITS - 1, full_end, diag_end)
@@ -303,7 +303,7 @@ def choose_extend_splits(
     if max_query_len > MAX_SPLIT_QUERY_LEN:
         return 1
     programs = triton.cdiv(max_query_len, block_m) * num_heads * batch
-    wanted = math.ceil(2 * sm_count / programs)
+    wanted = triton.cdiv(2 * sm_count, programs)
     by_length = max(1, max_seq_len // MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, by_length, MAX_EXTEND_SPLITS))
 

@@ -168,8 +168,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, sm_count:
     MIN_TOKENS_PER_SPLIT tokens so the merge stays cheap next to the KV read.
     """
     programs = batch * num_kv_heads
-    wanted = math.ceil(3 * sm_count / programs)
-    by_length = max(1, math.ceil(max_seq_len / MIN_TOKENS_PER_SPLIT))
+    wanted = triton.cdiv(3 * sm_count, programs)
+    by_length = max(1, triton.cdiv(max_seq_len, MIN_TOKENS_PER_SPLIT))
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 

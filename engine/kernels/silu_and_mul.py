@@ -8,11 +8,13 @@ addressed with int64 offsets (N * 2I can pass 2^31 in long prefills).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.kernels.checks import check_rows
+from engine.layers.activation import (  # re-exported: the one torch reference, Triton-free
+    silu_and_mul_ref as silu_and_mul_ref,
+)
 
 BLOCK_COLS = 1024
 
@@ -42,8 +44,3 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         x, out, x.stride(0), out.stride(0), inter, BLOCK=BLOCK_COLS, num_warps=4
     )
     return out
-
-
-def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up

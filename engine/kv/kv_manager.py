@@ -17,6 +17,7 @@ from engine.kv.block_hash import hash_blocks
 from engine.kv.block_pool import BlockPool, EvictCallback
 from engine.kv.external import ExternalKVCache
 from engine.request import Request
+from engine.utils.math import cdiv
 
 
 class ComputedBlocks(NamedTuple):
@@ -40,10 +41,6 @@ def token_slice(request: Request, start: int, end: int) -> list[int]:
     if start >= n:
         return output[start - n : end - n]
     return prompt[start:] + output[: end - n]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVManager:

@@ -1,4 +1,8 @@
-"""SiLU-and-multiply over a fused gate | up projection (Triton on CUDA, torch elsewhere)."""
+"""SiLU-and-multiply over a fused gate | up projection (Triton on CUDA, torch elsewhere).
+
+`silu_and_mul_ref` is the one torch reference of the activation (the Triton kernel's tests use
+it too): it lives here because this module imports no Triton.
+"""
 
 from __future__ import annotations
 

@@ -10,13 +10,14 @@ from torch import nn
 
 from engine.distributed import get_tp_group
 from engine.layers.weight_source import WeightSource, copy_into, read_narrow, shape_of
+from engine.utils.math import cdiv
 
 VOCAB_PADDING = 64
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
     multiple = VOCAB_PADDING * tp_size
-    return -(-vocab_size // multiple) * multiple
+    return cdiv(vocab_size, multiple) * multiple
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -21,6 +21,7 @@ import torch
 from engine.attention.backend import AttentionMetadata
 from engine.models.llama import ForwardContext
 from engine.runner.inputs import StepInputs
+from engine.utils.math import cdiv
 
 if TYPE_CHECKING:
     from engine.runner.model_runner import ModelRunner
@@ -33,7 +34,7 @@ class DecodeGraphs:
         if not self.batch_sizes:
             self.batch_sizes = [1]
         max_bs = self.batch_sizes[-1]
-        max_blocks = -(-runner.max_model_len // runner.block_size)
+        max_blocks = cdiv(runner.max_model_len, runner.block_size)
         device = runner.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)

@@ -13,6 +13,7 @@ import torch
 
 from engine.attention.backend import AttentionMetadata
 from engine.scheduler.output import SchedulerOutput
+from engine.utils.math import cdiv
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def packed_to(tensors: list[torch.Tensor], device: torch.device, pin: bool) -> l
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets = [0]
     for size in sizes:
-        offsets.append(offsets[-1] + -(-size // 8) * 8)
+        offsets.append(offsets[-1] + cdiv(size, 8) * 8)
     buf = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pin)
     for t, start, size in zip(tensors, offsets, sizes):
         if size:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from engine.errors import EngineConfigError
-
-
-def _check(ok: bool, field_name: str, message: str) -> None:
-    if not ok:
-        raise EngineConfigError(f"{field_name}: {message}")
+from engine.errors import check_config
 
 
 def _positive_int(value: object) -> bool:
@@ -39,22 +34,22 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
-            _check(_positive_int(getattr(self, name)), name, "must be an integer >= 1")
+            check_config(_positive_int(getattr(self, name)), name, "must be an integer >= 1")
         for name in ("enable_chunked_prefill", "enable_prefix_caching"):
-            _check(isinstance(getattr(self, name), bool), name, "must be a bool")
-        _check(
+            check_config(isinstance(getattr(self, name), bool), name, "must be a bool")
+        check_config(
             isinstance(self.watermark, (int, float)) and 0.0 <= self.watermark < 1.0,
             "watermark",
             "must be in [0, 1)",
         )
-        _check(
+        check_config(
             isinstance(self.starvation_timeout_s, (int, float))
             and not math.isnan(self.starvation_timeout_s)
             and self.starvation_timeout_s > 0,
             "starvation_timeout_s",
             "must be > 0 (math.inf disables the guard)",
         )
-        _check(
+        check_config(
             self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
             "max_num_batched_tokens",
             f"is {self.max_num_batched_tokens} < max_model_len {self.max_model_len}; without "

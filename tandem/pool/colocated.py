@@ -24,7 +24,7 @@ from tandem.contract.worker_api import (
     deadline_to_monotonic,
 )
 from tandem.pool.core import PoolWorker, WorkerCore
-from tandem.pool.outbox import Outbox
+from tandem.pool.outbox import Outbox, step_output
 
 
 class ColocatedStatus(enum.Enum):
@@ -105,19 +105,7 @@ class ColocatedWorker(PoolWorker):
         if out.finished:  # the engine freed its blocks
             self._requests.pop(out.request_id, None)
             timings = None if entry is None else _timings(entry, now)
-        self.outbox.put(
-            [
-                StepOutput(
-                    request_id=out.request_id,
-                    new_token_ids=tuple(out.new_token_ids),
-                    text_delta=out.text_delta,
-                    finished=out.finished,
-                    finish_reason=out.finish_reason,
-                    logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
-                    timings=timings,
-                )
-            ]
-        )
+        self.outbox.put([step_output(out, timings)])
 
 
 def _timings(entry: _Submitted, now: float) -> StageTimes:

@@ -1,7 +1,8 @@
 """The output stream of a worker: engine-thread producers, one asyncio long-poll consumer.
 
-The engine thread appends every step's outputs; `next_outputs` (the router's long poll) takes
-everything produced since its last call, waking as soon as anything arrives.
+The engine thread appends every step's outputs (`step_output` turns an engine output into the
+contract's message); `next_outputs` (the router's long poll) takes everything produced since
+its last call, waking as soon as anything arrives.
 """
 
 from __future__ import annotations
@@ -9,7 +10,22 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from tandem.contract.worker_api import StepOutput
+from engine.outputs import RequestOutput
+from tandem.contract.worker_api import StageTimes, StepOutput
+
+
+def step_output(out: RequestOutput, timings: StageTimes | None = None) -> StepOutput:
+    """The message for one engine output: this step's tokens and text, the newest logprobs
+    entry, and `timings` (set on a request's last output)."""
+    return StepOutput(
+        request_id=out.request_id,
+        new_token_ids=tuple(out.new_token_ids),
+        text_delta=out.text_delta,
+        finished=out.finished,
+        finish_reason=out.finish_reason,
+        logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
+        timings=timings,
+    )
 
 
 class Outbox:

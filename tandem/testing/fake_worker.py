@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.utils.math import cdiv
 from router.tasks import cancel_and_wait
 from tandem.contract.worker_api import (
     CostModel,
@@ -337,7 +338,7 @@ class FakeWorker:
         return len(self._seqs)
 
     def _blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     @staticmethod
     async def _sleep(seconds: float) -> None:

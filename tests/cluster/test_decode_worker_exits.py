@@ -14,6 +14,7 @@ import pytest
 from decode_worker.arrivals import ArrivalStatus
 from decode_worker.worker import DecodeWorker
 from engine import SamplingParams
+from engine.utils.math import cdiv
 from kvtransfer.handle import KVHandle, KVLayout
 from kvtransfer.interfaces import KVPoll
 from tandem.contract.worker_api import DecodeRequest, StepOutput, WorkerRejectedError
@@ -75,7 +76,7 @@ def run(body: Callable[[], Awaitable[Any]]) -> Any:
 
 def handle(d: DecodeWorker, rid: str) -> bytes:
     block_size = d.core.engine.config.block_size
-    num_blocks = -(-len(PROMPT) // block_size)
+    num_blocks = cdiv(len(PROMPT), block_size)
     layout = KVLayout(1, 1, 1, 1, block_size, "float32")  # the scripted receiver reads none of it
     return KVHandle(
         rid, "p", ("127.0.0.1:1",), layout, tuple(range(num_blocks)), (), len(PROMPT), d.core.salt
@@ -153,7 +154,12 @@ def test_landed_kv_waits_for_its_first_token_then_runs_to_its_finish(worker: Any
         await worker.start(DecodeRequest("s1", PROMPT, 5, b"", GREEDY))
         assert worker._arrivals.status("s1") in (RUNNING, None)
         outs = await outputs_until_finished(worker, "s1")
-        assert outs[-1].finish_reason == "length" and outs[-1].timings is not None
+        timings = outs[-1].timings
+        assert outs[-1].finish_reason == "length" and timings is not None
+        # its KV landed before its first token came: no transfer time; the prefill is not ours
+        assert timings.kv_transfer == 0.0 and timings.prefill is timings.prefill_queue is None
+        assert timings.decode_queue is not None and timings.decode_queue >= 0.0
+        assert timings.decode is not None and timings.decode > 0.0
         assert worker._arrivals.status("s1") is None
         await all_free(worker)
 

@@ -18,6 +18,7 @@ from tandem.client import AsyncClient, TandemClientError, Tls
 from tandem.testing.fake_worker import FakeWorker
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+ECHOED = "hell"  # the fake workers echo the prompt: its first max_tokens=4 bytes
 
 
 def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
@@ -67,7 +68,7 @@ async def _serve_and_call(config: RouterConfig, tls: Tls | None) -> str:
 def test_tls_port_serves_tls_clients_and_refuses_plaintext(tmp_path: Path) -> None:
     key, cert = _self_signed(tmp_path, "server")
     config = RouterConfig(max_model_len=256, tls_cert_file=str(cert), tls_key_file=str(key))
-    assert asyncio.run(_serve_and_call(config, Tls(ca_file=str(cert)))) is not None
+    assert asyncio.run(_serve_and_call(config, Tls(ca_file=str(cert)))) == ECHOED
     with pytest.raises(TandemClientError) as err:
         asyncio.run(_serve_and_call(config, None))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
@@ -83,7 +84,7 @@ def test_mutual_tls_requires_a_client_certificate(tmp_path: Path) -> None:
         tls_client_ca_file=str(client_cert),
     )
     ok = Tls(ca_file=str(cert), cert_file=str(client_cert), key_file=str(client_key))
-    assert asyncio.run(_serve_and_call(config, ok)) is not None
+    assert asyncio.run(_serve_and_call(config, ok)) == ECHOED
     with pytest.raises(TandemClientError) as err:
         asyncio.run(_serve_and_call(config, Tls(ca_file=str(cert))))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE

@@ -74,7 +74,10 @@ def test_handle_before_the_first_token_decodes_like_colocated() -> None:
                 LLM(**ENGINE, show_progress=False).generate([list(PROMPT)], GREEDY)[0].token_ids
             )
             assert tokens == list(colocated) and outs[-1].error is None
-            assert outs[-1].timings is not None and outs[-1].timings.kv_transfer is not None
+            timings = outs[-1].timings
+            assert timings is not None and timings.prefill is timings.prefill_queue is None
+            assert timings.kv_transfer is not None and timings.kv_transfer >= 0.0
+            assert timings.decode is not None and timings.decode > 0.0
             await until(lambda: _zero(p.kv_leases()))
             await until(lambda: all_free(p))
             await until(lambda: all_free(d))

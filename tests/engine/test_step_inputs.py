@@ -9,6 +9,7 @@ import torch
 from engine.runner.inputs import build_step_inputs
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import ScheduledRequest, SchedulerOutput
+from engine.utils.math import cdiv
 
 
 def _random_step(rng: random.Random, block_size: int) -> SchedulerOutput:
@@ -16,7 +17,7 @@ def _random_step(rng: random.Random, block_size: int) -> SchedulerOutput:
     for i in range(rng.randint(1, 12)):
         start = rng.randint(0, 300)
         n = rng.choice([1, 1, rng.randint(1, 40)])
-        blocks = rng.sample(range(1, 5000), -(-(start + n) // block_size))
+        blocks = rng.sample(range(1, 5000), cdiv(start + n, block_size))
         reqs.append(
             ScheduledRequest(
                 str(i),

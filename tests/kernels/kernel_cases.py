@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention.backend import AttentionMetadata
+from engine.utils.math import cdiv
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOLERANCES = {
@@ -40,10 +41,6 @@ class PagedBatch:
     meta: AttentionMetadata
     positions: torch.Tensor  # [T] int64
     block_ids: list[list[int]]
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def make_paged_batch(

@@ -10,6 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
+import grpc
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -94,7 +95,13 @@ def test_stubs_import_as_tandem_api() -> None:
     for path in generate.API_DIR.glob("*_pb2*.py*"):
         assert "from tandem.v1 import" not in path.read_text(), path.name
     assert generation_pb2.DESCRIPTOR.name == "tandem/v1/generation.proto"
-    assert generation_pb2_grpc.GenerationStub is not None
+    rpcs = [m.name for m in generation_pb2.DESCRIPTOR.services_by_name["Generation"].methods]
+    assert {"Generate", "Abort", "GetModelInfo", "GetClusterStatus"} <= set(rpcs)
+    with grpc.insecure_channel("127.0.0.1:1") as channel:  # lazy: connects to nothing
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        assert [name for name in rpcs if not callable(getattr(stub, name, None))] == []
+    servicer = generation_pb2_grpc.GenerationServicer
+    assert [name for name in rpcs if not callable(getattr(servicer, name, None))] == []
 
 
 def _lower_bound(requirement: str) -> Version:

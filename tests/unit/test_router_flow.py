@@ -97,6 +97,7 @@ def test_disaggregated_request_yields_plain_batches_and_a_summary() -> None:
             t = summary.timings
             stages = (t.router_queue, t.prefill_queue, t.prefill, t.kv_transfer, t.decode_queue)
             assert None not in stages and t.decode is not None
+            assert min(*stages, t.decode) >= 0  # durations: none negative
             assert 0 < t.time_to_first_token <= t.end_to_end
             assert orch.num_active == 0
             assert booked(registry.get("p0")) == booked(registry.get("d0")) == (0, 0, 0)

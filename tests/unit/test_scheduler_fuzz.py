@@ -14,11 +14,12 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.kv.kv_manager import KVManager, cdiv
+from engine.kv.kv_manager import KVManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import RunnerOutput, SchedulerOutput
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
+from engine.utils.math import cdiv
 
 EOS = 0
 VOCAB = 6  # tiny, so prompts share prefixes and random EOS / stop tokens are common
