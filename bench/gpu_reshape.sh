@@ -24,6 +24,7 @@ if [ "${1:-a}" = a ]; then
   mkdir -p /tmp/hold && cp .carry/gguf_a/part /tmp/hold/gguf_a
   ab before .carry/before
   ab after .
+  [ "${2:-}" = notests ] && exit 0
   step gpu_tests 240 python3 -m pytest -q -m gpu --timeout 120 -p no:cacheprovider -x \
     tests/kernels tests/engine/test_hf_equality.py tests/engine/test_kv_spec_engine.py \
     tests/engine/test_tp_pass.py tests/engine/test_step_inputs.py
@@ -31,10 +32,10 @@ else
   if [ -f /tmp/hold/gguf_a ]; then
     cat /tmp/hold/gguf_a .carry/gguf_b/part > /tmp/smollm2.gguf
     echo "$(cat .carry/gguf_b/sha256)  /tmp/smollm2.gguf" | sha256sum -c | tee -a "$LOG"
-    step real_model_bf16 240 python3 bench/real_model.py --gguf /tmp/smollm2.gguf --dtype bfloat16
+    step real_model_bf16 200 python3 bench/real_model.py --gguf /tmp/smollm2.gguf --dtype bfloat16
+    step real_model_fp32 200 python3 bench/real_model.py --gguf /tmp/smollm2.gguf --dtype float32
   else
     echo "part a's piece of the GGUF is not here (a fresh machine): real-model step skipped" | tee -a "$LOG"
   fi
-  ab after .
-  ab before .carry/before
+  [ "${2:-}" = nodecode ] || { ab after .; ab before .carry/before; }
 fi

@@ -70,6 +70,34 @@ def tandem_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> tuple
     return [o.token_ids for o in outs], llm
 
 
+def divergence_margin(
+    path: Path, dtype: str, device: str, prompt: str, shared: list[int], ours: int
+) -> dict[str, float | int]:
+    """At the first token where the two stacks part: transformers' top-1 minus top-2 logit for
+    the shared prefix, and the rank of the token Tandem chose in transformers' order (a near-tie
+    that bf16 rounding flips shows a small margin and rank 1)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
+    ).to(device)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+    ids = torch.cat([ids, torch.tensor([shared], device=device, dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    order = torch.argsort(logits, descending=True)
+    return {
+        "margin": round(float(top.values[0] - top.values[1]), 4),
+        "tandem_rank": int((order == ours).nonzero()[0, 0]),
+    }
+
+
 def leading_agreement(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -96,6 +124,11 @@ def main() -> None:
         # transformers keeps the end-of-sequence token; Tandem stops before emitting it
         b = b[: len(a)] if len(b) == len(a) + 1 else b
         agree = leading_agreement(a, b)
+        parted = (
+            divergence_margin(path, args.dtype, args.device, prompt, a[:agree], a[agree])
+            if agree < min(len(a), len(b))
+            else None
+        )
         rows.append(
             {
                 "prompt": prompt,
@@ -104,6 +137,7 @@ def main() -> None:
                 "leading_agreement": agree,
                 "first16_equal": a[:FIRST] == b[:FIRST],
                 "identical": a == b,
+                "at_divergence": parted,
                 "tandem_text": tok.decode(a)[:80],
                 "hf_text": tok.decode(b, skip_special_tokens=True)[:80],
             }
@@ -113,6 +147,12 @@ def main() -> None:
             f"{r['leading_agreement']:>3}/{min(r['tandem_tokens'], r['hf_tokens']):<3} "
             f"first16={'yes' if r['first16_equal'] else 'NO '} identical={r['identical']!s:<5} "
             f"{r['prompt'][:40]!r}"
+            + (
+                f" parted: margin {r['at_divergence']['margin']} (transformers' logits), "
+                f"Tandem's token ranked {r['at_divergence']['tandem_rank']}"
+                if r["at_divergence"]
+                else ""
+            )
         )
     summary = {
         "dtype": args.dtype,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.attention.backend import AttentionMetadata
+from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.models.llama import ForwardContext
 from engine.runner.inputs import StepInputs
 from engine.utils.math import cdiv
@@ -116,6 +116,9 @@ class DecodeGraphs:
             self.slot_mapping[num:bs].zero_()
             self.seq_lens[num:bs].fill_(1)
             self.block_tables[num:bs].zero_()
-        self.runner.backend.prepare_replay(self._replay_meta(bs, host))
+        backend = self.runner.backend
+        if type(backend).prepare_replay is not AttentionBackend.prepare_replay:
+            # only a backend that uses the hook pays for this step's host metadata
+            backend.prepare_replay(self._replay_meta(bs, host))
         self.graphs[bs].replay()
         return self.outputs[bs][:num]
