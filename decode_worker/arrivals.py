@@ -9,7 +9,9 @@
 
 What each status holds, so what leaving it must free (the worker does, `DecodeWorker._leave`):
   * AWAITING_KV: blocks the transport is writing: they come back through the receiver's
-    `on_release` once writes stopped (after a cancel, or a failure);
+    `on_release` once writes stopped (after a failure, or a cancel: inside it, or on a later
+    poll, which the worker keeps making until they came back), except where the transfer
+    finished just before the cancel (it then reads DONE): they hold its KV and are freed at once;
   * KV_LANDED_AWAITING_FIRST_TOKEN: blocks holding the KV, owned by nothing else: freed at once;
   * RUNNING: the engine's scheduler owns the request and its blocks: `engine.abort` frees them.
 The table only records; it is used from the engine thread alone.

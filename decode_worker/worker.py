@@ -15,7 +15,8 @@ says what each status holds). Every way out leaves through the table's `remove` 
 the status held: a finish (the engine freed the blocks), an abort or a first-token timeout
 (`_leave`, by status), a failed transfer (the receiver returns the blocks). Block ownership:
 on DONE the destination blocks are the request's; after FAILED or a cancel, the transport may
-still be writing, so they are freed only in the receiver's `on_release`.
+still be writing, so they are freed only in the receiver's `on_release`, which may come on a
+later poll: such a transfer is owed (`_owed`) and polled until then, whatever else runs.
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ class DecodeWorker(PoolWorker):
         """`swap_cpu_bytes`: the CPU tier that preempted requests swap into (0: recompute)."""
         self.outbox = Outbox()
         self._arrivals = Arrivals()  # engine thread only
+        self._owed: set[str] = set()  # cancelled transfers whose blocks the receiver still owes
         self.transfer_timeout_s = transfer_timeout_s
         self.core = WorkerCore(
             worker_id,
             engine_kwargs,
             self._on_output,
             self._poll_transfers,
-            has_work=lambda: self._arrivals.count(AWAITING_KV) > 0,
+            has_work=lambda: self._arrivals.count(AWAITING_KV) > 0 or bool(self._owed),
             transport="nccl" if kv_group else "grpc",
             calibrate=calibrate,
             pool="decode",
@@ -142,6 +144,8 @@ class DecodeWorker(PoolWorker):
 
     def _poll_transfers(self) -> None:
         engine = self.core.engine
+        for transfer_id in list(self._owed):  # cancelled: their blocks come back on a poll
+            self.receiver.poll(transfer_id)
         for request_id, arrival in self._arrivals.with_status(AWAITING_KV):
             state = self.receiver.poll(request_id)
             if state is KVPoll.DONE:
@@ -180,13 +184,26 @@ class DecodeWorker(PoolWorker):
         arrival = self._arrivals.remove(request_id)
         if arrival is None:  # unknown, finished or gone already
             return
-        if arrival.status is AWAITING_KV:  # the transport may be writing: blocks via on_release
-            self.receiver.cancel(request_id)
-            engine.drop_prefilled(arrival.request)
+        if arrival.status is AWAITING_KV:
+            self._cancel_transfer(request_id, engine.drop_prefilled(arrival.request))
         elif arrival.status is KV_LANDED:  # its KV is in its blocks, which nothing else owns
             engine.release_blocks(engine.drop_prefilled(arrival.request))
         else:  # RUNNING: the scheduler owns the request and its blocks
             engine.abort([request_id])
+
+    def _cancel_transfer(self, transfer_id: str, block_ids: list[int]) -> None:
+        """Cancel a transfer whose DONE this worker has not seen, and settle who frees its
+        blocks. Its writes may still be landing: the receiver then hands the blocks back through
+        `on_release` on a later poll, which `_poll_transfers` keeps making while any is owed (no
+        arrival need await KV any more). Or it finished just before the cancel (the receiver's
+        thread got its last block and acked; `cancel` is then a no-op): the blocks hold its KV
+        and are ours to free."""
+        self.receiver.cancel(transfer_id)
+        state = self.receiver.poll(transfer_id)
+        if state is KVPoll.DONE:
+            self.core.engine.release_blocks(block_ids)
+        elif state is not KVPoll.FAILED:  # FAILED: released already, inside cancel or poll
+            self._owed.add(transfer_id)
 
     def _fail(self, request_id: str, error: str) -> None:
         """A final error output for a request that never ran (it has left the table)."""
@@ -194,6 +211,7 @@ class DecodeWorker(PoolWorker):
         self.outbox.put([final])
 
     def _on_release(self, transfer_id: str, block_ids: list[int]) -> None:
+        self._owed.discard(transfer_id)
         self.core.engine.release_blocks(block_ids)
 
     def _on_output(self, out: RequestOutput) -> None:

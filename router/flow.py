@@ -24,6 +24,10 @@ idempotent on the workers. Iterate inside `contextlib.aclosing` so that an early
 at once, not when the generator is collected. A worker found broken answers UNAVAILABLE at
 once: prefill waits and decode streams also watch the worker's `down` future, which the
 registry resolves when heartbeats fail.
+
+The workers know a request by its attempt id (`attempt_id`: the caller's id and a random
+suffix), never by the caller's id alone: that is unique among running requests only, and what
+a worker keeps of an ended request (its KV transfer, a late abort) must not meet a new one.
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ from router.dispatch_gate import DispatchGate, RouterQueueFullError
 from router.errors import ErrorKind, RequestError
 from router.policy import Demand, Placement, Rejection, place, place_colocated
 from router.registry import Pool, Reservation, WorkerEntry, WorkerRegistry
-from router.request import FinishReason, GenerateRequest, OutputBatch, RequestSummary
+from router.request import (
+    FinishReason,
+    GenerateRequest,
+    OutputBatch,
+    Progress,
+    RequestSummary,
+    Stage,
+)
 from router.stage_clock import StageMarks, stage_timings
 from tandem.contract.worker_api import (
     DecodeRequest,
@@ -71,9 +82,11 @@ _ABORT = _Aborted()
 
 @dataclass(eq=False)
 class _Active:
-    request_id: str
+    request_id: str  # the caller's: unique among running requests only
+    attempt_id: str  # what the workers know this request by (`attempt_id`)
     queue: asyncio.Queue[StreamItem | _Aborted]
     stop: asyncio.Future[None]
+    progress: Progress  # the caller's view of its ids and stage
     workers: list[WorkerEntry] = field(default_factory=list)
     num_tokens: int = 0  # yielded so far
     num_cached_tokens: int = 0
@@ -170,12 +183,13 @@ class Orchestrator:
     def num_inflight_prefills(self) -> int:
         return self._gate.num_in_use
 
-    async def generate(self, req: GenerateRequest) -> Batches:
+    async def generate(self, req: GenerateRequest, progress: Progress | None = None) -> Batches:
         """Serve one request: its output batches, the last with the summary (module docstring).
 
-        Raises RequestError; an early exit aborts the request on its workers.
+        Raises RequestError; an early exit aborts the request on its workers. `progress`, when
+        given, follows the request's ids and stage.
         """
-        active = self._register(req)
+        active = self._register(req, Progress() if progress is None else progress)
         finished = False
         try:
             async with aclosing(self._serve(req, active)) as batches:
@@ -185,7 +199,7 @@ class Orchestrator:
         finally:
             self._unregister(active, finished)
 
-    def _register(self, req: GenerateRequest) -> _Active:
+    def _register(self, req: GenerateRequest, progress: Progress) -> _Active:
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
             raise RequestError(
@@ -193,7 +207,9 @@ class Orchestrator:
                 f"request_id: {rid!r} is already running",
                 reason="duplicate_request_id",
             )
-        active = _Active(rid, asyncio.Queue(), asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        active = _Active(rid, attempt_id(rid), asyncio.Queue(), loop.create_future(), progress)
+        progress.request_id, progress.attempt_id = rid, active.attempt_id
         self._active[rid] = active
         return active
 
@@ -201,23 +217,23 @@ class Orchestrator:
         del self._active[active.request_id]
         for entry in active.workers:
             if entry.worker_id in self._demux:
-                self._demux[entry.worker_id].close(active.request_id)
+                self._demux[entry.worker_id].close(active.attempt_id)
         if not finished:
             self._abort_on_workers(active)
 
     def _abort_on_workers(self, active: _Active, workers: list[WorkerEntry] | None = None) -> None:
         """Aborts the request on its workers (or on `workers`), in the background."""
         for entry in active.workers if workers is None else workers:
-            task = asyncio.ensure_future(self._abort_one(entry, active.request_id))
+            task = asyncio.ensure_future(self._abort_one(entry, active.attempt_id))
             self._bg.add(task)
             task.add_done_callback(self._bg.discard)
 
-    async def _abort_one(self, entry: WorkerEntry, request_id: str) -> None:
+    async def _abort_one(self, entry: WorkerEntry, attempt_id: str) -> None:
         timeout_s = self._config.heartbeat_timeout_s * 2
         try:
-            await asyncio.wait_for(entry.handle.abort(request_id), timeout_s)
+            await asyncio.wait_for(entry.handle.abort(attempt_id), timeout_s)
         except Exception as exc:  # the worker may be dead; its heartbeat will tell
-            log.info("abort of %s on %s failed: %r", request_id, entry.worker_id, exc)
+            log.info("abort of %s on %s failed: %r", attempt_id, entry.worker_id, exc)
 
     async def _serve(self, req: GenerateRequest, active: _Active) -> Batches:
         slot = await self._acquire_slot(req)
@@ -308,7 +324,7 @@ class Orchestrator:
         active.num_tokens += 1
         yield _batch(active.request_id, [first])
         if not receiving:
-            self._demux[d.worker_id].open(active.request_id, active.queue)
+            self._demux[d.worker_id].open(active.attempt_id, active.queue)
         dreq = _decode_request(req, active, p, result.kv_handle, result)
         active.decode_started_at = time.monotonic()
         await self._watch(d, active, d.handle.start(dreq))
@@ -322,7 +338,7 @@ class Orchestrator:
         """The prefill's result, and whether the decode worker already receives its KV."""
         ttft_deadline = None if req.slo.ttft_s is None else time.time() + req.slo.ttft_s
         preq = PrefillRequest(
-            active.request_id,
+            active.attempt_id,
             req.prompt_token_ids,
             req.sampling_params,
             ttft_deadline,
@@ -330,6 +346,7 @@ class Orchestrator:
             d.worker_id,
         )
         active.dispatched_at = time.monotonic()
+        active.progress.stage = Stage.PREFILL
         prefill = asyncio.ensure_future(self._watch(p, active, p.handle.prefill(preq)))
         try:
             receiving = await self._start_streamed(req, active, p, d, prefill)
@@ -351,7 +368,7 @@ class Orchestrator:
         prefill ended first): the decode worker then starts with the first token."""
         if not self._config.stream_kv or req.sampling_params.max_tokens == 1:  # 1: no decode
             return False
-        early = asyncio.ensure_future(self._watch(p, active, p.handle.kv_handle(active.request_id)))
+        early = asyncio.ensure_future(self._watch(p, active, p.handle.kv_handle(active.attempt_id)))
         try:
             await asyncio.wait((early, prefill), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -362,7 +379,7 @@ class Orchestrator:
         handle = early.result()
         if not handle:
             return False
-        self._demux[d.worker_id].open(active.request_id, active.queue)
+        self._demux[d.worker_id].open(active.attempt_id, active.queue)
         dreq = _decode_request(req, active, p, handle, None)
         await self._watch(d, active, d.handle.start(dreq))
         return True
@@ -373,9 +390,9 @@ class Orchestrator:
         w = self._registry.get(plan.prefill.worker_id)
         active.workers.append(w)
         active.colocated = True
-        self._demux[w.worker_id].open(active.request_id, active.queue)
+        self._demux[w.worker_id].open(active.attempt_id, active.queue)
         preq = PrefillRequest(
-            active.request_id,
+            active.attempt_id,
             req.prompt_token_ids,
             req.sampling_params,
             req.deadline,
@@ -383,6 +400,7 @@ class Orchestrator:
             None,
         )
         active.dispatched_at = time.monotonic()
+        active.progress.stage = Stage.PREFILL
         await self._watch(w, active, w.handle.submit(preq))
         async with aclosing(self._stream(active, hold.end)) as batches:
             async for batch in batches:
@@ -392,6 +410,7 @@ class Orchestrator:
     def _first_output(self, active: _Active, result: PrefillResult) -> StepOutput:
         """The prefill's first token as an output (final when the request ends there)."""
         active.first_token_at = time.monotonic()
+        active.progress.stage = Stage.DECODE
         active.num_cached_tokens = result.num_cached_tokens
         lps = () if result.logprobs is None else (result.logprobs,)
         return StepOutput(
@@ -414,6 +433,7 @@ class Orchestrator:
             outputs = _check_batch(items)
             if active.first_token_at is None and any(o.new_token_ids for o in outputs):
                 active.first_token_at = time.monotonic()
+                active.progress.stage = Stage.DECODE
                 if on_first_token is not None:
                     on_first_token()
             final = next((i for i, o in enumerate(outputs) if o.finished), None)
@@ -478,6 +498,17 @@ class Orchestrator:
         raise RequestError(ErrorKind.INTERNAL, f"worker {wid} failed: {exc!r}")
 
 
+def attempt_id(request_id: str) -> str:
+    """The id the workers know one attempt at `request_id` by: the id and a random suffix.
+
+    The caller's id is unique among running requests only, and may come again once its request
+    ended. The workers key what they keep past a request's end by this id: the KV lease and its
+    transfer (until ack, failure or expiry; the receiver remembers finished transfers), the
+    prefill's early KV handle, and an abort sent in the background, which may land after a new
+    request with the same id began. Per attempt, none of those can meet a later request."""
+    return f"{request_id}#{uuid.uuid4().hex[:12]}"
+
+
 def _decode_request(
     req: GenerateRequest,
     active: _Active,
@@ -487,7 +518,7 @@ def _decode_request(
 ) -> DecodeRequest:
     """Decode from the prefill's KV `handle`; `first` None: before its first token exists."""
     return DecodeRequest(
-        active.request_id,
+        active.attempt_id,
         req.prompt_token_ids,
         None if first is None else first.first_token_id,
         handle,

@@ -46,6 +46,26 @@ class GenerateRequest:
         return self.sampling_params.max_tokens
 
 
+class Stage(enum.Enum):
+    """How far the flow got with a request."""
+
+    ROUTER_QUEUE = "router_queue"  # waiting for a dispatch slot, or being placed
+    PREFILL = "prefill"  # sent to its workers; its first token is not out (KV transfer included)
+    DECODE = "decode"  # its first token is out
+
+
+@dataclass
+class Progress:
+    """Where a request is, for the front door that serves it: the flow fills it in (the ids
+    once it registered the request, then each stage it enters), so a failure can say where it
+    happened. `request_id` is the caller's (or the one made up for it), `attempt_id` the id its
+    workers know it by."""
+
+    request_id: str | None = None
+    attempt_id: str | None = None
+    stage: Stage = Stage.ROUTER_QUEUE
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token or string
     LENGTH = "length"  # max_tokens or the context

@@ -9,7 +9,13 @@ validate the protobuf into the plain `router.request.GenerateRequest` (INVALID_A
 file is the only one that knows gRPC: a `RequestError`'s kind maps to its status code
 (`STATUS_CODES`), a refusal's retry hint to the `grpc-retry-pushback-ms` trailer. A client
 cancel or an expired gRPC deadline cancels the handler; leaving the flow aborts the request on
-its workers, and gRPC reports CANCELLED / DEADLINE_EXCEEDED.
+its workers, and gRPC reports CANCELLED / DEADLINE_EXCEEDED. Which of the two it was, gRPC does
+not say: a client's expired deadline reaches the server as a cancel, often a moment before the
+server's own copy of the deadline passes, so a cancel within `DEADLINE_SLACK_S` of the deadline
+counts as the deadline. A request whose bytes do not parse (a string field that is not UTF-8)
+is INVALID_ARGUMENT naming the field (`_DecodeCheck`), never gRPC's UNKNOWN with protobuf's
+error text. Every request that ends INTERNAL, UNAVAILABLE or DEADLINE_EXCEEDED logs one line:
+its request id, the stage it reached (`router.request.Stage`) and why.
 
 Metrics: `RouterMetrics` (router.metrics) observes every Generate call; with
 `config.metrics_port` set, the registry is served over HTTP and its target is listed first in
@@ -24,11 +30,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from router import convert
@@ -37,15 +46,19 @@ from router.errors import ErrorKind, RequestError
 from router.flow import Orchestrator
 from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
 from router.registry import Pool, WorkerRegistry
-from router.request import GenerateRequest
+from router.request import GenerateRequest, Progress
 from router.tokenizer import Tokenizer
+from router.undecodable import bad_utf8_field
 from router.validation import ModelLimits, validate
 from tandem.api import generation_pb2 as pb
 from tandem.api import generation_pb2_grpc as pb_grpc
 from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"]
+SERVICE_NAME = SERVICE.full_name
+DEADLINE_SLACK_S = 0.25  # a cancel this close to the call's deadline is the deadline passing
+LOGGED_KINDS = (ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED)
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's server pushback (A6 retries)
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,6 +81,103 @@ def trailing_metadata(exc: RequestError) -> tuple[tuple[str, str], ...]:
     if exc.retry_after_s is None:
         return ()
     return ((RETRY_PUSHBACK_KEY, str(max(0, round(exc.retry_after_s * 1000)))),)
+
+
+def expired(deadline: float | None, now: float | None = None) -> bool:
+    """Whether a cancel at `now` (UNIX seconds) is the call's `deadline` passing: a client's
+    deadline reaches the server as a cancel, up to `DEADLINE_SLACK_S` before the server's copy."""
+    now = time.time() if now is None else now
+    return deadline is not None and now >= deadline - DEADLINE_SLACK_S
+
+
+def _log_failure(
+    progress: Progress, kind: ErrorKind, reason: str, exc_info: BaseException | None = None
+) -> None:
+    """One line for a request that ends INTERNAL, UNAVAILABLE or DEADLINE_EXCEEDED."""
+    if kind not in LOGGED_KINDS:
+        return
+    log.log(
+        logging.ERROR if kind is ErrorKind.INTERNAL else logging.WARNING,
+        "request %s (workers' id %s) failed in stage %s: %s: %s",
+        progress.request_id,
+        progress.attempt_id,
+        progress.stage.value,
+        status_code(kind).name,
+        reason,
+        exc_info=exc_info,
+    )
+
+
+class _Undecodable(NamedTuple):
+    """A request whose bytes protobuf refused to parse, in place of the message."""
+
+    message: Descriptor
+    data: bytes
+    error: str
+
+
+class _DecodeCheck(grpc.aio.ServerInterceptor):
+    """The Generation service's requests whose bytes do not parse end INVALID_ARGUMENT with a
+    log line, naming the field when a string is not UTF-8 (gRPC alone answers UNKNOWN with
+    protobuf's exception text). An undecodable Generate counts as an invalid request."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service, _, name = handler_call_details.method.lstrip("/").partition("/")
+        if handler is None or service != SERVICE_NAME or handler.request_streaming:
+            return handler
+        message = SERVICE.methods_by_name[name].input_type
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return _Undecodable(message, data, str(exc))
+
+        serve = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await self._refuse(name, request, context)
+            return await serve(request, context)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            checked, request_deserializer=lenient, response_serializer=handler.response_serializer
+        )
+
+    async def _refuse(
+        self, method: str, request: _Undecodable, context: grpc.aio.ServicerContext
+    ) -> NoReturn:
+        field = bad_utf8_field(request.message, request.data)
+        details = (
+            f"{field}: not valid UTF-8"
+            if field is not None
+            else f"request: not a valid {request.message.full_name}"
+        )
+        log.warning(
+            "%s from %s refused, its bytes do not parse: %s (%s)",
+            method,
+            context.peer(),
+            details,
+            request.error,
+        )
+        if method == "Generate":
+            self._metrics.reject_invalid()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+        raise AssertionError("grpc.aio's context.abort returned")
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -100,28 +210,35 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._metrics.reject_invalid()
             await self._abort(context, exc)
         observer = self._metrics.request(req.slo_class, req.slo)
+        progress = Progress(req.request_id)
         try:
-            await self._stream(req, context, observer)
+            await self._stream(req, context, observer, progress)
         except RequestError as exc:
             if exc.reason is not None:
                 observer.rejected(exc.reason)
             else:
                 observer.failed(status_code(exc.kind).name)
+            _log_failure(progress, exc.kind, exc.details)
             await self._abort(context, exc)
-        except asyncio.CancelledError:  # the client left, or its gRPC deadline passed
-            expired = deadline is not None and time.time() >= deadline
-            kind = ErrorKind.DEADLINE_EXCEEDED if expired else ErrorKind.CANCELLED
+        except asyncio.CancelledError:  # the client left, or the call's deadline passed
+            kind = ErrorKind.DEADLINE_EXCEEDED if expired(deadline) else ErrorKind.CANCELLED
             observer.failed(status_code(kind).name)
+            _log_failure(progress, kind, "the call's deadline passed")
             raise
-        except Exception:
+        except Exception as exc:  # a bug: the caller is told INTERNAL, the log has the traceback
             observer.failed(status_code(ErrorKind.INTERNAL).name)
-            raise
+            _log_failure(progress, ErrorKind.INTERNAL, repr(exc), exc_info=exc)
+            await self._abort(context, RequestError(ErrorKind.INTERNAL, "internal error"))
 
     async def _stream(
-        self, req: GenerateRequest, context: grpc.aio.ServicerContext, observer: RequestObserver
+        self,
+        req: GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        observer: RequestObserver,
+        progress: Progress,
     ) -> None:
         """Write every batch of the flow as a GenerateResponse (leaving early aborts it)."""
-        async with aclosing(self._orch.generate(req)) as batches:
+        async with aclosing(self._orch.generate(req, progress)) as batches:
             async for batch in batches:
                 msg = convert.response(batch)
                 observer.on_message(msg)
@@ -206,7 +323,7 @@ class RouterServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ]
-        server = grpc.aio.server(options=options)
+        server = grpc.aio.server(options=options, interceptors=[_DecodeCheck(self.metrics)])
         pb_grpc.add_GenerationServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await self._set_health(False)

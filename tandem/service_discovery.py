@@ -17,11 +17,17 @@ from pathlib import Path
 from typing import Any
 
 JOB = "tandem"
+# Not an identifier: a folder of the temp directory named `tandem` would be imported as the
+# `tandem` package by any Python started there (a directory is a namespace package, found on
+# sys.path before the installed one's finder), so no folder we create there may be importable.
+SD_DIR_NAME = "tandem-prometheus"
+SD_FILE_NAME = "prometheus_sd.json"
 
 
 def default_sd_path() -> Path:
-    """`<tmp>/tandem/prometheus_sd.json`: where a local cluster writes its targets by default."""
-    return Path(tempfile.gettempdir()) / "tandem" / "prometheus_sd.json"
+    """`<tmp>/tandem-prometheus/prometheus_sd.json`: where a local cluster writes its targets by
+    default (deploy/prometheus/prometheus.yml reads it)."""
+    return Path(tempfile.gettempdir()) / SD_DIR_NAME / SD_FILE_NAME
 
 
 def target_groups(targets_by_role: Mapping[str, Iterable[str]]) -> list[dict[str, Any]]:

@@ -223,7 +223,7 @@ class MetricsSpec(_Model):
     host: str = NODE_IP
     port_base: Port = 9400
     ports_per_node: int = Field(default=32, ge=2)
-    service_discovery_file: str = "/tmp/tandem/prometheus_sd.json"
+    service_discovery_file: str = "/tmp/tandem-prometheus/prometheus_sd.json"
 
     @model_validator(mode="after")
     def _check_host(self) -> MetricsSpec:

@@ -29,19 +29,32 @@ RUNNING = ArrivalStatus.RUNNING
 
 class ScriptedReceiver:
     """A KV receiver whose transfers stay WAITING until the test lands or fails them. Cancel and
-    failure give the destination blocks back through `on_release`, as the transports do."""
+    failure give the destination blocks back through `on_release`, as the transports do.
+
+    `cancel_meets` scripts what a cancel finds, as the transports' threads can leave it:
+    "waiting" (nothing lands: the blocks come back inside the cancel), "a write" (one is
+    landing: the transfer reads TRANSFERRING and its blocks come back on the second poll after
+    the cancel, any id's poll, once the write stopped) or "its end" (its last block landed just
+    before: the cancel is a no-op and the transfer reads DONE)."""
 
     def __init__(self, on_release: Callable[[str, list[int]], None]) -> None:
         self._on_release = on_release
         self.states: dict[str, KVPoll] = {}
         self._blocks: dict[str, list[int]] = {}
         self.cancelled: list[str] = []
+        self.cancel_meets = "waiting"
+        self._draining: dict[str, int] = {}  # transfer id -> polls until its write stopped
 
     def start(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> None:
         self.states[handle.transfer_id] = KVPoll.WAITING
         self._blocks[handle.transfer_id] = list(dst_block_ids)
 
     def poll(self, transfer_id: str) -> KVPoll:
+        for tid, polls in list(self._draining.items()):
+            self._draining[tid] = polls - 1
+            if polls == 1:
+                del self._draining[tid]
+                self.states[tid] = KVPoll.FAILED
         state = self.states.get(transfer_id, KVPoll.FAILED)
         if state is KVPoll.FAILED and transfer_id in self._blocks:
             self._on_release(transfer_id, self._blocks.pop(transfer_id))
@@ -52,7 +65,14 @@ class ScriptedReceiver:
 
     def cancel(self, transfer_id: str) -> None:
         self.cancelled.append(transfer_id)
-        if self.states.get(transfer_id) in (KVPoll.WAITING, KVPoll.TRANSFERRING):
+        if self.states.get(transfer_id) not in (KVPoll.WAITING, KVPoll.TRANSFERRING):
+            return
+        if self.cancel_meets == "its end":
+            self.states[transfer_id] = KVPoll.DONE
+        elif self.cancel_meets == "a write":
+            self.states[transfer_id] = KVPoll.TRANSFERRING
+            self._draining[transfer_id] = 2
+        else:
             self.states[transfer_id] = KVPoll.FAILED
             self._on_release(transfer_id, self._blocks.pop(transfer_id))
 
@@ -129,6 +149,24 @@ def test_abort_while_awaiting_kv_cancels_the_transfer_and_frees_its_blocks(worke
         assert await blocks_in_use(worker) > 0
         await worker.abort("a1")
         assert worker._arrivals.status("a1") is None and "a1" in worker.receiver.cancelled
+        await all_free(worker)
+
+    run(body)
+
+
+@pytest.mark.parametrize("meets", ["a write", "its end"])
+def test_abort_while_awaiting_kv_frees_its_blocks_whatever_the_cancel_meets(
+    worker: Any, meets: str
+) -> None:
+    """A write still landing: the blocks come back on a later poll, which the worker must make
+    with nothing else awaiting KV. The transfer just done (the worker has not polled it yet):
+    the cancel is a no-op and the blocks, holding its KV, are the worker's to free."""
+
+    async def body() -> None:
+        worker.receiver.cancel_meets = meets
+        await start(worker, "c1", first_token=None)  # streamed: the first token is still to come
+        await worker.abort("c1")
+        assert worker._arrivals.status("c1") is None and "c1" in worker.receiver.cancelled
         await all_free(worker)
 
     run(body)
