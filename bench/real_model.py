@@ -14,11 +14,13 @@ near-tie can flip a token: the figure reported is where they first part.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,7 +35,9 @@ def _default_gguf() -> str:
     return str(demo_gguf_path())
 
 
-def hf_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> list[list[int]]:
+@functools.lru_cache(maxsize=1)
+def _hf(path: Path, dtype: str, device: str) -> tuple[Any, Any]:
+    """transformers' tokenizer and model for the GGUF, loaded once per process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,12 +45,24 @@ def hf_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> list[list
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
     ).to(device)
+    return tok, model
+
+
+def _hf_prompt_ids(path: Path, dtype: str, device: str, prompt: str) -> Any:
+    tok, _ = _hf(path, dtype, device)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    return (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+
+
+def hf_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> list[list[int]]:
+    import torch
+
+    _, model = _hf(path, dtype, device)
     outs = []
     for prompt in CHAT_PROMPTS:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-        )
-        ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+        ids = _hf_prompt_ids(path, dtype, device, prompt)
         with torch.no_grad():
             gen = model.generate(
                 ids,
@@ -77,16 +93,9 @@ def divergence_margin(
     the shared prefix, and the rank of the token Tandem chose in transformers' order (a near-tie
     that bf16 rounding flips shows a small margin and rank 1)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
-    ).to(device)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
-    ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
+    _, model = _hf(path, dtype, device)
+    ids = _hf_prompt_ids(path, dtype, device, prompt)
     ids = torch.cat([ids, torch.tensor([shared], device=device, dtype=ids.dtype)], dim=1)
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float()

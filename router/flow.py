@@ -52,8 +52,8 @@ from router.request import (
     FinishReason,
     GenerateRequest,
     OutputBatch,
-    Progress,
     RequestSummary,
+    RequestTrace,
     Stage,
 )
 from router.stage_clock import StageMarks, stage_timings
@@ -86,7 +86,7 @@ class _Active:
     attempt_id: str  # what the workers know this request by (`attempt_id`)
     queue: asyncio.Queue[StreamItem | _Aborted]
     stop: asyncio.Future[None]
-    progress: Progress  # the caller's view of its ids and stage
+    progress: RequestTrace  # the caller's view of its ids and stage
     workers: list[WorkerEntry] = field(default_factory=list)
     num_tokens: int = 0  # yielded so far
     num_cached_tokens: int = 0
@@ -183,13 +183,13 @@ class Orchestrator:
     def num_inflight_prefills(self) -> int:
         return self._gate.num_in_use
 
-    async def generate(self, req: GenerateRequest, progress: Progress | None = None) -> Batches:
+    async def generate(self, req: GenerateRequest, progress: RequestTrace | None = None) -> Batches:
         """Serve one request: its output batches, the last with the summary (module docstring).
 
         Raises RequestError; an early exit aborts the request on its workers. `progress`, when
         given, follows the request's ids and stage.
         """
-        active = self._register(req, Progress() if progress is None else progress)
+        active = self._register(req, RequestTrace() if progress is None else progress)
         finished = False
         try:
             async with aclosing(self._serve(req, active)) as batches:
@@ -199,7 +199,7 @@ class Orchestrator:
         finally:
             self._unregister(active, finished)
 
-    def _register(self, req: GenerateRequest, progress: Progress) -> _Active:
+    def _register(self, req: GenerateRequest, progress: RequestTrace) -> _Active:
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
             raise RequestError(

@@ -55,7 +55,7 @@ class Stage(enum.Enum):
 
 
 @dataclass
-class Progress:
+class RequestTrace:
     """Where a request is, for the front door that serves it: the flow fills it in (the ids
     once it registered the request, then each stage it enters), so a failure can say where it
     happened. `request_id` is the caller's (or the one made up for it), `attempt_id` the id its

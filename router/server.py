@@ -46,7 +46,7 @@ from router.errors import ErrorKind, RequestError
 from router.flow import Orchestrator
 from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
 from router.registry import Pool, WorkerRegistry
-from router.request import GenerateRequest, Progress
+from router.request import GenerateRequest, RequestTrace
 from router.tokenizer import Tokenizer
 from router.undecodable import bad_utf8_field
 from router.validation import ModelLimits, validate
@@ -91,7 +91,7 @@ def expired(deadline: float | None, now: float | None = None) -> bool:
 
 
 def _log_failure(
-    progress: Progress, kind: ErrorKind, reason: str, exc_info: BaseException | None = None
+    progress: RequestTrace, kind: ErrorKind, reason: str, exc_info: BaseException | None = None
 ) -> None:
     """One line for a request that ends INTERNAL, UNAVAILABLE or DEADLINE_EXCEEDED."""
     if kind not in LOGGED_KINDS:
@@ -210,7 +210,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._metrics.reject_invalid()
             await self._abort(context, exc)
         observer = self._metrics.request(req.slo_class, req.slo)
-        progress = Progress(req.request_id)
+        progress = RequestTrace(req.request_id)
         try:
             await self._stream(req, context, observer, progress)
         except RequestError as exc:
@@ -235,7 +235,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         req: GenerateRequest,
         context: grpc.aio.ServicerContext,
         observer: RequestObserver,
-        progress: Progress,
+        progress: RequestTrace,
     ) -> None:
         """Write every batch of the flow as a GenerateResponse (leaving early aborts it)."""
         async with aclosing(self._orch.generate(req, progress)) as batches:
