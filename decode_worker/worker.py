@@ -4,7 +4,8 @@ Stages of one request:
   1. `start(req)`: on the engine thread, allocate blocks for the prompt's KV (or refuse with
      WorkerRejectedError, holding nothing) and start pulling it through the KV receiver. A
      streamed prefill's request comes before its first token (`first_token_id` None): a second
-     `start` brings the token;
+     `start` brings the token. If its transfer failed before that token came, the request has
+     left already with its error output, and the second `start` does nothing (`_failed_early`);
   2. before every engine step, poll each incoming transfer without blocking: DONE -> the
      request joins the running batch once its first token is known (a landed request waits
      at most `transfer_timeout_s` for it); FAILED -> a final error output;
@@ -22,6 +23,7 @@ later poll: such a transfer is owed (`_owed`) and polled until then, whatever el
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any
 
 from decode_worker.arrivals import Arrival, Arrivals, ArrivalStatus
@@ -43,6 +45,7 @@ from tandem.pool.outbox import Outbox, step_output
 AWAITING_KV = ArrivalStatus.AWAITING_KV
 KV_LANDED = ArrivalStatus.KV_LANDED_AWAITING_FIRST_TOKEN
 RUNNING = ArrivalStatus.RUNNING
+_MAX_FAILED_EARLY = 1024  # remembered streamed failures; the router's second start comes soon
 
 
 class DecodeWorker(PoolWorker):
@@ -61,6 +64,8 @@ class DecodeWorker(PoolWorker):
         self.outbox = Outbox()
         self._arrivals = Arrivals()  # engine thread only
         self._owed: set[str] = set()  # cancelled transfers whose blocks the receiver still owes
+        # streamed requests whose transfer failed before their first token came (oldest first)
+        self._failed_early: OrderedDict[str, None] = OrderedDict()
         self.transfer_timeout_s = transfer_timeout_s
         self.core = WorkerCore(
             worker_id,
@@ -100,7 +105,15 @@ class DecodeWorker(PoolWorker):
     # --------------------------------------------------- engine-thread side
 
     def _start(self, engine: LLMEngine, req: DecodeRequest) -> None:
-        """A streamed request's second `start` brings its first token; any other accepts."""
+        """A streamed request's second `start` brings its first token; any other accepts.
+
+        A second `start` for a streamed request whose transfer failed before it came does
+        nothing: the request's error output (the transfer's failure) went out already, and the
+        router answers it. Accepting again would meet the receiver, which remembers the
+        transfer id, and fail as an internal error."""
+        if req.first_token_id is not None and req.request_id in self._failed_early:
+            del self._failed_early[req.request_id]
+            return
         arrival = self._arrivals.get(req.request_id)
         if arrival is not None and not arrival.has_first_token and req.first_token_id is not None:
             self._first_token(engine, req, arrival)
@@ -177,10 +190,15 @@ class DecodeWorker(PoolWorker):
         arrival = self._arrivals.remove(request_id)
         assert arrival is not None and arrival.status is AWAITING_KV
         engine.drop_prefilled(arrival.request)
+        if not arrival.has_first_token:  # its second `start` is still to come
+            self._failed_early[request_id] = None
+            while len(self._failed_early) > _MAX_FAILED_EARLY:
+                self._failed_early.popitem(last=False)
         self._fail(request_id, f"KV transfer failed: {reason}")
 
     def _leave(self, engine: LLMEngine, request_id: str) -> None:
         """Abort or timeout: forget the request and free what its status held. Idempotent."""
+        self._failed_early.pop(request_id, None)
         arrival = self._arrivals.remove(request_id)
         if arrival is None:  # unknown, finished or gone already
             return

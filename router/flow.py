@@ -13,9 +13,12 @@
      started at once, without the first token, and receives meanwhile
      (`RouterConfig.stream_kv`);
   4. decode: `start` on the decode worker (with the first token), then its StepOutputs (routed
-     by the worker's StepDemux) are yielded, several per batch when they queue up;
+     by the worker's StepDemux) are yielded, several per batch when they queue up
+     (`router.decode_stream`);
   5. the last batch carries finish reason, token counts and stage timings, which add up to
      the end-to-end latency (`router.stage_clock` attributes the router's own hops).
+Each running request is an `ActiveRequest` (`router.attempt`: its queue, its stop future, its
+workers and marks, and the `PrefillHold` given back when its prefill ends).
 
 Any exit other than a normal finish (the caller stops iterating or is cancelled: a client
 cancel or a deadline at the front door; the Abort call; a worker failure) aborts the request
@@ -25,7 +28,7 @@ at once, not when the generator is collected. A worker found broken answers UNAV
 once: prefill waits and decode streams also watch the worker's `down` future, which the
 registry resolves when heartbeats fail.
 
-The workers know a request by its attempt id (`attempt_id`: the caller's id and a random
+The workers know a request by its attempt id (`router.attempt.attempt_id`: the caller's id and a random
 suffix), never by the caller's id alone: that is unique among running requests only, and what
 a worker keeps of an ended request (its KV transfer, a late abort) must not meet a new one.
 """
@@ -36,32 +39,31 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import Coroutine
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from engine.kv.block_hash import hash_blocks
+from router.attempt import (
+    ABORT,
+    Aborted,
+    ActiveRequest,
+    PrefillHold,
+    Slot,
+    attempt_id,
+    decode_request,
+)
 from router.config import RouterConfig
-from router.demux import StepDemux, StreamItem
+from router.decode_stream import Batches, batch_of, final_batch, first_output, stream
+from router.demux import StepDemux
 from router.dispatch_gate import DispatchGate, RouterQueueFullError
 from router.errors import ErrorKind, RequestError
 from router.policy import Demand, Placement, Rejection, place, place_colocated
-from router.registry import Pool, Reservation, WorkerEntry, WorkerRegistry
-from router.request import (
-    FinishReason,
-    GenerateRequest,
-    OutputBatch,
-    RequestSummary,
-    RequestTrace,
-    Stage,
-)
-from router.stage_clock import StageMarks, stage_timings
+from router.registry import Pool, WorkerEntry, WorkerRegistry
+from router.request import GenerateRequest, RequestTrace, Stage
 from tandem.contract.worker_api import (
-    DecodeRequest,
     PrefillRequest,
     PrefillResult,
-    StageTimes,
     StepOutput,
     WorkerRejectedError,
     WorkerUnavailableError,
@@ -69,59 +71,7 @@ from tandem.contract.worker_api import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Batches = AsyncGenerator[OutputBatch, None]
 _WORKER_DEATH_ERRORS = {"RayActorError", "ActorDiedError", "ActorUnavailableError"}
-
-
-class _Aborted(Exception):
-    """The Abort call named this request: it ends with finish_reason ABORT."""
-
-
-_ABORT = _Aborted()
-
-
-@dataclass(eq=False)
-class _Active:
-    request_id: str  # the caller's: unique among running requests only
-    attempt_id: str  # what the workers know this request by (`attempt_id`)
-    queue: asyncio.Queue[StreamItem | _Aborted]
-    stop: asyncio.Future[None]
-    progress: RequestTrace  # the caller's view of its ids and stage
-    workers: list[WorkerEntry] = field(default_factory=list)
-    num_tokens: int = 0  # yielded so far
-    num_cached_tokens: int = 0
-    first_token_at: float | None = None
-    dispatched_at: float | None = None  # the first worker call (router.stage_clock's marks)
-    decode_started_at: float | None = None
-    colocated: bool = False
-    prefill_times: StageTimes | None = None  # the prefill worker's, once its result came
-    last: list[StepOutput] = field(default_factory=list)  # the final outputs, once it ended
-
-
-class _Slot:
-    """A dispatch slot released exactly once."""
-
-    def __init__(self, gate: DispatchGate) -> None:
-        self._gate = gate
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._gate.release()
-
-
-@dataclass(frozen=True)
-class _PrefillHold:
-    """What a request holds until its prefill ends: the dispatch slot and its prompt's
-    booking. `end()` gives both back; it is idempotent."""
-
-    slot: _Slot
-    reservation: Reservation
-
-    def end(self) -> None:
-        self.slot.release()
-        self.reservation.end_prefill()
 
 
 class Orchestrator:
@@ -132,7 +82,7 @@ class Orchestrator:
             config.max_inflight_prefills, config.max_queue, config.starvation_s
         )
         self._demux: dict[str, StepDemux] = {}
-        self._active: dict[str, _Active] = {}
+        self._active: dict[str, ActiveRequest] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         registry.on_worker_down(self._on_worker_down)
 
@@ -167,7 +117,7 @@ class Orchestrator:
             return False
         if not active.stop.done():
             active.stop.set_result(None)
-        active.queue.put_nowait(_ABORT)
+        active.queue.put_nowait(ABORT)
         return True
 
     @property
@@ -199,7 +149,7 @@ class Orchestrator:
         finally:
             self._unregister(active, finished)
 
-    def _register(self, req: GenerateRequest, progress: RequestTrace) -> _Active:
+    def _register(self, req: GenerateRequest, progress: RequestTrace) -> ActiveRequest:
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
             raise RequestError(
@@ -208,12 +158,14 @@ class Orchestrator:
                 reason="duplicate_request_id",
             )
         loop = asyncio.get_running_loop()
-        active = _Active(rid, attempt_id(rid), asyncio.Queue(), loop.create_future(), progress)
+        active = ActiveRequest(
+            rid, attempt_id(rid), asyncio.Queue(), loop.create_future(), progress
+        )
         progress.request_id, progress.attempt_id = rid, active.attempt_id
         self._active[rid] = active
         return active
 
-    def _unregister(self, active: _Active, finished: bool) -> None:
+    def _unregister(self, active: ActiveRequest, finished: bool) -> None:
         del self._active[active.request_id]
         for entry in active.workers:
             if entry.worker_id in self._demux:
@@ -221,7 +173,9 @@ class Orchestrator:
         if not finished:
             self._abort_on_workers(active)
 
-    def _abort_on_workers(self, active: _Active, workers: list[WorkerEntry] | None = None) -> None:
+    def _abort_on_workers(
+        self, active: ActiveRequest, workers: list[WorkerEntry] | None = None
+    ) -> None:
         """Aborts the request on its workers (or on `workers`), in the background."""
         for entry in active.workers if workers is None else workers:
             task = asyncio.ensure_future(self._abort_one(entry, active.attempt_id))
@@ -235,30 +189,30 @@ class Orchestrator:
         except Exception as exc:  # the worker may be dead; its heartbeat will tell
             log.info("abort of %s on %s failed: %r", attempt_id, entry.worker_id, exc)
 
-    async def _serve(self, req: GenerateRequest, active: _Active) -> Batches:
+    async def _serve(self, req: GenerateRequest, active: ActiveRequest) -> Batches:
         slot = await self._acquire_slot(req)
         try:
             plan = self._place(req)
             with self._registry.reserve(plan, len(req.prompt_token_ids)) as reservation:
-                hold = _PrefillHold(slot, reservation)
+                hold = PrefillHold(slot, reservation)
                 path = self._colocated if plan.decode is None else self._disaggregated
                 async with aclosing(path(req, active, plan, hold)) as batches:
                     async for batch in batches:
                         yield batch
-        except _Aborted:
+        except Aborted:
             active.last = [StepOutput(active.request_id, (), finished=True, finish_reason="abort")]
             self._abort_on_workers(active)
         finally:
             slot.release()
-        yield self._final(req, active)
+        yield final_batch(req, active)
 
-    async def _acquire_slot(self, req: GenerateRequest) -> _Slot:
+    async def _acquire_slot(self, req: GenerateRequest) -> Slot:
         ttft_deadline = None if req.slo.ttft_s is None else req.arrival + req.slo.ttft_s
         try:
             await self._gate.acquire(req.slo.priority, ttft_deadline)
         except RouterQueueFullError as exc:
             raise self._refusal(str(exc), "queue_full") from None
-        return _Slot(self._gate)
+        return Slot(self._gate)
 
     def _refusal(self, message: str, reason: str) -> RequestError:
         """RESOURCE_EXHAUSTED; retrying helps once the router's load picture can change."""
@@ -304,7 +258,7 @@ class Orchestrator:
 
     # -- the two paths ------------------------------------------------------------------------
     async def _disaggregated(
-        self, req: GenerateRequest, active: _Active, plan: Placement, hold: _PrefillHold
+        self, req: GenerateRequest, active: ActiveRequest, plan: Placement, hold: PrefillHold
     ) -> Batches:
         assert plan.decode is not None
         p = self._registry.get(plan.prefill.worker_id)
@@ -315,25 +269,25 @@ class Orchestrator:
         finally:
             hold.end()
         active.prefill_times = result.timings
-        first = self._first_output(active, result)
+        first = first_output(active, result)
         if result.finished:
             active.last = [first]
             if receiving:  # its KV went to the decode worker for nothing
                 self._abort_on_workers(active, [d])
             return
         active.num_tokens += 1
-        yield _batch(active.request_id, [first])
+        yield batch_of(active.request_id, [first])
         if not receiving:
             self._demux[d.worker_id].open(active.attempt_id, active.queue)
-        dreq = _decode_request(req, active, p, result.kv_handle, result)
+        dreq = decode_request(req, active, p.worker_id, result.kv_handle, result)
         active.decode_started_at = time.monotonic()
         await self._watch(d, active, d.handle.start(dreq))
-        async with aclosing(self._stream(active)) as batches:
+        async with aclosing(stream(active)) as batches:
             async for batch in batches:
                 yield batch
 
     async def _prefill(
-        self, req: GenerateRequest, active: _Active, p: WorkerEntry, d: WorkerEntry
+        self, req: GenerateRequest, active: ActiveRequest, p: WorkerEntry, d: WorkerEntry
     ) -> tuple[PrefillResult, bool]:
         """The prefill's result, and whether the decode worker already receives its KV."""
         ttft_deadline = None if req.slo.ttft_s is None else time.time() + req.slo.ttft_s
@@ -358,7 +312,7 @@ class Orchestrator:
     async def _start_streamed(
         self,
         req: GenerateRequest,
-        active: _Active,
+        active: ActiveRequest,
         p: WorkerEntry,
         d: WorkerEntry,
         prefill: asyncio.Future[PrefillResult],
@@ -380,12 +334,12 @@ class Orchestrator:
         if not handle:
             return False
         self._demux[d.worker_id].open(active.attempt_id, active.queue)
-        dreq = _decode_request(req, active, p, handle, None)
+        dreq = decode_request(req, active, p.worker_id, handle, None)
         await self._watch(d, active, d.handle.start(dreq))
         return True
 
     async def _colocated(
-        self, req: GenerateRequest, active: _Active, plan: Placement, hold: _PrefillHold
+        self, req: GenerateRequest, active: ActiveRequest, plan: Placement, hold: PrefillHold
     ) -> Batches:
         w = self._registry.get(plan.prefill.worker_id)
         active.workers.append(w)
@@ -402,70 +356,14 @@ class Orchestrator:
         active.dispatched_at = time.monotonic()
         active.progress.stage = Stage.PREFILL
         await self._watch(w, active, w.handle.submit(preq))
-        async with aclosing(self._stream(active, hold.end)) as batches:
+        async with aclosing(stream(active, hold.end)) as batches:
             async for batch in batches:
                 yield batch
 
-    # -- outputs ------------------------------------------------------------------------------
-    def _first_output(self, active: _Active, result: PrefillResult) -> StepOutput:
-        """The prefill's first token as an output (final when the request ends there)."""
-        active.first_token_at = time.monotonic()
-        active.progress.stage = Stage.DECODE
-        active.num_cached_tokens = result.num_cached_tokens
-        lps = () if result.logprobs is None else (result.logprobs,)
-        return StepOutput(
-            active.request_id,
-            (result.first_token_id,),
-            result.text_delta,
-            result.finished,
-            result.finish_reason,
-            lps,
-        )
-
-    async def _stream(
-        self, active: _Active, on_first_token: Callable[[], None] | None = None
-    ) -> Batches:
-        """Yield StepOutputs, several per batch when they queue up; keep the last in `active`."""
-        while True:
-            items = [await active.queue.get()]
-            while not active.queue.empty():
-                items.append(active.queue.get_nowait())
-            outputs = _check_batch(items)
-            if active.first_token_at is None and any(o.new_token_ids for o in outputs):
-                active.first_token_at = time.monotonic()
-                active.progress.stage = Stage.DECODE
-                if on_first_token is not None:
-                    on_first_token()
-            final = next((i for i, o in enumerate(outputs) if o.finished), None)
-            if final is not None:
-                active.last = outputs[: final + 1]
-                return
-            active.num_tokens += sum(len(o.new_token_ids) for o in outputs)
-            yield _batch(active.request_id, outputs)
-
-    def _final(self, req: GenerateRequest, active: _Active) -> OutputBatch:
-        now = time.monotonic()
-        assert active.last, "every way to the end records the final outputs"
-        batch = _batch(active.request_id, active.last)
-        end = active.last[-1]
-        marks = StageMarks(
-            req.arrival,
-            active.dispatched_at,
-            active.first_token_at,
-            active.decode_started_at,
-            active.colocated,
-        )
-        summary = RequestSummary(
-            finish_reason=FinishReason.parse(end.finish_reason),
-            num_prompt_tokens=len(req.prompt_token_ids),
-            num_completion_tokens=active.num_tokens + len(batch.token_ids),
-            num_cached_prompt_tokens=active.num_cached_tokens,
-            timings=stage_timings(marks, active.prefill_times, end.timings, now),
-        )
-        return replace(batch, summary=summary)
-
     # -- failure handling ---------------------------------------------------------------------
-    async def _watch(self, entry: WorkerEntry, active: _Active, call: Coroutine[Any, Any, T]) -> T:
+    async def _watch(
+        self, entry: WorkerEntry, active: ActiveRequest, call: Coroutine[Any, Any, T]
+    ) -> T:
         """Await a worker call, but give up at once if the worker goes down or the request is
         aborted."""
         down = entry.down
@@ -481,7 +379,7 @@ class Orchestrator:
         if task.done() and not task.cancelled():
             return self._result(entry, task)
         if active.stop.done():
-            raise _Aborted()
+            raise Aborted()
         raise RequestError(ErrorKind.UNAVAILABLE, f"worker {entry.worker_id} became unavailable")
 
     def _result(self, entry: WorkerEntry, task: asyncio.Future[T]) -> T:
@@ -496,59 +394,3 @@ class Orchestrator:
             raise RequestError(ErrorKind.UNAVAILABLE, f"worker {wid}: {exc}")
         log.error("worker %s failed a request", wid, exc_info=exc)
         raise RequestError(ErrorKind.INTERNAL, f"worker {wid} failed: {exc!r}")
-
-
-def attempt_id(request_id: str) -> str:
-    """The id the workers know one attempt at `request_id` by: the id and a random suffix.
-
-    The caller's id is unique among running requests only, and may come again once its request
-    ended. The workers key what they keep past a request's end by this id: the KV lease and its
-    transfer (until ack, failure or expiry; the receiver remembers finished transfers), the
-    prefill's early KV handle, and an abort sent in the background, which may land after a new
-    request with the same id began. Per attempt, none of those can meet a later request."""
-    return f"{request_id}#{uuid.uuid4().hex[:12]}"
-
-
-def _decode_request(
-    req: GenerateRequest,
-    active: _Active,
-    p: WorkerEntry,
-    handle: bytes,
-    first: PrefillResult | None,
-) -> DecodeRequest:
-    """Decode from the prefill's KV `handle`; `first` None: before its first token exists."""
-    return DecodeRequest(
-        active.attempt_id,
-        req.prompt_token_ids,
-        None if first is None else first.first_token_id,
-        handle,
-        req.sampling_params,
-        req.deadline,
-        req.slo.priority,
-        p.worker_id,
-        "" if first is None else first.text_delta,
-    )
-
-
-def _batch(request_id: str, outputs: list[StepOutput]) -> OutputBatch:
-    """The outputs' tokens, text and logprobs as one batch."""
-    return OutputBatch(
-        request_id,
-        tuple(t for out in outputs for t in out.new_token_ids),
-        "".join(out.text_delta for out in outputs),
-        tuple(lp for out in outputs for lp in out.logprobs),
-    )
-
-
-def _check_batch(items: list[StreamItem | _Aborted]) -> list[StepOutput]:
-    """Raise on an abort sentinel, a worker failure or a failed request; else the outputs."""
-    outputs: list[StepOutput] = []
-    for item in items:
-        if isinstance(item, _Aborted):
-            raise _Aborted()
-        if isinstance(item, BaseException):
-            raise RequestError(ErrorKind.UNAVAILABLE, str(item))
-        if item.error is not None:
-            raise RequestError(ErrorKind.UNAVAILABLE, f"request failed on the worker: {item.error}")
-        outputs.append(item)
-    return outputs

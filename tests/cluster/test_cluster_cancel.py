@@ -177,7 +177,10 @@ def test_cancel_during_prefill(cluster, wires) -> None:
 
 def test_cancel_during_the_kv_transfer(cluster, wires) -> None:
     _, decode = wires
-    reached = decode.arm("start", "answered", lambda req: req.first_token_id is None)
+    # The decode worker's first start begins the transfer: with the KV handle while the prefill
+    # runs (streamed) or, when the prefill ends before its handle is out, with the first token.
+    # Either is "during the KV transfer"; waiting for the streamed one alone raced the prefill.
+    reached = decode.arm("start", "answered", lambda req: True)
 
     async def body(client: AsyncClient) -> None:
         await cancel_when(reached, asyncio.ensure_future(consume(client)))

@@ -46,6 +46,8 @@ class ScriptedReceiver:
         self._draining: dict[str, int] = {}  # transfer id -> polls until its write stopped
 
     def start(self, handle: KVHandle, dst_block_ids: Sequence[int]) -> None:
+        if handle.transfer_id in self.states:  # as the transports do: they remember each id
+            raise ValueError(f"transfer_id: {handle.transfer_id!r} already started")
         self.states[handle.transfer_id] = KVPoll.WAITING
         self._blocks[handle.transfer_id] = list(dst_block_ids)
 
@@ -179,6 +181,25 @@ def test_a_failed_transfer_ends_with_an_error_and_frees_its_blocks(worker: Any) 
         outs = await outputs_until_finished(worker, "f1")
         assert "KV transfer failed: scripted failure" in (outs[-1].error or "")
         assert worker._arrivals.status("f1") is None
+        await all_free(worker)
+
+    run(body)
+
+
+def test_a_streamed_transfer_failed_before_its_first_token_ends_with_the_transfer_error(
+    worker: Any,
+) -> None:
+    """The router's second `start` (with the first token) then finds the request gone: it must
+    not fail (the router would answer INTERNAL), since the transfer's error output went out."""
+
+    async def body() -> None:
+        await start(worker, "e1", first_token=None)
+        worker.receiver.states["e1"] = KVPoll.FAILED
+        outs = await outputs_until_finished(worker, "e1")
+        assert "KV transfer failed: scripted failure" in (outs[-1].error or "")
+        await worker.start(DecodeRequest("e1", PROMPT, 5, handle(worker, "e1"), GREEDY))
+        assert worker._arrivals.status("e1") is None and not worker._failed_early
+        await worker.abort("e1")  # the router's abort on its way out: a no-op
         await all_free(worker)
 
     run(body)

@@ -62,7 +62,7 @@ async def until(cond: Callable[[], bool], timeout: float = 3.0) -> None:
 
 
 def ids(calls: Any) -> list[str]:
-    """The callers' request ids of a fake worker's calls (workers see `router.flow.attempt_id`)."""
+    """The callers' request ids of a fake worker's calls (workers see `router.attempt.attempt_id`)."""
     return [call.rsplit("#", 1)[0] for call in calls]
 
 

@@ -16,6 +16,8 @@ from router.server import RETRY_PUSHBACK_KEY, STATUS_CODES, status_code, trailin
 ROUTER = Path(__file__).resolve().parents[2] / "router"
 TRANSPORT_NEUTRAL = (
     "flow.py",
+    "attempt.py",
+    "decode_stream.py",
     "request.py",
     "errors.py",
     "stage_clock.py",

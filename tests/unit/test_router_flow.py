@@ -73,7 +73,7 @@ async def collect(orch: Orchestrator, req: GenerateRequest) -> list[OutputBatch]
 
 
 def ids(calls: list[str]) -> list[str]:
-    """The callers' request ids of a fake worker's calls (workers see `router.flow.attempt_id`)."""
+    """The callers' request ids of a fake worker's calls (workers see `router.attempt.attempt_id`)."""
     return [call.rsplit("#", 1)[0] for call in calls]
 
 
