@@ -14,17 +14,15 @@ near-tie can flip a token: the figure reported is where they first part.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.real_model import CHAT_PROMPTS  # noqa: E402
+from tests.real_model import CHAT_PROMPTS, hf_greedy, hf_model, hf_prompt_ids  # noqa: E402
 
 FIRST = 16
 
@@ -33,45 +31,6 @@ def _default_gguf() -> str:
     from engine.demo_model import demo_gguf_path
 
     return str(demo_gguf_path())
-
-
-@functools.lru_cache(maxsize=1)
-def _hf(path: Path, dtype: str, device: str) -> tuple[Any, Any]:
-    """transformers' tokenizer and model for the GGUF, loaded once per process."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
-    ).to(device)
-    return tok, model
-
-
-def _hf_prompt_ids(path: Path, dtype: str, device: str, prompt: str) -> Any:
-    tok, _ = _hf(path, dtype, device)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-    )
-    return (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
-
-
-def hf_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> list[list[int]]:
-    import torch
-
-    _, model = _hf(path, dtype, device)
-    outs = []
-    for prompt in CHAT_PROMPTS:
-        ids = _hf_prompt_ids(path, dtype, device, prompt)
-        with torch.no_grad():
-            gen = model.generate(
-                ids,
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                attention_mask=torch.ones_like(ids),
-            )
-        outs.append(gen[0, ids.shape[1] :].tolist())
-    return outs
 
 
 def tandem_tokens(path: Path, dtype: str, device: str, max_tokens: int) -> tuple[list, object]:
@@ -94,8 +53,8 @@ def divergence_margin(
     that bf16 rounding flips shows a small margin and rank 1)."""
     import torch
 
-    _, model = _hf(path, dtype, device)
-    ids = _hf_prompt_ids(path, dtype, device, prompt)
+    model, _ = hf_model(path, dtype, device)
+    ids = hf_prompt_ids(prompt, path, dtype, device)
     ids = torch.cat([ids, torch.tensor([shared], device=device, dtype=ids.dtype)], dim=1)
     with torch.no_grad():
         logits = model(ids).logits[0, -1].float()
@@ -126,7 +85,7 @@ def main() -> None:
     path = Path(args.gguf or _default_gguf())
     started = time.perf_counter()
     ours, llm = tandem_tokens(path, args.dtype, args.device, args.tokens)
-    theirs = hf_tokens(path, args.dtype, args.device, args.tokens)
+    theirs = hf_greedy(CHAT_PROMPTS, args.tokens, path, args.dtype, args.device)
     tok = llm.tokenizer  # type: ignore[attr-defined]
     rows = []
     for prompt, a, b in zip(CHAT_PROMPTS, ours, theirs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 CHAT_PROMPTS = [
     "What is the capital of France? Answer in one sentence.",
@@ -39,39 +40,57 @@ def skip_without_model() -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _hf_model_and_tokenizer() -> tuple[object, object]:
+def hf_model(
+    path: Path | None = None, dtype: str = "float32", device: str = "cpu"
+) -> tuple[Any, Any]:
+    """transformers' model and tokenizer reading the GGUF (the demo model's by default), loaded
+    once per process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = gguf_path()
+    path = path or gguf_path()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
+        str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)
     )
-    return model.eval(), tok
+    return model.to(device).eval(), tok
+
+
+def hf_prompt_ids(
+    prompt: str, path: Path | None = None, dtype: str = "float32", device: str = "cpu"
+) -> Any:
+    """The chat prompt's ids through transformers' own chat template, [1, n] on `device`."""
+    _, tok = hf_model(path, dtype, device)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    return (ids["input_ids"] if hasattr(ids, "keys") else ids).to(device)
 
 
 def eos_ids() -> set[int]:
-    model, tok = _hf_model_and_tokenizer()
+    model, tok = hf_model()
     ids = {tok.eos_token_id}
-    gen_eos = model.generation_config.eos_token_id  # type: ignore[attr-defined]
+    gen_eos = model.generation_config.eos_token_id
     ids |= set(gen_eos) if isinstance(gen_eos, list) else {gen_eos}
     return {i for i in ids if i is not None}
 
 
-def hf_greedy(prompts: list[str], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+def hf_greedy(
+    prompts: list[str],
+    max_tokens: int = MAX_TOKENS,
+    path: Path | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> list[list[int]]:
     """transformers' greedy continuation of each chat prompt (new tokens only)."""
     import torch
 
-    model, tok = _hf_model_and_tokenizer()
+    model, _ = hf_model(path, dtype, device)
     outs = []
     for prompt in prompts:
-        ids = tok.apply_chat_template(  # type: ignore[attr-defined]
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
-        )
-        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        ids = hf_prompt_ids(prompt, path, dtype, device)
         with torch.no_grad():
-            gen = model.generate(  # type: ignore[attr-defined]
+            gen = model.generate(
                 ids, max_new_tokens=max_tokens, do_sample=False, attention_mask=torch.ones_like(ids)
             )
         outs.append(gen[0, ids.shape[1] :].tolist())

@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def ensure_converted(path: str | os.PathLike[str]) -> Path:
         return target
     checkpoint = GGUFCheckpoint.open(source)
     with _one_converter(source):  # the others wait, then find it published
-        return publish(lambda tmp: _convert(checkpoint, tmp, _show_progress()), target)
+        return publish(lambda tmp: _convert(checkpoint, tmp), target)
 
 
 @contextlib.contextmanager
@@ -81,13 +80,9 @@ def file_digest(path: Path) -> str:
     return _digests[key]
 
 
-def _show_progress() -> bool:
-    return sys.stdout.isatty()
-
-
-def _convert(checkpoint: GGUFCheckpoint, directory: Path, show_progress: bool) -> None:
+def _convert(checkpoint: GGUFCheckpoint, directory: Path) -> None:
     steps = checkpoint.num_tensors + (1 if has_tokenizer(checkpoint) else 0)
-    with progress_bar(show_progress) as progress:
+    with progress_bar() as progress:  # draws only on a terminal
         task = progress.add_task(f"converting {checkpoint.path.name}", total=steps)
         _write_weights(checkpoint, directory, lambda: progress.advance(task))
         write_tokenizer(checkpoint, directory)
