@@ -13,6 +13,10 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TEMPERATURE = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
+MAX_GRAMMAR_CHARS = 64 * 1024
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "ebnf")
 
 
 def _int(x: object) -> bool:
@@ -24,6 +28,33 @@ def _finite(x: float) -> bool:
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output: `kind` is one of STRUCTURED_KINDS; `spec` the JSON schema
+    (text), the regex or the EBNF grammar; empty for json_object (any JSON object)."""
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        check_request(
+            self.kind in STRUCTURED_KINDS,
+            "structured",
+            f"unknown kind {self.kind!r}; one of {', '.join(STRUCTURED_KINDS)}",
+        )
+        check_request(isinstance(self.spec, str), "structured", "the spec must be a string")
+        check_request(
+            (self.kind == "json_object") == (self.spec == ""),
+            "structured",
+            "json_object takes no spec; the other kinds need one",
+        )
+        check_request(
+            len(self.spec) <= MAX_GRAMMAR_CHARS,
+            "structured",
+            f"the spec is {len(self.spec)} characters; at most {MAX_GRAMMAR_CHARS}",
+        )
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request.
 
@@ -32,6 +63,8 @@ class SamplingParams:
     included); presence / frequency penalties follow OpenAI (subtracted, output tokens only).
     A `seed` makes sampling reproducible whatever else shares the batch.
     `max_tokens=None` means "until the context is full".
+    `logit_bias` ((token id, bias), ...) is added to the raw logits (OpenAI: [-100, 100]);
+    `structured` constrains the output to a grammar (see engine.sampling.grammar).
     """
 
     n: int = 1
@@ -51,6 +84,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers but store tuples, so the object stays hashable and frozen.
@@ -58,6 +93,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        items = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias", tuple((t, b) for t, b in items))
         self._validate()
 
     def _validate(self) -> None:
@@ -97,6 +135,12 @@ class SamplingParams:
             "must not exceed max_tokens",
         )
         self._validate_stops()
+        self._validate_logit_bias()
+        check_request(
+            self.structured is None or isinstance(self.structured, StructuredOutput),
+            "structured",
+            "must be a StructuredOutput",
+        )
         check_request(
             self.logprobs is None or (_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
@@ -124,6 +168,22 @@ class SamplingParams:
         for t in self.stop_token_ids:
             check_request(_int(t) and t >= 0, "stop_token_ids", "ids must be >= 0")
 
+    def _validate_logit_bias(self) -> None:
+        check_request(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES,
+            "logit_bias",
+            f"at most {MAX_LOGIT_BIAS_ENTRIES} entries",
+        )
+        for t, b in self.logit_bias:
+            check_request(_int(t) and t >= 0, "logit_bias", f"token id {t!r} must be >= 0")
+            check_request(
+                _finite(b) and abs(b) <= MAX_LOGIT_BIAS,
+                "logit_bias",
+                f"bias {b!r} of token {t} must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            )
+        ids = [t for t, _ in self.logit_bias]
+        check_request(len(set(ids)) == len(ids), "logit_bias", "a token id appears twice")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -137,5 +197,11 @@ class SamplingParams:
             check_request(
                 t < vocab_size,
                 "stop_token_ids",
+                f"id {t} is outside the vocabulary [0, {vocab_size})",
+            )
+        for t, _ in self.logit_bias:
+            check_request(
+                t < vocab_size,
+                "logit_bias",
                 f"id {t} is outside the vocabulary [0, {vocab_size})",
             )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError, check_request
@@ -55,17 +55,19 @@ class ModelLimits:
 
 
 def _check_request_id(req: pb.GenerateRequest) -> None:
-    if not req.HasField("request_id"):
-        return
-    rid = req.request_id
+    if req.HasField("request_id"):
+        check_request_id(req.request_id)
+
+
+def check_request_id(rid: str, field: str = "request_id") -> None:
     check_request(
         0 < len(rid) <= MAX_REQUEST_ID_CHARS,
-        "request_id",
+        field,
         f"must be 1..{MAX_REQUEST_ID_CHARS} characters",
     )
     check_request(
         _REQUEST_ID.match(rid) is not None,
-        "request_id",
+        field,
         "may hold only letters, digits and _ . : -",
     )
 
@@ -95,17 +97,7 @@ def _check_prompt_shape(req: pb.GenerateRequest, limits: ModelLimits) -> None:
             len(req.text) <= max_chars, "text", f"{len(req.text)} characters; at most {max_chars}"
         )
     elif kind == "token_ids":
-        ids = req.token_ids.ids
-        check_request(len(ids) > 0, "token_ids", "the prompt is empty")
-        check_request(
-            len(ids) < limits.max_model_len,
-            "token_ids",
-            f"{len(ids)} tokens; the context is {limits.max_model_len}",
-        )
-        bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
-        check_request(
-            bad is None, "token_ids", f"id {bad} is outside the vocabulary [0, {limits.vocab_size})"
-        )
+        check_token_ids(req.token_ids.ids, limits, "token_ids")
     else:
         msgs = req.chat.messages
         check_request(
@@ -116,6 +108,28 @@ def _check_prompt_shape(req: pb.GenerateRequest, limits: ModelLimits) -> None:
         check_request(
             num_chars <= max_chars, "chat", f"{num_chars} characters; at most {max_chars}"
         )
+
+
+def check_token_ids(ids: Sequence[int], limits: ModelLimits, field: str) -> None:
+    """A prompt given as token ids: not empty, shorter than the context, in the vocabulary."""
+    check_request(len(ids) > 0, field, "the prompt is empty")
+    check_request(
+        len(ids) < limits.max_model_len,
+        field,
+        f"{len(ids)} tokens; the context is {limits.max_model_len}",
+    )
+    bad = next((t for t in ids if not 0 <= t < limits.vocab_size), None)
+    check_request(
+        bad is None, field, f"id {bad} is outside the vocabulary [0, {limits.vocab_size})"
+    )
+
+
+def check_priority(priority: int | None, field: str = "priority") -> None:
+    check_request(
+        priority is None or abs(priority) <= MAX_PRIORITY,
+        field,
+        f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]",
+    )
 
 
 def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
@@ -132,20 +146,27 @@ def _tokenize(req: pb.GenerateRequest, tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def _cap_max_tokens(
-    params: SamplingParams, explicit: bool, num_prompt: int, limits: ModelLimits
+def cap_max_tokens(
+    params: SamplingParams,
+    explicit: bool,
+    num_prompt: int,
+    limits: ModelLimits,
+    field: str = "sampling.max_tokens",
+    prompt_field: str = "prompt",
 ) -> SamplingParams:
+    """max_tokens set to the room the prompt leaves when unset, or when it was a default larger
+    than that room; an explicit max_tokens that does not fit is refused naming `field`."""
     room = limits.max_model_len - num_prompt
     check_request(
         room >= 1,
-        "prompt",
+        prompt_field,
         f"{num_prompt} tokens leave no room in the {limits.max_model_len}-token context",
     )
     if params.max_tokens is None or (not explicit and params.max_tokens > room):
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
     check_request(
         params.max_tokens <= room,
-        "sampling.max_tokens",
+        field,
         f"{params.max_tokens} exceeds the {room} tokens left in the context",
     )
     return params
@@ -181,11 +202,7 @@ def _validate(
     _check_prompt_shape(req, limits)
     params = sampling_from_proto(req.sampling)
     priority = req.priority if req.HasField("priority") else None
-    check_request(
-        priority is None or abs(priority) <= MAX_PRIORITY,
-        "priority",
-        f"must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}]",
-    )
+    check_priority(priority)
     slo_class = req.slo_class if req.HasField("slo_class") else DEFAULT_CLASS
     slo = resolve_slo(
         slo_classes,
@@ -200,7 +217,7 @@ def _validate(
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
     prompt = _tokenize(req, tokenizer)
-    params = _cap_max_tokens(params, req.sampling.HasField("max_tokens"), len(prompt), limits)
+    params = cap_max_tokens(params, req.sampling.HasField("max_tokens"), len(prompt), limits)
     return GenerateRequest(
         request_id=req.request_id if req.HasField("request_id") else None,
         prompt_token_ids=tuple(prompt),
