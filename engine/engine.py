@@ -1,7 +1,10 @@
 """LLMEngine: the step-level API that the offline LLM and the pool workers drive.
 
-    add_request(...)  validates and queues (errors name the field; nothing is allocated)
-    step()            out = scheduler.schedule(); result = runner.execute(out);
+    add_request(...)  validates and queues (errors name the field; nothing is allocated);
+                      a structured-output grammar is checked here and compiles in the
+                      background (engine.sampling.grammar)
+    step()            requests whose grammar failed are finished with an error; then
+                      out = scheduler.schedule(); result = runner.execute(out);
                       updated = scheduler.update(out, result); then text and stop strings
     abort(ids)        frees the requests' blocks at once
     stream_held_kv(f) tells `f` of each `hold_kv` request's KV as soon as the step that
@@ -29,6 +32,7 @@ from engine.kv.spec import KVCacheSpec
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
 from engine.runner.model_runner import ModelRunner
+from engine.sampling.structured import StructuredOutputs
 from engine.sampling_params import SamplingParams
 from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.output import SchedulerOutput
@@ -120,6 +124,9 @@ class LLMEngine:
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list] = {}
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.vocab_size, self.model_config.eos_token_ids
+        )
         self._held_kv_listener: Callable[[HeldKVEnqueued], None] | None = None
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
 
@@ -143,7 +150,13 @@ class LLMEngine:
         free); the engine cannot step afterwards. Idempotent."""
         if self.tp is not None:
             self.tp.shutdown()
+        self.structured.shutdown()
         self.runner.release()
+
+    def use_grammar_vocab(self, vocab: Sequence[bytes]) -> None:
+        """Structured output for a model without a tokenizer (dummy-weight benchmarks):
+        `vocab[i]` is the bytes token i stands for; the model's EOS ids are the stop tokens."""
+        self.structured.use_vocab(vocab)
 
     # ------------------------------------------------------------------ input
 
@@ -170,6 +183,7 @@ class LLMEngine:
 
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         params.check_vocab(self.vocab_size)
+        self.structured.check(params)
         if len(prompt_ids) >= self.max_model_len:
             raise InvalidRequestError(
                 "prompt",
@@ -201,6 +215,7 @@ class LLMEngine:
         params = params or SamplingParams()
         request = self._new_request(request_id, prompt, params, priority, deadline, hold_kv)
         self.scheduler.add_request(request)
+        self.structured.track(request)
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
@@ -221,7 +236,7 @@ class LLMEngine:
         """A validated request, not yet queued (raises InvalidRequestError naming the field)."""
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
-        return Request(
+        request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             sampling_params=params,
@@ -230,6 +245,8 @@ class LLMEngine:
             deadline=deadline,
             hold_kv=hold_kv,
         )
+        self.structured.attach(request)
+        return request
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         aborted = self.scheduler.abort(list(request_ids))
@@ -246,7 +263,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[RequestOutput]:
+        failed = self._finish_failed_grammars()
         out = self.scheduler.schedule()
+        if out.is_empty:
+            self.structured.wait_for_compiles()
         self.last_step_num_batched_tokens = out.num_batched_tokens
         result = self.runner.execute(out, self._held_kv_hook(out))
         if self.kv_manager.external is not None:
@@ -255,7 +275,20 @@ class LLMEngine:
         for rid, lp in result.logprobs.items():
             if rid in self._logprobs:
                 self._logprobs[rid].append(lp)
-        return [self._output(r) for r in updated]
+        return failed + [self._output(r) for r in updated]
+
+    def _finish_failed_grammars(self) -> list[RequestOutput]:
+        """End (aborted, with `error`) the scheduled requests whose grammar failed: it did not
+        compile, or a sampled token broke it. Their final output carries no new token."""
+        outputs = []
+        for request in self.structured.failed():
+            if self.scheduler.get_request(request.request_id) is not request:
+                continue  # prefilled elsewhere, not running yet: it fails once activated
+            assert request.grammar is not None
+            request.error = f"structured: {request.grammar.error}"
+            self.scheduler.finish(request.request_id, RequestStatus.FINISHED_ABORTED)
+            outputs.append(self._output(request, new_token=False))
+        return outputs
 
     def stream_held_kv(self, listener: Callable[[HeldKVEnqueued], None] | None) -> None:
         """Calls `listener` (on the engine thread, inside `step()`) for every `hold_kv` request
@@ -291,9 +324,10 @@ class LLMEngine:
 
         return hook
 
-    def _output(self, request: Request) -> RequestOutput:
+    def _output(self, request: Request, new_token: bool = True) -> RequestOutput:
+        """`new_token`: this step gave the request its latest output token."""
         rid = request.request_id
-        new_ids = request.output_token_ids[-1:]
+        new_ids = request.output_token_ids[-1:] if new_token else []
         detok = self._detok.get(rid)
         delta = detok.add(new_ids) if detok is not None else ""
         if detok is not None and request.sampling_params.stop and not request.status.finished:
@@ -310,6 +344,7 @@ class LLMEngine:
             stop_reason=request.stop_reason,
             logprobs=self._logprobs.get(rid),
             num_cached_tokens=request.num_cached_tokens,
+            error=request.error,
         )
         if output.finished:
             self._forget(rid)
@@ -332,6 +367,7 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
         self._logprobs.pop(request_id, None)
+        self.structured.forget(request_id)
 
     def attach_external_cache(self, cache: ExternalKVCache) -> None:
         """A cache below HBM (e.g. kvtransfer's CPU / NVMe tiers): evicted prefix blocks spill
@@ -365,8 +401,10 @@ class LLMEngine:
         computes); pass it to `set_first_token` before activating."""
         request = self._new_request(request_id, prompt_ids, params, priority, deadline)
         if not self.kv_manager.can_allocate_slots(request, request.num_prompt_tokens):
+            self.structured.drop(request)
             return None
         self.kv_manager.allocate_slots(request, request.num_prompt_tokens)
+        self.structured.track(request)
         if params.logprobs is not None:
             self._logprobs[request_id] = []
         if first_token is not None:
@@ -400,4 +438,5 @@ class LLMEngine:
         """Forget a request whose KV never landed; returns its blocks, which the caller frees
         (at once, or through the receiver's release callback if a transfer may still write)."""
         self._forget(request.request_id)
+        self.structured.drop(request)
         return self.kv_manager.detach(request)

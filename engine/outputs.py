@@ -9,7 +9,10 @@ from engine.scheduler.output import TokenLogprobs
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step: cumulative tokens and text, plus this step's delta."""
+    """A request's state after a step: cumulative tokens and text, plus this step's delta.
+
+    `error` is set on the final output of a request the engine failed (finish_reason
+    "abort"), e.g. its structured-output grammar did not compile."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -23,3 +26,4 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     num_cached_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None

@@ -5,15 +5,20 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.kv.block_hash import BlockHash
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.sampling.grammar import GrammarState
 
 
 class RequestStatus(enum.Enum):
     """WAITING -> RUNNING -> FINISHED_*; RUNNING -> PREEMPTED -> RUNNING (recompute).
 
-    Every exit to a FINISHED_* state frees the request's blocks (the scheduler's job).
+    Every exit to a FINISHED_* state frees the request's blocks and its grammar state (the
+    scheduler's job).
     """
 
     WAITING = "waiting"
@@ -72,6 +77,10 @@ class Request:
     held_block_ids: list[int] = field(default_factory=list)
     first_scheduled_time: float | None = None
     num_swapped_tokens: int = 0  # preempted with this many tokens' KV swapped out, not dropped
+    # Structured output: the matcher state (engine.sampling.grammar); not schedulable while it
+    # compiles; freed on every exit to FINISHED_* (the scheduler's) or when dropped (the engine's).
+    grammar: GrammarState | None = None
+    error: str | None = None  # why a request failed (finished aborted by the engine)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -88,6 +97,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def grammar_ready(self) -> bool:
+        """False while its grammar compiles (or failed): the scheduler passes it over."""
+        return self.grammar is None or self.grammar.ready
 
     @property
     def finish_reason(self) -> FinishReason | None:

@@ -4,21 +4,29 @@ Order of processing (every stage batched on the logits' device; Python loops run
 only, to build small per-row tensors and to draw seeded noise):
 1. Padded vocabulary: columns >= `vocab_size` are dropped (sliced off), so they are never
    chosen and never counted in logprobs.
-2. min_tokens: while `len(output_token_ids) < min_tokens`, EOS ids (the model's, unless
+2. logit_bias: each row's (token, bias) pairs are added to its raw logits
+   (see `engine.sampling.bias`).
+3. Grammar: rows with structured output get xgrammar's token bitmask, disallowed tokens at
+   -inf, so greedy and sampled rows alike obey it; a finished grammar allows only the stop
+   tokens, so the request ends with "stop" (see `engine.sampling.grammar_mask`).
+4. min_tokens: while `len(output_token_ids) < min_tokens`, EOS ids (the model's, unless
    `ignore_eos`) and `stop_token_ids` are set to -inf.
-3. Penalties: repetition (Hugging Face: seen in prompt or output -> logit / p if > 0 else
+5. Penalties: repetition (Hugging Face: seen in prompt or output -> logit / p if > 0 else
    logit * p), then presence and frequency (OpenAI: output tokens only,
    `logit -= presence * [count > 0] + frequency * count`).
-4. Logprobs, for rows that ask: `log_softmax` of the logits after 1-3, before temperature and
+6. Logprobs, for rows that ask: `log_softmax` of the logits after 1-5, before temperature and
    truncation; the sampled token's logprob and the top-N sorted descending.
-5. Greedy rows (temperature 0): argmax.
-6. Other rows: divide by temperature, then top-k, top-p, min-p (see `engine.sampling.truncation`),
+7. Greedy rows (temperature 0): argmax.
+8. Other rows: divide by temperature, then top-k, top-p, min-p (see `engine.sampling.truncation`),
    then the exponential race argmax(probs / E), E ~ Exp(1) (see `engine.sampling.noise`).
    Seeded rows are reproducible whatever shares the batch.
 All arithmetic is float32 whatever the logits' dtype. Fast path: when every row is greedy with
-no penalties, no pending min_tokens and no logprobs, the result is one argmax.
+no penalties, no pending min_tokens, no logprobs, no logit_bias and no grammar, the result is
+one argmax.
 Hazard: a row whose every token is forbidden (a vocabulary made only of EOS / stop ids while
-min_tokens is pending) has no valid choice; it gets an arbitrary id.
+min_tokens is pending, or a complete grammar, which allows only stop tokens, while min_tokens
+is pending) has no valid choice; it gets an arbitrary id (for a grammar row the engine then
+fails the request: the token breaks the grammar).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import torch
 
 from engine.device_sync import to_host
 from engine.sampling.batch import SamplingBatch, needs_full_path
+from engine.sampling.bias import apply_logit_bias
+from engine.sampling.grammar_mask import GrammarMask
 from engine.sampling.logprobs import gather_logprobs
 from engine.sampling.noise import exponential_noise
 from engine.sampling.penalties import apply_min_tokens, apply_penalties
@@ -50,7 +60,8 @@ class Sampler:
     """Picks the next token of every row of a step.
 
     `device` is where the runner keeps logits; computation always follows `logits.device`.
-    Stateless between calls: everything a row needs comes from its ScheduledRequest.
+    Stateless between calls: everything a row needs comes from its ScheduledRequest (the
+    grammar stage keeps only a reused bitmask buffer and its fill time, `grammar_mask`).
     """
 
     def __init__(
@@ -60,6 +71,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = device
+        self.grammar_mask = GrammarMask(vocab_size)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SamplerResult:
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (
@@ -70,6 +82,8 @@ class Sampler:
         if not any(needs_full_path(r) for r in requests):
             return SamplerResult(to_host(logits.argmax(dim=-1)), [None] * len(requests))
         logits = logits.to(torch.float32, copy=True)
+        apply_logit_bias(logits, requests)
+        self.grammar_mask.apply(logits, requests)
         apply_min_tokens(logits, requests, self.eos_token_ids)
         apply_penalties(logits, requests)
         token_ids = self._pick(logits, requests)

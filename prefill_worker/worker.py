@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.engine import HeldKVEnqueued, LLMEngine
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request import Request
 from kvtransfer.pool_link import KVGroupSpec, make_sender
@@ -133,7 +134,9 @@ class PrefillWorker(PoolWorker):
         try:
             try:
                 await self.core.aengine.run(add)
-            except ValueError as exc:  # InvalidRequestError: the router validated, so this is rare
+            except InvalidRequestError as exc:  # what needs the engine (a grammar's syntax)
+                raise WorkerRejectedError(exc.message, field=exc.field) from exc
+            except ValueError as exc:
                 raise WorkerRejectedError(str(exc)) from exc
             return await future
         finally:  # a kv_handle() call still waiting gets b"" (no-op once it had the handle)
@@ -213,6 +216,9 @@ class PrefillWorker(PoolWorker):
     def _on_output(self, out: RequestOutput) -> None:
         pending = self._pending.pop(out.request_id, None)
         if pending is None or not out.finished:
+            return
+        if out.error is not None:  # the engine failed it (its blocks are freed): no first token
+            pending.loop.call_soon_threadsafe(_reject, pending.future, out.error)
             return
         request, engine = pending.request, self.core.engine
         first = out.new_token_ids[0]

@@ -11,13 +11,14 @@ checks that need the prompt length and the vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.errors import InvalidRequestError, check_request
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput
 from router.errors import RequestError
 from router.request import GenerateRequest
 from router.slo import DEFAULT_CLASS, SloClass, resolve_slo
@@ -72,11 +73,63 @@ def check_request_id(rid: str, field: str = "request_id") -> None:
     )
 
 
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def wire_field(engine_field: str) -> str:
+    """The wire name of a field an engine (a worker) refused: `sampling.<name>` for a sampling
+    parameter (e.g. a grammar xgrammar rejects: `sampling.structured`), else as is."""
+    return f"sampling.{engine_field}" if engine_field in _SAMPLING_FIELDS else engine_field
+
+
+def _check_json_schema(text: str) -> None:
+    """The pre-check that needs no xgrammar: the text is a JSON object and, where `jsonschema`
+    is installed, a valid schema under its meta-schema. Regex and EBNF syntax are left to the
+    worker's synchronous check (xgrammar's syntax is not Python's `re`)."""
+    field = "sampling.structured"
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(field, f"json_schema is not JSON: {exc}") from None
+    check_request(isinstance(schema, dict), field, "json_schema must be a JSON object")
+    try:
+        import jsonschema
+    except ImportError:  # optional here; the worker checks the schema with xgrammar anyway
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidRequestError(
+            field, f"json_schema is not a valid schema: {exc.message}"
+        ) from None
+
+
+def structured_from_proto(msg: pb.StructuredOutput) -> StructuredOutput:
+    """A StructuredOutput from the wire; errors name `sampling.structured`."""
+    field = "sampling.structured"
+    kind = msg.WhichOneof("kind")
+    check_request(kind is not None, field, "set one of json_schema, json_object, regex, ebnf")
+    assert kind is not None
+    if kind == "json_object":
+        check_request(msg.json_object, field, "json_object must be true when set")
+        return StructuredOutput("json_object")
+    try:
+        structured = StructuredOutput(kind, getattr(msg, kind))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(field, exc.message) from None
+    if kind == "json_schema":
+        _check_json_schema(structured.spec)
+    return structured
+
+
 def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """SamplingParams from the wire; errors name `sampling.<field>`."""
     kwargs: dict[str, object] = {f: getattr(msg, f) for f in _SCALAR_FIELDS if msg.HasField(f)}
     kwargs["stop"] = tuple(msg.stop)
     kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    kwargs["logit_bias"] = tuple(sorted(msg.logit_bias.items()))
+    if msg.HasField("structured"):
+        kwargs["structured"] = structured_from_proto(msg.structured)
     try:
         params = SamplingParams(**kwargs)  # type: ignore[arg-type]
     except InvalidRequestError as exc:

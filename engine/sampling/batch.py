@@ -37,6 +37,8 @@ def needs_full_path(request: ScheduledRequest) -> bool:
         or uses_penalties(params)
         or min_tokens_active(request)
         or params.logprobs is not None
+        or bool(params.logit_bias)
+        or request.grammar is not None
     )
 
 

@@ -6,8 +6,12 @@ Plain frozen dataclasses: the runner reads them and never mutates scheduler stat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # never at run time: the router imports this module and must not load xgrammar
+    from engine.sampling.grammar import GrammarState
 
 
 @dataclass(frozen=True)
@@ -20,7 +24,8 @@ class ScheduledRequest:
     the new tokens are already allocated. `sample` is True when this step completes every
     known token, so its last position produces a new token (the final prefill chunk, or decode).
     `prompt_token_ids` / `output_token_ids` are references the sampler reads for penalties and
-    seeded noise; they must not be mutated until `update()`.
+    seeded noise; they must not be mutated until `update()`. `grammar` is the request's
+    structured-output state (None without one): only the sampler on rank 0 touches it.
     """
 
     request_id: str
@@ -31,6 +36,7 @@ class ScheduledRequest:
     sampling_params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,9 @@ The engine step is three calls:
      budget, `max_num_seqs` and the pool (minus the watermark) allow; a prefix hit makes
      `num_computed_tokens` jump to the cached length. Admission stops at the first request
      that does not fit (no overtaking: it would starve long prompts).
+A request whose structured-output grammar is still compiling (`Request.grammar_ready` False,
+like vLLM's WAITING_FOR_FSM) is passed over in both stages, holding nothing new, while the
+others go on; the engine finishes one whose compilation failed.
 
 Hazards: a request aborted or finished between `schedule()` and `update()` has its blocks
 freed at once; `update()` skips it. This is safe only because the runner has finished the
@@ -205,7 +208,7 @@ class Scheduler:
         while i < len(queue) and budget > 0:
             request = queue[i]
             n = self._num_new_tokens(request, request.num_computed_tokens, budget)
-            if n == 0:
+            if n == 0 or not request.grammar_ready:
                 i += 1
                 continue
             if self.kv.num_blocks_for(request.num_computed_tokens + n) > len(request.block_ids):
@@ -266,6 +269,8 @@ class Scheduler:
         for request in queue:
             if budget == 0 or len(self._running) >= self.config.max_num_seqs:
                 break
+            if not request.grammar_ready:
+                continue  # compiling: not a head that blocks the queue
             n = self._admit(request, budget)
             if n == 0:
                 break  # no overtaking: the head waits for room
@@ -321,6 +326,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            grammar=request.grammar,
         )
 
     # -------------------------------------------------------------- update
@@ -372,7 +378,10 @@ class Scheduler:
         self._release_blocks(request)
 
     def _release_blocks(self, request: Request) -> None:
-        """A finished request frees its blocks, or hands them to a KV lease (`hold_kv`)."""
+        """A finished request frees its grammar matcher, and its blocks or hands them to a KV
+        lease (`hold_kv`)."""
+        if request.grammar is not None:
+            request.grammar.free()
         if request.hold_kv and request.status is not RequestStatus.FINISHED_ABORTED:
             request.held_block_ids = self.kv.detach(request)
         else:

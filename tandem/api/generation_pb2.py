@@ -24,17 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"v\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xac\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\x8b\x03\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x14\n\x07ttft_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tslo_class\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x15\n\x08priority\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x18\n\x0b\x62\x65st_effort\x18\n \x01(\x08H\x06\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_idB\n\n\x08_ttft_msB\n\n\x08_tpot_msB\x0c\n\n_slo_classB\x0b\n\t_priorityB\x0e\n\x0c_best_effort\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"C\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xe2\x02\n\x0cStageTimings\x12\x19\n\x0crouter_queue\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rprefill_queue\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07prefill\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0bkv_transfer\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12 \n\x13time_to_first_token\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x17\n\nend_to_end\x18\x08 \x01(\x01H\x07\x88\x01\x01\x42\x0f\n\r_router_queueB\x10\n\x0e_prefill_queueB\n\n\x08_prefillB\x0e\n\x0c_kv_transferB\x0f\n\r_decode_queueB\x16\n\x14_time_to_first_tokenB\t\n\x07_decodeB\r\n\x0b_end_to_end\"\x9a\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReasonH\x00\x88\x01\x01\x12\x1a\n\rprompt_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12!\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12-\n\x07timings\x18\t \x01(\x0b\x32\x17.tandem.v1.StageTimingsH\x04\x88\x01\x01\x42\x10\n\x0e_finish_reasonB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokensB\x17\n\x15_cached_prompt_tokensB\n\n\x08_timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"q\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0bslo_classes\x18\x05 \x03(\t\"\x19\n\x17GetClusterStatusRequest\"\x85\x02\n\x0cLoadSnapshot\x12\x1d\n\x15queued_prefill_tokens\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\x03\x12\x17\n\x0ftotal_kv_blocks\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12<\n\x0btier_blocks\x18\x07 \x03(\x0b\x32\'.tandem.v1.LoadSnapshot.TierBlocksEntry\x1a\x31\n\x0fTierBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"~\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshot\x12\x15\n\rheartbeat_age\x18\x05 \x01(\x01\"R\n\rClusterStatus\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x17\n\x0fmetrics_targets\x18\x02 \x03(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa7\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12P\n\x10GetClusterStatus\x12\".tandem.v1.GetClusterStatusRequest\x1a\x18.tandem.v1.ClusterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/v1/generation.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"v\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x18\n\x16_add_generation_prompt\"\xcd\x06\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12/\n\nstructured\x18\x12 \x01(\x0b\x32\x1b.tandem.v1.StructuredOutput\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"i\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x65\x62nf\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\x8b\x03\n\x0fGenerateRequest\x12\x17\n\nrequest_id\x18\x01 \x01(\tH\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x14\n\x07ttft_ms\x18\x06 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x07 \x01(\x01H\x03\x88\x01\x01\x12\x16\n\tslo_class\x18\x08 \x01(\tH\x04\x88\x01\x01\x12\x15\n\x08priority\x18\t \x01(\x05H\x05\x88\x01\x01\x12\x18\n\x0b\x62\x65st_effort\x18\n \x01(\x08H\x06\x88\x01\x01\x42\x08\n\x06promptB\r\n\x0b_request_idB\n\n\x08_ttft_msB\n\n\x08_tpot_msB\x0c\n\n_slo_classB\x0b\n\t_priorityB\x0e\n\x0c_best_effort\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"C\n\x0cTokenLogprob\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"\xe2\x02\n\x0cStageTimings\x12\x19\n\x0crouter_queue\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rprefill_queue\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07prefill\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x0bkv_transfer\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x19\n\x0c\x64\x65\x63ode_queue\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12 \n\x13time_to_first_token\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x13\n\x06\x64\x65\x63ode\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x17\n\nend_to_end\x18\x08 \x01(\x01H\x07\x88\x01\x01\x42\x0f\n\r_router_queueB\x10\n\x0e_prefill_queueB\n\n\x08_prefillB\x0e\n\x0c_kv_transferB\x0f\n\r_decode_queueB\x16\n\x14_time_to_first_tokenB\t\n\x07_decodeB\r\n\x0b_end_to_end\"\x9a\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\ntext_delta\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.tandem.v1.FinishReasonH\x00\x88\x01\x01\x12\x1a\n\rprompt_tokens\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1e\n\x11\x63ompletion_tokens\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12!\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12-\n\x07timings\x18\t \x01(\x0b\x32\x17.tandem.v1.StageTimingsH\x04\x88\x01\x01\x42\x10\n\x0e_finish_reasonB\x10\n\x0e_prompt_tokensB\x14\n\x12_completion_tokensB\x17\n\x15_cached_prompt_tokensB\n\n\x08_timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"q\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x13\n\x0bslo_classes\x18\x05 \x03(\t\"\x19\n\x17GetClusterStatusRequest\"\x85\x02\n\x0cLoadSnapshot\x12\x1d\n\x15queued_prefill_tokens\x18\x01 \x01(\x03\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x04 \x01(\x03\x12\x17\n\x0ftotal_kv_blocks\x18\x05 \x01(\x03\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12<\n\x0btier_blocks\x18\x07 \x03(\x0b\x32\'.tandem.v1.LoadSnapshot.TierBlocksEntry\x1a\x31\n\x0fTierBlocksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"~\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.tandem.v1.LoadSnapshot\x12\x15\n\rheartbeat_age\x18\x05 \x01(\x01\"R\n\rClusterStatus\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x17\n\x0fmetrics_targets\x18\x02 \x03(\t*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa7\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.tandem.v1.GetModelInfoRequest\x1a\x14.tandem.v1.ModelInfo\x12P\n\x10GetClusterStatus\x12\".tandem.v1.GetClusterStatusRequest\x1a\x18.tandem.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._loaded_options = None
   _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2914
-  _globals['_FINISHREASON']._serialized_end=3034
+  _globals['_FINISHREASON']._serialized_start=3182
+  _globals['_FINISHREASON']._serialized_end=3302
   _globals['_TOKENIDS']._serialized_start=41
   _globals['_TOKENIDS']._serialized_end=64
   _globals['_CHATMESSAGE']._serialized_start=66
@@ -42,35 +44,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=112
   _globals['_CHATMESSAGES']._serialized_end=230
   _globals['_SAMPLINGPARAMS']._serialized_start=233
-  _globals['_SAMPLINGPARAMS']._serialized_end=917
-  _globals['_GENERATEREQUEST']._serialized_start=920
-  _globals['_GENERATEREQUEST']._serialized_end=1315
-  _globals['_TOPLOGPROB']._serialized_start=1317
-  _globals['_TOPLOGPROB']._serialized_end=1364
-  _globals['_TOKENLOGPROB']._serialized_start=1366
-  _globals['_TOKENLOGPROB']._serialized_end=1433
-  _globals['_STAGETIMINGS']._serialized_start=1436
-  _globals['_STAGETIMINGS']._serialized_end=1790
-  _globals['_GENERATERESPONSE']._serialized_start=1793
-  _globals['_GENERATERESPONSE']._serialized_end=2203
-  _globals['_ABORTREQUEST']._serialized_start=2205
-  _globals['_ABORTREQUEST']._serialized_end=2239
-  _globals['_ABORTRESPONSE']._serialized_start=2241
-  _globals['_ABORTRESPONSE']._serialized_end=2271
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2273
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2294
-  _globals['_MODELINFO']._serialized_start=2296
-  _globals['_MODELINFO']._serialized_end=2409
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=2411
-  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=2436
-  _globals['_LOADSNAPSHOT']._serialized_start=2439
-  _globals['_LOADSNAPSHOT']._serialized_end=2700
-  _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._serialized_start=2651
-  _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._serialized_end=2700
-  _globals['_WORKERSTATUS']._serialized_start=2702
-  _globals['_WORKERSTATUS']._serialized_end=2828
-  _globals['_CLUSTERSTATUS']._serialized_start=2830
-  _globals['_CLUSTERSTATUS']._serialized_end=2912
-  _globals['_GENERATION']._serialized_start=3037
-  _globals['_GENERATION']._serialized_end=3332
+  _globals['_SAMPLINGPARAMS']._serialized_end=1078
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=790
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=838
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=1080
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1185
+  _globals['_GENERATEREQUEST']._serialized_start=1188
+  _globals['_GENERATEREQUEST']._serialized_end=1583
+  _globals['_TOPLOGPROB']._serialized_start=1585
+  _globals['_TOPLOGPROB']._serialized_end=1632
+  _globals['_TOKENLOGPROB']._serialized_start=1634
+  _globals['_TOKENLOGPROB']._serialized_end=1701
+  _globals['_STAGETIMINGS']._serialized_start=1704
+  _globals['_STAGETIMINGS']._serialized_end=2058
+  _globals['_GENERATERESPONSE']._serialized_start=2061
+  _globals['_GENERATERESPONSE']._serialized_end=2471
+  _globals['_ABORTREQUEST']._serialized_start=2473
+  _globals['_ABORTREQUEST']._serialized_end=2507
+  _globals['_ABORTRESPONSE']._serialized_start=2509
+  _globals['_ABORTRESPONSE']._serialized_end=2539
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2541
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2562
+  _globals['_MODELINFO']._serialized_start=2564
+  _globals['_MODELINFO']._serialized_end=2677
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=2679
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=2704
+  _globals['_LOADSNAPSHOT']._serialized_start=2707
+  _globals['_LOADSNAPSHOT']._serialized_end=2968
+  _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._serialized_start=2919
+  _globals['_LOADSNAPSHOT_TIERBLOCKSENTRY']._serialized_end=2968
+  _globals['_WORKERSTATUS']._serialized_start=2970
+  _globals['_WORKERSTATUS']._serialized_end=3096
+  _globals['_CLUSTERSTATUS']._serialized_start=3098
+  _globals['_CLUSTERSTATUS']._serialized_end=3180
+  _globals['_GENERATION']._serialized_start=3305
+  _globals['_GENERATION']._serialized_end=3600
 # @@protoc_insertion_point(module_scope)

@@ -55,11 +55,14 @@ class WorkerUnavailableError(RuntimeError):
 
 
 class WorkerRejectedError(RuntimeError):
-    """The worker refused one request before accepting it (e.g. no KV room). `reason` says why."""
+    """The worker refused one request before accepting it (e.g. no KV room). `reason` says why.
+    `field` is set when the request itself is invalid (the engine's InvalidRequestError field,
+    e.g. "structured" for a grammar xgrammar refuses): the router answers INVALID_ARGUMENT."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, field: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.field = field
 
 
 def deadline_to_monotonic(deadline: float | None) -> float | None:

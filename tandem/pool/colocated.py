@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import LLMEngine
+from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request import Request
 from tandem.contract.worker_api import (
@@ -80,6 +81,8 @@ class ColocatedWorker(PoolWorker):
 
         try:
             await self.core.aengine.run(add)
+        except InvalidRequestError as exc:
+            raise WorkerRejectedError(exc.message, field=exc.field) from exc
         except ValueError as exc:
             raise WorkerRejectedError(str(exc)) from exc
 

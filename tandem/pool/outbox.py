@@ -25,6 +25,7 @@ def step_output(out: RequestOutput, timings: StageTimes | None = None) -> StepOu
         finish_reason=out.finish_reason,
         logprobs=tuple(out.logprobs[-1:]) if out.logprobs else (),
         timings=timings,
+        error=out.error,
     )
 
 

@@ -1,5 +1,6 @@
 """Tests of engine.sampler.Sampler (CPU; a subset also on CUDA, marked gpu): correctness against references, statistics of the
-truncation stages with fixed seeds, seeded reproducibility, penalties, min_tokens, logprobs."""
+truncation stages with fixed seeds, seeded reproducibility, penalties, min_tokens, logprobs,
+logit_bias and the structured-output bitmask."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 
 from engine.sampler import Sampler, SamplerResult
+from engine.sampling.grammar import GrammarCompiler, GrammarState, wait_any
 from engine.sampling.seeds import step_seed
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutput
 from engine.scheduler.output import ScheduledRequest
 
 CPU = torch.device("cpu")
@@ -40,6 +42,7 @@ def make_request(
     prompt: Sequence[int] = (0,),
     output: Sequence[int] = (),
     request_id: str = "r",
+    grammar: GrammarState | None = None,
 ) -> ScheduledRequest:
     return ScheduledRequest(
         request_id=request_id,
@@ -50,6 +53,7 @@ def make_request(
         sampling_params=params,
         prompt_token_ids=list(prompt),
         output_token_ids=list(output),
+        grammar=grammar,
     )
 
 
@@ -468,3 +472,95 @@ def test_logprobs_match_log_softmax_reference(device: str) -> None:
         assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-5)
         assert all(a[1] >= b[1] for a, b in zip(lp.top, lp.top[1:]))
     assert result.logprobs[2] is not None and result.logprobs[2].top == []
+
+
+# ---------------------------------------------------------------------------------- logit_bias
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_bans_forces_and_touches_only_its_rows(device: str) -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]] * 4).to(device)
+    sampler = Sampler(4, eos_token_ids=(), device=torch.device(device))
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={2: -100.0}),  # bans the argmax
+        SamplingParams(temperature=0.0, logit_bias={3: 100.0}),  # forces the worst token
+        SamplingParams(temperature=1.0, seed=5, logit_bias={0: 100.0, 1: -100.0}),
+        SamplingParams(temperature=0.0),
+    ]
+    assert run(sampler, logits, params).token_ids == [1, 3, 0, 2]
+
+
+def test_logit_bias_is_added_before_logprobs() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    sampler = Sampler(3, eos_token_ids=(), device=CPU)
+    params = SamplingParams(temperature=0.0, logit_bias={0: 1.5, 2: -0.5}, logprobs=3)
+    lp = run(sampler, logits, [params]).logprobs[0]
+    assert lp is not None
+    expected = torch.log_softmax(torch.tensor([2.5, 2.0, 2.5]), dim=-1)
+    assert dict(lp.top) == pytest.approx(dict(enumerate(expected.tolist())))
+
+
+# ------------------------------------------------------------------------- structured output
+
+EOS_ID = 0
+NUM_ROWS_GRAMMAR = 40
+GRAMMAR_VOCAB = [b"</s>", b"a", b"b", b"c", b"ab", b"{", b"}", b"x"]
+
+
+@pytest.fixture(scope="module")
+def grammar_compiler() -> GrammarCompiler:
+    compiler = GrammarCompiler.from_vocab(GRAMMAR_VOCAB, len(GRAMMAR_VOCAB), [EOS_ID])
+    yield compiler
+    compiler.shutdown()
+
+
+def ready(compiler: GrammarCompiler, regex: str) -> GrammarState:
+    state = compiler.state(StructuredOutput("regex", regex))
+    wait_any([state], 10)
+    assert state.ready, state.error
+    return state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grammar_mask_binds_greedy_and_sampled_rows_only(
+    device: str, grammar_compiler: GrammarCompiler
+) -> None:
+    """Regex "ab?c" after "a": only "b" or "c" may follow, whatever the logits prefer."""
+    vocab = len(GRAMMAR_VOCAB)
+    logits = torch.zeros(NUM_ROWS_GRAMMAR, vocab)
+    logits[:, 7] = 10.0  # "x": the favourite, never allowed
+    logits[:, 2] = 1.0
+    sampler = Sampler(vocab, eos_token_ids=(EOS_ID,), device=torch.device(device))
+    greedy = SamplingParams(temperature=0.0)
+    rows = [
+        make_request(greedy, output=[1], grammar=ready(grammar_compiler, "ab?c")),
+        make_request(greedy),
+    ] + [
+        make_request(
+            SamplingParams(temperature=1.0, seed=seed),
+            output=[1],
+            grammar=ready(grammar_compiler, "ab?c"),
+        )
+        for seed in range(NUM_ROWS_GRAMMAR - 2)
+    ]
+    result = sampler(logits.to(device), rows)
+    assert result.token_ids[0] == 2 and result.token_ids[1] == 7
+    assert set(result.token_ids[2:]) <= {2, 3} and len(set(result.token_ids[2:])) == 2
+    assert sampler.grammar_mask.fill_seconds > 0.0
+
+
+def test_a_complete_grammar_allows_only_eos(grammar_compiler: GrammarCompiler) -> None:
+    logits = torch.zeros(1, len(GRAMMAR_VOCAB))
+    logits[0, 1] = 5.0
+    sampler = Sampler(len(GRAMMAR_VOCAB), eos_token_ids=(EOS_ID,), device=CPU)
+    row = make_request(
+        SamplingParams(temperature=0.0), output=[4], grammar=ready(grammar_compiler, "ab")
+    )
+    assert sampler(logits, [row]).token_ids == [EOS_ID]
+
+
+def test_rows_without_grammar_or_bias_take_the_fast_path() -> None:
+    sampler = Sampler(4, eos_token_ids=(), device=CPU)
+    logits = torch.tensor([[0.0, 1.0, 0.5, 0.2]])
+    assert run(sampler, logits, [SamplingParams(temperature=0.0)]).token_ids == [1]
+    assert sampler.grammar_mask.fill_seconds == 0.0
