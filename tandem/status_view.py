@@ -291,11 +291,12 @@ def watch(
     interval: float = 2.0,
     console: Console | None = None,
     iterations: int | None = None,
+    api_key: str | None = None,
 ) -> None:
     """Refresh the view every `interval` seconds (until Ctrl-C, or `iterations` frames)."""
     from tandem.client import Client
 
-    client = Client(address, timeout=5.0)
+    client = Client(address, timeout=5.0, api_key=api_key)
     previous: StatusSnapshot | None = None
     frames = 0
     try:
