@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 from router.slo import DEFAULT_CLASS, DEFAULT_SLO_CLASSES, SloClass
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MIN_API_KEY_CHARS = 16
+
+
+def api_key_problem(key: str) -> str | None:
+    """Why `key` cannot be an API key (None: it can). The reason never quotes the key."""
+    if len(key) < MIN_API_KEY_CHARS:
+        return f"must be at least {MIN_API_KEY_CHARS} characters"
+    if not all("!" <= c <= "~" for c in key):
+        return "must be printable ASCII without spaces"
+    return None
 
 
 class RouterConfigError(ValueError):
@@ -47,11 +57,16 @@ class RouterConfig:
     metrics_targets: tuple[str, ...] = ()
     metrics_host: str | None = None  # None: `host`
     metrics_port: int | None = None  # None: metrics not served; 0: any free port
+    # The OpenAI-compatible HTTP API (router/http/) on `host`; None: not served; 0: any free port
+    http_port: int | None = None
     # TLS on the client port: cert and key (PEM files) turn it on; a client CA requires clients
     # to present a certificate it signed (mutual TLS).
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
+    # Every call but health needs `authorization: Bearer <api_key>` (router.auth); None: no auth.
+    # Never printed: left out of the repr, and no error message quotes it.
+    api_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +89,11 @@ class RouterConfig:
                 "metrics_port",
                 "must be in [0, 65536)",
             ),
+            (
+                self.http_port is None or 0 <= self.http_port < 65536,
+                "http_port",
+                "must be in [0, 65536)",
+            ),
             (DEFAULT_CLASS in self.slo_classes, "slo_classes", f"must define {DEFAULT_CLASS!r}"),
             (
                 (self.tls_cert_file is None) == (self.tls_key_file is None),
@@ -89,3 +109,5 @@ class RouterConfig:
         for ok, name, message in checks:
             if not ok:
                 raise RouterConfigError(name, message)
+        if self.api_key is not None and (problem := api_key_problem(self.api_key)) is not None:
+            raise RouterConfigError("api_key", problem)

@@ -43,6 +43,7 @@ from collections.abc import Coroutine
 from contextlib import aclosing
 from typing import Any, TypeVar
 
+from engine.errors import InvalidRequestError
 from engine.kv.block_hash import hash_blocks
 from router.attempt import (
     ABORT,
@@ -61,6 +62,7 @@ from router.errors import ErrorKind, RequestError
 from router.policy import Demand, Placement, Rejection, place, place_colocated
 from router.registry import Pool, WorkerEntry, WorkerRegistry
 from router.request import GenerateRequest, RequestTrace, Stage
+from router.validation import wire_field
 from tandem.contract.worker_api import (
     PrefillRequest,
     PrefillResult,
@@ -387,6 +389,9 @@ class Orchestrator:
         if exc is None:
             return task.result()
         wid = entry.worker_id
+        field = getattr(exc, "field", None)  # the worker found the request invalid
+        if isinstance(exc, WorkerRejectedError) and field is not None:
+            raise RequestError.invalid(InvalidRequestError(wire_field(field), exc.reason))
         if isinstance(exc, WorkerRejectedError):
             raise self._refusal(f"worker {wid}: {exc.reason}", "worker_rejected")
         if isinstance(exc, WorkerUnavailableError) or type(exc).__name__ in _WORKER_DEATH_ERRORS:

@@ -21,8 +21,15 @@ Metrics: `RouterMetrics` (router.metrics) observes every Generate call; with
 `config.metrics_port` set, the registry is served over HTTP and its target is listed first in
 `GetClusterStatus.metrics_targets`, followed by `config.metrics_targets` and the workers'.
 
+API keys: with `config.api_key` set, every call but health needs `authorization: Bearer <key>`
+(`router.auth.ApiKeyInterceptor`, ahead of every other interceptor), else UNAUTHENTICATED.
+
 Health: the overall service ("") and "tandem.v1.Generation" are SERVING only while the
 registry can serve (>= 1 healthy prefill and decode worker, or a colocated one).
+
+HTTP: with `config.http_port` set, the OpenAI-compatible API (router/http/, a sibling of this
+door over the same Orchestrator, registry and metrics) is served by uvicorn on `config.host`,
+as a task on this event loop; `http_port` is the bound port. `stop()` stops it first.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from router import convert
+from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig
 from router.errors import ErrorKind, RequestError
 from router.flow import Orchestrator
@@ -298,6 +306,9 @@ class RouterServer:
         self._server: grpc.aio.Server | None = None
         self._bg: set[asyncio.Task[Any]] = set()
         self.port = 0
+        self.http_port = 0  # the HTTP API's bound port, once started (config.http_port set)
+        self._tokenizer = tokenizer
+        self._http: Any = None  # router.http.serving.HttpServer, imported only when used
         self.registry.on_serving_change(self._on_serving_change)
 
     @property
@@ -323,7 +334,10 @@ class RouterServer:
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ]
-        server = grpc.aio.server(options=options, interceptors=[_DecodeCheck(self.metrics)])
+        interceptors: list[grpc.aio.ServerInterceptor] = [_DecodeCheck(self.metrics)]
+        if self.config.api_key is not None:  # first: a call without the key reaches nothing else
+            interceptors.insert(0, ApiKeyInterceptor(self.config.api_key))
+        server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_GenerationServicer_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         await self._set_health(False)
@@ -348,6 +362,19 @@ class RouterServer:
                 self.metrics.registry, host, self.config.metrics_port
             )
             self._servicer.own_metrics_target = self.metrics_endpoint.target
+        if self.config.http_port is not None:
+            await self._start_http(self.config.http_port)
+
+    async def _start_http(self, port: int) -> None:
+        """The HTTP API (fastapi and uvicorn are imported only when it is on)."""
+        from router.http.app import create_app
+        from router.http.serving import HttpServer
+
+        app = create_app(
+            self.config, self._tokenizer, self.registry, self.orchestrator, self.metrics
+        )
+        self._http = HttpServer(app, self.config.host, port)
+        self.http_port = await self._http.start()
 
     def _state_source(self) -> RouterStateSource:
         orch, registry = self.orchestrator, self.registry
@@ -365,6 +392,9 @@ class RouterServer:
 
     async def stop(self, grace_s: float = 1.0) -> None:
         await self.registry.stop()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

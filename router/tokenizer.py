@@ -11,6 +11,7 @@ avoids `AutoTokenizer`, whose import pulls in torch (transformers 5 imports
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,16 @@ from engine.errors import InvalidRequestError
 
 @dataclass(frozen=True)
 class ChatTurn:
+    """One chat message. `tool_calls`: an assistant turn's calls as OpenAI's plain dicts
+    {"id", "type": "function", "function": {"name", "arguments": <JSON text>}}; `content` may
+    be "" when the turn only calls tools. `tool_call_id`: the call a "tool" turn answers.
+    `name`: the author's optional name."""
+
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class Tokenizer(Protocol):
@@ -34,15 +43,25 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool) -> list[int]:
-        """Apply the chat template. Raises InvalidRequestError('chat', ...) if there is none."""
+    def encode_chat(
+        self,
+        turns: Sequence[ChatTurn],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Apply the chat template, with OpenAI-style `tools` (checked by the caller) when
+        given. Raises InvalidRequestError('chat', ...) if there is none, if the template
+        rejects the messages, or if a turn's tool call is not {"id", "function": {"name",
+        "arguments"}}."""
         ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 
 class ByteTokenizer:
-    """Token id = UTF-8 byte; ids 256.. are specials (256 = EOS). Chat: "role: content\\n" lines."""
+    """Token id = UTF-8 byte; ids 256.. are specials (256 = EOS). Chat: "role: content\\n" lines;
+    tools as one first line "tools: <JSON>", a tool call as "tool_call <id>: <name> <arguments>",
+    a tool turn's header as "tool [<tool_call_id>]", a named author as "user (<name>)"."""
 
     EOS = 256
 
@@ -57,8 +76,14 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
-    def encode_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool) -> list[int]:
-        text = "".join(f"{t.role}: {t.content}\n" for t in turns)
+    def encode_chat(
+        self,
+        turns: Sequence[ChatTurn],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        text = f"tools: {json.dumps(tools, separators=(',', ':'))}\n" if tools else ""
+        text += "".join(_byte_turn(i, t) for i, t in enumerate(turns))
         return self.encode(text + ("assistant: " if add_generation_prompt else ""))
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -87,13 +112,21 @@ class HfTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=True))
 
-    def encode_chat(self, turns: Sequence[ChatTurn], add_generation_prompt: bool) -> list[int]:
+    def encode_chat(
+        self,
+        turns: Sequence[ChatTurn],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """See `Tokenizer`. Tool calls' arguments go to the template parsed (a dict), as most
+        templates expect (`| tojson`); arguments that are not a JSON object stay text."""
         if not self._tok.chat_template:
             raise InvalidRequestError("chat", "the model has no chat template; send text instead")
-        messages = [{"role": t.role, "content": t.content} for t in turns]
+        messages = [_hf_message(i, t) for i, t in enumerate(turns)]
         try:
             out = self._tok.apply_chat_template(
                 messages,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 tokenize=True,
                 return_dict=False,
@@ -106,3 +139,55 @@ class HfTokenizer:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
+
+
+def _call_parts(i: int, j: int, call: dict[str, Any]) -> tuple[str, str, str]:
+    """(id, name, arguments text) of turn i's call j; InvalidRequestError("chat") if malformed."""
+    function = call.get("function") if isinstance(call, dict) else None
+    ok = isinstance(function, dict) and all(
+        isinstance(x, str)
+        for x in (call.get("id"), function.get("name"), function.get("arguments"))
+    )
+    if not ok:
+        raise InvalidRequestError(
+            "chat",
+            f'messages[{i}].tool_calls[{j}] must be {{"id", "type": "function", "function": '
+            '{"name", "arguments"}} with string values',
+        )
+    assert isinstance(function, dict)
+    return call["id"], function["name"], function["arguments"]
+
+
+def _byte_turn(i: int, turn: ChatTurn) -> str:
+    header = turn.role
+    if turn.name is not None:
+        header += f" ({turn.name})"
+    if turn.tool_call_id is not None:
+        header += f" [{turn.tool_call_id}]"
+    text = f"{header}: {turn.content}\n"
+    for j, call in enumerate(turn.tool_calls):
+        call_id, name, arguments = _call_parts(i, j, call)
+        text += f"tool_call {call_id}: {name} {arguments}\n"
+    return text
+
+
+def _hf_message(i: int, turn: ChatTurn) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": turn.role, "content": turn.content}
+    if turn.tool_calls:
+        message["tool_calls"] = [_hf_tool_call(i, j, c) for j, c in enumerate(turn.tool_calls)]
+    if turn.tool_call_id is not None:
+        message["tool_call_id"] = turn.tool_call_id
+    if turn.name is not None:
+        message["name"] = turn.name
+    return message
+
+
+def _hf_tool_call(i: int, j: int, call: dict[str, Any]) -> dict[str, Any]:
+    call_id, name, arguments = _call_parts(i, j, call)
+    try:
+        parsed: Any = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    # a call streamed with its arguments cut short comes back as history: keep its text
+    args = parsed if isinstance(parsed, dict) else arguments
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}

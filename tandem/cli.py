@@ -11,13 +11,16 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from engine.errors import TandemError
+
+if TYPE_CHECKING:
+    from tandem.client import TandemClientError
 
 
 def _flags_take_no_value(params: list[Any]) -> list[Any]:
@@ -57,6 +60,16 @@ Address = Annotated[
         "-a",
         envvar="TANDEM_ADDRESS",
         help="The router's host:port (env TANDEM_ADDRESS).",
+    ),
+]
+ClientApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="TANDEM_API_KEY",
+        show_envvar=True,
+        help="The router's API key, when it requires one. Prefer the environment variable: "
+        "a key on the command line shows in `ps`.",
     ),
 ]
 SpecPath = Annotated[
@@ -126,6 +139,15 @@ def serve(
     port: Annotated[
         int, typer.Option(min=0, max=65535, help="The router's port (0: any free port).")
     ] = 50051,
+    http_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, help="The OpenAI-compatible HTTP API's port (0: any free port)."
+        ),
+    ] = 8000,
+    no_http: Annotated[
+        bool, typer.Option("--no-http", help="Serve no HTTP API, gRPC only.")
+    ] = False,
     device: Annotated[
         Device, typer.Option(help="Where workers run (auto: one GPU each when present).")
     ] = Device.auto,
@@ -134,6 +156,24 @@ def serve(
     transport: Annotated[
         Transport, typer.Option(help="KV transport between pools.")
     ] = Transport.auto,
+    api_key_file: Annotated[
+        str | None,
+        typer.Option(help="Require this API key (the file's content) from clients."),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="Require the API key in this environment variable (default: TANDEM_API_KEY "
+            "when set)."
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require this API key, for local use only: it shows in `ps`; in production "
+            "use --api-key-file or --api-key-env."
+        ),
+    ] = None,
 ) -> None:
     """Run a Tandem cluster on this machine (a local Ray instance) until Ctrl-C."""
     from tandem.serve import ServeOptions
@@ -148,10 +188,14 @@ def serve(
         tensor_parallel_size=tensor_parallel_size,
         host=host,
         port=port,
+        http_port=None if no_http else http_port,
         device=device.value,
         dtype=dtype,
         max_model_len=max_model_len,
         transport=transport.value,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        api_key_env=api_key_env,
     )
     if model == "tiny-random":
         from engine.demo_model import RANDOM_WEIGHTS_NOTICE
@@ -176,6 +220,7 @@ def generate(
     slo: Annotated[
         str | None, typer.Option(help="A named SLO class (e.g. interactive, batch).")
     ] = None,
+    api_key: ClientApiKey = None,
 ) -> None:
     """Stream one request's text from a running cluster, then its per-stage timings."""
     from tandem.client import Client, TandemClientError
@@ -189,12 +234,12 @@ def generate(
     _check_reachable(address)
     final = None
     try:
-        with Client(address) as client:
+        with Client(address, api_key=api_key) as client:
             for final in client.generate(prompt, slo=slo, **sampling):
                 sys.stdout.write(final.text_delta)
                 sys.stdout.flush()
     except TandemClientError as exc:
-        raise fail(f"the router refused the request: {exc}") from None
+        raise fail(f"the router refused the request: {exc}{_key_hint(exc)}") from None
     sys.stdout.write("\n")
     if final is not None and final.HasField("timings"):
         console.print(
@@ -209,21 +254,23 @@ def status(
     interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between refreshes (--watch).")
     ] = 1.0,
+    api_key: ClientApiKey = None,
 ) -> None:
     """Workers, health, load and per-stage latency of a running cluster (tandem.status_view)."""
     from tandem import status_view
-    from tandem.client import TandemClientError
+    from tandem.client import Client, TandemClientError
 
     _check_reachable(address)
     try:
         if watch:
-            status_view.watch(address, interval, console=console)
+            status_view.watch(address, interval, console=console, api_key=api_key)
         else:
-            console.print(status_view.render(status_view.collect(address)))
+            with Client(address, timeout=5.0, api_key=api_key) as client:
+                console.print(status_view.render(status_view.collect(address, client)))
     except KeyboardInterrupt:
         pass
     except TandemClientError as exc:
-        raise fail(f"cluster status from {address} failed: {exc}") from None
+        raise fail(f"cluster status from {address} failed: {exc}{_key_hint(exc)}") from None
 
 
 @app.command(cls=_Command)
@@ -262,6 +309,8 @@ def launch(
         f"Tandem is serving at {result.endpoint} (namespace {result.namespace}, "
         f"{len(result.workers)} workers)"
     )
+    if result.http_endpoint is not None:
+        say(f"OpenAI API: {result.http_endpoint}/v1")
     if foreground or local:
         _wait_for_interrupt()
         run_down(str(config), address, say=say)
@@ -296,6 +345,13 @@ def down(
 def _one_line(exc: BaseException) -> str:
     lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def _key_hint(exc: TandemClientError) -> str:
+    """A hint for an UNAUTHENTICATED refusal: where the CLI takes the key from."""
+    if exc.code.name != "UNAUTHENTICATED":
+        return ""
+    return " (set TANDEM_API_KEY to the router's API key)"
 
 
 def _check_reachable(address: str) -> None:

@@ -9,10 +9,13 @@ also finish_reason, prompt_tokens, completion_tokens and timings). Leaving the l
 cancels the RPC, which aborts the request in the cluster. Every failure surfaces as
 `TandemClientError` with the gRPC status code and details ("field: message" for bad input).
 `AsyncClient` is the same over grpc.aio (`async for chunk in client.generate(...)`).
+A router that requires an API key needs `Client(address, api_key=...)`; without it every call
+but `health()` fails UNAUTHENTICATED.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,19 @@ def _error(exc: grpc.RpcError) -> TandemClientError:
     return TandemClientError(code, details or "")
 
 
+def structured_output(spec: Any) -> pb.StructuredOutput:
+    """`structured=` of `generate`: a pb.StructuredOutput, or one of {"json_schema": schema
+    (a dict or its JSON text)}, {"json_object": True}, {"regex": str}, {"ebnf": str}."""
+    if isinstance(spec, pb.StructuredOutput):
+        return spec
+    (kind, value), *rest = dict(spec).items()
+    if rest:
+        raise ValueError("structured: give exactly one of json_schema, json_object, regex, ebnf")
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    return pb.StructuredOutput(**{kind: value})
+
+
 def build_request(
     prompt: Prompt,
     *,
@@ -61,7 +77,11 @@ def build_request(
     best_effort: bool | None = None,
     **sampling: Any,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from a text prompt, token ids or chat messages ({"role", "content"})."""
+    """A GenerateRequest from a text prompt, token ids or chat messages ({"role", "content"}).
+    Sampling fields as keywords; `structured` see `structured_output`, `logit_bias` a
+    {token id: bias} dict."""
+    if sampling.get("structured") is not None:
+        sampling["structured"] = structured_output(sampling["structured"])
     req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
     if isinstance(prompt, str):
         req.text = prompt
@@ -111,6 +131,12 @@ class Tls:
         )
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `api_key` (`authorization: Bearer <key>`); none without.
+    Per call, not channel credentials: gRPC sends call credentials over TLS channels only."""
+    return () if api_key is None else (("authorization", f"Bearer {api_key}"),)
+
+
 def _open_channel(api: Any, address: str, tls: Tls | None, max_message_bytes: int) -> Any:
     """A channel from `api`, `grpc` or `grpc.aio` (the same constructors): over TLS when `tls`
     is given, else plaintext; messages up to `max_message_bytes` both ways."""
@@ -125,7 +151,8 @@ def _open_channel(api: Any, address: str, tls: Tls | None, max_message_bytes: in
 
 class Client:
     """Blocking client. Thread-safe (one channel); use as a context manager or call `close()`.
-    `tls`: connect over TLS (the router's `tls_cert_file`), else plaintext."""
+    `tls`: connect over TLS (the router's `tls_cert_file`), else plaintext. `api_key`: sent with
+    every call, for a router with `api_key` set (in clear text unless `tls` is given)."""
 
     def __init__(
         self,
@@ -134,18 +161,22 @@ class Client:
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._channel: grpc.Channel = _open_channel(grpc, address, tls, max_message_bytes)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
+        self._metadata = auth_metadata(api_key)
 
     def generate(
         self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
     ) -> Iterator[pb.GenerateResponse]:
         """Stream a request's responses. `kwargs`: request_id, slo, priority, best_effort, sampling fields."""
         call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout or self._timeout
+            build_request(prompt, **kwargs),
+            timeout=timeout or self._timeout,
+            metadata=self._metadata,
         )
         try:
             yield from call
@@ -178,7 +209,7 @@ class Client:
 
     def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return method(request, timeout=self._timeout)
+            return method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
@@ -202,17 +233,21 @@ class AsyncClient:
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         tls: Tls | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._channel: grpc.aio.Channel = _open_channel(grpc.aio, address, tls, max_message_bytes)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
+        self._metadata = auth_metadata(api_key)
 
     async def generate(
         self, prompt: Prompt, *, timeout: float | None = None, **kwargs: Any
     ) -> AsyncIterator[pb.GenerateResponse]:
         call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout or self._timeout
+            build_request(prompt, **kwargs),
+            timeout=timeout or self._timeout,
+            metadata=self._metadata,
         )
         try:
             async for msg in call:
@@ -246,7 +281,7 @@ class AsyncClient:
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self._timeout)
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
 

@@ -88,6 +88,10 @@ class ClusterConfig:
     metrics_sd_path: str | None = (
         None  # Prometheus file-SD target list; None: service_discovery.default_sd_path()
     )
+    # The router's API key (RouterConfig.api_key); None: no auth. Never in the repr.
+    api_key: str | None = field(default=None, repr=False)
+    # The router's OpenAI-compatible HTTP port (RouterConfig.http_port); None: no HTTP; 0: any
+    http_port: int | None = None
 
 
 def _actor_classes() -> dict[str, Any]:
@@ -201,6 +205,15 @@ class LocalCluster:
         self._write_service_discovery(dict(zip(self.actors, targets)))
         return self.server.address
 
+    @property
+    def http_address(self) -> str | None:
+        """The HTTP API's base URL (`http://host:port`), once started with `http_port` set."""
+        if self.server is None or self.config.http_port is None or not self.server.http_port:
+            return None
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        return f"http://{host}:{self.server.http_port}"
+
     def _write_service_discovery(self, worker_targets: dict[str, str | None]) -> None:
         """Record every metrics target and write the Prometheus file-SD list (router first)."""
         from tandem.service_discovery import default_sd_path, target_groups, write_file_sd
@@ -227,6 +240,8 @@ class LocalCluster:
             kv_salt=self.info["kv_salt"],
             metrics_port=self.config.metrics_port,
             stream_kv=self.config.stream_kv,
+            api_key=self.config.api_key,
+            http_port=self.config.http_port,
         )
 
     def _tokenizer(self) -> Any:

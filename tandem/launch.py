@@ -1,7 +1,8 @@
 """`tandem launch` / `tandem down`: a Tandem cluster on an existing Ray cluster, from a spec.
 
 launch(spec_path, address) stages, each failing with a typed error that names a field:
-  1. validate the spec (`SpecError`); nothing has contacted Ray at this point;
+  1. validate the spec (`SpecError`) and read the router's API key, if any (`LaunchError`
+     naming `router.api_key_file` / `router.api_key_env`); nothing has contacted Ray yet;
   2. join Ray (`ray.init(address=..., namespace=spec.ray.namespace)`), refuse a cluster without
      token auth when `ray.require_token_auth`, plan from `ray.nodes()` (`PlacementError`);
   3. per worker (a TP group): a detached STRICT_PACK placement group of the plan's pinned bundles,
@@ -32,6 +33,7 @@ from tandem.launch_config import (
     kv_groups,
     kv_transport_notes,
     router_config,
+    spec_api_key,
     worker_kwargs,
 )
 from tandem.placement import ClusterPlan, WorkerPlan, nodes_from_ray, plan_cluster
@@ -50,6 +52,7 @@ class LaunchResult:
     workers: tuple[WorkerPlan, ...]
     notes: tuple[str, ...]  # KV transport fallbacks and other deviations from the plan
     service_discovery_file: str
+    http_endpoint: str | None = None  # the OpenAI-compatible API's base URL (router.http_port)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ def launch(
     spec_path: str, address: str | None = None, *, timeout_s: float = 600.0, say: Say = log.info
 ) -> LaunchResult:
     spec = load_spec(spec_path)
+    api_key = spec_api_key(spec)
     connect(spec, address)
     check_token_auth(spec)
     nodes = nodes_from_ray(_ray().nodes())
@@ -77,7 +81,7 @@ def launch(
     for note in notes:
         say(note)
     try:
-        endpoint, targets = _start(spec, plan, fixed_ports, timeout_s, say)
+        endpoint, targets = _start(spec, plan, fixed_ports, timeout_s, say, api_key)
     except BaseException:
         try:
             teardown(spec)
@@ -85,7 +89,10 @@ def launch(
             log.exception("cleanup after a failed launch")
         raise
     sd_file = _write_file_sd(spec, plan, targets if not fixed_ports else None)
-    return LaunchResult(endpoint, spec.ray.namespace, plan.workers, notes, sd_file)
+    http = None
+    if spec.router.http_port is not None:  # the client port's host, the HTTP port
+        http = f"http://{endpoint.rsplit(':', 1)[0]}:{spec.router.http_port}"
+    return LaunchResult(endpoint, spec.ray.namespace, plan.workers, notes, sd_file, http)
 
 
 def down(spec_path: str, address: str | None = None, *, say: Say = log.info) -> DownResult:
@@ -190,7 +197,12 @@ def _token_auth_enabled() -> bool:
 
 
 def _start(
-    spec: ClusterSpec, plan: ClusterPlan, fixed_ports: bool, timeout_s: float, say: Say
+    spec: ClusterSpec,
+    plan: ClusterPlan,
+    fixed_ports: bool,
+    timeout_s: float,
+    say: Say,
+    api_key: str | None,
 ) -> tuple[str, dict[str, list[str]]]:
     deadline = time.monotonic() + timeout_s
     groups = [_placement_group(w) for w in plan.workers]
@@ -211,7 +223,7 @@ def _start(
     router = _router_actor(spec, plan)
     started = _get(
         router.start.remote(
-            router_config(spec, plan, infos[0], fixed_ports),
+            router_config(spec, plan, infos[0], fixed_ports, api_key),
             infos[0]["model_path"],
             workers,
             spec.ray.namespace,

@@ -3,6 +3,7 @@ no Ray calls, so every mapping here is unit-testable without a cluster.
 
 - `worker_kwargs(spec, plan, worker, ...)`: the constructor arguments of one worker actor.
 - `router_config(spec, plan, info, ...)`: the router's `RouterConfig`.
+- `spec_api_key(spec)`: the router's API key, read from `router.api_key_file` / `api_key_env`.
 - `kv_transport_notes(plan)`: one line per KV link whose planned transport is not what runs.
 
 A TP > 1 worker's placement group (one bundle per rank, `WorkerPlan.pinned_bundles`) holds its
@@ -16,6 +17,7 @@ from typing import Any
 
 from engine.errors import TandemError
 from kvtransfer.pool_link import KVGroupSpec, prefill_decode_peers
+from router.auth import ApiKeyError, load_api_key
 from router.config import RouterConfig
 from router.slo import DEFAULT_SLO_CLASSES, SloClass
 from tandem.placement import ClusterPlan, KVTransport, WorkerPlan
@@ -114,8 +116,22 @@ def slo_classes(spec: ClusterSpec) -> dict[str, SloClass]:
     return classes
 
 
+def spec_api_key(spec: ClusterSpec) -> str | None:
+    """The router's API key from the spec's file or variable, read here (where `tandem launch`
+    runs); None: no auth. Raises LaunchError naming `router.api_key_file` / `router.api_key_env`.
+    The key reaches the router actor inside its `RouterConfig` (a `start` call's argument)."""
+    try:
+        return load_api_key(None, spec.router.api_key_file, spec.router.api_key_env)
+    except ApiKeyError as exc:
+        raise LaunchError(f"router.{exc.option}", exc.reason) from None
+
+
 def router_config(
-    spec: ClusterSpec, plan: ClusterPlan, info: dict[str, Any], fixed_ports: bool
+    spec: ClusterSpec,
+    plan: ClusterPlan,
+    info: dict[str, Any],
+    fixed_ports: bool,
+    api_key: str | None = None,
 ) -> RouterConfig:
     return RouterConfig(
         max_model_len=int(info["max_model_len"]),
@@ -131,6 +147,8 @@ def router_config(
         tls_cert_file=spec.router.tls.cert_file if spec.router.tls.enabled else None,
         tls_key_file=spec.router.tls.key_file if spec.router.tls.enabled else None,
         tls_client_ca_file=spec.router.tls.client_ca_file if spec.router.tls.enabled else None,
+        api_key=api_key,
+        http_port=spec.router.http_port,
     )
 
 

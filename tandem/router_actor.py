@@ -59,7 +59,11 @@ class RouterActor:
     async def start(
         self, config: RouterConfig, model_path: str, workers: list[RouterWorker], namespace: str
     ) -> dict[str, str | None]:
-        """Serve and register `workers`; returns {"address", "metrics_target"}."""
+        """Serve and register `workers`; returns {"address", "metrics_target"}.
+
+        `config.api_key` (the spec's key, read by `tandem launch`) comes in this call's arguments,
+        not in the actor's creation options, which Ray keeps for restarts; never log `config`
+        through anything but its repr (which leaves the key out)."""
         import ray
 
         server = RouterServer(config, router_tokenizer(model_path))

@@ -1,25 +1,29 @@
 """`tandem serve`: a LocalCluster on this machine until SIGINT / SIGTERM.
 
-`serve_config(options, num_gpus)` turns the command's flags into a `ClusterConfig` (pure; raises
-`ServeError` naming the flag); `serve(...)` starts a loopback-bound local Ray (or joins the one
-`RAY_ADDRESS` names), the workers and the router, announces the endpoint, and on a signal stops
-the router, kills the actors and shuts down the Ray instance it started. A signal during start-up
-cancels the start and cleans up the same way.
+`serve_config(options, num_gpus)` turns the command's flags into a `ClusterConfig` (pure but for
+reading the API key's file or variable, `serve_api_key`; raises `ServeError` naming the flag);
+`serve(...)` starts a loopback-bound local Ray (or joins the one `RAY_ADDRESS` names), the
+workers and the router, announces the endpoint, and on a signal stops the router, kills the
+actors and shuts down the Ray instance it started. A signal during start-up cancels the start and
+cleans up the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import TandemError
+from router.auth import ApiKeyError, load_api_key
 from tandem.cluster import ClusterConfig, LocalCluster
 
 Say = Callable[[str], None]
+API_KEY_ENV = "TANDEM_API_KEY"  # read when no --api-key* flag is given
 
 
 class ServeError(TandemError, ValueError):
@@ -40,11 +44,16 @@ class ServeOptions:
     tensor_parallel_size: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API (0: any free port; None: off)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"
     max_model_len: int | None = None
     transport: str = "auto"  # auto | grpc | nccl
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The router's API key: at most one source; with none, $TANDEM_API_KEY when set (serve_api_key).
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+    api_key_env: str | None = None
 
 
 def gpu_count(device: str) -> int:
@@ -74,10 +83,27 @@ def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
         use_gpus=use_gpus,
         host=o.host,
         port=o.port,
+        http_port=o.http_port,
         engine_kwargs=engine_kwargs,
+        api_key=serve_api_key(o),
         **counts,
         **_transport(o, use_gpus),
     )
+
+
+def serve_api_key(o: ServeOptions) -> str | None:
+    """The router's key from `--api-key`, `--api-key-file` or `--api-key-env` (one of them), else
+    from $TANDEM_API_KEY when that is set; None: no auth. Raises `ServeError` naming the flag
+    (or TANDEM_API_KEY when the key came from there by default)."""
+    env = o.api_key_env
+    default = o.api_key is None and o.api_key_file is None and env is None
+    if default and API_KEY_ENV in os.environ:
+        env = API_KEY_ENV
+    try:
+        return load_api_key(o.api_key, o.api_key_file, env)
+    except ApiKeyError as exc:
+        flag = API_KEY_ENV if default else "--" + exc.option.replace("_", "-")
+        raise ServeError(flag, exc.reason) from None
 
 
 def _worker_counts(o: ServeOptions, num_gpus: int) -> dict[str, Any]:
@@ -123,13 +149,18 @@ def _transport(o: ServeOptions, use_gpus: bool) -> dict[str, Any]:
     return {"kv_transport": "p2p"}
 
 
-def serving_banner(model: str, address: str, pools: dict[str, str]) -> list[str]:
+def serving_banner(
+    model: str, address: str, pools: dict[str, str], http_address: str | None = None
+) -> list[str]:
     """What `tandem serve` says once up, in short lines (as one line it wrapped mid-address in an
-    80-column terminal). `pools` maps worker id -> pool; each pool gets a line of its workers."""
+    80-column terminal). `pools` maps worker id -> pool; each pool gets a line of its workers.
+    `http_address`: the OpenAI-compatible API's base URL, when it is served."""
     by_pool: dict[str, list[str]] = {}
     for worker, pool in pools.items():
         by_pool.setdefault(pool, []).append(worker)
     lines = [f"Tandem is serving at {address}", f"  model: {model}"]
+    if http_address is not None:
+        lines.append(f"  OpenAI API: {http_address}/v1")
     lines += [f"  {pool}: {', '.join(workers)}" for pool, workers in by_pool.items()]
     return [*lines, "Press Ctrl-C to stop."]
 
@@ -165,7 +196,7 @@ async def _serve(
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             address = starting.result()  # raises the start-up error
-            for line in serving_banner(config.model, address, cluster.pools):
+            for line in serving_banner(config.model, address, cluster.pools, cluster.http_address):
                 say(line)
             if on_ready is not None:
                 on_ready(cluster)

@@ -204,13 +204,38 @@ class TLSSpec(_Model):
 
 
 class RouterSpec(_Model):
-    """The client-facing gRPC router; the only port meant to be reachable from outside."""
+    """The client-facing gRPC router; the only port meant to be reachable from outside.
+
+    `api_key_file` (a path) or `api_key_env` (a variable's name) turns API keys on: every call
+    but health then needs `authorization: Bearer <key>`. Both are read where `tandem launch`
+    runs, before Ray is contacted. A literal key never sits in the spec (`api_key` is refused).
+    `http_port`: the OpenAI-compatible HTTP API on `host`, beside the gRPC port (None: off)."""
 
     host: str = "127.0.0.1"
     port: Port = 50051
+    http_port: Port | None = None
     tls: TLSSpec = Field(default_factory=TLSSpec)
     max_message_bytes: ByteSize = ByteSize(64 * 2**20)
     default_slo_class: str | None = None
+    api_key_file: str | None = Field(default=None, min_length=1)
+    api_key_env: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_literal_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "api_key" in data:
+            raise FieldProblem(
+                "api_key", "a key never sits in a spec; use api_key_file or api_key_env"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check_api_key(self) -> RouterSpec:
+        if self.api_key_file is not None and self.api_key_env is not None:
+            raise FieldProblem("api_key_env", "give api_key_file or api_key_env, not both")
+        if self.api_key_env is not None and not _ENV_NAME.match(self.api_key_env):
+            raise FieldProblem("api_key_env", f"{self.api_key_env!r} is not an env var name")
+        return self
 
 
 class MetricsSpec(_Model):
@@ -328,8 +353,10 @@ def _check_slo_classes(spec: ClusterSpec) -> None:
 
 def _check_ports(spec: ClusterSpec) -> None:
     """The router port and the per-node metrics / KV gRPC port ranges: in range and disjoint."""
-    ranges = {
-        "router.port": (spec.router.port, 1),
+    ranges = {"router.port": (spec.router.port, 1)}
+    if spec.router.http_port is not None:
+        ranges["router.http_port"] = (spec.router.http_port, 1)
+    ranges |= {
         "metrics.port_base": (spec.metrics.port_base, spec.metrics.ports_per_node),
         "kv.grpc_port_base": (spec.kv.grpc_port_base, spec.kv.grpc_ports_per_node),
     }

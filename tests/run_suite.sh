@@ -5,7 +5,7 @@
 set -u
 PY=${PY:-.venv/bin/python}
 ARGS=("$@")
-ray_modules=$(grep -l -E "ClusterThread|LocalCluster|ray\.cluster_utils|tensor_parallel_size|tandem serve|\"serve\"" tests/cluster/test_*.py tests/e2e/test_*.py tests/distributed/test_tp_*.py 2>/dev/null | sort -u)
+ray_modules=$(grep -l -E "ClusterThread|LocalCluster|ray\.cluster_utils|tensor_parallel_size|tandem serve|\"serve\"" tests/cluster/test_*.py tests/http/test_*.py tests/e2e/test_*.py tests/distributed/test_tp_*.py 2>/dev/null | sort -u)
 ignore=()
 for m in $ray_modules; do ignore+=(--ignore "$m"); done
 status=0

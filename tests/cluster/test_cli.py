@@ -104,7 +104,16 @@ class Served:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "120"}
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(
-            [*TANDEM, "serve", "--port", str(port), *(flags or ("--device", "cpu"))],
+            # --http-port 0: the default 8000 may be taken on a shared machine
+            [
+                *TANDEM,
+                "serve",
+                "--port",
+                str(port),
+                "--http-port",
+                "0",
+                *(flags or ("--device", "cpu")),
+            ],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
