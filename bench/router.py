@@ -10,10 +10,13 @@ overhead (gRPC, validation, placement, worker calls, demultiplexing, streaming):
 Phases: `latency` (1 stream) and `throughput` (`--concurrency` streams), each also run against
 `floor`: a bare gRPC servicer in the same process that streams the same number of messages per
 request as the router did (it does nothing else), i.e. the transport's own cost on this host.
+`--http` adds the same two phases through the OpenAI-compatible HTTP front door of the same
+router (`POST /v1/completions`, streamed server-sent events, one httpx client per process):
+the HTTP path against the gRPC path on the same host, router and load.
 Targets: >= 2,000 req/s and <= 1 ms added at p50. Bounded: about `4 * --seconds + 15` s.
 The host's load average is printed: on a shared machine every figure moves with it.
 
-    python bench/router.py [--seconds 8] [--concurrency 64] [--clients 1] [--tokens 16]
+    python bench/router.py [--seconds 8] [--concurrency 64] [--clients 1] [--tokens 16] [--http]
 """
 
 from __future__ import annotations
@@ -89,10 +92,63 @@ async def _client_loop(
     return {"latencies": latencies, "ttfts": ttfts, **counts}
 
 
+async def _http_client_loop(
+    base_url: str, concurrency: int, seconds: float, tokens: int
+) -> dict[str, object]:
+    """Closed-loop streamed completions over HTTP; a message is one SSE chunk with text."""
+    import httpx2 as httpx
+
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    counts = {"messages": 0, "tokens": 0, "errors": 0}
+    body = {
+        "model": "fake",
+        "prompt": list(range(100, 116)),
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30.0) as client:
+        end = time.monotonic() + seconds
+
+        async def worker() -> None:
+            while time.monotonic() < end:
+                start = time.perf_counter()
+                first = None
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body) as response:
+                        if response.status_code != 200:
+                            counts["errors"] += 1
+                            continue
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if chunk.get("choices"):
+                                first = first or time.perf_counter()
+                                counts["messages"] += 1
+                            elif chunk.get("usage"):
+                                counts["tokens"] += chunk["usage"]["completion_tokens"]
+                except httpx.HTTPError:
+                    counts["errors"] += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+                ttfts.append((first or start) - start)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "ttfts": ttfts, **counts}
+
+
 def _client_main(
     address: str, concurrency: int, seconds: float, tokens: int, out: mp.Queue
 ) -> None:
-    out.put(json.dumps(asyncio.run(_client_loop(address, concurrency, seconds, tokens))))
+    if address.startswith("http://"):
+        loop = _http_client_loop(address, concurrency, seconds, tokens)
+    else:
+        loop = _client_loop(address, concurrency, seconds, tokens)
+    out.put(json.dumps(asyncio.run(loop)))
 
 
 def run_clients(
@@ -149,7 +205,8 @@ def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
         from tandem.api import generation_pb2_grpc as pb_grpc
         from tandem.testing.fake_worker import FakeWorker
 
-        server = RouterServer(RouterConfig(max_model_len=4096, model_name="fake"), ByteTokenizer())
+        config = RouterConfig(max_model_len=4096, model_name="fake", http_port=0)
+        server = RouterServer(config, ByteTokenizer())
         await server.start()
         workers = [FakeWorker("p0")] + [FakeWorker(f"d{i}") for i in range(num_decode)]
         await server.add_worker("p0", "prefill", workers[0])
@@ -159,7 +216,8 @@ def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
         pb_grpc.add_GenerationServicer_to_server(_floor_servicer(), floor)
         floor_port = floor.add_insecure_port("127.0.0.1:0")
         await floor.start()
-        ready.put((server.address, f"127.0.0.1:{floor_port}"))
+        http = f"http://{config.host}:{server.http_port}"
+        ready.put((server.address, f"127.0.0.1:{floor_port}", http))
         while not stop.is_set():
             await asyncio.sleep(0.1)
         await floor.stop(0.5)
@@ -191,7 +249,7 @@ def print_table(results: list[PhaseResult], tokens: int) -> None:
             f"{(r.messages / n if n else 0):>8.1f}{_pct(r.latencies_s, 0.5) * 1e3:>9.2f}ms"
             f"{_pct(r.latencies_s, 0.99) * 1e3:>9.2f}ms{_pct(r.ttfts_s, 0.5) * 1e3:>8.2f}ms{r.errors:>8}"
         )
-    routed = [r for r in results if not r.name.startswith("floor")]
+    routed = [r for r in results if r.name in ("latency", "throughput")]
     best = max(len(r.latencies_s) / r.seconds for r in routed)
     floor = (
         statistics.median(routed[0].latencies_s) * 1e3 if routed[0].latencies_s else float("nan")
@@ -207,10 +265,26 @@ def print_table(results: list[PhaseResult], tokens: int) -> None:
     print(
         "floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)"
     )
+    _print_http_vs_grpc(results)
     print(
         f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def _print_http_vs_grpc(results: list[PhaseResult]) -> None:
+    """The HTTP front door against gRPC on the same router: p50 latency added and req/s."""
+    by_name = {r.name: r for r in results}
+    for grpc_name, http_name in (("latency", "http-lat"), ("throughput", "http-thr")):
+        g, h = by_name.get(grpc_name), by_name.get(http_name)
+        if g is None or h is None or not g.latencies_s or not h.latencies_s:
+            continue
+        added = (statistics.median(h.latencies_s) - statistics.median(g.latencies_s)) * 1e3
+        ratio = (len(h.latencies_s) / h.seconds) / (len(g.latencies_s) / g.seconds)
+        print(
+            f"HTTP vs gRPC ({grpc_name}, {g.concurrency} streams): p50 {added:+.2f} ms, "
+            f"req/s x{ratio:.2f}"
+        )
 
 
 def main() -> None:
@@ -220,15 +294,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1, help="client processes")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--http", action="store_true", help="also the HTTP front door")
     args = parser.parse_args()
-    assert 4 * args.seconds + 15 < 60, "keep the run under a minute"
+    phases = 6 if args.http else 4
+    assert phases * args.seconds + 15 < 90, "keep the run bounded"
     ctx = mp.get_context("spawn")
     ready: mp.Queue = ctx.Queue()
     stop = ctx.Event()
     router = ctx.Process(target=_router_process_main, args=(ready, stop, args.decode_workers))
     router.start()
     try:
-        address, floor_address = ready.get(timeout=30)
+        address, floor_address, http_address = ready.get(timeout=30)
         run_clients(address, "warmup", 1, 4, 1.0, args.tokens)
         results: list[PhaseResult] = []
         for name, clients, concurrency in (
@@ -241,6 +317,17 @@ def main() -> None:
                 floor_address, f"floor-{name[:3]}", clients, concurrency, args.seconds, msgs
             )
             results += [routed, floor]
+            if args.http:
+                results.append(
+                    run_clients(
+                        http_address,
+                        f"http-{name[:3]}",
+                        clients,
+                        concurrency,
+                        args.seconds,
+                        args.tokens,
+                    )
+                )
     finally:
         stop.set()
         router.join(timeout=10)

@@ -8,6 +8,10 @@ KV over torch.distributed p2p (NCCL), streamed while the prompt is prefilled (th
 is out (RouterConfig.stream_kv off), the peer of the streamed path; colocated: one engine per
 GPU on the same GPUs, the baseline. Prints TTFT and TPOT p50 / p99 and each stage's share of TTFT (from the stage
 timings every final response carries).
+
+`--address HOST:PORT` runs the same workload against a cluster that is already serving (for
+instance `tandem serve --model demo` on a CPU), mode `external`: the peer of a third-party load
+generator pointed at the same cluster's HTTP port (`bench/aiperf_vs_serve.sh`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float
         "second_gap": (second or end) - first,
         "stages": {s: getattr(t, s) for s in STAGES},
         "server_ttft": t.time_to_first_token,
+        "start": start,
+        "end": end,
     }
 
 
@@ -67,7 +73,8 @@ async def workload(address: str, args: argparse.Namespace) -> list[dict]:
         for _ in range(args.requests):
             t += rng.expovariate(args.rate)
             delays.append(t)
-        prompts = [[rng.randrange(1000, 120000) for _ in range(args.prompt)] for _ in delays]
+        top = min(120000, (await client.model_info()).vocab_size)
+        prompts = [[rng.randrange(1000, top) for _ in range(args.prompt)] for _ in delays]
         return await asyncio.gather(
             *(one(client, p, args.output, d) for p, d in zip(prompts, delays))
         )
@@ -104,9 +111,13 @@ def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results]
     server_ttft = statistics.mean(r["server_ttft"] for r in results) or 1e-9
-    shares = {s: statistics.mean(r["stages"][s] for r in results) / server_ttft for s in STAGES[:4]}
+    shares = {
+        s: statistics.mean(r["stages"][s] or 0.0 for r in results) / server_ttft for s in STAGES[:4]
+    }
     gap = [r["second_gap"] for r in results]
-    kv_ms = statistics.median(r["stages"]["kv_transfer"] for r in results) * 1e3
+    kv_ms = statistics.median(r["stages"]["kv_transfer"] or 0.0 for r in results) * 1e3
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    out_tps = sum(r["tokens"] for r in results) / wall
     row = [
         mode,
         f"{pct(ttft, 0.5) * 1e3:.0f}",
@@ -115,6 +126,7 @@ def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
         f"{pct(tpot, 0.99) * 1e3:.1f}",
         f"{pct(gap, 0.5) * 1e3:.1f}",
         f"{kv_ms:.2f}",
+        f"{out_tps:.1f}",
     ] + [f"{shares[s]:.0%}" for s in STAGES[:4]]
     return row, {
         "ttft_p50": pct(ttft, 0.5),
@@ -123,6 +135,7 @@ def summarize(mode: str, results: list[dict]) -> tuple[list[object], dict]:
         "tpot_p99": pct(tpot, 0.99),
         "second_token_gap_p50": pct(gap, 0.5),
         "kv_transfer_stage_ms_p50": kv_ms,
+        "output_tokens_per_s": out_tps,
         "ttft_shares": shares,
     }
 
@@ -136,10 +149,14 @@ def main() -> None:
     parser.add_argument(
         "--modes", nargs="+", default=["disaggregated", "disaggregated-nostream", "colocated"]
     )
+    parser.add_argument("--address", help="an already-serving cluster's gRPC address")
     args = parser.parse_args()
     rows, report = [], {"args": vars(args)}
-    for mode in args.modes:
-        results = asyncio.run(run_mode(mode, args))
+    for mode in ["external"] if args.address else args.modes:
+        if args.address:
+            results = asyncio.run(workload(args.address, args))
+        else:
+            results = asyncio.run(run_mode(mode, args))
         row, report[mode] = summarize(mode, results)
         rows.append(row)
     print_table(
@@ -152,6 +169,7 @@ def main() -> None:
             "TPOT p99",
             "1st->2nd token p50",
             "kv_transfer stage p50",
+            "out tok/s",
             "router q",
             "prefill q",
             "prefill",
