@@ -2,7 +2,8 @@
 # A third-party load generator (NVIDIA AIPerf) against Tandem's OpenAI-compatible HTTP port, next to
 # bench/serve.py's own gRPC client on the same cluster and the same load: the real model
 # (SmolLM2-135M-Instruct, `--model demo`) served by `tandem serve` on this machine's CPU, one prefill
-# and one decode worker, Poisson arrivals, fixed input and output lengths (ignore_eos), loopback only.
+# and one decode worker, Poisson arrivals, fixed input and output lengths (ignore_eos), best effort
+# (measure latency, shed nothing: bench/serve.py sends best_effort too), loopback only.
 #
 #   AIPERF=/path/to/venv/bin/aiperf bash bench/aiperf_vs_serve.sh [requests] [rate] [isl] [osl]
 #
@@ -36,13 +37,15 @@ TOKENIZER=$("$PY" -c 'from engine.demo_model import resolve_model_path; print(re
 echo "model $MODEL, tokenizer $TOKENIZER; $REQUESTS requests, Poisson $RATE/s, $ISL in / $OSL out"
 
 echo "== bench/serve.py (gRPC, Tandem's client) =="
-timeout 600 "$PY" bench/serve.py --address "127.0.0.1:$GRPC_PORT" --requests "$REQUESTS" \
+# The CPU each load generator burns is printed: on a 2-core host it competes with the server.
+TIMEFORMAT='load generator CPU: %U s user + %S s system in %R s wall'
+time timeout 600 "$PY" bench/serve.py --address "127.0.0.1:$GRPC_PORT" --requests "$REQUESTS" \
   --rate "$RATE" --prompt "$ISL" --output "$OSL" | tee "$OUT/tandem-serve.txt"
 
 echo "== AIPerf (HTTP, /v1/completions, streamed) =="
-timeout 900 "$AIPERF" profile --model "$MODEL" --url "http://127.0.0.1:$HTTP_PORT" \
+time timeout 900 "$AIPERF" profile --model "$MODEL" --url "http://127.0.0.1:$HTTP_PORT" \
   --endpoint-type completions --streaming --tokenizer "$TOKENIZER" \
   --isl "$ISL" --isl-stddev 0 --osl "$OSL" --osl-stddev 0 \
-  --extra-inputs ignore_eos:true --extra-inputs "min_tokens:$OSL" \
+  --extra-inputs ignore_eos:true --extra-inputs "min_tokens:$OSL" --extra-inputs best_effort:true \
   --request-count "$REQUESTS" --request-rate "$RATE" --request-rate-mode poisson \
   --random-seed 0 --output-artifact-dir "$OUT/aiperf" --no-auto-plot 2>&1 | tee "$OUT/aiperf.txt"

@@ -13,10 +13,11 @@ step time, not in the fill.
 Dummy-weight models have no tokenizer, so the grammar compiler gets an explicit vocabulary:
 the real SmolLM2 tokenizer's pieces (the `demo` extra; fully synthetic pieces without it),
 truncated or padded with synthetic byte tokens (1-4 random printable bytes) to the model's
-vocabulary size (128256 for Llama-3-8B); the EOS id is the model's. The schema holds one
-string of minLength 100000, so no row can finish the grammar inside the run: schema and free
-rows produce the same number of tokens, and every step's mask comes from a live matcher in a
-string (xgrammar's common hot state). Results also go to $OUT/structured.json when OUT is set.
+vocabulary size (128256 for Llama-3-8B); the EOS id is the model's. `--schema string`
+holds one string of minLength 100000, `--schema records` an array of at least 100000 small
+records (keys, integers, numbers, enums, short strings): no row can finish the grammar inside
+the run, so schema and free rows produce the same number of tokens and every step's mask comes
+from a live matcher. Results also go to $OUT/structured-<schema>.json when OUT is set.
 """
 
 from __future__ import annotations
@@ -37,14 +38,41 @@ from bench.common import gpu_name, print_table, sync, write_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.sampling_params import StructuredOutput  # noqa: E402
 
-SCHEMA = {
-    "type": "object",
-    "properties": {"text": {"type": "string", "minLength": 100000}},
-    "required": ["text"],
+SCHEMAS = {
+    # one long string: the matcher sits in a string state (xgrammar's common hot state)
+    "string": {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 100000}},
+        "required": ["text"],
+    },
+    # an endless array of small records: keys, integers, numbers, enums and short strings, so
+    # the masks come from structural states too
+    "records": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "minItems": 100000,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer"},
+                        "name": {"type": "string", "pattern": "^[a-z ]{1,12}$"},
+                        "kind": {"enum": ["alpha", "beta", "gamma"]},
+                        "score": {"type": "number"},
+                    },
+                    "required": ["id", "name", "kind", "score"],
+                },
+            }
+        },
+        "required": ["items"],
+    },
 }
 
 
-def grammar_vocab(vocab_size: int, eos_ids: tuple[int, ...]) -> tuple[list[bytes], str]:
+def grammar_vocab(
+    vocab_size: int, eos_ids: tuple[int, ...], tokenizer_dir: str | None
+) -> tuple[list[bytes], str]:
     """The explicit vocabulary and a sentence saying where it came from."""
     try:
         import xgrammar as xgr
@@ -52,7 +80,7 @@ def grammar_vocab(vocab_size: int, eos_ids: tuple[int, ...]) -> tuple[list[bytes
         from engine.demo_model import resolve_model_path
         from engine.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(resolve_model_path("demo"))
+        tokenizer = load_tokenizer(tokenizer_dir or resolve_model_path("demo"))
         pieces = list(xgr.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab)[:vocab_size]
         source = f"{len(pieces)} SmolLM2 tokenizer pieces"
     except Exception as exc:  # the demo extra is optional
@@ -117,6 +145,10 @@ def main() -> None:
         "--ctx", type=int, default=None, help="prompt tokens (default 1024; 32 tiny)"
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 32; 8 tiny)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="a tokenizer directory (default: the demo model's)"
+    )
+    parser.add_argument("--schema", default="string", choices=sorted(SCHEMAS))
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA GPU: use --device cpu --tiny for a smoke run")
@@ -135,14 +167,15 @@ def main() -> None:
         max_model_len=ctx + steps + 128,
     )
     cfg = llm.engine.model_config
-    vocab, source = grammar_vocab(cfg.vocab_size, cfg.eos_token_ids)
+    vocab, source = grammar_vocab(cfg.vocab_size, cfg.eos_token_ids, args.tokenizer)
     llm.engine.use_grammar_vocab(vocab)
-    structured = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    structured = StructuredOutput("json_schema", json.dumps(SCHEMAS[args.schema]))
     print(
         f"{gpu_name() if args.device == 'cuda' else 'cpu'}: preset {preset}, dummy weights, "
-        f"context {ctx}, {steps} timed steps\ngrammar vocabulary: {source}"
+        f"context {ctx}, {steps} timed steps, schema {args.schema!r}\ngrammar vocabulary: {source}"
     )
     rows, result = [], {"device": gpu_name(), "preset": preset, "vocab": source}
+    result["schema"] = args.schema
     for warm in (None, structured):  # first steps, the grammar's compile, Triton's JIT
         decode_steps(llm, min(batches), ctx, 4, warm)
     for b in batches:
@@ -175,7 +208,7 @@ def main() -> None:
         ],
         rows,
     )
-    write_json("structured", result)
+    write_json(f"structured-{args.schema}", result)
     llm.close()
 
 

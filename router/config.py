@@ -43,7 +43,10 @@ class RouterConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     enable_reflection: bool = False
     heartbeat_interval_s: float = 0.5
-    heartbeat_timeout_s: float = 1.0
+    # A heartbeat late by this much marks the worker down and fails its requests: generous, since
+    # a busy CPU host (two cores, torch in every worker) can delay a live worker's answer past
+    # a second; a dead actor is noticed at once anyway (its calls raise).
+    heartbeat_timeout_s: float = 5.0
     poll_wait_s: float = 1.0
     poll_grace_s: float = 1.0
     max_inflight_prefills: int = 1024

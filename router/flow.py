@@ -76,6 +76,13 @@ T = TypeVar("T")
 _WORKER_DEATH_ERRORS = {"RayActorError", "ActorDiedError", "ActorUnavailableError"}
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a side task's failure as seen: the path that reads it may have moved on (asyncio
+    otherwise logs "Task exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Orchestrator:
     def __init__(self, registry: WorkerRegistry, config: RouterConfig) -> None:
         self._registry = registry
@@ -304,6 +311,7 @@ class Orchestrator:
         active.dispatched_at = time.monotonic()
         active.progress.stage = Stage.PREFILL
         prefill = asyncio.ensure_future(self._watch(p, active, p.handle.prefill(preq)))
+        prefill.add_done_callback(_retrieve)
         try:
             receiving = await self._start_streamed(req, active, p, d, prefill)
             return await prefill, receiving
@@ -325,6 +333,7 @@ class Orchestrator:
         if not self._config.stream_kv or req.sampling_params.max_tokens == 1:  # 1: no decode
             return False
         early = asyncio.ensure_future(self._watch(p, active, p.handle.kv_handle(active.attempt_id)))
+        early.add_done_callback(_retrieve)  # when the prefill ends first, nobody reads it
         try:
             await asyncio.wait((early, prefill), return_when=asyncio.FIRST_COMPLETED)
         finally:

@@ -39,6 +39,12 @@ class Tokenizer(Protocol):
     def vocab_size(self) -> int: ...
 
     @property
+    def chat_template(self) -> str | None:
+        """The chat template's source (None: none); the HTTP front door reads its tool-call
+        convention from it."""
+        ...
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]: ...
 
     def encode(self, text: str) -> list[int]: ...
@@ -68,6 +74,10 @@ class ByteTokenizer:
     @property
     def vocab_size(self) -> int:
         return 257
+
+    @property
+    def chat_template(self) -> str | None:
+        return None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -104,6 +114,11 @@ class HfTokenizer:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self._tok.chat_template
+        return template if isinstance(template, str) else None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

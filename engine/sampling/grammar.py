@@ -80,10 +80,12 @@ def to_grammar(structured: StructuredOutput) -> xgr.Grammar:
 
 
 def check_structured(structured: StructuredOutput) -> None:
-    """Raise InvalidRequestError("structured", ...) unless xgrammar accepts the spec."""
+    """Raise InvalidRequestError("structured", ...) unless xgrammar accepts the spec. A broken
+    install (xgrammar or what it imports missing) is not the request's fault: it propagates."""
+    xgr = _xgr()
     try:
         to_grammar(structured)
-    except Exception as exc:  # xgrammar raises RuntimeError / ValueError from C++
+    except (RuntimeError, ValueError, xgr.InvalidJSONError) as exc:  # xgrammar's C++ errors
         raise InvalidRequestError(
             "structured", f"invalid {structured.kind}: {clean_message(str(exc))}"
         ) from None

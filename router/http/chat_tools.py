@@ -3,16 +3,18 @@ the model's text turned into content and tool-call deltas (`ToolStream`).
 
 `tool_choice` decides the mode (`tool_setup`):
 - no tools, or "none": plain text (NONE);
-- tools with "auto" (or no tool_choice): the text streams through
-  `router.http.tools.HermesToolParser`, which splits content from `<tool_call>` blocks (AUTO);
+- tools with "auto" (or no tool_choice) for a model whose chat template follows the Hermes
+  convention (`<tool_call>` blocks: Qwen2, Qwen3; `router.http.tools.supports_hermes`): the text
+  streams through `router.http.tools.HermesToolParser`, which splits content from `<tool_call>`
+  blocks (AUTO); for other models the tools reach the template and the text stays text;
 - "required" or {"type": "function", "function": {"name": ...}}: the output is constrained to
   the JSON schema `router.http.tools.forced_tool_schema` gives (`tool_structured`), and the whole
   text is parsed into calls at the end (`parse_forced_calls`; FORCED). Output that does not parse
   (cut short by max_tokens) is returned as content.
 A response with tool calls ends with finish_reason "tool_calls".
 
-`router.http.tools` (checks, the parser and the schemas) is imported only when a body has
-tools: it needs jsonschema, which a deployment that never sees tools may lack.
+`router.http.tools` (checks, the parser and the schemas; it loads jsonschema) is imported only
+when a body has tools.
 """
 
 from __future__ import annotations
@@ -73,9 +75,9 @@ def encode_chat(
     return tokenizer.encode_chat(turns, add_generation_prompt, tools=tools)
 
 
-def tool_setup(body: schemas.ChatCompletionRequest) -> ToolSetup:
-    """The mode of the body's `tool_choice`; raises InvalidRequestError naming `tools` or
-    `tool_choice` (`router.http.tools.check_tools`)."""
+def tool_setup(body: schemas.ChatCompletionRequest, chat_template: str | None) -> ToolSetup:
+    """The mode of the body's `tool_choice` for a model with `chat_template`; raises
+    InvalidRequestError naming `tools` or `tool_choice` (`router.http.tools.check_tools`)."""
     choice = body.tool_choice
     if not body.tools and choice in (None, "none"):
         return ToolSetup()
@@ -86,7 +88,8 @@ def tool_setup(body: schemas.ChatCompletionRequest) -> ToolSetup:
     if not tools or choice == "none":
         return ToolSetup(ToolMode.NONE, tools, choice)
     if choice is None or choice == "auto":
-        return ToolSetup(ToolMode.AUTO, tools, "auto")
+        hermes = tool_calls.supports_hermes(chat_template)
+        return ToolSetup(ToolMode.AUTO if hermes else ToolMode.NONE, tools, "auto")
     return ToolSetup(ToolMode.FORCED, tools, choice)
 
 

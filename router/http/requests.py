@@ -105,7 +105,7 @@ def chat(body: schemas.ChatCompletionRequest, headers: Mapping[str, str], model:
             "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         )
         renames |= {"chat": "messages", "logprobs": "top_logprobs", "max_tokens": max_field}
-        tools = tool_setup(body)
+        tools = tool_setup(body, model.tokenizer.chat_template)
         structured = _structured(body, tool_structured(tools), renames)
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         check_request(

@@ -183,6 +183,32 @@ def test_generate_streams_text_then_the_timing_table(served):
         assert stage in result.stdout
 
 
+def test_the_openai_client_talks_to_tandem_serve(served):
+    """The banner names the OpenAI-compatible endpoint; the official client gets the greedy text
+    the gRPC client gets from the same server."""
+    import openai
+
+    server, address = served
+    [line] = [x for x in server.output if "OpenAI API:" in x]
+    base_url = line.split("OpenAI API:", 1)[1].strip()
+    assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+    with Client(address) as client:
+        expected, _ = client.generate_text(
+            "Hello there", temperature=0.0, max_tokens=8, ignore_eos=True
+        )
+    api = openai.OpenAI(base_url=base_url, api_key="unused", timeout=60)
+    [model] = api.models.list().data
+    done = api.completions.create(
+        model=model.id,
+        prompt="Hello there",
+        max_tokens=8,
+        temperature=0.0,
+        extra_body={"ignore_eos": True},
+    )
+    assert done.choices[0].text == expected
+    assert done.usage is not None and done.usage.completion_tokens == 8
+
+
 def test_generate_reads_the_address_from_the_environment(served):
     _, address = served
     env = {**os.environ, "TANDEM_ADDRESS": address}

@@ -20,7 +20,19 @@ from router.stage_clock import StageTimings
 from router.tokenizer import ByteTokenizer
 from router.validation import ModelLimits
 
+
+class HermesByteTokenizer(ByteTokenizer):
+    """The byte tokenizer, claiming a chat template of the Hermes tool-call convention."""
+
+    @property
+    def chat_template(self) -> str | None:
+        return "{{ messages }} {% if tools %}<tool_call>{{ tools }}</tool_call>{% endif %}"
+
+
 MODEL = requests.Model(
+    RouterConfig(max_model_len=4096, model_name="m"), HermesByteTokenizer(), ModelLimits(4096, 257)
+)
+PLAIN_MODEL = requests.Model(
     RouterConfig(max_model_len=4096, model_name="m"), ByteTokenizer(), ModelLimits(4096, 257)
 )
 WEATHER = {
@@ -32,11 +44,11 @@ WEATHER = {
 }
 
 
-def prepared(**fields: Any) -> requests.Prepared:
+def prepared(model: requests.Model = MODEL, **fields: Any) -> requests.Prepared:
     body = schemas.ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "weather?"}], **fields}
     )
-    return requests.chat(body, {}, MODEL)
+    return requests.chat(body, {}, model)
 
 
 def events(text: str, cut: int, reason: FinishReason = FinishReason.STOP) -> list[Event]:
@@ -91,6 +103,14 @@ def test_auto_tool_calls_stream_and_fold_alike(cut: int) -> None:
     [whole] = message["message"]["tool_calls"]
     assert whole["type"] == "function" and whole["function"]["name"] == "get_weather"
     assert whole["function"]["arguments"] == call["arguments"]
+
+
+def test_auto_leaves_text_alone_for_a_model_without_the_hermes_convention() -> None:
+    p = prepared(PLAIN_MODEL, tools=[WEATHER])
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    message = folded(p, events(text, 5))["choices"][0]
+    assert message["finish_reason"] == "stop" and message["message"]["content"] == text
+    assert "tool_calls" not in message["message"]
 
 
 def test_text_without_calls_stays_content_and_finishes_as_the_flow_says() -> None:
