@@ -10,10 +10,15 @@ predicted TPOT under the added load wins. Then prefill: the lowest predicted TTF
 
 Admission: a request whose best prediction misses its SLO target is rejected with a reason
 (the server answers RESOURCE_EXHAUSTED) unless it is best-effort, which is then placed on the
-best worker anyway. KV headroom is a hard constraint even for best-effort requests.
+best worker anyway. KV headroom is a hard constraint even for best-effort requests: a request
+that fits an idle worker but no worker now is rejected with `Rejection.no_room` set (the flow
+parks a best-effort one in the router queue until room frees; an SLO one is refused).
 
 Bookings: what a placement adds to its workers' load before their snapshots can show it
 (`bookings`); the registry keeps them (`WorkerRegistry.reserve`) and the views above read them.
+Every request the router placed and the worker's snapshot cannot show yet (not started there,
+or started after the snapshot was asked for) counts in the predictions: TPOT grows with each
+request admitted between two heartbeats, and KV headroom shrinks by the blocks booked.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ class WorkerView:
 
     `pending_prefill_tokens`: prompt tokens the router sent that have not finished prefill.
     `started_since_snapshot` / `reserved_blocks`: decode requests and KV blocks the router
-    placed on the worker after `load` was taken (the snapshot does not show them yet).
+    placed on the worker that `load` does not show: placed and not yet started there (still
+    queued or prefilling elsewhere, however many snapshots came since), or started after `load`
+    was asked for.
     """
 
     worker_id: str
@@ -84,7 +91,11 @@ class Placement:
 
 @dataclass(frozen=True)
 class Rejection:
+    """Why a request cannot be placed. `no_room`: only KV headroom is missing, and some worker
+    would fit the request once its load drains (waiting may help; nothing else would)."""
+
     reason: str
+    no_room: bool = False
 
 
 def predict_queue_wait(view: WorkerView) -> float:
@@ -118,6 +129,12 @@ def predict_tpot(view: WorkerView, demand: Demand) -> float:
     return view.cost.decode_step_seconds(batch, context)
 
 
+def _no_room(views: Sequence[WorkerView], num_tokens: int, who: str) -> Rejection:
+    """No worker has room for `num_tokens` now; `no_room` if one would when idle."""
+    fits_idle = any(cdiv(num_tokens, v.load.block_size) <= v.load.num_total_blocks for v in views)
+    return Rejection(f"{who} has KV room for {num_tokens} tokens", no_room=fits_idle)
+
+
 def _misses(predicted: float, target: float | None) -> bool:
     return target is not None and predicted > target
 
@@ -133,7 +150,7 @@ def place_decode(views: Sequence[WorkerView], demand: Demand) -> DecodeChoice | 
         if view.free_blocks >= need:
             scored.append((predict_tpot(view, demand), -view.free_blocks, view, need))
     if not scored:
-        return Rejection(f"no decode worker has KV room for {num_tokens} tokens")
+        return _no_room(views, num_tokens, "no decode worker")
     tpot, _, best, need = min(scored, key=lambda s: (s[0], s[1]))
     if _misses(tpot, demand.slo.tpot_s) and not demand.slo.best_effort:
         return Rejection(
@@ -200,9 +217,7 @@ def place_colocated(
         return Rejection("no healthy colocated worker")
     roomy = [v for v in views if isinstance(place_decode([v], _best_effort(demand)), DecodeChoice)]
     if not roomy:
-        return Rejection(
-            f"no worker has KV room for {demand.num_prompt_tokens + demand.max_new_tokens} tokens"
-        )
+        return _no_room(views, demand.num_prompt_tokens + demand.max_new_tokens, "no worker")
     feasible = [v for v in roomy if not _misses(predict_tpot(v, demand), demand.slo.tpot_s)]
     candidates = feasible or (roomy if demand.slo.best_effort else [])
     if not candidates:
@@ -230,8 +245,9 @@ class Booking:
     """Load a placed request adds to one worker before the worker's snapshot shows it.
 
     `num_prefill_tokens`: prompt tokens to prefill, held until the prefill ends. A decode start
-    and `num_kv_blocks`: held until the worker's next snapshot (which shows them) or the end of
-    the request, whichever comes first.
+    and `num_kv_blocks`: held until a snapshot of the worker asked for after the request started
+    there (which shows them) or the end of the request, whichever comes first. A snapshot taken
+    while the request is still queued or prefilling does not show it, so it does not clear it.
     """
 
     worker_id: str

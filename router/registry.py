@@ -7,12 +7,20 @@ makes it HEALTHY again. Listeners hear every HEALTHY -> UNHEALTHY transition (th
 demultiplexers fail their streams) and every change of `serving`: True while at least one
 healthy prefill and one healthy decode worker, or one healthy colocated worker, exist.
 
-Each entry also carries the router's own bookkeeping since the worker's last snapshot (prompt
-tokens in flight, decode requests and KV blocks placed): the snapshot lags, the router does not.
-It changes in one place: `reserve(plan, ...)` books a placed request on its workers
-(`policy.bookings`) and returns the `Reservation` that gives each part back exactly once: the
-prompt tokens at the end of the prefill, the rest when the request ends. A new snapshot clears
-the decode part (it shows those requests now), so a later release leaves it alone.
+Each entry also carries the router's own bookkeeping of what the worker's last snapshot cannot
+show (prompt tokens in flight, decode requests and KV blocks placed): the snapshot lags, the
+router does not. It changes in one place: `reserve(plan, ...)` books a placed request on its
+workers (`policy.bookings`) and returns the `Reservation` that gives each part back exactly
+once: the prompt tokens at the end of the prefill, the rest when the request ends.
+
+The decode part is cleared earlier only by a snapshot that shows the request: one whose
+heartbeat began after the flow reported the request started on that worker
+(`Reservation.mark_started`). Hazard: a request placed on a decode worker is invisible there
+while it waits in the router, queues at the prefill worker and prefills (seconds under load),
+so snapshots taken meanwhile must not clear it; before this rule they did, and a burst was
+admitted against a TPOT prediction that never saw it. Listeners of `on_room_freed` hear every
+change that may free KV room as the router sees it: a released decode booking still counted,
+and every decode or colocated worker's snapshot.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ class WorkerEntry:
     """Mutable, owned by the registry's event loop. `down` resolves when the worker goes unhealthy.
 
     The three counters after `last_ok` are the router's bookings (see the module docstring);
-    `snapshot_epoch` counts the snapshots taken, so a release knows whether one came since.
+    `decode_bookings` are the decode bookings they count, `beats_begun` numbers the heartbeats
+    asked for, so a snapshot clears only the bookings started before it was asked for.
     """
 
     worker_id: str
@@ -64,7 +73,8 @@ class WorkerEntry:
     pending_prefill_tokens: int = 0
     started_since_snapshot: int = 0
     reserved_blocks: int = 0
-    snapshot_epoch: int = 0
+    beats_begun: int = 0
+    decode_bookings: set[_Held] = field(default_factory=set)
     prefix: PrefixIndex = field(default_factory=PrefixIndex)
     down: asyncio.Future[None] | None = None
 
@@ -89,50 +99,78 @@ class _Held:
 
     entry: WorkerEntry
     booking: Booking
-    epoch: int  # the entry's snapshot epoch when booked
     prefill_held: bool = True
     decode_held: bool = True
+    shown_by_beat: int | None = None  # the first heartbeat whose snapshot shows the request
+
+    @property
+    def has_decode(self) -> bool:
+        return self.booking.num_decode_starts > 0 or self.booking.num_kv_blocks > 0
 
     def book(self) -> None:
         e, b = self.entry, self.booking
         e.pending_prefill_tokens += b.num_prefill_tokens
-        e.started_since_snapshot += b.num_decode_starts
-        e.reserved_blocks += b.num_kv_blocks
+        if self.has_decode:
+            e.started_since_snapshot += b.num_decode_starts
+            e.reserved_blocks += b.num_kv_blocks
+            e.decode_bookings.add(self)
+
+    def mark_started(self) -> None:
+        """The worker has the request: the next heartbeat asked for shows it."""
+        if self.shown_by_beat is None:
+            self.shown_by_beat = self.entry.beats_begun + 1
 
     def end_prefill(self) -> None:
         if self.prefill_held:
             self.prefill_held = False
             self.entry.pending_prefill_tokens -= self.booking.num_prefill_tokens
 
-    def release(self) -> None:
-        self.end_prefill()
-        if not self.decode_held:
-            return
+    def clear_decode(self) -> bool:
+        """Stop counting the decode part (shown by a snapshot, or ended). False if cleared."""
+        if not self.decode_held or not self.has_decode:
+            return False
         self.decode_held = False
         e, b = self.entry, self.booking
-        if e.snapshot_epoch == self.epoch:  # else a snapshot since cleared it (it shows them)
-            e.started_since_snapshot -= b.num_decode_starts
-            e.reserved_blocks -= b.num_kv_blocks
+        e.decode_bookings.discard(self)
+        e.started_since_snapshot -= b.num_decode_starts
+        e.reserved_blocks -= b.num_kv_blocks
+        assert e.started_since_snapshot >= 0 and e.reserved_blocks >= 0
+        return True
+
+    def release(self) -> bool:
+        """Give back what is still held; True when KV blocks the router counted came free."""
+        self.end_prefill()
+        return self.clear_decode() and self.booking.num_kv_blocks > 0
 
 
 @final
 class Reservation:
     """What one placed request booked on its workers (`WorkerRegistry.reserve`).
 
-    `end_prefill()`: its prompt is prefilled (first token out) or abandoned; `release()`: the
-    request ended, any way. Both are idempotent; leaving the `with` block releases.
+    `end_prefill()`: its prompt is prefilled (first token out) or abandoned; `mark_started()`:
+    its decode (or colocated) worker accepted it, so that worker's next snapshot shows it;
+    `release()`: the request ended, any way. All are idempotent; leaving the `with` block
+    releases. Until `mark_started()`, no snapshot clears the decode part: call it only once
+    the worker's call that takes the request returned.
     """
 
-    def __init__(self, held: list[_Held]) -> None:
+    def __init__(self, held: list[_Held], on_room_freed: Callable[[], None]) -> None:
         self._held = held
+        self._on_room_freed = on_room_freed
 
     def end_prefill(self) -> None:
         for held in self._held:
             held.end_prefill()
 
-    def release(self) -> None:
+    def mark_started(self) -> None:
         for held in self._held:
-            held.release()
+            if held.has_decode:
+                held.mark_started()
+
+    def release(self) -> None:
+        freed = [held.release() for held in self._held]
+        if any(freed):
+            self._on_room_freed()
 
     def __enter__(self) -> Reservation:
         return self
@@ -154,6 +192,7 @@ class WorkerRegistry:
         self._entries: dict[str, WorkerEntry] = {}
         self._down_listeners: list[Callable[[str], None]] = []
         self._serving_listeners: list[Callable[[bool], None]] = []
+        self._room_listeners: list[Callable[[], None]] = []
         self._serving = False
         self._task: asyncio.Task[None] | None = None
 
@@ -185,12 +224,10 @@ class WorkerRegistry:
     def reserve(self, plan: Placement, num_prompt_tokens: int) -> Reservation:
         """Book `plan`'s load on its workers (`policy.bookings`) until the Reservation gives it
         back. The workers must be registered (the plan was made from this registry's views)."""
-        held: list[_Held] = []
-        for booking in bookings(plan, num_prompt_tokens):
-            entry = self._entries[booking.worker_id]
-            held.append(_Held(entry, booking, entry.snapshot_epoch))
-            held[-1].book()
-        return Reservation(held)
+        held = [_Held(self._entries[b.worker_id], b) for b in bookings(plan, num_prompt_tokens)]
+        for part in held:
+            part.book()
+        return Reservation(held, self._room_freed)
 
     @property
     def serving(self) -> bool:
@@ -201,6 +238,14 @@ class WorkerRegistry:
 
     def on_serving_change(self, callback: Callable[[bool], None]) -> None:
         self._serving_listeners.append(callback)
+
+    def on_room_freed(self, callback: Callable[[], None]) -> None:
+        """`callback()` after any change that may free KV room (module docstring)."""
+        self._room_listeners.append(callback)
+
+    def _room_freed(self) -> None:
+        for callback in self._room_listeners:
+            callback()
 
     # -- health -------------------------------------------------------------------------------
     def mark_unhealthy(self, worker_id: str, reason: str) -> None:
@@ -236,6 +281,8 @@ class WorkerRegistry:
 
     # -- heartbeats ---------------------------------------------------------------------------
     async def _beat(self, entry: WorkerEntry) -> None:
+        entry.beats_begun += 1
+        beat = entry.beats_begun
         try:
             load = await asyncio.wait_for(entry.handle.load(), self._timeout)
             if not entry.healthy:  # (re)joining: its costs may have been recalibrated
@@ -247,14 +294,21 @@ class WorkerRegistry:
             self._set_unhealthy(entry, f"heartbeat failed: {exc!r}")
             return
         entry.load = load
-        entry.snapshot_epoch += 1  # the snapshot shows the requests started so far
-        entry.started_since_snapshot = 0
-        entry.reserved_blocks = 0
+        self._clear_shown(entry, beat)
         entry.last_ok = time.monotonic()
         if load.healthy:
             self._set_healthy(entry)
         else:
             self._set_unhealthy(entry, "the worker reports itself unhealthy")
+        if entry.pool is not Pool.PREFILL:
+            self._room_freed()
+
+    @staticmethod
+    def _clear_shown(entry: WorkerEntry, beat: int) -> None:
+        """Stop counting the decode bookings that heartbeat `beat`'s snapshot shows."""
+        for held in list(entry.decode_bookings):
+            if held.shown_by_beat is not None and held.shown_by_beat <= beat:
+                held.clear_decode()
 
     async def heartbeat_once(self) -> None:
         entries = list(self._entries.values())

@@ -208,8 +208,11 @@ def test_a_snapshot_clears_the_decode_booking_and_a_later_release_leaves_it() ->
         async with orchestrator(pd(step_s=0.01)) as (orch, registry):
             d = registry.get("d0")
             stream = orch.generate(request("r", max_tokens=50))
-            await stream.__anext__()
+            await stream.__anext__()  # the first token: not yet started on the decode worker
             assert booked(d) == (0, 1, 6)
+            await registry.heartbeat_once()  # its snapshot cannot show the request yet
+            assert booked(d) == (0, 1, 6)
+            await stream.__anext__()  # decoding: started there
             await registry.heartbeat_once()  # the snapshot shows the request now
             assert booked(d) == (0, 0, 0)
             other = orch.generate(request("s", max_tokens=50))
