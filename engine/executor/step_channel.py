@@ -21,6 +21,10 @@ One message per step whatever the batch (shared memory; two broadcasts over gloo
 per layer, request or token. The tensors
 are the runner's flat step inputs (block ids and counts), not requests.
 
+Decoding is checked: a header whose kind, counts or payload length disagree, or a diff whose
+positions fall outside the previous payload, raises StepMessageError (a ValueError naming the
+field), never an IndexError or a torch error from deep inside a split.
+
 Hazard: followers wait on `receive()` for as long as the leader is idle (the CPU group's timeout
 is long on purpose); the leader bounds its own `publish()` with `timeout_s`, so a follower that
 hangs instead of receiving fails the leader's step rather than stalling it.
@@ -54,6 +58,15 @@ class MessageKind(enum.IntEnum):
     KV_READ = 3  # a whole-group KV block read (engine.executor.kv_ops)
     KV_WRITE = 4
     STEP_DIFF = 5  # a step sent as the changes to the previous step's payload
+
+
+class StepMessageError(ValueError):
+    """A step-channel message that does not decode (a leader bug or corrupt shared memory);
+    `field` names the header word or payload part at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class StepMessage(NamedTuple):
@@ -95,8 +108,13 @@ def pack(inputs: StepInputs, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack(header: list[int], payload: torch.Tensor) -> StepInputs:
     """The StepInputs of a step payload. The int64 fields are views of `payload`, which nobody
-    writes after it arrived (a later diff applies to a copy)."""
-    _, t, b, w, s, decode_only, _, _ = header
+    writes after it arrived (a later diff applies to a copy). Raises StepMessageError when the
+    header's counts do not describe the payload."""
+    _, t, b, w, s, decode_only, _, _ = _checked_header(header)
+    for name, count in (("num_tokens", t), ("num_seqs", b), ("width", w), ("num_sampled", s)):
+        _check(count >= 0, name, f"{count} < 0")
+    expected = 3 * t + (b + 1) + b + b * w + s
+    _check(payload.numel() == expected, "payload", f"{payload.numel()} words != {expected}")
     ids, pos, slots, qsl, lens, tables, samples = payload.split([t, t, t, b + 1, b, b * w, s])
     return StepInputs(
         input_ids=ids,
@@ -119,7 +137,11 @@ def pack_kv(op: KVOp, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_kv(header: list[int], payload: torch.Tensor) -> KVOp:
-    kind, _, h0, h1, l0, l1, _, _ = header
+    """The KV op of (header, payload); StepMessageError when the counts or ranges are wrong."""
+    kind, n, h0, h1, l0, l1, _, _ = _checked_header(header)
+    _check(n >= 1 and payload.numel() == n, "num_blocks", f"{n} for {payload.numel()} ids")
+    _check(0 <= h0 <= h1, "heads", f"[{h0}, {h1}) is not a range")
+    _check(0 <= l0 <= l1, "layers", f"[{l0}, {l1}) is not a range")
     return KVOp(kind == MessageKind.KV_WRITE, tuple(payload.tolist()), (h0, h1), (l0, l1))
 
 
@@ -201,6 +223,7 @@ class StepChannel:
         header_t = torch.empty(HEADER_LEN, dtype=torch.int64)
         self._gloo_broadcast(header_t)
         header = header_t.tolist()
+        _check(header[7] >= 0, "payload length", f"{header[7]} < 0")
         payload = torch.empty(
             header[7] if header[0] != MessageKind.SHUTDOWN else 0, dtype=torch.int64
         )
@@ -235,19 +258,31 @@ class StepChannel:
         self._send(header, torch.zeros(0, dtype=torch.int64))
 
     def receive(self) -> StepMessage:
-        """Follower only: blocks until the leader publishes."""
+        """Follower only: blocks until the leader publishes. Raises StepMessageError for a
+        message that does not decode."""
         header, payload = self._recv()
-        kind = MessageKind(header[0])
-        if kind is MessageKind.SHUTDOWN:
-            return StepMessage(kind, header[6], None)
-        if kind in (MessageKind.KV_READ, MessageKind.KV_WRITE):
-            return StepMessage(kind, header[6], None, unpack_kv(header, payload))
-        if kind is MessageKind.STEP_DIFF:
-            assert self._last_payload is not None, "a diff before any full step"
-            payload = _apply_diff(self._last_payload, payload)
+        message, self._last_payload = decode(header, payload, self._last_payload)
+        if header[0] == MessageKind.STEP_DIFF:
             self.num_diff_steps += 1
-        self._last_payload = payload
-        return StepMessage(MessageKind.STEP, header[6], unpack(header, payload))
+        return message
+
+
+def decode(
+    header: list[int], payload: torch.Tensor, last: torch.Tensor | None
+) -> tuple[StepMessage, torch.Tensor | None]:
+    """One message from its int64 header words and payload, and the full step payload it leaves
+    as the previous one (`last` itself after a SHUTDOWN or KV op). Raises StepMessageError, and
+    nothing else, for bytes that are not a message: a follower never crashes in a split."""
+    kind = message_kind(header)
+    if kind is MessageKind.SHUTDOWN:
+        return StepMessage(kind, header[6], None), last
+    if kind in (MessageKind.KV_READ, MessageKind.KV_WRITE):
+        return StepMessage(kind, header[6], None, unpack_kv(header, payload)), last
+    if kind is MessageKind.STEP_DIFF:
+        if last is None:
+            raise StepMessageError("kind", "a diff before any full step")
+        payload = _apply_diff(last, payload)
+    return StepMessage(MessageKind.STEP, header[6], unpack(header, payload)), payload
 
 
 def _diff(last: torch.Tensor | None, payload: torch.Tensor) -> torch.Tensor | None:
@@ -262,9 +297,35 @@ def _diff(last: torch.Tensor | None, payload: torch.Tensor) -> torch.Tensor | No
     return torch.from_numpy(np.concatenate([changed, new[changed]]))
 
 
+def message_kind(header: list[int]) -> MessageKind:
+    """The kind of a message header; StepMessageError for a short header or an unknown kind."""
+    _checked_header(header)
+    try:
+        return MessageKind(header[0])
+    except ValueError:
+        raise StepMessageError("kind", f"unknown message kind {header[0]}") from None
+
+
+def _checked_header(header: list[int]) -> list[int]:
+    _check(len(header) == HEADER_LEN, "header", f"{len(header)} words != {HEADER_LEN}")
+    return header
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise StepMessageError(field, message)
+
+
 def _apply_diff(last: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """`last` with the diff's [positions | values] applied, in a copy. StepMessageError for an
+    odd length or a position outside `last`."""
     n = diff.numel() // 2
+    _check(diff.numel() == 2 * n, "payload", f"a diff of odd length {diff.numel()}")
     words = diff.numpy()
+    if n:
+        positions = words[:n]
+        lo, hi = int(positions.min()), int(positions.max())
+        _check(0 <= lo and hi < last.numel(), "payload", f"diff positions [{lo}, {hi}] outside")
     payload = last.numpy().copy()
     payload[words[:n]] = words[n:]
     return torch.from_numpy(payload)
