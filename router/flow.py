@@ -93,7 +93,9 @@ class Orchestrator:
         self._demux: dict[str, StepDemux] = {}
         self._active: dict[str, ActiveRequest] = {}
         self._bg: set[asyncio.Task[Any]] = set()
+        self._draining = False
         registry.on_worker_down(self._on_worker_down)
+        registry.on_room_freed(self._gate.room_freed)
 
     # -- workers ------------------------------------------------------------------------------
     async def add_worker(
@@ -108,6 +110,7 @@ class Orchestrator:
             demux.start()
 
     def _on_worker_down(self, worker_id: str) -> None:
+        self._gate.room_freed()  # parked requests place again: they may be refused now
         demux = self._demux.get(worker_id)
         if demux is not None:
             demux.fail_all("the worker stopped answering heartbeats")
@@ -129,8 +132,18 @@ class Orchestrator:
         active.queue.put_nowait(ABORT)
         return True
 
+    def drain(self) -> None:
+        """Refuse every new request from now on (UNAVAILABLE "draining"); running ones go on.
+        One way: a draining router is on its way to stopping."""
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     @property
     def num_active(self) -> int:
+        """Requests registered and not yet ended: queued, prefilling, transferring or decoding."""
         return len(self._active)
 
     @property
@@ -159,6 +172,11 @@ class Orchestrator:
             self._unregister(active, finished)
 
     def _register(self, req: GenerateRequest, progress: RequestTrace) -> ActiveRequest:
+        if self._draining:
+            raise RequestError(
+                ErrorKind.UNAVAILABLE,
+                "draining: the router is shutting down and takes no new requests",
+            )
         rid = req.request_id or uuid.uuid4().hex
         if rid in self._active:
             raise RequestError(
@@ -199,9 +217,9 @@ class Orchestrator:
             log.info("abort of %s on %s failed: %r", attempt_id, entry.worker_id, exc)
 
     async def _serve(self, req: GenerateRequest, active: ActiveRequest) -> Batches:
-        slot = await self._acquire_slot(req)
+        slot: Slot | None = None
         try:
-            plan = self._place(req)
+            slot, plan = await self._admit(req, active)
             with self._registry.reserve(plan, len(req.prompt_token_ids)) as reservation:
                 hold = PrefillHold(slot, reservation)
                 path = self._colocated if plan.decode is None else self._disaggregated
@@ -212,8 +230,41 @@ class Orchestrator:
             active.last = [StepOutput(active.request_id, (), finished=True, finish_reason="abort")]
             self._abort_on_workers(active)
         finally:
-            slot.release()
+            if slot is not None:
+                slot.release()
         yield final_batch(req, active)
+
+    async def _admit(self, req: GenerateRequest, active: ActiveRequest) -> tuple[Slot, Placement]:
+        """A dispatch slot and a placement. A best-effort request that no worker has KV room
+        for now gives its slot back and parks (counted in the router queue, bounded by
+        `max_queue`) until room may have freed, then queues for a slot again, rather than be
+        sent to a worker that would refuse it. Raises Aborted when aborted while parked."""
+        while True:
+            slot = await self._acquire_slot(req)
+            try:
+                plan = self._place(req)
+            except BaseException:
+                slot.release()
+                raise
+            if plan is not None:
+                return slot, plan
+            slot.release()
+            await self._wait_for_room(active)
+
+    async def _wait_for_room(self, active: ActiveRequest) -> None:
+        room = asyncio.ensure_future(self._gate.wait_for_room())
+        room.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait((room, active.stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not room.done():
+                room.cancel()
+        if active.stop.done():
+            raise Aborted()
+        try:
+            room.result()
+        except RouterQueueFullError as exc:
+            raise self._refusal(str(exc), "queue_full") from None
 
     async def _acquire_slot(self, req: GenerateRequest) -> Slot:
         ttft_deadline = None if req.slo.ttft_s is None else req.arrival + req.slo.ttft_s
@@ -233,7 +284,8 @@ class Orchestrator:
         )
 
     # -- placement ----------------------------------------------------------------------------
-    def _place(self, req: GenerateRequest) -> Placement:
+    def _place(self, req: GenerateRequest) -> Placement | None:
+        """The placement, or None for a best-effort request no worker has KV room for now."""
         prefill = self._registry.healthy(Pool.PREFILL)
         decode = self._registry.healthy(Pool.DECODE)
         colocated = not (prefill and decode)
@@ -255,6 +307,8 @@ class Orchestrator:
         else:
             plan = place(views, [e.view() for e in decode], demand, cached)
         if isinstance(plan, Rejection):
+            if plan.no_room and req.slo.best_effort:
+                return None
             raise self._refusal(f"slo: {plan.reason}", "slo_infeasible")
         if hashes:
             self._registry.get(plan.prefill.worker_id).prefix.record(hashes)
@@ -277,6 +331,8 @@ class Orchestrator:
             result, receiving = await self._prefill(req, active, p, d)
         finally:
             hold.end()
+        if receiving:  # the decode worker has it: its next snapshot shows it
+            hold.reservation.mark_started()
         active.prefill_times = result.timings
         first = first_output(active, result)
         if result.finished:
@@ -291,6 +347,7 @@ class Orchestrator:
         dreq = decode_request(req, active, p.worker_id, result.kv_handle, result)
         active.decode_started_at = time.monotonic()
         await self._watch(d, active, d.handle.start(dreq))
+        hold.reservation.mark_started()
         async with aclosing(stream(active)) as batches:
             async for batch in batches:
                 yield batch
@@ -367,6 +424,7 @@ class Orchestrator:
         active.dispatched_at = time.monotonic()
         active.progress.stage = Stage.PREFILL
         await self._watch(w, active, w.handle.submit(preq))
+        hold.reservation.mark_started()
         async with aclosing(stream(active, hold.end)) as batches:
             async for batch in batches:
                 yield batch

@@ -25,7 +25,8 @@ API keys: with `config.api_key` set, every call but health needs `authorization:
 (`router.auth.ApiKeyInterceptor`, ahead of every other interceptor), else UNAUTHENTICATED.
 
 Health: the overall service ("") and "tandem.v1.Generation" are SERVING only while the
-registry can serve (>= 1 healthy prefill and decode worker, or a colocated one).
+registry can serve (>= 1 healthy prefill and decode worker, or a colocated one) and the router
+is not draining (`drain()`: NOT_SERVING, new requests refused, running ones finish).
 
 HTTP: with `config.http_port` set, the OpenAI-compatible API (router/http/, a sibling of this
 door over the same Orchestrator, registry and metrics) is served by uvicorn on `config.host`,
@@ -390,6 +391,19 @@ class RouterServer:
     ) -> None:
         await self.orchestrator.add_worker(worker_id, Pool(pool), handle, metrics_target)
 
+    async def drain(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Stop taking requests, let the running ones end: health reads NOT_SERVING at once (gRPC
+        and HTTP), every new Generate / HTTP completion is refused UNAVAILABLE "draining", and
+        this waits until no request is active (their KV transfers included) or `timeout_s`
+        passes. True when every request ended in time. One way: call `stop()` after it; the
+        servers stay up meanwhile so that running streams can finish."""
+        self.orchestrator.drain()
+        await self._set_health(False)
+        deadline = time.monotonic() + timeout_s
+        while self.orchestrator.num_active and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
+        return self.orchestrator.num_active == 0
+
     async def stop(self, grace_s: float = 1.0) -> None:
         await self.registry.stop()
         if self._http is not None:
@@ -416,6 +430,7 @@ class RouterServer:
     async def _set_health(self, serving: bool | None) -> None:
         if serving is None:
             serving = self.registry.serving
+        serving = serving and not self.orchestrator.draining  # draining: NOT_SERVING for good
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving

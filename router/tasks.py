@@ -10,13 +10,22 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+CANCEL_RETRY_S = 0.1
+
+
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel `task` (if any) and wait until it has stopped."""
+    """Cancel `task` (if any) and wait until it has stopped; its error, if it failed, is raised.
+
+    Hazard: on Python < 3.12 `asyncio.wait_for` can swallow a cancel that lands as its inner
+    await completes (CPython gh-86296), and a polling loop then simply goes on; a single
+    `cancel()` + `await task` would wait forever. So the cancel is repeated until it takes."""
     if task is None:
         return
-    task.cancel()
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
     with contextlib.suppress(asyncio.CancelledError):
-        await task
+        task.result()
 
 
 def fail_loudly(task: asyncio.Task[Any]) -> None:

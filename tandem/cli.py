@@ -148,6 +148,20 @@ def serve(
     no_http: Annotated[
         bool, typer.Option("--no-http", help="Serve no HTTP API, gRPC only.")
     ] = False,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0, max=65535, help="The router's Prometheus metrics port (0: any free port)."
+        ),
+    ] = 0,
+    drain_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds running requests may take to finish after Ctrl-C / SIGTERM "
+            "(a second signal stops at once).",
+        ),
+    ] = 30.0,
     device: Annotated[
         Device, typer.Option(help="Where workers run (auto: one GPU each when present).")
     ] = Device.auto,
@@ -176,7 +190,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run a Tandem cluster on this machine (a local Ray instance) until Ctrl-C."""
-    from tandem.serve import ServeOptions
+    from tandem.serve import ServeOptions, preflight
     from tandem.serve import serve as run_serve
 
     options = ServeOptions(
@@ -189,6 +203,8 @@ def serve(
         host=host,
         port=port,
         http_port=None if no_http else http_port,
+        metrics_port=metrics_port,
+        drain_timeout_s=drain_timeout,
         device=device.value,
         dtype=dtype,
         max_model_len=max_model_len,
@@ -197,11 +213,12 @@ def serve(
         api_key_file=api_key_file,
         api_key_env=api_key_env,
     )
-    if model == "tiny-random":
-        from engine.demo_model import RANDOM_WEIGHTS_NOTICE
-
-        say(f"Serving the built-in tiny-random model {RANDOM_WEIGHTS_NOTICE}")
     try:
+        preflight(options)  # before the notice: importing engine (torch) takes seconds
+        if model == "tiny-random":
+            from engine.demo_model import RANDOM_WEIGHTS_NOTICE
+
+            say(f"Serving the built-in tiny-random model {RANDOM_WEIGHTS_NOTICE}")
         run_serve(options, say)
     except (TandemError, OSError) as exc:
         raise fail(str(exc)) from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from router.config import RouterConfig
 from router.server import RouterServer
@@ -29,6 +29,17 @@ from tandem.contract.worker_api import (
 )
 
 PLACEMENT_TIMEOUT_S = 120.0  # a TP worker's group of bundles must be placed within this
+
+
+class KVCapacity(NamedTuple):
+    """A worker's KV cache as its engine reported it at start-up (HBM blocks)."""
+
+    num_blocks: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
 
 class RayWorker:
@@ -111,6 +122,7 @@ class LocalCluster:
         self._placement_groups: list[Any] = []  # one per TP > 1 worker
         self.metrics_targets: dict[str, str] = {}  # "router" or worker id -> "host:port"
         self.sd_path: str | None = None
+        self.kv_capacity: dict[str, KVCapacity] = {}  # worker id -> its KV cache, once started
 
     def _plan_kv_groups(self, plan: list[tuple[str, str]]) -> None:
         """One torch.distributed group over every prefill and decode worker (p2p transport)."""
@@ -197,6 +209,11 @@ class LocalCluster:
             self.pools[worker_id] = pool
         infos = await asyncio.gather(*(a.info.remote() for a in self.actors.values()))
         self.info = infos[0]
+        loads = await asyncio.gather(*(a.load.remote() for a in self.actors.values()))
+        self.kv_capacity = {
+            w: KVCapacity(load.num_total_blocks, load.block_size)
+            for w, load in zip(self.actors, loads)
+        }
         self.server = RouterServer(self._router_config(), self._tokenizer())
         await self.server.start()
         targets = await asyncio.gather(*(a.metrics_address.remote() for a in self.actors.values()))

@@ -9,7 +9,8 @@ event loop and beside the gRPC door (router/server.py starts it with uvicorn):
 | POST /v1/completions        | text or token-id prompts (several: several choices)        |
 | GET  /v1/models             | the served model                                            |
 | POST /tokenize, /detokenize | vLLM's shapes: {tokens, count, max_model_len} / {prompt}   |
-| GET  /health                | 200 while the registry can serve, else 503 (no key needed)  |
+| GET  /health                | 200 while the registry can serve and the router is not      |
+|                             | draining, else 503 (no key needed)                          |
 | GET  /metrics               | the router's Prometheus registry (no key needed)            |
 
 Every other route needs `authorization: Bearer <RouterConfig.api_key>` when a key is set
@@ -58,7 +59,7 @@ def create_app(
     keyed = [Depends(_key_check(config))]
     _completion_routes(app, door, keyed)
     _model_routes(app, model, keyed)
-    _service_routes(app, registry, metrics)
+    _service_routes(app, registry, orchestrator, metrics)
     return app
 
 
@@ -167,9 +168,13 @@ def _tokenize(body: schemas.TokenizeRequest, model: requests.Model) -> list[int]
     return model.tokenizer.encode(body.prompt)
 
 
-def _service_routes(app: FastAPI, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+def _service_routes(
+    app: FastAPI, registry: WorkerRegistry, orchestrator: Orchestrator, metrics: RouterMetrics
+) -> None:
     @app.get("/health")
     async def health() -> Response:
+        if orchestrator.draining:
+            raise ApiError(503, "draining: the router is shutting down", code="unavailable")
         if not registry.serving:
             raise ApiError(503, "no healthy worker can serve requests", code="unavailable")
         return JSONResponse({"status": "serving"})

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from engine.progress import progress_bar
 from tandem.api import generation_pb2 as pb
 from tandem.cli import app
-from tandem.serve import serving_banner
+from tandem.cluster import KVCapacity
+from tandem.serve import ServingDetails, serving_banner
 from tandem.status_view import StatusSnapshot, render
 from tests.unit.test_status_view import _frame
 
@@ -108,11 +109,24 @@ def test_status_help_names_its_flag() -> None:
 
 def test_serving_banner_fits_80_columns() -> None:
     pools = {f"{pool}-{i}": pool for pool in ("prefill", "decode") for i in range(4)}
-    lines = serving_banner("/models/Meta-Llama-3.1-8B-Instruct", "127.0.0.1:50051", pools)
+    details = ServingDetails(
+        model_path="/models/Meta-Llama-3.1-8B-Instruct",
+        max_model_len=131072,
+        kv_capacity={worker: KVCapacity(123456, 16) for worker in pools},
+        metrics_targets={"router": "127.0.0.1:9400"} | {w: "127.0.0.1:40001" for w in pools},
+    )
+    model = "/models/Meta-Llama-3.1-8B-Instruct"
+    http = "http://127.0.0.1:8000"
+    lines = serving_banner(model, "127.0.0.1:50051", pools, http, details)
     assert lines[0] == "Tandem is serving at 127.0.0.1:50051"
     assert "  decode: decode-0, decode-1, decode-2, decode-3" in lines
+    assert "  max context: 131072 tokens" in lines
+    assert "    decode-3: 123456 x 16 = 1975296 tokens" in lines
+    assert "    router: 127.0.0.1:9400" in lines and "    prefill-0: 127.0.0.1:40001" in lines
     assert lines[-1] == "Press Ctrl-C to stop."
     assert all(len(line) <= WIDTH for line in lines), lines
+    plain = serving_banner(model, "127.0.0.1:50051", pools)  # before the workers report
+    assert not any("KV" in line or "metrics" in line for line in plain)
 
 
 _AUTH_PROBE = """
