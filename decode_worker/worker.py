@@ -41,6 +41,7 @@ from tandem.contract.worker_api import (
 )
 from tandem.pool.core import PoolWorker, WorkerCore
 from tandem.pool.outbox import Outbox, step_output
+from tandem.pool.router_watch import DEFAULT_ROUTER_TIMEOUT_S
 
 AWAITING_KV = ArrivalStatus.AWAITING_KV
 KV_LANDED = ArrivalStatus.KV_LANDED_AWAITING_FIRST_TOKEN
@@ -59,8 +60,10 @@ class DecodeWorker(PoolWorker):
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
         swap_cpu_bytes: int = 256 << 20,
+        router_timeout_s: float = DEFAULT_ROUTER_TIMEOUT_S,
     ) -> None:
-        """`swap_cpu_bytes`: the CPU tier that preempted requests swap into (0: recompute)."""
+        """`swap_cpu_bytes`: the CPU tier that preempted requests swap into (0: recompute).
+        `router_timeout_s`: with no router call for this long, every request here is aborted."""
         self.outbox = Outbox()
         self._arrivals = Arrivals()  # engine thread only
         self._owed: set[str] = set()  # cancelled transfers whose blocks the receiver still owes
@@ -78,6 +81,8 @@ class DecodeWorker(PoolWorker):
             pool="decode",
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            on_router_lost=self._abort_all,
+            router_timeout_s=router_timeout_s,
         )
         self.core.metrics.touch_transport(self.core.transport)
         self.receiver = make_receiver(
@@ -93,7 +98,11 @@ class DecodeWorker(PoolWorker):
         await self.core.aengine.run(lambda engine: self._start(engine, req))
 
     async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
-        return await self.outbox.next_outputs(max_wait_s)
+        self.core.heard_router()
+        try:
+            return await self.outbox.next_outputs(max_wait_s)
+        finally:
+            self.core.heard_router()
 
     async def abort(self, request_id: str) -> None:
         await self.core.aengine.run(lambda engine: self._leave(engine, request_id))
@@ -208,6 +217,17 @@ class DecodeWorker(PoolWorker):
             engine.release_blocks(engine.drop_prefilled(arrival.request))
         else:  # RUNNING: the scheduler owns the request and its blocks
             engine.abort([request_id])
+
+    def _abort_all(self) -> int:
+        """The router is lost (tandem.pool.router_watch): every request leaves as by `abort`,
+        whatever its status; returns how many."""
+        self._failed_early.clear()
+        request_ids = [
+            rid for status in ArrivalStatus for rid, _ in self._arrivals.with_status(status)
+        ]
+        for request_id in request_ids:
+            self._leave(self.core.engine, request_id)
+        return len(request_ids)
 
     def _cancel_transfer(self, transfer_id: str, block_ids: list[int]) -> None:
         """Cancel a transfer whose DONE this worker has not seen, and settle who frees its

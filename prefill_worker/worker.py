@@ -45,6 +45,7 @@ from tandem.contract.worker_api import (
     deadline_to_monotonic,
 )
 from tandem.pool.core import PoolWorker, WorkerCore
+from tandem.pool.router_watch import DEFAULT_ROUTER_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 _ENDED_REMEMBERED = 1024  # prefills whose early handle nobody awaited yet: kv_handle answers b""
@@ -78,9 +79,13 @@ class PrefillWorker(PoolWorker):
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
         prefix_cpu_bytes: int = 0,
+        router_timeout_s: float = DEFAULT_ROUTER_TIMEOUT_S,
     ) -> None:
-        """`prefix_cpu_bytes`: a CPU tier that evicted prefix blocks spill into and hits load from."""
+        """`prefix_cpu_bytes`: a CPU tier that evicted prefix blocks spill into and hits load from.
+        `router_timeout_s`: with no router call for this long, every request and lease here is
+        aborted (tandem.pool.router_watch)."""
         self._pending: dict[str, _Pending] = {}
+        self._leased: set[str] = set()  # transfer ids registered and not yet released
         self._early: dict[str, asyncio.Future] = {}  # kv_handle() calls waiting, by request id
         self._ended: OrderedDict[str, bytes] = OrderedDict()  # handles (or b"") nobody awaited yet
         self.kv_group = kv_group
@@ -94,6 +99,8 @@ class PrefillWorker(PoolWorker):
             pool="prefill",
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            on_router_lost=self._abort_all,
+            router_timeout_s=router_timeout_s,
         )
         self.sender = make_sender(
             self.core.view,
@@ -154,16 +161,7 @@ class PrefillWorker(PoolWorker):
             self._early.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        def abort(engine: LLMEngine) -> None:
-            pending = self._pending.pop(request_id, None)
-            engine.abort([request_id])
-            # A lease outlives `_pending` (taken at the first token when not streamed): end it
-            # whatever the status; the sender frees its blocks once no transfer reads them.
-            self.sender.fail(request_id, "aborted")
-            if pending is not None:
-                pending.loop.call_soon_threadsafe(_reject, pending.future, "aborted")
-
-        await self.core.aengine.run(abort)
+        await self.core.aengine.run(lambda engine: self._abort(engine, request_id))
 
     async def kv_leases(self) -> int:
         return await self.core.aengine.run(lambda e: self.sender.num_leased())
@@ -174,10 +172,29 @@ class PrefillWorker(PoolWorker):
 
     # --------------------------------------------------- engine-thread side
 
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        """Whatever its status: out of the engine, its lease failed, its caller answered."""
+        pending = self._pending.pop(request_id, None)
+        engine.abort([request_id])
+        # A lease outlives `_pending` (taken at the first token when not streamed): end it
+        # whatever the status; the sender frees its blocks once no transfer reads them.
+        self.sender.fail(request_id, "aborted")
+        if pending is not None:
+            pending.loop.call_soon_threadsafe(_reject, pending.future, "aborted")
+
+    def _abort_all(self) -> int:
+        """The router is lost: abort every request and lease as `abort` does; returns how many.
+        Leases free their blocks on a later sender poll, once no transfer reads them."""
+        request_ids = set(self._pending) | self._leased
+        for request_id in request_ids:
+            self._abort(self.core.engine, request_id)
+        return len(request_ids)
+
     def _poll_sender(self) -> None:
         self.sender.poll()
 
     def _on_release(self, transfer_id: str, block_ids: list[int]) -> None:
+        self._leased.discard(transfer_id)
         self.core.engine.release_blocks(block_ids)
 
     def _on_kv_enqueued(self, held: HeldKVEnqueued) -> None:
@@ -198,6 +215,7 @@ class PrefillWorker(PoolWorker):
         except Exception:  # the step must go on: the handle then comes with the first token
             log.exception("kvtransfer: streaming the KV of %s failed", rid)
             return
+        self._leased.add(rid)
         pending.status = PrefillStatus.KV_STREAMING
         pending.loop.call_soon_threadsafe(self._publish_early, rid, pending.handle)
 
@@ -247,6 +265,7 @@ class PrefillWorker(PoolWorker):
                 num_prompt,
                 source_p2p_ranks=ranks,
             ).to_bytes()
+            self._leased.add(out.request_id)
         started = request.first_scheduled_time or pending.submitted
         now = time.monotonic()
         result = PrefillResult(

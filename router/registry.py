@@ -21,6 +21,14 @@ so snapshots taken meanwhile must not clear it; before this rule they did, and a
 admitted against a TPOT prediction that never saw it. Listeners of `on_room_freed` hear every
 change that may free KV room as the router sees it: a released decode booking still counted,
 and every decode or colocated worker's snapshot.
+
+Restarts (Ray `max_restarts`): each worker process reports an `incarnation` token in its
+snapshot. A heartbeat that shows a new one means everything placed on the old process is gone:
+the worker goes UNHEALTHY first (its `down` resolves, so its in-flight requests fail
+UNAVAILABLE, and the down listeners fail its streams), every booking on it is given back (a
+Reservation released later gives back nothing twice), its prefix index is emptied, and only
+then may the same heartbeat re-admit it. A restarting worker fails its heartbeats meanwhile,
+and placement only ever sees HEALTHY entries.
 """
 
 from __future__ import annotations
@@ -58,8 +66,10 @@ class WorkerEntry:
     """Mutable, owned by the registry's event loop. `down` resolves when the worker goes unhealthy.
 
     The three counters after `last_ok` are the router's bookings (see the module docstring);
-    `decode_bookings` are the decode bookings they count, `beats_begun` numbers the heartbeats
-    asked for, so a snapshot clears only the bookings started before it was asked for.
+    `decode_bookings` are the decode bookings they count, `prefill_bookings` those still
+    counting prompt tokens, `beats_begun` numbers the heartbeats asked for, so a snapshot clears
+    only the bookings started before it was asked for. `incarnation`: the worker process's
+    token from its last good snapshot (module docstring, Restarts).
     """
 
     worker_id: str
@@ -75,6 +85,8 @@ class WorkerEntry:
     reserved_blocks: int = 0
     beats_begun: int = 0
     decode_bookings: set[_Held] = field(default_factory=set)
+    prefill_bookings: set[_Held] = field(default_factory=set)
+    incarnation: str | None = None
     prefix: PrefixIndex = field(default_factory=PrefixIndex)
     down: asyncio.Future[None] | None = None
 
@@ -110,6 +122,7 @@ class _Held:
     def book(self) -> None:
         e, b = self.entry, self.booking
         e.pending_prefill_tokens += b.num_prefill_tokens
+        e.prefill_bookings.add(self)
         if self.has_decode:
             e.started_since_snapshot += b.num_decode_starts
             e.reserved_blocks += b.num_kv_blocks
@@ -124,6 +137,7 @@ class _Held:
         if self.prefill_held:
             self.prefill_held = False
             self.entry.pending_prefill_tokens -= self.booking.num_prefill_tokens
+            self.entry.prefill_bookings.discard(self)
 
     def clear_decode(self) -> bool:
         """Stop counting the decode part (shown by a snapshot, or ended). False if cleared."""
@@ -285,6 +299,7 @@ class WorkerRegistry:
         beat = entry.beats_begun
         try:
             load = await asyncio.wait_for(entry.handle.load(), self._timeout)
+            self._note_incarnation(entry, load.incarnation)
             if not entry.healthy:  # (re)joining: its costs may have been recalibrated
                 entry.cost = await asyncio.wait_for(entry.handle.cost_model(), self._timeout)
         except asyncio.TimeoutError:
@@ -302,6 +317,22 @@ class WorkerRegistry:
             self._set_unhealthy(entry, "the worker reports itself unhealthy")
         if entry.pool is not Pool.PREFILL:
             self._room_freed()
+
+    def _note_incarnation(self, entry: WorkerEntry, incarnation: str | None) -> None:
+        """Record the worker process's token; a changed one is a restart (module docstring):
+        fail what was in flight on the old process, then give back all that was booked on it."""
+        if incarnation is None or incarnation == entry.incarnation:
+            return
+        old, entry.incarnation = entry.incarnation, incarnation
+        if old is None:  # the first snapshot that reports one
+            return
+        self._set_unhealthy(entry, f"restarted (incarnation {old} -> {incarnation})")
+        for held in list(entry.prefill_bookings | entry.decode_bookings):
+            held.release()
+        assert entry.pending_prefill_tokens == 0 and entry.reserved_blocks == 0
+        assert entry.started_since_snapshot == 0
+        entry.prefix = PrefixIndex()
+        self._room_freed()
 
     @staticmethod
     def _clear_shown(entry: WorkerEntry, beat: int) -> None:

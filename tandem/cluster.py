@@ -27,6 +27,7 @@ from tandem.contract.worker_api import (
     PrefillResult,
     StepOutput,
 )
+from tandem.pool.router_watch import DEFAULT_ROUTER_TIMEOUT_S
 
 PLACEMENT_TIMEOUT_S = 120.0  # a TP worker's group of bundles must be placed within this
 
@@ -89,6 +90,8 @@ class ClusterConfig:
     calibrate: bool = True
     lease_s: float = 30.0
     transfer_timeout_s: float = 30.0
+    # every worker aborts what its router sent after this long without a call from it
+    router_timeout_s: float = DEFAULT_ROUTER_TIMEOUT_S
     kv_transport: str = "grpc"  # or "p2p": torch.distributed send/recv (NCCL on GPUs, gloo on CPU)
     stream_kv: bool = (
         True  # decode receives a prompt's KV while it is prefilled (RouterConfig.stream_kv)
@@ -179,6 +182,7 @@ class LocalCluster:
             "worker_id": worker_id,
             "calibrate": c.calibrate,
             "engine_kwargs": self._engine_kwargs(pool),
+            "router_timeout_s": c.router_timeout_s,
         }
         if pool == "prefill":
             kwargs |= {"host": c.host, "lease_s": c.lease_s}
@@ -268,9 +272,17 @@ class LocalCluster:
             return ByteTokenizer()
 
     async def kill_worker(self, worker_id: str) -> None:
+        """Kill a worker for good (Ray does not restart it)."""
         import ray
 
         ray.kill(self.actors[worker_id], no_restart=True)
+
+    async def crash_worker(self, worker_id: str) -> None:
+        """Kill a worker's process as a crash would: Ray restarts it if its `max_restarts`
+        allows (tandem.actors), and the router re-admits it once it heartbeats again."""
+        import ray
+
+        ray.kill(self.actors[worker_id], no_restart=False)
 
     async def stop(self) -> None:
         import ray

@@ -126,6 +126,8 @@ class LoadSnapshot:
     `num_queued_prefill_tokens`: prompt tokens accepted but not yet prefilled. `num_running` /
     `num_waiting`: requests in the running batch / waiting for admission. KV blocks are those of
     the HBM pool; `tier_blocks` maps a tier name ("hbm", "cpu", "nvme") to blocks held there.
+    `incarnation`: a token the worker process draws once at start; a new one means the worker
+    was restarted and holds none of what was placed on it before (None: not reported).
     """
 
     num_queued_prefill_tokens: int = 0
@@ -136,6 +138,7 @@ class LoadSnapshot:
     block_size: int = 16
     healthy: bool = True
     tier_blocks: Mapping[str, int] = field(default_factory=dict)
+    incarnation: str | None = None
 
     @property
     def num_used_blocks(self) -> int:

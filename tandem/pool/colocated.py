@@ -26,6 +26,7 @@ from tandem.contract.worker_api import (
 )
 from tandem.pool.core import PoolWorker, WorkerCore
 from tandem.pool.outbox import Outbox, step_output
+from tandem.pool.router_watch import DEFAULT_ROUTER_TIMEOUT_S
 
 
 class ColocatedStatus(enum.Enum):
@@ -51,7 +52,9 @@ class ColocatedWorker(PoolWorker):
         calibrate: bool = True,
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
+        router_timeout_s: float = DEFAULT_ROUTER_TIMEOUT_S,
     ) -> None:
+        """`router_timeout_s`: with no router call for this long, every request here is aborted."""
         self.outbox = Outbox()
         self._requests: dict[str, _Submitted] = {}  # engine thread only
         self.core = WorkerCore(
@@ -63,6 +66,8 @@ class ColocatedWorker(PoolWorker):
             pool="colocated",
             metrics_host=metrics_host,
             metrics_port=metrics_port,
+            on_router_lost=self._abort_all,
+            router_timeout_s=router_timeout_s,
         )
         self.core.start()
 
@@ -87,7 +92,11 @@ class ColocatedWorker(PoolWorker):
             raise WorkerRejectedError(str(exc)) from exc
 
     async def next_outputs(self, max_wait_s: float = 1.0) -> list[StepOutput]:
-        return await self.outbox.next_outputs(max_wait_s)
+        self.core.heard_router()
+        try:
+            return await self.outbox.next_outputs(max_wait_s)
+        finally:
+            self.core.heard_router()
 
     async def abort(self, request_id: str) -> None:
         def abort(engine: LLMEngine) -> None:
@@ -98,6 +107,13 @@ class ColocatedWorker(PoolWorker):
 
     def shutdown(self) -> None:
         self.core.shutdown()
+
+    def _abort_all(self) -> int:
+        """Engine thread; the router is lost (tandem.pool.router_watch): abort every request."""
+        request_ids = list(self._requests)
+        self.core.engine.abort(request_ids)  # frees their blocks, whatever their status
+        self._requests.clear()
+        return len(request_ids)
 
     def _on_output(self, out: RequestOutput) -> None:
         now = time.monotonic()

@@ -10,6 +10,7 @@ whole group's (kvtransfer.tp_view: every KV head, one TP = 1 layout to every tra
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from kvtransfer.cache_view import KVCacheView, TPLayout
 from tandem.contract.metrics_http import MetricsEndpoint, serve_registry
 from tandem.contract.worker_api import CostModel, LoadSnapshot
 from tandem.pool.metrics import WorkerMetrics, WorkerSnapshot, engine_snapshot, tier_figures
+from tandem.pool.router_watch import DEFAULT_ROUTER_TIMEOUT_S, RouterWatch
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,29 @@ class WorkerCore:
         pool: str = "prefill",
         metrics_host: str = "127.0.0.1",
         metrics_port: int | None = 0,
+        on_router_lost: Callable[[], int] | None = None,
+        router_timeout_s: float = DEFAULT_ROUTER_TIMEOUT_S,
     ) -> None:
+        """`on_router_lost()` (engine thread): abort every request and held transfer, return
+        how many; run when no router call came for `router_timeout_s` (tandem.pool.router_watch).
+        None: no watch."""
         self.tier_store: Any = None  # a kvtransfer TieredStore once attach_tiers ran
         self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start: LoadSnapshot.incarnation
         self.engine = _build_engine(EngineConfig(**engine_kwargs))
         self.view = _kv_view(self.engine)
         self.transport = transport
         self._on_output = on_output
+        self.router_watch = (
+            None
+            if on_router_lost is None
+            else RouterWatch(
+                router_timeout_s, on_router_lost, lambda: self.engine.stats().num_free_blocks
+            )
+        )
+        self._worker_before_step = before_step
         self.aengine = AsyncEngine(
-            self.engine, on_output, before_step, has_work, calibrate_at_start=calibrate
+            self.engine, on_output, self._before_step, has_work, calibrate_at_start=calibrate
         )
         self.metrics = WorkerMetrics(str(self.engine.config.model), worker_id, pool, self._snapshot)
         self.aengine.loop.on_step(self.metrics.on_step)
@@ -60,6 +76,17 @@ class WorkerCore:
             self.metrics_endpoint = serve_registry(
                 self.metrics.registry, metrics_host, metrics_port
             )
+
+    def _before_step(self) -> None:
+        if self._worker_before_step is not None:
+            self._worker_before_step()
+        if self.router_watch is not None:
+            self.router_watch.check()
+
+    def heard_router(self) -> None:
+        """Any thread: the router called (`load`, `next_outputs`); resets the watch's clock."""
+        if self.router_watch is not None:
+            self.router_watch.heard()
 
     @property
     def metrics_address(self) -> str | None:
@@ -101,7 +128,7 @@ class WorkerCore:
 
     async def load(self) -> LoadSnapshot:
         if not self.aengine.healthy:
-            return LoadSnapshot(healthy=False)
+            return LoadSnapshot(healthy=False, incarnation=self.incarnation)
         load = await self.aengine.run(engine_load)
         return LoadSnapshot(
             num_queued_prefill_tokens=load.num_queued_prefill_tokens,
@@ -112,6 +139,7 @@ class WorkerCore:
             block_size=load.block_size,
             healthy=True,
             tier_blocks={"hbm": load.num_total_blocks - load.num_free_blocks},
+            incarnation=self.incarnation,
         )
 
     def info(self) -> dict[str, Any]:
@@ -127,8 +155,13 @@ class WorkerCore:
         }
 
     def counters(self) -> dict[str, int]:
-        """Monotonic counters of this worker's engine (for tests and metrics)."""
-        return {"engine_steps": self.aengine.loop.num_steps}
+        """Monotonic counters of this worker (for tests and metrics); `router_losses`: times
+        its router watch found the router gone and aborted what it had sent."""
+        watch = self.router_watch
+        return {
+            "engine_steps": self.aengine.loop.num_steps,
+            "router_losses": 0 if watch is None else watch.num_losses,
+        }
 
     def cost_model(self) -> CostModel:
         cal = self.aengine.calibration
@@ -178,6 +211,7 @@ class PoolWorker:
     core: WorkerCore
 
     async def load(self) -> LoadSnapshot:
+        self.core.heard_router()
         return await self.core.load()
 
     async def cost_model(self) -> CostModel:

@@ -8,8 +8,9 @@ abort), one output batch per step for all requests (`tokens_per_step` tokens eac
 long-poll `next_outputs`. Delays are configurable; zero means no compute at all.
 
 `fail(FailMode.RAISE)` makes every call raise WorkerUnavailableError (a dead actor);
-`fail(FailMode.HANG)` makes every call hang (a wedged one). Call logs (`prefills`, `starts`,
-`submits`, `aborts`) let tests check what reached the worker.
+`fail(FailMode.HANG)` makes every call hang (a wedged one). `restart()` is a process that came
+back: all requests and leases gone, every block free, calls answered, a new `incarnation`.
+Call logs (`prefills`, `starts`, `submits`, `aborts`) let tests check what reached the worker.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class FakeWorker:
             decode_step_s=delays.step_s / max(delays.tokens_per_step, 1),
         )
         self._fail = FailMode.NONE
+        self.incarnation = 0  # LoadSnapshot.incarnation is its str; `restart()` bumps it
         self._seqs: dict[str, _Seq] = {}
         self._prefilling: dict[str, int] = {}
         self.leases: dict[str, int] = {}  # request id -> blocks held for a KV transfer
@@ -118,6 +120,21 @@ class FakeWorker:
     # -- failure injection ------------------------------------------------------------------
     def fail(self, mode: FailMode) -> None:
         self._fail = mode
+
+    def restart(self) -> None:
+        """Come back as a new process: forget every request and lease, answer calls again."""
+        self.incarnation += 1
+        for future in self._early.values():  # calls the old process held fail, as on Ray
+            if not future.done():
+                future.set_exception(WorkerUnavailableError(f"{self.worker_id} restarted"))
+        self._early.clear()
+        self._aborted.clear()
+        self._seqs.clear()
+        self._prefilling.clear()
+        self.leases.clear()
+        self._outbox.clear()
+        self.num_free_blocks = self.num_total_blocks
+        self._fail = FailMode.NONE
 
     async def _check_alive(self) -> None:
         if self._fail is FailMode.RAISE:
@@ -327,6 +344,7 @@ class FakeWorker:
             num_total_blocks=self.num_total_blocks,
             block_size=self.block_size,
             tier_blocks={"hbm": self.num_total_blocks - self.num_free_blocks},
+            incarnation=str(self.incarnation),
         )
 
     async def cost_model(self) -> CostModel:
