@@ -73,14 +73,27 @@ class StepDemux:
         self._registry.mark_unhealthy(self.worker_id, reason)
         self.fail_all(reason)
 
+    def _incarnation(self) -> str | None:
+        """The worker process the registry last saw (router.registry, Restarts)."""
+        try:
+            return self._registry.get(self.worker_id).incarnation
+        except KeyError:
+            return None
+
     async def _run_until_broken(self) -> None:
         while True:
+            polled = self._incarnation()
             try:
                 outputs = await self._poll()
             except asyncio.TimeoutError:
                 self._broken("next_outputs did not return in time")
                 return
             except Exception as exc:  # the worker (or its transport) failed as a whole
+                if self._incarnation() != polled:
+                    # Hazard: a poll sent to the old process of a restarted worker can fail
+                    # after a heartbeat already re-admitted the new one; the registry failed
+                    # the old process's streams then, and the new one's must not fail now.
+                    return
                 self._broken(f"next_outputs failed: {exc!r}")
                 return
             self._route(outputs)
