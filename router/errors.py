@@ -10,8 +10,13 @@ the router's picture of the load can change, so retrying earlier would meet the 
 from __future__ import annotations
 
 import enum
+import logging
+from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError, TandemError
+
+if TYPE_CHECKING:
+    from router.request import RequestTrace
 
 
 class ErrorKind(enum.Enum):
@@ -66,3 +71,33 @@ class RequestError(TandemError):
         return cls(
             ErrorKind.INVALID_ARGUMENT, exc.message, field=exc.field, reason="invalid_argument"
         )
+
+
+# Every front door logs one line for a request that ends in one of these (the others are the
+# caller's doing, or its own input).
+LOGGED_KINDS = (ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED)
+
+
+def log_failure(
+    logger: logging.Logger,
+    door: str,
+    trace: RequestTrace,
+    kind: ErrorKind,
+    reason: str,
+    exc_info: BaseException | None = None,
+) -> None:
+    """One line (request id, workers' id, stage, kind, reason) for a request that ends in one of
+    LOGGED_KINDS; `door` names the front door ("request", "HTTP request")."""
+    if kind not in LOGGED_KINDS:
+        return
+    logger.log(
+        logging.ERROR if kind is ErrorKind.INTERNAL else logging.WARNING,
+        "%s %s (workers' id %s) failed in stage %s: %s: %s",
+        door,
+        trace.request_id,
+        trace.attempt_id,
+        trace.stage.value,
+        kind.name,
+        reason,
+        exc_info=exc_info,
+    )

@@ -51,7 +51,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from router import convert
 from router.auth import ApiKeyInterceptor
 from router.config import RouterConfig
-from router.errors import ErrorKind, RequestError
+from router.errors import ErrorKind, RequestError, log_failure
 from router.flow import Orchestrator
 from router.metrics import RequestObserver, RouterMetrics, RouterStateSource
 from router.registry import Pool, WorkerRegistry
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"]
 SERVICE_NAME = SERVICE.full_name
 DEADLINE_SLACK_S = 0.25  # a cancel this close to the call's deadline is the deadline passing
-LOGGED_KINDS = (ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED)
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's server pushback (A6 retries)
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -97,24 +96,6 @@ def expired(deadline: float | None, now: float | None = None) -> bool:
     deadline reaches the server as a cancel, up to `DEADLINE_SLACK_S` before the server's copy."""
     now = time.time() if now is None else now
     return deadline is not None and now >= deadline - DEADLINE_SLACK_S
-
-
-def _log_failure(
-    progress: RequestTrace, kind: ErrorKind, reason: str, exc_info: BaseException | None = None
-) -> None:
-    """One line for a request that ends INTERNAL, UNAVAILABLE or DEADLINE_EXCEEDED."""
-    if kind not in LOGGED_KINDS:
-        return
-    log.log(
-        logging.ERROR if kind is ErrorKind.INTERNAL else logging.WARNING,
-        "request %s (workers' id %s) failed in stage %s: %s: %s",
-        progress.request_id,
-        progress.attempt_id,
-        progress.stage.value,
-        status_code(kind).name,
-        reason,
-        exc_info=exc_info,
-    )
 
 
 class _Undecodable(NamedTuple):
@@ -227,16 +208,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 observer.rejected(exc.reason)
             else:
                 observer.failed(status_code(exc.kind).name)
-            _log_failure(progress, exc.kind, exc.details)
+            log_failure(log, "request", progress, exc.kind, exc.details)
             await self._abort(context, exc)
         except asyncio.CancelledError:  # the client left, or the call's deadline passed
             kind = ErrorKind.DEADLINE_EXCEEDED if expired(deadline) else ErrorKind.CANCELLED
             observer.failed(status_code(kind).name)
-            _log_failure(progress, kind, "the call's deadline passed")
+            log_failure(log, "request", progress, kind, "the call's deadline passed")
             raise
         except Exception as exc:  # a bug: the caller is told INTERNAL, the log has the traceback
             observer.failed(status_code(ErrorKind.INTERNAL).name)
-            _log_failure(progress, ErrorKind.INTERNAL, repr(exc), exc_info=exc)
+            log_failure(log, "request", progress, ErrorKind.INTERNAL, repr(exc), exc_info=exc)
             await self._abort(context, RequestError(ErrorKind.INTERNAL, "internal error"))
 
     async def _stream(

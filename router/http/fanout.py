@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from router import convert
-from router.errors import ErrorKind, RequestError
+from router.errors import ErrorKind, RequestError, log_failure
 from router.flow import Orchestrator
 from router.http.requests import Prepared
 from router.metrics import RouterMetrics
@@ -36,7 +36,6 @@ from router.request import GenerateRequest, OutputBatch, RequestTrace
 
 log = logging.getLogger(__name__)
 Event = tuple[int, OutputBatch]
-LOGGED_KINDS = (ErrorKind.INTERNAL, ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE_EXCEEDED)
 _Item = tuple[int, OutputBatch | RequestError]
 
 
@@ -57,35 +56,18 @@ async def observed(
             observer.rejected(exc.reason)
         else:
             observer.failed(exc.kind.name)
-        _log_failure(trace, exc.kind, exc.details)
+        log_failure(log, "HTTP request", trace, exc.kind, exc.details)
         raise
     except (asyncio.CancelledError, GeneratorExit):  # the client left, or the deadline passed
         passed = req.deadline is not None and time.time() >= req.deadline
         kind = ErrorKind.DEADLINE_EXCEEDED if passed else ErrorKind.CANCELLED
         observer.failed(kind.name)
-        _log_failure(trace, kind, "the request's deadline passed")
+        log_failure(log, "HTTP request", trace, kind, "the request's deadline passed")
         raise
     except Exception as exc:  # a bug: the caller is told INTERNAL, the log has the traceback
         observer.failed(ErrorKind.INTERNAL.name)
-        _log_failure(trace, ErrorKind.INTERNAL, repr(exc), exc)
+        log_failure(log, "HTTP request", trace, ErrorKind.INTERNAL, repr(exc), exc)
         raise RequestError(ErrorKind.INTERNAL, "internal error") from exc
-
-
-def _log_failure(
-    trace: RequestTrace, kind: ErrorKind, reason: str, exc_info: BaseException | None = None
-) -> None:
-    if kind not in LOGGED_KINDS:
-        return
-    log.log(
-        logging.ERROR if kind is ErrorKind.INTERNAL else logging.WARNING,
-        "HTTP request %s (workers' id %s) failed in stage %s: %s: %s",
-        trace.request_id,
-        trace.attempt_id,
-        trace.stage.value,
-        kind.name,
-        reason,
-        exc_info=exc_info,
-    )
 
 
 async def _pump(
