@@ -38,6 +38,16 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def poisson_arrivals(num_requests: int, rate: float, rng: random.Random) -> list[float]:
+    """Open-loop Poisson arrivals: `num_requests` offsets (s, increasing) with exponential gaps
+    of mean 1/rate, drawn from `rng` (the same seed gives the same schedule)."""
+    arrivals, t = [], 0.0
+    for _ in range(num_requests):
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    return arrivals
+
+
 async def one(client: AsyncClient, prompt: list[int], out_len: int, delay: float) -> dict:
     await asyncio.sleep(delay)
     start = time.perf_counter()
@@ -69,10 +79,7 @@ async def workload(address: str, args: argparse.Namespace) -> list[dict]:
     client = AsyncClient(address)
     try:
         await one(client, [1] * 16, 4, 0)  # warm the path
-        delays, t = [], 0.0
-        for _ in range(args.requests):
-            t += rng.expovariate(args.rate)
-            delays.append(t)
+        delays = poisson_arrivals(args.requests, args.rate, rng)
         top = min(120000, (await client.model_info()).vocab_size)
         prompts = [[rng.randrange(1000, top) for _ in range(args.prompt)] for _ in delays]
         return await asyncio.gather(
