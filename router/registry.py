@@ -37,7 +37,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, final
@@ -198,6 +198,28 @@ class Reservation:
         self.release()
 
 
+def reserve_on(
+    entries: Mapping[str, WorkerEntry],
+    plan: Placement,
+    num_prompt_tokens: int,
+    on_room_freed: Callable[[], None],
+) -> Reservation:
+    """Book `plan`'s load (`policy.bookings`) on `entries`; `WorkerRegistry.reserve` and the
+    planner's simulator (tandem.plan) both book through this. Synchronous, no event loop."""
+    held = [_Held(entries[b.worker_id], b) for b in bookings(plan, num_prompt_tokens)]
+    for part in held:
+        part.book()
+    return Reservation(held, on_room_freed)
+
+
+def clear_shown(entry: WorkerEntry, beat: int) -> None:
+    """Stop counting the decode bookings that heartbeat `beat`'s snapshot shows (a snapshot
+    asked for after the request started there). Synchronous; the simulator calls it too."""
+    for held in list(entry.decode_bookings):
+        if held.shown_by_beat is not None and held.shown_by_beat <= beat:
+            held.clear_decode()
+
+
 class WorkerRegistry:
     def __init__(self, heartbeat_interval_s: float = 0.5, heartbeat_timeout_s: float = 1.0) -> None:
         assert heartbeat_interval_s > 0 and heartbeat_timeout_s > 0
@@ -238,10 +260,7 @@ class WorkerRegistry:
     def reserve(self, plan: Placement, num_prompt_tokens: int) -> Reservation:
         """Book `plan`'s load on its workers (`policy.bookings`) until the Reservation gives it
         back. The workers must be registered (the plan was made from this registry's views)."""
-        held = [_Held(self._entries[b.worker_id], b) for b in bookings(plan, num_prompt_tokens)]
-        for part in held:
-            part.book()
-        return Reservation(held, self._room_freed)
+        return reserve_on(self._entries, plan, num_prompt_tokens, self._room_freed)
 
     @property
     def serving(self) -> bool:
@@ -309,7 +328,7 @@ class WorkerRegistry:
             self._set_unhealthy(entry, f"heartbeat failed: {exc!r}")
             return
         entry.load = load
-        self._clear_shown(entry, beat)
+        clear_shown(entry, beat)
         entry.last_ok = time.monotonic()
         if load.healthy:
             self._set_healthy(entry)
@@ -333,13 +352,6 @@ class WorkerRegistry:
         assert entry.started_since_snapshot == 0
         entry.prefix = PrefixIndex()
         self._room_freed()
-
-    @staticmethod
-    def _clear_shown(entry: WorkerEntry, beat: int) -> None:
-        """Stop counting the decode bookings that heartbeat `beat`'s snapshot shows."""
-        for held in list(entry.decode_bookings):
-            if held.shown_by_beat is not None and held.shown_by_beat <= beat:
-                held.clear_decode()
 
     async def heartbeat_once(self) -> None:
         entries = list(self._entries.values())
