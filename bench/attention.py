@@ -9,6 +9,12 @@ Prints, next to their limits measured in the same run:
       in TFLOP/s (causal FLOPs = 2*2*S*S*H*D/2), next to the bf16 matmul peak (8192^3).
 `--sweep` also times alternative tile configs / split counts and reports the best.
 Writes $OUT/attention.json when OUT is set. Timings: triton.testing.do_bench, median.
+
+`--fp8-kv` instead measures the FP8 KV cache (issue 18): paged decode attention at Llama-3-8B
+shape (32 q / 8 KV heads, head_dim 128, block 16), batch 64, context 2k, bf16 queries over a
+bf16 cache and over float8_e4m3fn / float8_e5m2 caches (scales 0.05 / 0.5), each in GB/s of
+the bytes it actually reads (K/V at their own element size, plus q and out) and as a fraction
+of the copy bandwidth of the same run; writes $OUT/attention_fp8_kv.json.
 """
 
 from __future__ import annotations
@@ -113,6 +119,90 @@ def bench_decode(copy_gbs: float, sweep: bool) -> dict[str, Any]:
     return dict(default=results[0], best=best, bytes_moved=moved)
 
 
+FP8_BATCH, FP8_CONTEXT = 64, 2048
+FP8_SCALES = (0.05, 0.5)
+
+
+def bench_decode_kv(kv_dtype: torch.dtype, copy_gbs: float, sweep: bool) -> dict[str, Any]:
+    """Paged decode at batch FP8_BATCH x FP8_CONTEXT over a `kv_dtype` cache (bf16 queries)."""
+    from engine.attention.torch_backend import quantize_kv
+    from engine.kernels.paged_decode_attention import (
+        choose_num_splits,
+        num_sms,
+        paged_decode_attention,
+        paged_decode_attention_ref,
+    )
+
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    k_cache, v_cache, table = paged_cache([FP8_CONTEXT] * FP8_BATCH, gen)
+    k_scale, v_scale = FP8_SCALES if kv_dtype != DTYPE else (1.0, 1.0)
+    k_cache = quantize_kv(k_cache * 10, kv_dtype, k_scale)  # keys of magnitude ~10
+    v_cache = quantize_kv(v_cache, kv_dtype, v_scale)
+    seq_lens = torch.full((FP8_BATCH,), FP8_CONTEXT, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(FP8_BATCH, HEADS, HEAD_DIM, generator=gen, device=DEVICE, dtype=DTYPE)
+    args = (query, k_cache, v_cache, table, seq_lens, HEAD_DIM**-0.5)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    ref = paged_decode_attention_ref(query.float(), *args[1:], k_scale, v_scale)
+    out = paged_decode_attention(*args, FP8_CONTEXT, **scales)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    kv_bytes = 2 * FP8_BATCH * FP8_CONTEXT * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    moved = kv_bytes + 2 * query.numel() * DTYPE.itemsize
+    splits = choose_num_splits(FP8_BATCH, KV_HEADS, FP8_CONTEXT, num_sms(query.device))
+    configs: list[dict[str, Any]] = [dict(num_splits=splits)]
+    if sweep:
+        configs += [
+            dict(num_splits=s, block_n=n, num_stages=st, num_warps=w)
+            for s in (1, 2, 4)
+            for n in (32, 64, 128)
+            for st in (2, 3, 4)
+            for w in (4, 8)
+        ]
+    results: list[dict[str, Any]] = []
+    for knobs in configs:
+        try:
+            ms = _bench(
+                lambda knobs=knobs: paged_decode_attention(*args, FP8_CONTEXT, **scales, **knobs)
+            )
+        except Exception as exc:
+            print(f"  decode {kv_dtype} {knobs}: skipped ({type(exc).__name__})")
+            continue
+        gbs = moved / ms / 1e6
+        results.append(dict(knobs=knobs, ms=ms, gbs=gbs, fraction_of_copy=gbs / copy_gbs))
+    best = max(results, key=lambda r: r["gbs"])
+    return dict(kv_dtype=str(kv_dtype), default=results[0], best=best, bytes_read=moved)
+
+
+def run_fp8_kv(sweep: bool) -> None:
+    """`--fp8-kv`: copy bandwidth, then decode over bf16 / e4m3 / e5m2 caches in the same run."""
+    import triton  # type: ignore[import-untyped]
+
+    device = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth_gbs()
+    rows = [bench_decode_kv(d, copy_gbs, sweep) for d in (DTYPE, *_FP8_DTYPES)]
+    print(f"device: {device}   torch {torch.__version__}   triton {triton.__version__}")
+    print(f"device copy bandwidth {copy_gbs:10.1f} GB/s (bytes read + written)")
+    print(
+        f"paged decode, batch {FP8_BATCH}, context {FP8_CONTEXT}, 32 q / 8 KV heads x 128, bf16 q"
+    )
+    base_ms = rows[0]["default"]["ms"]
+    for r in rows:
+        for label in ("default", "best"):
+            x = r[label]
+            print(
+                f"  {r['kv_dtype']:22s} {label:7s} {x['ms'] * 1e3:8.1f} us  {r['bytes_read'] / 2**20:7.1f} MiB"
+                f"  {x['gbs']:8.1f} GB/s  {100 * x['fraction_of_copy']:5.1f}% of copy"
+                f"  {base_ms / x['ms']:4.2f}x bf16  {x['knobs']}"
+            )
+    result = dict(device=device, copy_gbs=copy_gbs, batch=FP8_BATCH, context=FP8_CONTEXT, rows=rows)
+    if os.environ.get("OUT"):
+        path = Path(os.environ["OUT"]) / "attention_fp8_kv.json"
+        path.write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {path}")
+
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _sdpa_flash(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[Callable[[], torch.Tensor], str]:
@@ -204,11 +294,16 @@ def bench_prefill(seq_len: int, sweep: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
-    sweep = parser.parse_args().sweep
+    parser.add_argument("--fp8-kv", action="store_true", help="decode over FP8 vs bf16 caches")
+    cli = parser.parse_args()
+    sweep = cli.sweep
     if not torch.cuda.is_available():
         sys.exit(
             "bench/attention.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured."
         )
+    if cli.fp8_kv:
+        run_fp8_kv(sweep)
+        return
     import triton  # type: ignore[import-untyped]
 
     torch.manual_seed(0)

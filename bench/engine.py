@@ -1,6 +1,6 @@
 """Engine benchmark on one GPU: Llama-3-8B shape, dummy bf16 weights, against measured limits.
 
-    python bench/engine.py [--quick]
+    python bench/engine.py [--quick] [--quantization fp8|int4] [--batches 1,8] [--skip-offline]
 
 Prints, each next to its limit measured in the same run (device copy bandwidth, bf16 matmul
 peak) and next to Hugging Face transformers where a peer exists:
@@ -8,6 +8,8 @@ peak) and next to Hugging Face transformers where a peer exists:
   * offline throughput, 1024-token prompts and 1024 output tokens, vs the roofline bound;
   * a 4k-token prefill vs the FLOP bound;
   * transformers `generate` vs Tandem at batch 1 and 32 (same prompts, 64 new tokens).
+With `--quantization` the linear layers are quantized on load (engine.quant): every roofline
+counts the quantized model's own bytes, and the prefill bound its linears at the FP8 peak.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth, gpu_name, matmul_peak, print_table, sync, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    copy_bandwidth,
+    gpu_name,
+    matmul_peak,
+    median_time,
+    print_table,
+    sync,
+    write_json,
+)
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.demo_model import PRESETS  # noqa: E402
+from engine.layers.linear import LinearBase  # noqa: E402
 from engine.utils.math import cdiv  # noqa: E402
 
 PRESET = "llama-3-8b"
@@ -145,17 +156,55 @@ def tandem_same_as_peer(llm: LLM, batches: list[int], new_tokens: int) -> dict[i
     return results
 
 
-def main() -> None:
+def fp8_matmul_peak(n: int = 8192) -> float:
+    """FP8 GEMM FLOP/s (`torch._scaled_mm`, row-wise scales as engine.quant.fp8 uses them)."""
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+    sa, sb = torch.ones(n, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    t = median_time(lambda: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16), iters=10)
+    return 2 * n**3 / t
+
+
+def prefill_bound(cfg, length: int, peak: float, linear_peak: float) -> tuple[float, float]:
+    """(FLOPs, seconds at the bound) of a `length`-token prefill: the decoder's linears at
+    `linear_peak` (the FP8 peak for fp8 weights), attention at the bf16 `peak`. The embedding
+    and LM head are left out (a prefill computes logits for its last token only)."""
+    embed = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    linear = 2 * (cfg.num_params - embed) * length
+    attention = cfg.num_layers * 2 * length * length * cfg.num_heads * cfg.head_dim
+    return linear + attention, linear / linear_peak + attention / peak
+
+
+def check_quantized(llm: LLM, quantization: str | None) -> None:
+    """Exit unless every linear layer runs the asked method (a bf16 run labelled fp8 would
+    report a wrong speedup)."""
+    model = llm.engine.runner.model
+    methods = {m.method.name for m in model.modules() if isinstance(m, LinearBase)}
+    if methods != {quantization or "unquantized"}:
+        sys.exit(f"--quantization {quantization}: the model's linear layers run {methods}")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests and steps")
     parser.add_argument("--skip-peer", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip-offline", action="store_true", help="no offline throughput")
+    parser.add_argument("--quantization", choices=["fp8", "int4"], default=None)
+    parser.add_argument("--batches", default="1,8,32,128,256", help="decode batch sizes")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/engine.py needs a CUDA GPU")
     bw, peak = copy_bandwidth(), matmul_peak()
+    linear_peak = fp8_matmul_peak() if args.quantization == "fp8" else peak
     print(
         f"{gpu_name()}: copy bandwidth {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {peak / 1e12:.0f} TFLOP/s"
+        + (f", fp8 {linear_peak / 1e12:.0f} TFLOP/s" if args.quantization == "fp8" else "")
     )
+    label = args.quantization or "bf16"
     peer_batches, peer_tokens = [1, 32], 64
     peer: dict[int, float] = {}
     if not args.skip_peer:
@@ -170,7 +219,9 @@ def main() -> None:
         show_progress=False,
         max_num_batched_tokens=8192,
         max_num_seqs=256,
+        quantization=args.quantization,
     )
+    check_quantized(llm, args.quantization)
     cfg = llm.engine.model_config
     wbytes, kv_tok = weight_bytes(llm), llm.engine.kv_spec.bytes_per_token()
     result: dict = {
@@ -179,36 +230,38 @@ def main() -> None:
         "matmul_peak": peak,
         "weight_bytes": wbytes,
         "kv_blocks": llm.engine.runner.num_blocks,
+        "quantization": label,
     }
     rows = []
-    for b in (1, 8, 32, 128, 256):
+    for b in (int(x) for x in args.batches.split(",")):
         t = decode_step_times(llm, b, 12 if args.quick else 24)
         # Bytes read once per step over the copy bandwidth (which counts read + write bytes).
         floor = (wbytes + b * (CTX + 8) * kv_tok) / bw
         rows.append([b, f"{t * 1e3:.2f}", f"{floor * 1e3:.2f}", f"{floor / t:.0%}", f"{b / t:.0f}"])
         result[f"decode_b{b}"] = {"step_s": t, "roofline_s": floor}
     print_table(
-        "decode step, context ~1k (roofline = bytes read / copy bandwidth)",
+        f"{label} decode step, context ~1k (roofline = bytes read / copy bandwidth)",
         ["batch", "step ms", "roofline ms", "of roofline", "tok/s"],
         rows,
     )
     t4k = prefill_time(llm, 4096)
-    flops = (
-        2 * cfg.num_params * 4096 + cfg.num_layers * 2 * 4096 * 4096 * cfg.num_heads * cfg.head_dim
-    )
+    flops, bound_s = prefill_bound(cfg, 4096, peak, linear_peak)
     print_table(
-        "4k-token prefill",
+        f"{label} 4k-token prefill",
         ["ms", "FLOP bound ms", "of bound", "TFLOP/s"],
         [
             [
                 f"{t4k * 1e3:.1f}",
-                f"{flops / peak * 1e3:.1f}",
-                f"{flops / peak / t4k:.0%}",
+                f"{bound_s * 1e3:.1f}",
+                f"{bound_s / t4k:.0%}",
                 f"{flops / t4k / 1e12:.0f}",
             ]
         ],
     )
-    result["prefill_4k"] = {"s": t4k, "flops": flops}
+    result["prefill_4k"] = {"s": t4k, "flops": flops, "bound_s": bound_s}
+    if args.skip_offline:
+        write_json(f"engine-{label}", result)
+        return
     n_req = 256
     out_len = 256 if args.quick else 1024
     tput, preempt = offline_throughput(llm, n_req, out_len)
@@ -233,7 +286,7 @@ def main() -> None:
             ],
         )
     result["peer"] = {"transformers": peer, "tandem": ours}
-    write_json("engine", result)
+    write_json("engine" if args.quantization is None else f"engine-{label}", result)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 
 from engine.distributed.parallel_state import AllReduceMode
 from engine.errors import EngineConfigError, ModelLoadError, UnsupportedArchitectureError
+from engine.quant.names import check_quantization, resolve_quantization
+from engine.spec.config import SpeculativeConfig
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -31,7 +34,13 @@ _MODEL_TYPES = {
 # Rope types the cos | sin cache builds (engine/layers/rotary.py; keep the two in step)
 _ROPE_TYPES = (None, "default", "llama3", "linear")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KV_CACHE_DTYPES = ("bfloat16", "float16", "float32")  # FP8 (with per-layer scales) comes next
+# vLLM's names: "fp8" = "fp8_e4m3" (float8_e4m3fn) and "fp8_e5m2", stored with per-layer scales
+KV_CACHE_DTYPES = ("bfloat16", "float16", "float32", "fp8", "fp8_e4m3", "fp8_e5m2")
+_KV_CACHE_DTYPE_ALIASES = {
+    "fp8": "float8_e4m3fn",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     torch_dtype: str
+    # The linear layers' weight quantization (engine.quant): EngineConfig.quantization, or the
+    # checkpoint's own (config.json quantization_config) when that is None
+    quantization: str | None = None
+    quantized_checkpoint: bool = False  # the checkpoint holds the quantized weights as they are
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -75,7 +88,9 @@ class ModelConfig:
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
 
     @staticmethod
-    def from_dict(hf: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+    def from_dict(
+        hf: dict[str, Any], dtype: str | None = None, quantization: str | None = None
+    ) -> ModelConfig:
         model_type = hf.get("model_type", "unknown")
         archs = hf.get("architectures") or [_MODEL_TYPES.get(model_type, model_type)]
         arch = archs[0]
@@ -87,6 +102,7 @@ class ModelConfig:
         rope = hf.get("rope_scaling") or hf.get("rope_parameters")
         _check_supported(hf, rope)
         rope_theta = hf.get("rope_theta") or (rope or {}).get("rope_theta") or 10000.0
+        quant, on_disk = resolve_quantization(quantization, hf)
         if rope and (rope.get("rope_type") or rope.get("type")) in (None, "default"):
             rope = None
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
@@ -112,16 +128,20 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
             torch_dtype=dtype or _dtype_name(hf.get("torch_dtype") or hf.get("dtype")),
+            quantization=quant,
+            quantized_checkpoint=on_disk,
         )
 
     @staticmethod
-    def from_path(path: str | os.PathLike, dtype: str | None = None) -> ModelConfig:
+    def from_path(
+        path: str | os.PathLike, dtype: str | None = None, quantization: str | None = None
+    ) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ModelLoadError(
                 f"missing model file: {config_file} (is {path!s} a checkpoint directory?)"
             )
-        return ModelConfig.from_dict(json.loads(config_file.read_text()), dtype)
+        return ModelConfig.from_dict(json.loads(config_file.read_text()), dtype, quantization)
 
 
 def _check_supported(hf: dict[str, Any], rope: dict[str, Any] | None) -> None:
@@ -169,6 +189,14 @@ class EngineConfig:
     # The KV cache's element type: "auto" = the model's dtype, or one of KV_CACHE_DTYPES. The
     # cache's bytes come from the runner's KVCacheSpec (engine/kv/spec.py), never from `dtype`.
     kv_cache_dtype: str = "auto"
+    # Weight quantization of the linear layers (vLLM's name): None, "fp8" (W8A8, e4m3 weights
+    # with per-channel scales) or "int4" (W4A16, groups of 128); engine.quant
+    quantization: str | None = None
+    # FP8 caches only: compute the per-layer K/V scales (amax / the format's max, rounded up
+    # to a power of two) from a calibration prefill at start-up (engine/attention/
+    # calibration.py) instead of 1.0, unless the checkpoint carries `*.k_scale` / `*.v_scale`
+    # tensors (those win).
+    calculate_kv_scales: bool = False
     device: str = "auto"  # "auto" = cuda when available, else cpu
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights of the right shape)
     seed: int = 0
@@ -203,6 +231,9 @@ class EngineConfig:
         default=(1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
     )
     model_salt: str | None = None  # defaults to the model path / name
+    # Speculative decoding (engine.spec.config.SpeculativeConfig, or its dict / JSON text as
+    # vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4}); None: off.
+    speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -224,18 +255,36 @@ class EngineConfig:
             object.__setattr__(self, "tp_all_reduce", AllReduceMode.parse(self.tp_all_reduce))
         except ValueError as err:
             raise EngineConfigError(f"tp_all_reduce: {err}") from None
+        spec = SpeculativeConfig.parse(self.speculative_config)
+        object.__setattr__(self, "speculative_config", spec)
+        if spec is not None and self.max_model_len is not None:
+            spec.check_model_len(self.max_model_len)
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
+        check_quantization(self.quantization)
         if self.kv_cache_dtype not in ("auto", *KV_CACHE_DTYPES):
             raise EngineConfigError(
                 f"kv_cache_dtype: {self.kv_cache_dtype!r} is not 'auto' or one of {KV_CACHE_DTYPES}"
             )
+        if self.calculate_kv_scales and self.kv_cache_dtype not in _KV_CACHE_DTYPE_ALIASES:
+            raise EngineConfigError(
+                f"calculate_kv_scales: needs an fp8 kv_cache_dtype, got {self.kv_cache_dtype!r}"
+            )
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise EngineConfigError(f"device: {self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
 
+    @property
+    def speculation(self) -> SpeculativeConfig | None:
+        """`speculative_config` as parsed at construction."""
+        spec = self.speculative_config
+        assert spec is None or isinstance(spec, SpeculativeConfig)
+        return spec
+
     def resolved_kv_cache_dtype(self, model_dtype: str) -> str:
         """The KV cache's dtype name for a model computing in `model_dtype` ("auto": that one)."""
-        return model_dtype if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        return _KV_CACHE_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

@@ -37,6 +37,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.output import SchedulerOutput
 from engine.scheduler.scheduler import Scheduler, SchedulerStats
+from engine.spec.lookahead import LookaheadPolicy
 from engine.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def resolve_model_config(cfg: EngineConfig) -> ModelConfig:
     dtype = None if cfg.dtype == "auto" else cfg.dtype
     if dtype is None and device.type == "cpu":
         dtype = "float32"
-    return ModelConfig.from_path(path, dtype)
+    return ModelConfig.from_path(path, dtype, cfg.quantization)
 
 
 def _desired_max_model_len(cfg: EngineConfig, model: ModelConfig) -> int:
@@ -81,9 +82,14 @@ def _default_salt(
     model_path: str, model_cfg: ModelConfig, config: EngineConfig, spec: KVCacheSpec
 ) -> str:
     """What makes cached KV interchangeable: model, dtypes, weights; the KV dtype is named only
-    where it differs from the model's (so default salts stay as they were)."""
+    where it differs from the model's (so default salts stay as they were), and a scaled (FP8)
+    cache's scales by their digest (other scales: other numbers in the same bytes)."""
     salt = f"{model_path}|{model_cfg.torch_dtype}|{config.load_format}|{config.seed}"
-    return salt if spec.kv_dtype == model_cfg.torch_dtype else f"{salt}|kv={spec.kv_dtype}"
+    if model_cfg.quantization:  # other weights compute other KV for the same tokens
+        salt = f"{salt}|q={model_cfg.quantization}"
+    if spec.kv_dtype != model_cfg.torch_dtype:
+        salt = f"{salt}|kv={spec.kv_dtype}"
+    return f"{salt}|scales={spec.scales_digest()}" if spec.is_scaled else salt
 
 
 class LLMEngine:
@@ -111,8 +117,16 @@ class LLMEngine:
         self.kv_manager = KVManager(
             self.runner.num_blocks, config.block_size, salt, config.enable_prefix_caching
         )
+        spec = config.speculation
+        if spec is not None:
+            spec.check_model_len(self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(
+                speculation=None
+                if spec is None
+                else LookaheadPolicy(
+                    spec.num_speculative_tokens, spec.disable_by_batch_size, spec.dynamic
+                ),
                 max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=max(config.max_num_batched_tokens, 1),
@@ -274,7 +288,7 @@ class LLMEngine:
         updated = self.scheduler.update(out, result)
         for rid, lp in result.logprobs.items():
             if rid in self._logprobs:
-                self._logprobs[rid].append(lp)
+                self._logprobs[rid].extend([*result.draft_logprobs.get(rid, ()), lp])
         return failed + [self._output(r) for r in updated]
 
     def _finish_failed_grammars(self) -> list[RequestOutput]:
@@ -325,13 +339,15 @@ class LLMEngine:
         return hook
 
     def _output(self, request: Request, new_token: bool = True) -> RequestOutput:
-        """`new_token`: this step gave the request its latest output token."""
+        """`new_token`: this step gave the request its latest `num_new_tokens` output tokens."""
         rid = request.request_id
-        new_ids = request.output_token_ids[-1:] if new_token else []
+        num_new = max(1, request.num_new_tokens) if new_token else 0
+        new_ids = request.output_token_ids[len(request.output_token_ids) - num_new :]
         detok = self._detok.get(rid)
-        delta = detok.add(new_ids) if detok is not None else ""
         if detok is not None and request.sampling_params.stop and not request.status.finished:
-            delta = self._apply_stop_strings(request, detok, delta)
+            new_ids, delta = self._detokenize_until_stop(request, detok, new_ids)
+        else:
+            delta = detok.add(new_ids) if detok is not None else ""
         output = RequestOutput(
             request_id=rid,
             prompt_token_ids=request.prompt_token_ids,
@@ -349,6 +365,25 @@ class LLMEngine:
         if output.finished:
             self._forget(rid)
         return output
+
+    def _detokenize_until_stop(
+        self, request: Request, detok: IncrementalDetokenizer, new_ids: list[int]
+    ) -> tuple[list[int], str]:
+        """Add the step's tokens one at a time; a stop string ends the request at the token
+        that completed it, and the tokens after it (accepted drafts) are dropped."""
+        delta = ""
+        for i, token in enumerate(new_ids):
+            delta += detok.add([token])
+            delta = self._apply_stop_strings(request, detok, delta)
+            if request.status.finished:
+                dropped = len(new_ids) - i - 1
+                if dropped:
+                    del request.output_token_ids[-dropped:]
+                    logprobs = self._logprobs.get(request.request_id)
+                    if logprobs:
+                        del logprobs[-dropped:]
+                return new_ids[: i + 1], delta
+        return new_ids, delta
 
     def _apply_stop_strings(
         self, request: Request, detok: IncrementalDetokenizer, delta: str

@@ -81,6 +81,12 @@ class Request:
     # compiles; freed on every exit to FINISHED_* (the scheduler's) or when dropped (the engine's).
     grammar: GrammarState | None = None
     error: str | None = None  # why a request failed (finished aborted by the engine)
+    # Speculative decoding: this request's own draft length (engine.spec.lookahead adapts it;
+    # 0 until its first decode step) and its totals of drafts verified and accepted.
+    spec_k: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_new_tokens: int = 0  # output tokens the latest update() appended (more with speculation)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -78,20 +78,26 @@ class Sampler:
             f"logits {tuple(logits.shape)} do not match {len(requests)} requests"
         )
         assert logits.shape[1] >= self.vocab_size, "logits narrower than the vocabulary"
-        logits = logits[:, : self.vocab_size]
         if not any(needs_full_path(r) for r in requests):
-            return SamplerResult(to_host(logits.argmax(dim=-1)), [None] * len(requests))
-        logits = logits.to(torch.float32, copy=True)
-        apply_logit_bias(logits, requests)
-        self.grammar_mask.apply(logits, requests)
-        apply_min_tokens(logits, requests, self.eos_token_ids)
-        apply_penalties(logits, requests)
+            return SamplerResult(
+                to_host(logits[:, : self.vocab_size].argmax(dim=-1)), [None] * len(requests)
+            )
+        logits = self.process(logits, requests)
         token_ids = self._pick(logits, requests)
         host_ids = to_host(token_ids)
         logprobs = gather_logprobs(
             logits, token_ids, [r.sampling_params.logprobs for r in requests]
         )
         return SamplerResult(host_ids, logprobs)
+
+    def process(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """Stages 1-5 on a float32 copy: [B, vocab_size], what logprobs and the pick read."""
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+        apply_logit_bias(logits, requests)
+        self.grammar_mask.apply(logits, requests)
+        apply_min_tokens(logits, requests, self.eos_token_ids)
+        apply_penalties(logits, requests)
+        return logits
 
     def _pick(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """[B] int64 on the device: argmax everywhere, then sampled rows overwritten."""
@@ -101,20 +107,24 @@ class Sampler:
             return token_ids
         rows = torch.tensor(sampled_rows, dtype=torch.int64).to(logits.device)
         chosen = [requests[i] for i in sampled_rows]
-        token_ids[rows] = self._sample(logits[rows], chosen)
+        probs = self.probs(logits[rows], chosen)
+        token_ids[rows] = (probs / self.noise(chosen, logits.device)).argmax(dim=-1)
         return token_ids
 
-    def _sample(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
-        """Temperature, truncation and the exponential race over R sampled rows."""
+    def probs(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
+        """The distribution R sampled rows draw from: temperature, truncation, softmax."""
         params = [r.sampling_params for r in requests]
         batch = SamplingBatch.from_params(params, self.vocab_size, logits.device)
         scaled = truncate(logits / batch.temperature.unsqueeze(1), batch)
-        probs = torch.softmax(scaled, dim=-1)
+        return torch.softmax(scaled, dim=-1)
+
+    def noise(self, requests: Sequence[ScheduledRequest], device: torch.device) -> torch.Tensor:
+        """The race's Exp(1) noise [R, V]; a seeded row's depends on its seed and its number
+        of output tokens only (`step_seed`)."""
         seeds = [
             None
             if r.sampling_params.seed is None
             else step_seed(r.sampling_params.seed, len(r.output_token_ids))
             for r in requests
         ]
-        noise = exponential_noise(seeds, self.vocab_size, logits.device)
-        return (probs / noise).argmax(dim=-1)
+        return exponential_noise(seeds, self.vocab_size, device)

@@ -23,8 +23,12 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.weight_source import WeightSource, copy_into, read_all, shape_of
 from engine.progress import progress_bar
+from engine.quant.model_pass import quantize_linears, release_cached_memory
 
-_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+# FP8 KV scales are read by engine.runner.kv_cache (checkpoint_kv_scales), not by a layer
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", ".k_scale", ".v_scale", ".kv_scale")
+# A quantized checkpoint's static activation scales: engine.quant scales activations dynamically
+_SKIPPED_QUANTIZED_SUFFIXES = (".input_scale",)
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -158,17 +162,52 @@ def _load_one(model: nn.Module, params: dict[str, nn.Parameter], name: str, src:
     return target
 
 
+def checkpoint_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters under the names of the checkpoint tensors they load from.
+
+    A quantization method's parameters may differ from the checkpoint (engine.layers.linear's
+    WeightSlot): one loads under another name (`checkpoint_name`: int4's `qweight` from the
+    float `weight`), others are filled while it loads (`derived_on_load`) and are not expected."""
+    params: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if getattr(param, "derived_on_load", False):
+            continue
+        leaf = getattr(param, "checkpoint_name", None)
+        params[name if leaf is None else f"{name.rsplit('.', 1)[0]}.{leaf}"] = param
+    return params
+
+
+def _skipped(name: str, model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "tie_word_embeddings", False) and name == "lm_head.weight":
+        return True
+    quantized = getattr(cfg, "quantized_checkpoint", False)
+    return name.endswith(_SKIPPED_SUFFIXES) or (
+        quantized and name.endswith(_SKIPPED_QUANTIZED_SUFFIXES)
+    )
+
+
 def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = True) -> None:
-    params = dict(model.named_parameters())
+    """Load the checkpoint in `model_dir`, each rank its slices; the linear layers are first
+    given the method of `model.config.quantization` (engine.quant.model_pass); "gguf" reads
+    the GGUF file behind a converted directory instead (engine.gguf.native)."""
+    if getattr(getattr(model, "config", None), "quantization", None) == "gguf":
+        from engine.gguf.native import load_gguf_weights
+
+        load_gguf_weights(model, model_dir, show_progress)
+        release_cached_memory(model)
+        return
+    quantize_linears(model)
+    params = checkpoint_params(model)
     loaded: set[str] = set()
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for name, src in _iter_slices(safetensors_files(model_dir), show_progress):
-        if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
-            continue
-        loaded.add(_load_one(model, params, name, src))
+        if not _skipped(name, model):
+            loaded.add(_load_one(model, params, name, src))
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
     if missing:
         raise ModelLoadError(f"missing weights in the checkpoint: {', '.join(missing[:8])}")
+    release_cached_memory(model)
 
 
 # Architectures whose checkpoints store q|k|v and gate|up fused (their models' `fused_params`)
@@ -228,10 +267,12 @@ def fill_dummy(model: nn.Module, seed: int) -> None:
     Each checkpoint tensor is drawn in full from a generator seeded by (seed, its index) and
     handed to the same loaders a real checkpoint uses, so every rank keeps exactly its slice of
     the tensor a TP = 1 run would hold. Norm weights are ones. Transient memory: the largest
-    full tensor (the embedding), on the model's device."""
+    full tensor (the embedding), on the model's device. Quantized linears quantize their
+    slices as they load, as from a float checkpoint."""
     first = next(model.parameters())
     cfg: ModelConfig = model.config  # type: ignore[assignment]
-    params = dict(model.named_parameters())
+    quantize_linears(model, from_checkpoint=False)
+    params = checkpoint_params(model)
     gen = torch.Generator(device=first.device)
     loaded: set[str] = set()
     for index, (name, shape) in enumerate(checkpoint_shapes(cfg).items()):
@@ -245,3 +286,4 @@ def fill_dummy(model: nn.Module, seed: int) -> None:
         set(params) - loaded - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     )
     assert not missing, f"checkpoint_shapes() does not cover {missing[:8]}"
+    release_cached_memory(model)

@@ -18,6 +18,8 @@ class EngineLoad:
     num_preemptions_total: int
     prefix_queried_tokens: int
     prefix_hit_tokens: int
+    num_draft_tokens_total: int = 0  # speculative decoding: drafts verified
+    num_accepted_tokens_total: int = 0  # and of those, accepted
 
 
 def engine_load(engine: LLMEngine) -> EngineLoad:
@@ -34,4 +36,6 @@ def engine_load(engine: LLMEngine) -> EngineLoad:
         num_preemptions_total=stats.num_preemptions_total,
         prefix_queried_tokens=stats.prefix_queried_tokens,
         prefix_hit_tokens=stats.prefix_hit_tokens,
+        num_draft_tokens_total=engine.scheduler.num_draft_tokens_total,
+        num_accepted_tokens_total=engine.scheduler.num_accepted_tokens_total,
     )

@@ -46,11 +46,16 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
     the elements. A view, never a copy; falls back to `t` when the bytes do not line up."""
     size = t.element_size()
     if size >= 8 or t.stride(-1) != 1 or (t.shape[-1] * size) % 8:
-        return t
+        return _as_bytes(t)
     ratio = 8 // size
     if any(stride % ratio for stride in t.stride()[:-1]) or t.storage_offset() % ratio:
-        return t
+        return _as_bytes(t)
     return t.view(torch.int64)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """One-byte (FP8) elements as uint8, a view: torch's CPU index kernels have no FP8 ones."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 class KVCacheView:
@@ -155,6 +160,8 @@ class KVCacheView:
         expected = (l1 - l0, 2, index.numel(), self.block_size, h1 - h0, self.head_dim)
         if tuple(data.shape) != expected:
             raise KVLayoutError("data", f"expected shape {expected}, got {tuple(data.shape)}")
+        if data.dtype != self.dtype and self.spec.is_scaled:
+            raise KVLayoutError("data", f"{data.dtype} into a scaled {self.dtype} cache (no cast)")
         data = data.to(device=self.device, dtype=self.dtype, non_blocking=True)
         dst = self.kv_cache[l0:l1] if layers is not None else self.kv_cache
         dst = dst if heads is None else dst[..., h0:h1, :]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from google.protobuf.message import DecodeError
 
 from engine.kv.block_hash import BLOCK_HASH_BYTES, BLOCK_HASH_SPEC_VERSION
-from engine.kv.spec import KV_DTYPE_ITEMSIZE, KVCacheSpec
+from engine.kv.spec import KV_DTYPE_ITEMSIZE, SCALED_KV_DTYPES, KVCacheSpec
 from kvtransfer.errors import HandleDecodeError, KVLayoutError
 from kvtransfer.reshard import check_tp
 from tandem.api import kvtransfer_pb2 as pb
@@ -25,9 +25,15 @@ SUPPORTED_DTYPES = tuple(KV_DTYPE_ITEMSIZE)
 class KVLayout:
     """The source's cache geometry; the receiver's must match except for tp_size.
 
-    The wire form of a KVCacheSpec (`from_spec`; protobuf `tandem.v1.KVLayout`). A spec's
-    per-layer scales (FP8) are not on the wire yet: scaled caches will add them here and to
-    `check_compatible`."""
+    The wire form of a KVCacheSpec (`from_spec`; protobuf `tandem.v1.KVLayout`). A scaled (FP8)
+    cache's per-layer scales travel as their digest (`KVCacheSpec.scales_digest`), on the wire
+    inside the dtype string, "float8_e4m3fn#<digest>" (the proto has no field for it; a
+    receiver that predates scales rejects that dtype, which is the right outcome).
+
+    Prefill and decode pools with different KV dtypes or scales are refused, not converted:
+    `check_compatible` raises KVLayoutError naming kv_cache_dtype (the receiver calls it before
+    it moves a byte). Converting would cost a dequantize + requantize pass per transfer and
+    hide a deployment mistake; the pools' configs must agree."""
 
     tp_size: int
     num_kv_heads: int
@@ -35,6 +41,7 @@ class KVLayout:
     num_layers: int
     block_size: int
     dtype: str  # torch dtype name without "torch.", e.g. "bfloat16"
+    scales: str = ""  # the scales' digest of a scaled (FP8) cache, "" for others
 
     def __post_init__(self) -> None:
         check_tp(self.tp_size, self.num_kv_heads)
@@ -43,6 +50,19 @@ class KVLayout:
                 raise KVLayoutError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.dtype not in SUPPORTED_DTYPES:
             raise KVLayoutError("dtype", f"{self.dtype!r} not in {SUPPORTED_DTYPES}")
+        if bool(self.scales) != (self.dtype in SCALED_KV_DTYPES):
+            raise KVLayoutError("scales", f"{self.scales!r} does not fit dtype {self.dtype!r}")
+
+    @property
+    def wire_dtype(self) -> str:
+        """The proto's dtype string: the dtype, and "#<scales digest>" for a scaled cache."""
+        return f"{self.dtype}#{self.scales}" if self.scales else self.dtype
+
+    @staticmethod
+    def parse_wire_dtype(wire: str) -> tuple[str, str]:
+        """(dtype, scales digest) of a `wire_dtype` string."""
+        dtype, _, scales = wire.partition("#")
+        return dtype, scales
 
     @classmethod
     def from_spec(cls, spec: KVCacheSpec) -> KVLayout:
@@ -53,11 +73,31 @@ class KVLayout:
             spec.num_layers,
             spec.block_size,
             spec.kv_dtype,
+            spec.scales_digest(),
         )
 
+    def bytes_per_block(self) -> int:
+        """Bytes of one block over every layer and every head (all source ranks together)."""
+        elements = self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        return elements * KV_DTYPE_ITEMSIZE[self.dtype]
+
     def check_compatible(self, other: KVLayout) -> None:
-        """Raises KVLayoutError naming the first field (other than tp_size) that differs."""
-        for name in ("num_kv_heads", "head_dim", "num_layers", "block_size", "dtype"):
+        """Raises KVLayoutError naming the first field (other than tp_size) that differs; a KV
+        dtype or scales mismatch names kv_cache_dtype (the pools' configs disagree)."""
+        if self.dtype != other.dtype:
+            raise KVLayoutError(
+                "dtype",
+                f"kv_cache_dtype: source stores {self.dtype}, destination {other.dtype}; prefill "
+                f"and decode pools must use the same kv_cache_dtype (KV is not converted)",
+            )
+        if self.scales != other.scales:
+            raise KVLayoutError(
+                "scales",
+                f"kv_cache_dtype: source and destination {self.dtype} caches have other scales "
+                f"({self.scales} != {other.scales}); give both pools the same checkpoint scales "
+                f"or calculate_kv_scales setting and model",
+            )
+        for name in ("num_kv_heads", "head_dim", "num_layers", "block_size"):
             if getattr(self, name) != getattr(other, name):
                 raise KVLayoutError(
                     name, f"source {getattr(self, name)} != destination {getattr(other, name)}"
@@ -99,6 +139,11 @@ class KVHandle:
     def num_blocks(self) -> int:
         return len(self.block_ids)
 
+    @property
+    def num_bytes(self) -> int:
+        """KV bytes the transfer moves (every block, layer and head): half for FP8 vs bf16."""
+        return self.num_blocks * self.layout.bytes_per_block()
+
     def to_bytes(self) -> bytes:
         return self.to_proto().SerializeToString()
 
@@ -116,7 +161,7 @@ class KVHandle:
                 head_dim=lay.head_dim,
                 num_layers=lay.num_layers,
                 block_size=lay.block_size,
-                dtype=lay.dtype,
+                dtype=lay.wire_dtype,
             ),
             block_ids=list(self.block_ids),
             block_hashes=list(self.block_hashes),
@@ -142,6 +187,7 @@ class KVHandle:
         if msg.spec_version != BLOCK_HASH_SPEC_VERSION:
             raise KVLayoutError("spec_version", f"{msg.spec_version} != {BLOCK_HASH_SPEC_VERSION}")
         lay = msg.layout
+        dtype, scales = KVLayout.parse_wire_dtype(lay.dtype)
         return cls(
             transfer_id=msg.transfer_id,
             source_worker_id=msg.source_worker_id,
@@ -152,7 +198,8 @@ class KVHandle:
                 lay.head_dim,
                 lay.num_layers,
                 lay.block_size,
-                lay.dtype,
+                dtype,
+                scales,
             ),
             block_ids=tuple(msg.block_ids),
             block_hashes=tuple(msg.block_hashes),

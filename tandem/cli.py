@@ -1,4 +1,4 @@
-"""The `tandem` command (typer): serve, generate, status, launch, down.
+"""The `tandem` command (typer): serve, generate, status, launch, down, plan.
 
 Every user error (a bad flag, an invalid spec, no router or Ray cluster reachable, a request the
 router rejects) ends as one `error: ...` message on stderr and exit code 1, never a traceback.
@@ -94,6 +94,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Quantization(str, Enum):
+    fp8 = "fp8"
+    int4 = "int4"
+
+
 def fail(message: str) -> typer.Exit:
     err_console.print(
         f"[bold red]error:[/bold red] {message}", highlight=False, markup=True, soft_wrap=True
@@ -167,9 +172,20 @@ def serve(
     ] = Device.auto,
     dtype: Annotated[str, typer.Option(help="auto, float32, float16 or bfloat16.")] = "auto",
     max_model_len: Annotated[int | None, typer.Option(min=2, help="Context length limit.")] = None,
+    quantization: Annotated[
+        Quantization | None,
+        typer.Option(help="Weight quantization: fp8 (W8A8) or int4 (W4A16), on load."),
+    ] = None,
     transport: Annotated[
         Transport, typer.Option(help="KV transport between pools.")
     ] = Transport.auto,
+    speculative_config: Annotated[
+        str | None,
+        typer.Option(
+            help="Speculative decoding on the decode workers, as JSON with vLLM's keys, e.g. "
+            '\'{"method": "ngram", "num_speculative_tokens": 4}\'.'
+        ),
+    ] = None,
     api_key_file: Annotated[
         str | None,
         typer.Option(help="Require this API key (the file's content) from clients."),
@@ -209,6 +225,8 @@ def serve(
         dtype=dtype,
         max_model_len=max_model_len,
         transport=transport.value,
+        extra_engine_kwargs={} if quantization is None else {"quantization": quantization.value},
+        speculative_config=speculative_config,
         api_key=api_key,
         api_key_file=api_key_file,
         api_key_env=api_key_env,
@@ -354,6 +372,24 @@ def down(
         say(
             f"Removed {len(result.actors)} actors and {len(result.placement_groups)} placement groups."
         )
+
+
+def _register_train_draft() -> None:
+    from tandem.train_draft import train_draft
+
+    app.command(name="train-draft", cls=_Command)(train_draft)
+
+
+_register_train_draft()
+
+
+def _register_plan() -> None:
+    from tandem.plan.cli import plan_app  # typer and rich only at import; the planner inside
+
+    app.add_typer(plan_app, name="plan")
+
+
+_register_plan()
 
 
 # ------------------------------------------------------------------ helpers

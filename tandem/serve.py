@@ -60,6 +60,8 @@ class ServeOptions:
     dtype: str = "auto"
     max_model_len: int | None = None
     transport: str = "auto"  # auto | grpc | nccl
+    # Speculative decoding on the decode and colocated workers (JSON, vLLM's keys); None: off
+    speculative_config: str | None = None
     extra_engine_kwargs: dict[str, Any] = field(default_factory=dict)
     # The router's API key: at most one source; with none, $TANDEM_API_KEY when set (serve_api_key).
     api_key: str | None = field(default=None, repr=False)
@@ -97,6 +99,7 @@ def serve_config(o: ServeOptions, num_gpus: int) -> ClusterConfig:
         http_port=o.http_port,
         metrics_port=o.metrics_port,
         engine_kwargs=engine_kwargs,
+        pool_engine_kwargs=_speculating_pools(o),
         api_key=serve_api_key(o),
         **counts,
         **_transport(o, use_gpus),
@@ -161,10 +164,25 @@ def _transport(o: ServeOptions, use_gpus: bool) -> dict[str, Any]:
     return {"kv_transport": "p2p"}
 
 
+def _speculating_pools(o: ServeOptions) -> dict[str, dict[str, Any]]:
+    """Speculation runs where tokens are decoded: the decode and colocated pools (a prefill
+    worker samples one token per request and would only load a draft model for nothing)."""
+    if o.speculative_config is None:
+        return {}
+    return {pool: {"speculative_config": o.speculative_config} for pool in ("decode", "colocated")}
+
+
 def preflight(o: ServeOptions) -> None:
     """What can be checked before Ray starts; raises `ServeError` naming the flag."""
     check_model(o.model)
     check_ports(o)
+    if o.speculative_config is not None:
+        from engine.spec.config import SpeculativeConfig  # pure: no torch
+
+        try:
+            SpeculativeConfig.parse(o.speculative_config)
+        except ValueError as err:
+            raise ServeError("--speculative-config", str(err)) from None
 
 
 def check_model(model: str) -> None:

@@ -84,6 +84,24 @@ class EngineKnobs(_Model):
     max_num_batched_tokens: int = Field(default=8192, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     block_size: Literal[8, 16, 32, 64, 128] = 16
+    # Weight quantization (engine.quant): "fp8" (W8A8) or "int4" (W4A16, quantized on load)
+    quantization: Literal["fp8", "int4"] | None = None
+    # Speculative decoding (vLLM's keys: method, num_speculative_tokens, ...); a decode or
+    # colocated pool's setting (a prefill pool samples one token per request)
+    speculative_config: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_speculation(self) -> EngineKnobs:
+        if self.speculative_config is not None:
+            from engine.spec.config import SpeculativeConfig  # pure: no torch
+
+            try:
+                SpeculativeConfig.parse(self.speculative_config)
+            except ValueError as err:
+                raise FieldProblem(
+                    "speculative_config", str(err).removeprefix("speculative_config.")
+                ) from None
+        return self
 
 
 class PoolSpec(_Model):

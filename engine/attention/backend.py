@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import EngineConfigError
-from engine.kv.spec import KVCacheSpec
+from engine.kv.spec import KVCacheSpec, LayerScales
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,11 @@ class AttentionBackend(ABC):
     What the captured kernels read must stay valid for every replay.
 
     `kv_spec` (engine/kv/spec.py) describes the cache the backend serves (None for a backend
-    built by hand, e.g. in kernel tests: the cache tensors then say all there is). A cache whose
-    dtype needs per-layer scales (FP8) will also need the layer index in `store_kv` / `attend`.
+    built by hand, e.g. in kernel tests: the cache tensors then say all there is, and an FP8
+    cache has scales of 1.0). A cache whose dtype needs per-layer scales (FP8) needs the layer
+    index: `layer` in `rope_and_store` / `store_kv` / `attend` picks `kv_spec.scales[layer]`
+    (`layer_scales`); stores write `value / scale` clamped to the format's range, reads use
+    `stored * scale`. Unscaled caches ignore `layer`; a scaled one without it raises.
     """
 
     name: str = "abstract"
@@ -83,6 +86,17 @@ class AttentionBackend(ABC):
                 f"kv_cache_dtype: {spec.kv_dtype!r} needs per-layer scales, which the {self.name} "
                 f"attention backend does not support"
             )
+
+    def layer_scales(self, layer: int | None) -> LayerScales:
+        """Layer `layer`'s dequantization scales (1.0 when the cache is unscaled or there is no
+        spec). Raises ValueError for a scaled spec and no layer: the wrong scales would
+        silently corrupt the cache."""
+        spec = self.kv_spec
+        if spec is None or not spec.is_scaled:
+            return LayerScales(1.0, 1.0)
+        if layer is None or not 0 <= layer < spec.num_layers:
+            raise ValueError(f"layer: a {spec.kv_dtype} cache needs a layer index, got {layer}")
+        return spec.layer_scales(layer)
 
     def plan(self, meta: AttentionMetadata) -> None:
         """Per-step host work before an eager forward pass, e.g. split counts from the step's
@@ -122,9 +136,11 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        layer: int | None = None,
     ) -> None:
         """Writes the new keys and values into their slots (`meta.slot_mapping`, every slot >= 0:
-        padding rows write the null block's slot 0), converted to the cache's dtype."""
+        padding rows write the null block's slot 0), converted to the cache's dtype (quantized
+        with layer `layer`'s scales for a scaled cache)."""
 
     def rope_and_store(
         self,
@@ -136,11 +152,12 @@ class AttentionBackend(ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        layer: int | None = None,
     ) -> torch.Tensor:
         """Returns the rotated queries [T, num_heads, head_dim]: `apply_rope`, then `store_kv`
         of the rotated keys (backends with a fused kernel override this)."""
         query, key = self.apply_rope(query, key, positions, cos_sin_cache)
-        self.store_kv(key, value, k_cache, v_cache, meta)
+        self.store_kv(key, value, k_cache, v_cache, meta, layer)
         return query
 
     @abstractmethod
@@ -151,5 +168,7 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        layer: int | None = None,
     ) -> torch.Tensor:
-        """Causal attention of the new queries over the cache: [T, num_heads, head_dim]."""
+        """Causal attention of the new queries over the cache: [T, num_heads, head_dim]
+        (dequantized with layer `layer`'s scales for a scaled cache)."""

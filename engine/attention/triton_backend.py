@@ -8,8 +8,11 @@ split their keys over several programs). `apply_rope` and `store_kv` on their ow
 that rotates elsewhere) are the torch reference ops, inherited from `TorchAttentionBackend`:
 correct everywhere, not tuned.
 
-The kernels read the cache in the query's dtype: this backend serves only a KV cache in the
-model's dtype (`check_kv_spec`).
+The kernels read the cache in the query's dtype, or FP8 (float8_e4m3fn / float8_e5m2) with the
+layer's scales (`layer_scales(layer)`: the fused store quantizes, the attention kernels widen in
+registers and fold the scales): this backend serves a KV cache in the model's dtype or FP8
+(`check_kv_spec`; FP8 on CUDA also needs compute capability >= 8.9, checked in
+engine/attention/select.py where the device is known).
 
 `plan(meta)` picks the decode kernel's number of KV splits once per step (given a `kv_spec`);
 without a plan for the very `meta` it is handed, `attend` lets the launcher pick per call.
@@ -51,12 +54,11 @@ class TritonAttentionBackend(TorchAttentionBackend):
         self._planned: tuple[AttentionMetadata, int | None] | None = None  # (meta, decode splits)
 
     def check_kv_spec(self, spec: KVCacheSpec, model_dtype: str) -> None:
-        super().check_kv_spec(spec, model_dtype)
-        if spec.kv_dtype != model_dtype:
+        if spec.kv_dtype != model_dtype and not spec.is_scaled:
             raise EngineConfigError(
                 f"kv_cache_dtype: the triton attention kernels read the cache in the model's dtype "
-                f"({model_dtype}), not {spec.kv_dtype!r}; use kv_cache_dtype='auto' or "
-                f"attention_backend='torch'"
+                f"({model_dtype}) or FP8, not {spec.kv_dtype!r}; use kv_cache_dtype='auto', "
+                f"'fp8' or attention_backend='torch'"
             )
 
     def plan(self, meta: AttentionMetadata) -> None:
@@ -85,9 +87,12 @@ class TritonAttentionBackend(TorchAttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        layer: int | None = None,
     ) -> torch.Tensor:
+        s = self.layer_scales(layer)
+        slots = meta.slot_mapping
         return rope_kv_store(
-            query, key, value, positions, cos_sin_cache, meta.slot_mapping, k_cache, v_cache
+            query, key, value, positions, cos_sin_cache, slots, k_cache, v_cache, *s.as_tuple()
         )
 
     def attend(
@@ -97,7 +102,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        layer: int | None = None,
     ) -> torch.Tensor:
+        k_scale, v_scale = self.layer_scales(layer).as_tuple()
         if meta.decode_only:
             planned, splits = self._planned, self.decode_num_splits
             if planned is not None and planned[0] is meta:  # planned for this very step
@@ -111,6 +118,8 @@ class TritonAttentionBackend(TorchAttentionBackend):
                 scale,
                 meta.max_seq_len,
                 num_splits=splits,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         return extend_attention(
             query,
@@ -123,4 +132,6 @@ class TritonAttentionBackend(TorchAttentionBackend):
             meta.max_query_len,
             config=self.extend_config,
             max_seq_len=meta.max_seq_len,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

@@ -18,6 +18,9 @@ program's unmasked key tiles over several programs (flash-decoding for extend): 
 writes its unnormalised partial output with its running max and sum; `_combine_kernel` merges
 the splits. `choose_extend_splits` picks S from the SM count and the context length.
 
+FP8 caches: tiles widen to the query's dtype in registers; `k_scale` folds into the softmax
+scale and `v_scale` into the output (engine/kernels/paged_decode_attention.py says why).
+
 Hazards: block ids are widened to int64 before they are scaled by the block stride (a large cache
 holds more than 2^31 elements). The new keys must already be in the cache (`rope_and_store`).
 """
@@ -32,9 +35,10 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.attention.backend import AttentionMetadata
-from engine.attention.torch_backend import paged_attention_ref
+from engine.attention.torch_backend import FP8_KV_DTYPES, paged_attention_ref
 from engine.kernels.checks import (
     check_paged_attention,
+    check_same_device,
     check_tensor,
     dot_precision,
     next_power_of_2,
@@ -74,6 +78,7 @@ def _attend_key_tile(
     MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -88,6 +93,7 @@ def _attend_key_tile(
         k = tl.load(k_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
     else:
         k = tl.load(k_ptr + kv_offs)
+    k = k.to(COMPUTE_DTYPE)  # an FP8 cache widens (exactly); else a no-op
     if UPCAST_DOT:
         k = k.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -102,7 +108,8 @@ def _attend_key_tile(
         v = tl.load(v_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
     else:
         v = tl.load(v_ptr + kv_offs)
-    p = p.to(v_ptr.dtype.element_ty)
+    v = v.to(COMPUTE_DTYPE)
+    p = p.to(COMPUTE_DTYPE)
     if UPCAST_DOT:
         v = v.to(tl.float32)
         p = p.to(tl.float32)
@@ -122,6 +129,7 @@ def _extend_kernel(
     part_acc_ptr,
     part_ml_ptr,
     qk_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -204,6 +212,7 @@ def _extend_kernel(
             False,
             DOT_PRECISION,
             UPCAST_DOT,
+            q_ptr.dtype.element_ty,
         )
     for n0 in range(diag_lo, diag_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
@@ -227,10 +236,11 @@ def _extend_kernel(
             True,
             DOT_PRECISION,
             UPCAST_DOT,
+            q_ptr.dtype.element_ty,
         )
 
     if NUM_SPLITS == 1:
-        acc = acc / l_i[:, None]
+        acc = acc * (v_scale / l_i)[:, None]
         o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None])
     else:  # partials: acc unnormalised, and the running max (log2 domain) and sum of each row
@@ -241,7 +251,7 @@ def _extend_kernel(
             + head * stride_ph
             + offs_d[None, :]
         )
-        tl.store(p_ptrs, acc, mask=m_mask[:, None])
+        tl.store(p_ptrs, acc * v_scale, mask=m_mask[:, None])
         ml = part_ml_ptr + split * stride_ms + rows * stride_mt + head * 2
         tl.store(ml, m_i, mask=m_mask)
         tl.store(ml + 1, l_i, mask=m_mask)
@@ -336,13 +346,46 @@ def _check_args(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
-    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_kv(query, k_cache, v_cache, block_tables, seq_lens)
     check_tensor("query_start_loc", query_start_loc, 1, (torch.int32,))
     batch = seq_lens.shape[0]
     if query_start_loc.shape[0] != batch + 1 or block_tables.shape[0] != batch:
         raise ValueError(
             f"query_start_loc/block_tables: need {batch + 1}/{batch} rows for {batch} seq_lens, got "
             f"{query_start_loc.shape[0]}/{block_tables.shape[0]}"
+        )
+
+
+def check_paged_kv(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    """`check_paged_attention`, letting the cache be FP8 (a query-dtype stand-in of the cache's
+    shape takes the shared checks; the FP8 tensors get their own rank, dtype and device ones)."""
+    if k_cache.dtype not in FP8_KV_DTYPES:
+        check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens)
+        return
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, cache, 4, FP8_KV_DTYPES)
+    if k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(
+            f"v_cache: shape/dtype {tuple(v_cache.shape)}/{v_cache.dtype} differ from k_cache"
+        )
+    check_same_device(query=query, k_cache=k_cache, v_cache=v_cache)
+    stand_in = torch.empty((1, 1, *k_cache.shape[2:]), dtype=query.dtype, device=query.device)
+    check_paged_attention(query, stand_in, stand_in, block_tables, seq_lens)
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """Scales finite and > 0; exactly 1.0 for an unscaled cache (a scale there is a bug)."""
+    if not all(math.isfinite(x) and x > 0 for x in (k_scale, v_scale)):
+        raise ValueError(f"k_scale/v_scale: must be finite and > 0, got {k_scale}/{v_scale}")
+    if k_cache.dtype not in FP8_KV_DTYPES and (k_scale, v_scale) != (1.0, 1.0):
+        raise ValueError(
+            f"k_scale/v_scale: a {k_cache.dtype} cache is unscaled, got {k_scale}/{v_scale}"
         )
 
 
@@ -391,6 +434,8 @@ def extend_attention(
     config: ExtendConfig | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its paged context: [T, H, D].
 
@@ -399,9 +444,11 @@ def extend_attention(
     query_start_loc [B + 1] int32; seq_lens [B] int32 with seq_lens[b] >= its new-token count;
     max_query_len >= every request's new-token count (a host int: it sizes the grid).
     `num_splits`: key splits per program (None: `choose_extend_splits` when `max_seq_len`, a
-    host bound on seq_lens, is given; else 1).
+    host bound on seq_lens, is given; else 1). An FP8 cache holds `real / k_scale` and
+    `real / v_scale` (scales must be 1.0 for other caches, which are in the query's dtype).
     """
     _check_args(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens)
+    check_kv_scales(k_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = query.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     config = config or default_config(head_dim, max_query_len, query.is_cuda, query.dtype)
@@ -431,7 +478,8 @@ def extend_attention(
         seq_lens,
         part_acc,
         part_ml,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e) * k_scale,
+        float(v_scale),
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -503,7 +551,9 @@ def extend_attention_ref(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Float32 reference: `paged_attention_ref` (output in query's dtype)."""
     meta = reference_metadata(block_tables, query_start_loc, seq_lens)
-    return paged_attention_ref(query, k_cache, v_cache, meta, scale)
+    return paged_attention_ref(query, k_cache, v_cache, meta, scale, k_scale, v_scale)

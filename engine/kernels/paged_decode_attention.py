@@ -9,6 +9,11 @@ kernel writes the output directly.
 Hazards: block ids are widened to int64 before they are scaled by the block stride, since a
 large cache holds more than 2^31 elements. `num_splits` changes the grid, so a CUDA graph must be
 captured with a fixed `num_splits` (pass it explicitly).
+
+FP8 caches: K and V tiles are widened to the query's dtype in registers (exact) and the layer's
+scales are applied where they cost nothing: `k_scale` folds into the softmax scale (q . (k s) =
+s (q . k)) and `v_scale` multiplies the output (sum p (v s) = s sum p v). The same numbers as
+dequantizing every element (`stored * scale`), one multiply per row instead of per element.
 """
 
 from __future__ import annotations
@@ -20,13 +25,12 @@ import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 
 from engine.kernels.checks import (
-    check_paged_attention,
     dot_precision,
     next_power_of_2,
     num_sms,
     upcast_dot,
 )
-from engine.kernels.extend_attention import extend_attention_ref
+from engine.kernels.extend_attention import check_kv_scales, check_paged_kv, extend_attention_ref
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 32
@@ -43,6 +47,7 @@ def _decode_split_kernel(
     part_out_ptr,
     part_lse_ptr,
     qk_scale,
+    v_scale,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -95,6 +100,7 @@ def _decode_split_kernel(
         tok_off = block_ids * stride_kb + (pos % PAGE_SIZE) * stride_kt + head_off
         kv_offs = tok_off[:, None] + offs_d[None, :]
         k = tl.load(k_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
+        k = k.to(q_ptr.dtype.element_ty)  # an FP8 cache widens (exactly); else a no-op
         if UPCAST_DOT:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -104,7 +110,8 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + kv_offs, mask=n_mask[:, None], other=0.0)
-        p = p.to(v_ptr.dtype.element_ty)
+        v = v.to(q_ptr.dtype.element_ty)
+        p = p.to(q_ptr.dtype.element_ty)
         if UPCAST_DOT:
             v = v.to(tl.float32)
             p = p.to(tl.float32)
@@ -112,7 +119,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    acc = acc / l_safe[:, None]
+    acc = acc * (v_scale / l_safe)[:, None]
     if NUM_SPLITS == 1:
         o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=h_mask[:, None])
@@ -180,7 +187,7 @@ def _check_args(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
 ) -> None:
-    check_paged_attention(query, k_cache, v_cache, block_tables, seq_lens)
+    check_paged_kv(query, k_cache, v_cache, block_tables, seq_lens)
     batch = query.shape[0]
     if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
         raise ValueError(
@@ -200,16 +207,20 @@ def paged_decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one query token per request over its paged context: returns [B, H, D].
 
-    query [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] (same dtype as query);
+    query [B, H, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] (the query's dtype, or
+    FP8 holding `real / k_scale` and `real / v_scale`; scales must be 1.0 otherwise);
     block_tables [B, max_blocks] int32; seq_lens [B] int32 (context including the new token,
     whose key must already be in the cache; a padded row with seq_len 0 gets zeros);
     max_seq_len >= max(seq_lens) (a host int, used only to pick the number of splits).
     Tuning knobs: num_splits, block_n, num_warps, num_stages.
     """
     _check_args(query, k_cache, v_cache, block_tables, seq_lens)
+    check_kv_scales(k_cache, k_scale, v_scale)
     batch, num_heads, head_dim = query.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -232,7 +243,8 @@ def paged_decode_attention(
         out,
         part_out,
         part_lse,
-        scale * math.log2(math.e),
+        scale * math.log2(math.e) * k_scale,
+        float(v_scale),
         query.stride(0),
         query.stride(1),
         k_cache.stride(0),
@@ -284,9 +296,11 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Float32 reference (`paged_attention_ref`), one query row per request."""
     query_start_loc = torch.arange(query.shape[0] + 1, dtype=torch.int32, device=query.device)
     return extend_attention_ref(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale
     )

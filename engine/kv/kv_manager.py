@@ -250,6 +250,16 @@ class KVManager:
             self.pool.cache_full_block(request.block_ids[i], request.block_hashes[i])
         self._num_registered[request.request_id] = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the blocks past the first `num_tokens` tokens (lookahead slots that held
+        rejected drafts). They were never registered in the prefix cache: only blocks full of
+        computed tokens are, and those lie within `num_tokens` when it is the computed count."""
+        keep = self.num_blocks_for(num_tokens)
+        if len(request.block_ids) > keep:
+            extra = request.block_ids[keep:]
+            del request.block_ids[keep:]
+            self.pool.free(extra)
+
     def detach(self, request: Request) -> list[int]:
         """Hand the request's blocks to a new owner (a KV lease) without freeing them; the owner
         later calls `release()`. Clears the request's table. Idempotent."""

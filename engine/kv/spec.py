@@ -20,6 +20,7 @@ with other scales hold other numbers for the same bytes).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -37,6 +38,11 @@ KV_DTYPE_ITEMSIZE: Mapping[str, int] = MappingProxyType(
     }
 )
 SCALED_KV_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2"})
+# The largest finite value of each scaled dtype: stores clamp to it (e4m3fn has no infinity;
+# an out-of-range cast would give NaN), calibration divides amax by it.
+KV_DTYPE_MAX: Mapping[str, float] = MappingProxyType(
+    {"float8_e4m3fn": 448.0, "float8_e5m2": 57344.0}
+)
 
 
 class KVSpecError(EngineConfigError):
@@ -59,6 +65,14 @@ class LayerScales:
 
     k_scale: float
     v_scale: float
+
+    def as_tuple(self) -> tuple[float, float]:
+        return (float(self.k_scale), float(self.v_scale))
+
+
+def unit_scales(num_layers: int) -> tuple[LayerScales, ...]:
+    """Scales of 1.0 for every layer: the stored value is the real one (the default)."""
+    return (LayerScales(1.0, 1.0),) * num_layers
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,19 @@ class KVCacheSpec:
     @property
     def is_scaled(self) -> bool:
         return self.kv_dtype in SCALED_KV_DTYPES
+
+    def layer_scales(self, layer: int) -> LayerScales:
+        """Layer `layer`'s scales; 1.0 for an unscaled cache."""
+        return self.scales[layer] if self.scales is not None else LayerScales(1.0, 1.0)
+
+    def scales_digest(self) -> str:
+        """16 hex digits naming the scales ("" when unscaled): what the block-hash salt and the
+        transfer handle carry, so caches with other scales never share or mix blocks. Exact:
+        `float.hex` of every scale, no rounding."""
+        if self.scales is None:
+            return ""
+        text = ";".join(f"{float(s.k_scale).hex()},{float(s.v_scale).hex()}" for s in self.scales)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def block_shape(self, num_heads: int | None = None) -> tuple[int, int, int, int, int]:
         """One block: [num_layers, 2, block_size, heads, head_dim] (default: local heads)."""

@@ -65,8 +65,9 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         k_cache, v_cache = ctx.kv_cache[self.layer_idx, 0], ctx.kv_cache[self.layer_idx, 1]
-        q = ctx.backend.rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, ctx.meta)
-        out = ctx.backend.attend(q, k_cache, v_cache, ctx.meta, self.scale)
+        layer, meta = self.layer_idx, ctx.meta  # the layer picks its KV scales (FP8 caches)
+        q = ctx.backend.rope_and_store(q, k, v, positions, cos_sin, k_cache, v_cache, meta, layer)
+        out = ctx.backend.attend(q, k_cache, v_cache, meta, self.scale, layer)
         return self.o_proj(out.reshape(num_tokens, q_size))
 
 

@@ -126,31 +126,62 @@ def _positions_and_slots(
 
 
 def _sample_indices(out: SchedulerOutput) -> list[int]:
-    indices, end = [], 0
+    """The last row of each sampling request, and before it one row per draft it verifies."""
+    indices: list[int] = []
+    end = 0
     for s in out.scheduled:
         end += s.num_tokens
         if s.sample:
-            indices.append(end - 1)
+            indices.extend(range(end - 1 - s.num_draft_tokens, end))
     return indices
 
 
+def verifies_as_decode(out: SchedulerOutput) -> bool:
+    """A verify step of decode rows only: each request feeds its one real token and drafts."""
+    return any(s.num_draft_tokens for s in out.scheduled) and all(
+        s.sample and s.num_tokens == s.num_draft_tokens + 1 for s in out.scheduled
+    )
+
+
 def build_step_inputs(out: SchedulerOutput, block_size: int) -> StepInputs:
-    """Host tensors for one step, built with array operations rather than per-token loops."""
+    """Host tensors for one step, built with array operations rather than per-token loops.
+
+    A verify step of decode rows only (`verifies_as_decode`) becomes a decode step of one row
+    per token: token j of a request is a sequence of its own whose context ends at it (its
+    seq_len is its position + 1) over the request's block table. Every token's KV is stored
+    before attention reads the cache, so each row sees exactly the keys causal attention would
+    give it, the decode attention kernel serves the step, and the step can replay a decode CUDA
+    graph. The rows read their request's context once each (k + 1 times per request): cheap
+    while speculation runs, at small batches (engine.spec.lookahead)."""
     assert out.scheduled, "an empty step has no inputs"
     table, _ = _block_table_rows(out)
     positions, slots = _positions_and_slots(out, table, block_size)
     counts = np.fromiter(
         (s.num_tokens for s in out.scheduled), dtype=np.int32, count=len(out.scheduled)
     )
+    input_ids = torch.tensor([t for s in out.scheduled for t in s.token_ids], dtype=torch.int64)
+    sample_indices = torch.tensor(_sample_indices(out), dtype=torch.int64)
+    if verifies_as_decode(out):
+        rows = np.repeat(np.arange(len(counts)), counts)
+        return StepInputs(
+            input_ids=input_ids,
+            positions=torch.from_numpy(positions),
+            slot_mapping=torch.from_numpy(slots),
+            query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+            seq_lens=torch.from_numpy((positions + 1).astype(np.int32)),
+            block_tables=torch.from_numpy(table[rows].astype(np.int32)),
+            sample_indices=sample_indices,
+            decode_only=True,
+        )
     query_start_loc = np.zeros(len(counts) + 1, dtype=np.int32)
     np.cumsum(counts, out=query_start_loc[1:])
     return StepInputs(
-        input_ids=torch.tensor([t for s in out.scheduled for t in s.token_ids], dtype=torch.int64),
+        input_ids=input_ids,
         positions=torch.from_numpy(positions),
         slot_mapping=torch.from_numpy(slots),
         query_start_loc=torch.from_numpy(query_start_loc),
         seq_lens=torch.tensor([s.seq_len for s in out.scheduled], dtype=torch.int32),
         block_tables=torch.from_numpy(table.astype(np.int32)),
-        sample_indices=torch.tensor(_sample_indices(out), dtype=torch.int64),
+        sample_indices=sample_indices,
         decode_only=out.decode_only,
     )

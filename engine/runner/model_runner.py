@@ -3,7 +3,10 @@
 `execute(out)` reads a SchedulerOutput and returns a RunnerOutput; it never mutates scheduler
 state. Its stages: `build_step_inputs` (host) -> `forward` (device: the attention backend's
 `plan`, then the model; or `prepare_replay`, then a CUDA graph for small decode steps) ->
-`sampler` (device, batched). The KV cache is allocated from `kv_spec` (engine/kv/spec.py), the
+`sampler` (device, batched). With speculative decoding, rows with lookahead slots first get
+draft tokens from the proposer (engine.spec.proposer), the forward pass runs a view of the
+step whose rows end with their drafts, and the verifier (engine.spec.verify) turns the k + 1
+logits rows of each such request into its accepted tokens. The KV cache is allocated from `kv_spec` (engine/kv/spec.py), the
 one description of it every consumer reads.
 
 Under tensor parallelism this runner is rank 0's: `step_scope` (engine.distributed's
@@ -17,6 +20,7 @@ import contextlib
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,9 @@ from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.inputs import StepInputs, attention_metadata, build_step_inputs
 from engine.runner.kv_cache import allocate_kv_cache, kv_cache_spec, kv_torch_dtype, num_kv_blocks
 from engine.sampler import Sampler
-from engine.scheduler.output import RunnerOutput, SchedulerOutput
+from engine.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.spec.factory import build_proposer
+from engine.spec.verify import Verifier
 from engine.weights import fill_dummy, load_safetensors
 
 
@@ -74,7 +80,7 @@ class ModelRunner:
         self.model = self._load_model(show_progress)
         self.num_kv_heads_local = self.model.model.layers[0].self_attn.num_kv_heads
         # The one description of the cache: sizing, allocation and the backend all read it.
-        self.kv_spec = kv_cache_spec(model_cfg, engine, get_tp_group().size)
+        self.kv_spec = kv_cache_spec(model_cfg, engine, tp.size, self.model, model_path)
         assert self.kv_spec.num_local_heads == self.num_kv_heads_local, "spec and model disagree"
         self.backend = get_attention_backend(
             device, engine.attention_backend, self.kv_spec, model_cfg.torch_dtype
@@ -85,6 +91,8 @@ class ModelRunner:
         self.num_blocks = get_tp_group().min_int(fit)
         self.kv_cache = allocate_kv_cache(self.kv_spec, self.num_blocks, device)
         self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, device)
+        self.verifier = Verifier(self.sampler)
+        self.proposer = build_proposer(engine.speculation, self)
         self.step_scope = step_scope or (lambda host: contextlib.nullcontext())
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not engine.enforce_eager:
@@ -152,8 +160,12 @@ class ModelRunner:
     ) -> RunnerOutput:
         """`on_kv_enqueued(layer_marks)` runs once the forward pass is enqueued, before the
         sampler waits for it (see `forward` for the marks)."""
+        if self.proposer is not None:
+            self.proposer.forget(out.finished_ids)
         if out.is_empty:
             return RunnerOutput(sampled_token_ids={})
+        if self.proposer is not None and out.any_lookahead:
+            out = self._with_drafts(out)
         host = build_step_inputs(out, self.block_size)
         requests = [s for s in out.scheduled if s.sample]
         with self.step_scope(host):
@@ -164,7 +176,50 @@ class ModelRunner:
                 hidden = self.forward(host, marks)
                 on_kv_enqueued(marks)
             logits = self.compute_logits(hidden)
-            result = self.sampler(logits, requests)
-        sampled = {r.request_id: t for r, t in zip(requests, result.token_ids)}
-        logprobs = {r.request_id: lp for r, lp in zip(requests, result.logprobs) if lp is not None}
-        return RunnerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+            if any(s.num_draft_tokens for s in requests):
+                output = self._verify(logits, requests)
+            else:
+                result = self.sampler(logits, requests)
+                output = RunnerOutput(
+                    sampled_token_ids={r.request_id: t for r, t in zip(requests, result.token_ids)},
+                    logprobs={
+                        r.request_id: lp
+                        for r, lp in zip(requests, result.logprobs)
+                        if lp is not None
+                    },
+                )
+        if self.proposer is not None:
+            self.proposer.observe(requests, hidden, output)
+        return output
+
+    def _with_drafts(self, out: SchedulerOutput) -> SchedulerOutput:
+        """The verify view of a step: each row with lookahead ends with its drafts."""
+        assert self.proposer is not None
+        rows = [s for s in out.scheduled if s.num_lookahead]
+        drafts = dict(zip((s.request_id for s in rows), self.proposer.propose(rows)))
+        scheduled = [
+            replace(
+                s,
+                token_ids=s.token_ids + drafts[s.request_id][: s.num_lookahead],
+                num_draft_tokens=len(drafts[s.request_id][: s.num_lookahead]),
+            )
+            if s.request_id in drafts
+            else s
+            for s in out.scheduled
+        ]
+        return replace(out, scheduled=scheduled)
+
+    def _verify(self, logits: torch.Tensor, requests: list[ScheduledRequest]) -> RunnerOutput:
+        verdicts = self.verifier(logits, requests)
+        result = RunnerOutput(sampled_token_ids={})
+        for s, v in zip(requests, verdicts):
+            rid = s.request_id
+            result.sampled_token_ids[rid] = v.final_token
+            if s.num_draft_tokens:
+                result.accepted_draft_ids[rid] = v.accepted
+                result.num_draft_tokens[rid] = s.num_draft_tokens
+            if v.logprobs:
+                result.logprobs[rid] = v.logprobs[-1]
+                if len(v.logprobs) > 1:
+                    result.draft_logprobs[rid] = v.logprobs[:-1]
+        return result

@@ -16,3 +16,12 @@ def step_seed(seed: int, num_output_tokens: int) -> int:
         f"tandem-sampler:{seed}:{num_output_tokens}".encode(), digest_size=8
     ).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def accept_seed(seed: int, num_output_tokens: int) -> int:
+    """The seed of a seeded row's acceptance draw in speculative verification: independent of
+    its sampling noise (`step_seed`), stable across processes like it."""
+    digest = hashlib.blake2b(
+        f"tandem-accept:{seed}:{num_output_tokens}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)

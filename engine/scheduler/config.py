@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from engine.errors import check_config
+from engine.spec.lookahead import LookaheadPolicy
 
 
 def _positive_int(value: object) -> bool:
@@ -20,7 +21,8 @@ class SchedulerConfig:
     batch. Without chunked prefill a prompt must fit the budget whole, so the budget must
     cover `max_model_len`. `watermark` is the fraction of usable blocks that admission leaves
     free for running requests to grow into. A request older than `starvation_timeout_s`
-    jumps every queue (see engine.scheduler.policy).
+    jumps every queue (see engine.scheduler.policy). `speculation` (None: off) reserves
+    lookahead slots for draft tokens on decode rows (engine.spec.lookahead).
     """
 
     max_model_len: int
@@ -31,6 +33,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     watermark: float = 0.01
     starvation_timeout_s: float = 30.0
+    speculation: LookaheadPolicy | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -26,6 +26,11 @@ class ScheduledRequest:
     `prompt_token_ids` / `output_token_ids` are references the sampler reads for penalties and
     seeded noise; they must not be mutated until `update()`. `grammar` is the request's
     structured-output state (None without one): only the sampler on rank 0 touches it.
+
+    Speculative decoding: `num_lookahead` slots after `token_ids` are allocated for draft
+    tokens (a decode row only). The runner asks its proposer for up to that many drafts and
+    verifies them in a view of this row whose `token_ids` end with the `num_draft_tokens`
+    drafts (the scheduler's own rows always have `num_draft_tokens == 0`).
     """
 
     request_id: str
@@ -37,10 +42,17 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     grammar: GrammarState | None = None
+    num_lookahead: int = 0
+    num_draft_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        """The drafts at the end of `token_ids` (a verify view's row; [] otherwise)."""
+        return self.token_ids[len(self.token_ids) - self.num_draft_tokens :]
 
     @property
     def seq_len(self) -> int:
@@ -50,11 +62,16 @@ class ScheduledRequest:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """A step: the requests to run (prefill chunks first, then decodes) and what changed."""
+    """A step: the requests to run (prefill chunks first, then decodes) and what changed.
+
+    `finished_ids`: requests that left the running batch since the previous step (finished,
+    aborted or preempted), so a runner holding per-request state (a draft model's) drops it.
+    `num_batched_tokens` counts the lookahead slots too."""
 
     scheduled: list[ScheduledRequest]
     preempted_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0
+    finished_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -64,6 +81,10 @@ class SchedulerOutput:
     def decode_only(self) -> bool:
         """Every request feeds exactly one token (CUDA-graph eligible)."""
         return all(s.num_tokens == 1 and s.sample for s in self.scheduled)
+
+    @property
+    def any_lookahead(self) -> bool:
+        return any(s.num_lookahead for s in self.scheduled)
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,19 @@ class TokenLogprobs:
 
 @dataclass(frozen=True)
 class RunnerOutput:
-    """New tokens for each request whose ScheduledRequest had `sample=True`, by request id."""
+    """New tokens for each request whose ScheduledRequest had `sample=True`, by request id.
+
+    With speculation a request gets `accepted_draft_ids[rid]` (its accepted drafts, in order)
+    followed by `sampled_token_ids[rid]` (the target's own next token after them), out of
+    `num_draft_tokens[rid]` drafts verified; `draft_logprobs[rid]` holds the accepted drafts'
+    logprobs where asked, `logprobs[rid]` the last token's."""
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    accepted_draft_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    draft_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+    def new_token_ids(self, request_id: str) -> list[int]:
+        """Every token the step gives the request, in order."""
+        return [*self.accepted_draft_ids.get(request_id, ()), self.sampled_token_ids[request_id]]

@@ -14,6 +14,12 @@ The engine step is three calls:
      budget, `max_num_seqs` and the pool (minus the watermark) allow; a prefix hit makes
      `num_computed_tokens` jump to the cached length. Admission stops at the first request
      that does not fit (no overtaking: it would starve long prompts).
+Speculative decoding (`config.speculation`): a decode row may also get lookahead slots for
+draft tokens (engine.spec.lookahead says how many; never at the cost of a preemption: a row
+that cannot grow by them runs without), and `update()` appends every token the runner
+accepted, checking stop conditions token by token. `num_computed_tokens` then covers the
+accepted tokens only and the blocks past it are freed (`KVManager.trim`): the KV of rejected
+drafts is released, and prefix-cache hashes never cover a draft.
 A request whose structured-output grammar is still compiling (`Request.grammar_ready` False,
 like vLLM's WAITING_FOR_FSM) is passed over in both stages, holding nothing new, while the
 others go on; the engine finishes one whose compilation failed.
@@ -85,6 +91,9 @@ class Scheduler:
         self._watermark_blocks = int(config.watermark * kv_manager.num_usable_blocks)
         self.swap: PreemptionSwap | None = None
         self._num_preemptions_total = 0
+        self._gone: list[str] = []  # left the running batch since the last schedule()
+        self.num_draft_tokens_total = 0
+        self.num_accepted_tokens_total = 0
 
     # ------------------------------------------------------------ requests
 
@@ -133,7 +142,8 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             return None
-        self._running.pop(request_id, None)
+        if self._running.pop(request_id, None) is not None:
+            self._gone.append(request_id)
         self._waiting.pop(request_id, None)
         if request.num_swapped_tokens and self.swap is not None:
             self.swap.discard(request_id)
@@ -183,10 +193,12 @@ class Scheduler:
         budget = self._schedule_running(now, budget, scheduled, preempted)
         if not preempted:
             self._schedule_waiting(now, budget, scheduled)
+        gone, self._gone = self._gone, []
         return SchedulerOutput(
             scheduled=scheduled,
             preempted_ids=[r.request_id for r in preempted],
-            num_batched_tokens=sum(s.num_tokens for s in scheduled),
+            num_batched_tokens=sum(s.num_tokens + s.num_lookahead for s in scheduled),
+            finished_ids=gone,
         )
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
@@ -204,6 +216,7 @@ class Scheduler:
         preempted: list[Request],
     ) -> int:
         queue = sort_by_policy(self._running.values(), now, self.config.starvation_timeout_s)
+        speculate = self._speculation_active(len(queue))
         i = 0
         while i < len(queue) and budget > 0:
             request = queue[i]
@@ -216,8 +229,13 @@ class Scheduler:
                 if not self._make_room(queue, i, n, preempted):
                     break  # the request preempted itself: everything after it already went
                 self.kv.allocate_slots(request, n)
-            scheduled.append(self._scheduled(request, n, now))
-            budget -= n
+            lookahead = (
+                self._reserve_lookahead(request, n, budget - n, len(queue) - i - 1)
+                if speculate
+                else 0
+            )
+            scheduled.append(self._scheduled(request, n, now, lookahead))
+            budget -= n + lookahead
             i += 1
         self._running = {r.request_id: r for r in queue}
         if preempted:  # to the front of the waiting queue, in policy order
@@ -225,6 +243,24 @@ class Scheduler:
             self._waiting = {r.request_id: r for r in reversed(preempted)}
             self._waiting.update(rest)
         return budget
+
+    def _speculation_active(self, num_running: int) -> bool:
+        policy = self.config.speculation
+        return policy is not None and policy.active(num_running)
+
+    def _reserve_lookahead(self, request: Request, n: int, budget_left: int, num_after: int) -> int:
+        """Slots for draft tokens after a decode row's token, allocated here where they fit
+        while leaving a block for each of the `num_after` rows still to schedule (0 otherwise):
+        speculation never makes another request wait or be preempted."""
+        policy = self.config.speculation
+        decode = n == 1 and request.num_output_tokens > 0
+        if policy is None or not decode or request.grammar is not None or request.hold_kv:
+            return 0
+        k = policy.lookahead(request, budget_left, self.config.max_model_len)
+        if k == 0 or not self.kv.can_allocate_slots(request, n + k, NO_BLOCKS, num_after):
+            return 0
+        self.kv.allocate_slots(request, n + k)
+        return k
 
     def _make_room(
         self, queue: list[Request], i: int, num_new_tokens: int, preempted: list[Request]
@@ -257,6 +293,7 @@ class Scheduler:
             if self.swap.swap_out(request.request_id, computed_blocks):
                 request.num_swapped_tokens = request.num_computed_tokens
         self.kv.free(request)
+        self._gone.append(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -313,7 +350,7 @@ class Scheduler:
         return n
 
     @staticmethod
-    def _scheduled(request: Request, n: int, now: float) -> ScheduledRequest:
+    def _scheduled(request: Request, n: int, now: float, lookahead: int = 0) -> ScheduledRequest:
         if request.first_scheduled_time is None:  # the end of its queueing, for stage timings
             request.first_scheduled_time = now
         start = request.num_computed_tokens
@@ -327,6 +364,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             grammar=request.grammar,
+            num_lookahead=lookahead,
         )
 
     # -------------------------------------------------------------- update
@@ -340,16 +378,35 @@ class Scheduler:
             if request is None or not self._still_scheduled(request, s):
                 continue
             request.num_computed_tokens += s.num_tokens
+            if s.sample:
+                self._append_tokens(request, s, result)
             self.kv.cache_blocks(request)
-            if not s.sample:
-                continue
-            token = result.sampled_token_ids[s.request_id]
-            request.output_token_ids.append(token)
-            self._check_stop(request, token)
             if request.status.finished:
                 self._remove_finished(request)
-            updated.append(request)
+            if s.sample:
+                updated.append(request)
         return updated
+
+    def _append_tokens(self, request: Request, s: ScheduledRequest, result: RunnerOutput) -> None:
+        """Append the step's tokens one by one until a stop condition; the KV of every accepted
+        draft (all appended tokens but the last) is computed now."""
+        tokens = result.new_token_ids(s.request_id)
+        if s.num_lookahead and self.config.speculation is not None:
+            num_drafts = result.num_draft_tokens.get(s.request_id, 0)
+            self.config.speculation.after_verify(request, num_drafts, len(tokens) - 1)
+            self.num_draft_tokens_total += num_drafts
+            self.num_accepted_tokens_total += len(tokens) - 1
+        appended = 0
+        for token in tokens:
+            request.output_token_ids.append(token)
+            appended += 1
+            self._check_stop(request, token)
+            if request.status.finished:
+                break
+        request.num_computed_tokens += appended - 1
+        request.num_new_tokens = appended
+        if s.num_lookahead:
+            self.kv.trim(request, request.num_computed_tokens)
 
     @staticmethod
     def _still_scheduled(request: Request, s: ScheduledRequest) -> bool:
@@ -375,6 +432,7 @@ class Scheduler:
     def _remove_finished(self, request: Request) -> None:
         del self._requests[request.request_id]
         del self._running[request.request_id]
+        self._gone.append(request.request_id)
         self._release_blocks(request)
 
     def _release_blocks(self, request: Request) -> None:

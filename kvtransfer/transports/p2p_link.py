@@ -100,10 +100,19 @@ class Generation:
         self.users = 0
 
     def post_send(self, tensor: torch.Tensor, peer: int) -> dist.Work:
-        return self.backend.send([tensor], peer, TAG)
+        return self.backend.send([_wire(tensor)], peer, TAG)
 
     def post_recv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
-        return self.backend.recv([tensor], peer, TAG)
+        return self.backend.recv([_wire(tensor)], peer, TAG)
+
+
+_BYTE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """FP8 KV as its bytes (a view: a receive lands in the tensor): NCCL before 2.24 and gloo
+    have no FP8 types, and the transport moves raw cache bytes anyway."""
+    return tensor.view(torch.uint8) if tensor.dtype in _BYTE_DTYPES else tensor
 
 
 def make_backend(

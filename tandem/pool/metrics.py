@@ -216,7 +216,23 @@ class _SnapshotCollector(Collector):
         )
         preempt.add_metric(self._labels, load.num_preemptions_total)
         yield preempt
+        yield from self._speculation(load)
         yield from self._kv(snap.tiers)
+
+    def _speculation(self, load: EngineLoad) -> Iterable[CounterMetricFamily]:
+        """Speculative decoding: drafts verified and accepted (their ratio is the acceptance
+        rate; accepted / verify steps + 1 the mean accepted length)."""
+        for name, doc, value in (
+            ("tandem_spec_draft_tokens", "Draft tokens verified.", load.num_draft_tokens_total),
+            (
+                "tandem_spec_accepted_tokens",
+                "Draft tokens accepted.",
+                load.num_accepted_tokens_total,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model", "worker", "pool"])
+            family.add_metric(self._labels, value)
+            yield family
 
     def _kv(
         self, tiers: Mapping[str, TierFigures]

@@ -44,6 +44,11 @@ def test_help_lists_every_command():
     [
         (["serve", "--device", "cpu", "--transport", "nccl"], "--transport"),
         (["serve", "--device", "cpu", "--mode", "colocated", "--transport", "nccl"], "--transport"),
+        (
+            ["serve", "--device", "cpu", "--speculative-config", '{"method": "medusa2"}'],
+            "--speculative-config",
+        ),
+        (["serve", "--device", "cpu", "--speculative-config", "{k: 3"], "--speculative-config"),
     ],
 )
 def test_unsupported_serve_flags_fail_cleanly_before_starting(args, flag):

@@ -1,6 +1,9 @@
 """SmolLM2-135M-Instruct through the disaggregated cluster (real Ray actors, the real gRPC
 router, KV prefill -> decode over the gRPC transport) equals transformers, float32, greedy:
-8 chat prompts x 64 tokens. Skipped when the `demo` extra (the model package) is missing."""
+8 chat prompts x 64 tokens. The decode pool speculates (n-gram, k = 4), so this is also the
+exactness of speculative decoding through the cluster: the decode worker proposes from the
+prompt it received and the first token the prefill worker sampled. Skipped when the `demo`
+extra (the model package) is missing."""
 
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ def cluster():
         num_prefill=1,
         num_decode=1,
         engine_kwargs={"device": "cpu", "dtype": "float32"},
+        pool_engine_kwargs={
+            "decode": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}
+        },
     )
     c = ClusterThread(config)
     yield c

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.attention.backend import AttentionMetadata
+from engine.attention.backend import AttentionBackend, AttentionMetadata
 from engine.attention.select import get_attention_backend
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import EngineConfig
@@ -71,7 +71,7 @@ def test_kv_cache_dtype_is_not_the_model_dtype(checkpoint: Path) -> None:
     assert len(out.token_ids) == GREEDY.max_tokens
 
 
-@pytest.mark.parametrize("value", ["fp8", "float8_e4m3fn", "int8", "torch.float16", ""])
+@pytest.mark.parametrize("value", ["fp8_e4m3fn", "float8_e4m3fn", "int8", "torch.float16", ""])
 def test_engine_config_rejects_other_kv_cache_dtypes(value: str) -> None:
     with pytest.raises(EngineConfigError, match="^kv_cache_dtype: "):
         EngineConfig(model="m", kv_cache_dtype=value)
@@ -162,8 +162,9 @@ def test_tier_slots_and_keys_come_from_the_spec() -> None:
 
 def test_backends_refuse_caches_they_cannot_serve() -> None:
     fp8 = KVCacheSpec(2, 4, 16, 8, "float8_e5m2", scales=(LayerScales(1.0, 1.0),) * 2)
+    assert get_attention_backend(torch.device("cpu"), "torch", fp8, "bfloat16").kv_spec is fp8
     with pytest.raises(EngineConfigError, match="^kv_cache_dtype: .*per-layer scales"):
-        get_attention_backend(torch.device("cpu"), "torch", fp8, "bfloat16")
+        AttentionBackend.check_kv_spec(RecordingBackend(), fp8, "bfloat16")  # the default
     backend = get_attention_backend(torch.device("cpu"), "torch", SPEC, "float32")  # casts: fine
     assert backend.kv_spec is SPEC
     from engine.attention.triton_backend import TritonAttentionBackend
@@ -183,9 +184,9 @@ class RecordingBackend(TorchAttentionBackend):
     def plan(self, meta: AttentionMetadata) -> None:
         self.events.append(("plan", meta))
 
-    def attend(self, query, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+    def attend(self, query, k_cache, v_cache, meta, scale, layer=None):  # type: ignore[no-untyped-def]
         self.events.append(("attend", meta))
-        return super().attend(query, k_cache, v_cache, meta, scale)
+        return super().attend(query, k_cache, v_cache, meta, scale, layer)
 
 
 def test_plan_runs_once_per_step_before_every_layer(checkpoint: Path) -> None:

@@ -113,3 +113,19 @@ def rope_cache(
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_SCALES = (0.02, 0.5)  # (k_scale, v_scale): unequal, and k's puts N(0, 1) keys near 50
+
+
+def fp8_batch(
+    batch: PagedBatch, kv_dtype: torch.dtype, scales: tuple[float, float] = FP8_SCALES
+) -> PagedBatch:
+    """`batch` with its caches quantized into `kv_dtype` (`quantize_kv`, the store's rule)."""
+    from engine.attention.torch_backend import quantize_kv
+
+    k_scale, v_scale = scales
+    k_cache = quantize_kv(batch.k_cache, kv_dtype, k_scale)
+    v_cache = quantize_kv(batch.v_cache, kv_dtype, v_scale)
+    return PagedBatch(batch.query, k_cache, v_cache, batch.meta, batch.positions, batch.block_ids)

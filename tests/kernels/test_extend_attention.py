@@ -12,7 +12,15 @@ from engine.kernels.extend_attention import (
     extend_attention,
     extend_attention_ref,
 )
-from tests.kernels.kernel_cases import DTYPES, PagedBatch, assert_close, make_paged_batch
+from tests.kernels.kernel_cases import (
+    DTYPES,
+    FP8_DTYPES,
+    FP8_SCALES,
+    PagedBatch,
+    assert_close,
+    fp8_batch,
+    make_paged_batch,
+)
 
 SHAPES = [(1, 16, 64), (4, 32, 64), (8, 16, 128)]  # (gqa group, block_size, head_dim)
 # (new tokens, context) per request: decode row, first token of a prompt, full prefill without
@@ -192,3 +200,46 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     assert batch.k_cache.numel() > 2**31
     out, ref = _run(batch)
     assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_cache_matches_dequantized_reference(
+    dtype: torch.dtype, kv_dtype: torch.dtype, num_splits: int
+) -> None:
+    """Prefill, chunk-after-prefix and decode rows over an FP8 cache equal the float32 reference
+    over `stored * scale` (split partials carry v_scale too)."""
+    batch = fp8_batch(_batch(4, 16, 64, dtype, [1, 37, 20], [40, 37, 70], seed=6), kv_dtype)
+    meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
+    k_scale, v_scale = FP8_SCALES
+    tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
+    out = extend_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        *tables,
+        scale,
+        meta.max_query_len,
+        num_splits=num_splits,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    ref = extend_attention_ref(
+        batch.query.float(), batch.k_cache, batch.v_cache, *tables, scale, k_scale, v_scale
+    )
+    assert_close(out, ref, dtype)
+
+
+def test_fp8_cache_checks_still_apply() -> None:
+    """The shared launcher checks (GQA heads, head_dim, table dtypes) hold for FP8 caches."""
+    batch = fp8_batch(_batch(4, 16, 64, torch.float32, [3], [9]), torch.float8_e4m3fn)
+    meta = batch.meta
+    tables = (meta.block_tables, meta.query_start_loc, meta.seq_lens)
+    with pytest.raises(ValueError, match="query"):
+        extend_attention(batch.query[:, :3], batch.k_cache, batch.v_cache, *tables, 1.0, 3)
+    with pytest.raises(ValueError, match="block_tables"):
+        bad = (meta.block_tables.long(), meta.query_start_loc, meta.seq_lens)
+        extend_attention(batch.query, batch.k_cache, batch.v_cache, *bad, 1.0, 3)
+    with pytest.raises(ValueError, match="k_scale/v_scale"):
+        extend_attention(batch.query, batch.k_cache, batch.v_cache, *tables, 1.0, 3, v_scale=-1.0)

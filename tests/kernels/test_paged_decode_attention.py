@@ -10,7 +10,15 @@ from engine.kernels.paged_decode_attention import (
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from tests.kernels.kernel_cases import DTYPES, PagedBatch, assert_close, make_paged_batch
+from tests.kernels.kernel_cases import (
+    DTYPES,
+    FP8_DTYPES,
+    FP8_SCALES,
+    PagedBatch,
+    assert_close,
+    fp8_batch,
+    make_paged_batch,
+)
 
 # (gqa group, block_size, head_dim): every GQA ratio, block size and head dim appears.
 SHAPES = [(1, 16, 64), (4, 32, 64), (8, 16, 128)]
@@ -145,3 +153,45 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     assert batch.k_cache.numel() > 2**31
     out, ref = _run(batch)
     assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_cache_matches_dequantized_reference(
+    dtype: torch.dtype, kv_dtype: torch.dtype, num_splits: int
+) -> None:
+    """An FP8 cache read with its scales equals the float32 reference over `stored * scale`
+    within the query dtype's tolerance (the kernel folds the scales; the values are the same)."""
+    batch = fp8_batch(_decode_batch(4, 16, 64, dtype, CPU_SEQ_LENS, seed=5), kv_dtype)
+    meta, scale = batch.meta, batch.query.shape[-1] ** -0.5
+    k_scale, v_scale = FP8_SCALES
+    tables = (meta.block_tables, meta.seq_lens, scale)
+    out = paged_decode_attention(
+        batch.query,
+        batch.k_cache,
+        batch.v_cache,
+        *tables,
+        meta.max_seq_len,
+        num_splits=num_splits,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    ref = paged_decode_attention_ref(
+        batch.query.float(), batch.k_cache, batch.v_cache, *tables, k_scale, v_scale
+    )
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+def test_fp8_rejects_bad_scales_and_mixed_caches() -> None:
+    batch = fp8_batch(_decode_batch(4, 16, 64, torch.float32, [5, 9]), torch.float8_e4m3fn)
+    meta, q = batch.meta, batch.query
+    tables = (meta.block_tables, meta.seq_lens, 0.125, 9)
+    with pytest.raises(ValueError, match="k_scale/v_scale"):
+        paged_decode_attention(q, batch.k_cache, batch.v_cache, *tables, k_scale=0.0)
+    plain = _decode_batch(4, 16, 64, torch.float32, [5, 9])
+    with pytest.raises(ValueError, match="k_scale/v_scale"):  # an unscaled cache takes none
+        paged_decode_attention(q, plain.k_cache, plain.v_cache, *tables, v_scale=2.0)
+    with pytest.raises(ValueError, match="v_cache"):
+        paged_decode_attention(q, batch.k_cache, batch.v_cache.float(), *tables)

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from engine.kernels.rope_kv_store import rope_kv_store, rope_kv_store_ref
-from tests.kernels.kernel_cases import DEVICE, DTYPES, assert_close, rope_cache
+from tests.kernels.kernel_cases import (
+    DEVICE,
+    DTYPES,
+    FP8_DTYPES,
+    FP8_SCALES,
+    HAS_CUDA,
+    assert_close,
+    rope_cache,
+)
 
 
 def _inputs(
@@ -112,3 +120,50 @@ def test_cache_beyond_int32_offsets_gpu() -> None:
     )
     assert args["k_cache"].numel() > 2**31
     _check(args, torch.bfloat16)
+
+
+def _check_fp8(args: dict[str, torch.Tensor], dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    """The fused store into an FP8 cache equals `quantize_kv` of the reference's rotated k and
+    v: on the interpreter byte for byte where the rotated key rounds the same (float32,
+    float16); bfloat16 (the interpreter truncates when it narrows the rotated key) and CUDA
+    (its float32 division may differ by an ulp) within one FP8 step."""
+    args = dict(args, k_cache=args["k_cache"].to(kv_dtype), v_cache=args["v_cache"].to(kv_dtype))
+    ref_args = dict(args, k_cache=args["k_cache"].clone(), v_cache=args["v_cache"].clone())
+    k_scale, v_scale = FP8_SCALES
+    out = rope_kv_store(**args, k_scale=k_scale, v_scale=v_scale)
+    ref = rope_kv_store_ref(**ref_args, k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, ref, dtype)
+    if not HAS_CUDA and dtype != torch.bfloat16:
+        for name in ("k_cache", "v_cache"):
+            assert torch.equal(args[name].view(torch.uint8), ref_args[name].view(torch.uint8))
+        return
+    step = torch.finfo(kv_dtype).eps  # one FP8 step, relative
+    for name, scale in (("k_cache", k_scale), ("v_cache", v_scale)):
+        stored, expected = args[name].float() * scale, ref_args[name].float() * scale
+        torch.testing.assert_close(stored, expected, rtol=step, atol=scale * 2.0**-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES)
+def test_fp8_cache_matches_reference(dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    _check_fp8(_inputs(12, 8, 2, 64, dtype, num_blocks=4, block_size=16), dtype, kv_dtype)
+
+
+def test_fp8_store_clamps_and_rounds_to_nearest_even() -> None:
+    """Values past the format's range saturate (no NaN); ties go to the even neighbour."""
+    args = _inputs(4, 2, 2, 64, torch.float32, num_blocks=1, block_size=16)
+    args["slot_mapping"] = torch.arange(4, device=DEVICE)
+    ties = torch.tensor([84.0, -84.0, 1e6, -1e6, 124.5, 0.0], device=DEVICE)  # 84: between 80, 88
+    args["value"] = ties.repeat(4, 2, 11)[:, :, :64].contiguous()
+    args = dict(args, k_cache=args["k_cache"].to(torch.float8_e4m3fn))
+    args["v_cache"] = args["v_cache"].to(torch.float8_e4m3fn)
+    rope_kv_store(**args)
+    stored = args["v_cache"][0, 0, 0, :6].float().tolist()
+    assert stored == [80.0, -80.0, 448.0, -448.0, 128.0, 0.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES)
+def test_fp8_full_shapes_gpu(dtype: torch.dtype, kv_dtype: torch.dtype) -> None:
+    _check_fp8(_inputs(4096, 32, 8, 128, dtype, num_blocks=600, block_size=16), dtype, kv_dtype)

@@ -11,11 +11,15 @@ from engine.attention.select import get_attention_backend
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.attention.triton_backend import TritonAttentionBackend
 from engine.errors import EngineConfigError
+from engine.kv.spec import KVCacheSpec, LayerScales
 from tests.kernels.kernel_cases import (
     DEVICE,
     DTYPES,
+    FP8_DTYPES,
+    FP8_SCALES,
     PagedBatch,
     assert_close,
+    fp8_batch,
     make_paged_batch,
     rope_cache,
 )
@@ -26,15 +30,18 @@ DECODE = ([1, 1, 1], [1, 30, 77])
 
 
 def _step(
-    backend: AttentionBackend, batch: PagedBatch, new_kv: tuple[torch.Tensor, torch.Tensor]
+    backend: AttentionBackend,
+    batch: PagedBatch,
+    new_kv: tuple[torch.Tensor, torch.Tensor],
+    layer: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One layer step on fresh copies of the caches; returns (rotated q, output, k_cache, v_cache)."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     cos_sin = rope_cache(max(256, int(batch.positions.max()) + 1), batch.query.shape[-1])
     q = backend.rope_and_store(
-        batch.query, *new_kv, batch.positions, cos_sin, k_cache, v_cache, batch.meta
+        batch.query, *new_kv, batch.positions, cos_sin, k_cache, v_cache, batch.meta, layer
     )
-    out = backend.attend(q, k_cache, v_cache, batch.meta, batch.query.shape[-1] ** -0.5)
+    out = backend.attend(q, k_cache, v_cache, batch.meta, batch.query.shape[-1] ** -0.5, layer)
     return q, out, k_cache, v_cache
 
 
@@ -95,3 +102,34 @@ def test_full_shapes_gpu(dtype: torch.dtype) -> None:
     seq_lens = [3000] * 24 + [2048, 4096, 1]
     _compare(q_lens, seq_lens, dtype, 4, 16, 128, TritonAttentionBackend())
     _compare([1] * 32, [4096] * 32, dtype, 4, 16, 128, TritonAttentionBackend())
+
+
+@pytest.mark.parametrize("q_lens,seq_lens", [MIXED, DECODE])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_layer_step_matches_torch_backend(
+    q_lens: list[int], seq_lens: list[int], dtype: torch.dtype
+) -> None:
+    """Both backends over one FP8 spec: each reads its layer's scales (layer 1 here), the fused
+    store quantizes as `quantize_kv` does, and attention over the result agrees."""
+    scales = (LayerScales(1.0, 1.0), LayerScales(*FP8_SCALES))
+    spec = KVCacheSpec(2, 1, 64, 16, "float8_e4m3fn", scales=scales)
+    batch = fp8_batch(
+        make_paged_batch(q_lens, seq_lens, 4, 1, 64, 16, dtype, seed=8), FP8_DTYPES[0]
+    )
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    new_kv = tuple(
+        torch.empty((sum(q_lens), 1, 64), dtype=dtype, device=DEVICE).normal_(generator=gen)
+        for _ in range(2)
+    )
+    ours = _step(TritonAttentionBackend(kv_spec=spec), batch, new_kv, layer=1)  # type: ignore[arg-type]
+    ref = _step(TorchAttentionBackend(spec), batch, new_kv, layer=1)  # type: ignore[arg-type]
+    assert_close(ours[0], ref[0], dtype)
+    for mine, theirs in zip(ours[2:], ref[2:]):  # within one FP8 step (bf16 rounding differs)
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=0.125, atol=2.0**-9)
+    # attention over the very cache the Triton store wrote (on CPU a rotated bf16 key may be
+    # one FP8 step off the reference's: the interpreter truncates when it narrows to bf16)
+    scale = batch.query.shape[-1] ** -0.5
+    expected = TorchAttentionBackend(spec).attend(ours[0], *ours[2:], batch.meta, scale, 1)
+    assert_close(ours[1], expected, dtype)
+    with pytest.raises(ValueError, match="layer"):
+        _step(TorchAttentionBackend(spec), batch, new_kv)  # type: ignore[arg-type]

@@ -1,5 +1,9 @@
 """Fuzz: 1,000 random operations (add, step, abort) against a small pool.
 
+With speculation on, decode rows get lookahead slots; the fake runner proposes random drafts
+into them (writing their KV like a verify pass) and accepts a random prefix, so acceptances,
+rejections and stops inside an accepted run all occur, and the checks below hold throughout.
+
 Hypothesis draws the engine shape and a seed; the seed drives the operation stream (a
 1,000-operation list drawn element by element would overrun Hypothesis' buffer). A fake runner
 keeps a token-level copy of the KV cache and checks on every step that each request's
@@ -19,6 +23,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler.output import RunnerOutput, SchedulerOutput
 from engine.scheduler.scheduler import Scheduler, SchedulerConfig
+from engine.spec.lookahead import LookaheadPolicy
 from engine.utils.math import cdiv
 
 EOS = 0
@@ -41,18 +46,27 @@ class CheckingRunner:
             tokens = s.prompt_token_ids + s.output_token_ids
             assert s.token_ids == tokens[s.start_position : s.seq_len]
             assert s.sample == (s.seq_len == len(tokens))
-            assert len(s.block_ids) == cdiv(s.seq_len, self.bs)
+            end = s.seq_len + s.num_lookahead
+            assert len(s.block_ids) == cdiv(end, self.bs)
+            assert not s.num_lookahead or (s.num_tokens == 1 and s.sample)
             for p in range(s.start_position):
                 assert self._slot(s.block_ids, p) == tokens[p], "context KV holds wrong tokens"
-            for block_id in {s.block_ids[p // self.bs] for p in range(s.start_position, s.seq_len)}:
+            for block_id in {s.block_ids[p // self.bs] for p in range(s.start_position, end)}:
                 assert pool.ref_count(block_id) == 1 and pool.block_hash(block_id) is None
+        result = RunnerOutput({})
         for s in out.scheduled:
-            for j, token in enumerate(s.token_ids):
+            drafts = [
+                self.rng.randrange(VOCAB) for _ in range(self.rng.randint(0, s.num_lookahead))
+            ]
+            for j, token in enumerate(s.token_ids + drafts):  # a verify pass writes drafts' KV too
                 p = s.start_position + j
                 self.kv.setdefault(s.block_ids[p // self.bs], [None] * self.bs)[p % self.bs] = token
-        return RunnerOutput(
-            {s.request_id: self.rng.randrange(VOCAB) for s in out.scheduled if s.sample}
-        )
+            if s.sample:
+                result.sampled_token_ids[s.request_id] = self.rng.randrange(VOCAB)
+            if s.num_lookahead:
+                result.num_draft_tokens[s.request_id] = len(drafts)
+                result.accepted_draft_ids[s.request_id] = drafts[: self.rng.randint(0, len(drafts))]
+        return result
 
     def _slot(self, block_ids: list[int], p: int) -> int | None:
         return self.kv.get(block_ids[p // self.bs], [None] * self.bs)[p % self.bs]
@@ -63,7 +77,9 @@ def check_scheduler(
 ) -> None:
     """Invariants between steps; with `pending`, between schedule() and update()."""
     pool = sched.kv.pool
-    num_pending = {s.request_id: s.num_tokens for s in out.scheduled} if pending else {}
+    num_pending = (
+        {s.request_id: s.num_tokens + s.num_lookahead for s in out.scheduled} if pending else {}
+    )
     pool.check_integrity()
     cfg = sched.config
     assert out.num_batched_tokens <= cfg.max_num_batched_tokens
@@ -135,7 +151,8 @@ def run_ops(
     chunked: bool,
     caching: bool,
     drain_by_abort: bool,
-) -> None:
+    speculate: bool = False,
+) -> Scheduler:
     rng = random.Random(seed)
     max_model_len = min((num_blocks - 1) * block_size, 96)
     cfg = SchedulerConfig(
@@ -147,6 +164,9 @@ def run_ops(
         enable_prefix_caching=caching,
         watermark=0.05,
         starvation_timeout_s=40.0,
+        speculation=LookaheadPolicy(rng.randint(1, 5), rng.choice([None, 2, 4]))
+        if speculate
+        else None,
     )
     evicted: list[int] = []
     kv = KVManager(
@@ -184,6 +204,7 @@ def run_ops(
     drain(sched, runner, live, drain_by_abort)
     assert kv.num_free_blocks == kv.num_usable_blocks
     kv.pool.check_integrity()
+    return sched
 
 
 def drain(
@@ -211,6 +232,7 @@ def drain(
     chunked=st.booleans(),
     caching=st.booleans(),
     drain_by_abort=st.booleans(),
+    speculate=st.booleans(),
 )
 def test_random_operations_keep_pool_consistent(
     seed: int,
@@ -221,8 +243,19 @@ def test_random_operations_keep_pool_consistent(
     chunked: bool,
     caching: bool,
     drain_by_abort: bool,
+    speculate: bool,
 ) -> None:
-    run_ops(seed, num_blocks, block_size, budget, max_num_seqs, chunked, caching, drain_by_abort)
+    run_ops(
+        seed,
+        num_blocks,
+        block_size,
+        budget,
+        max_num_seqs,
+        chunked,
+        caching,
+        drain_by_abort,
+        speculate,
+    )
 
 
 def test_tight_pool_with_prefix_sharing_preempts_and_recovers() -> None:
@@ -238,3 +271,21 @@ def test_tight_pool_with_prefix_sharing_preempts_and_recovers() -> None:
             caching=True,
             drain_by_abort=False,
         )
+
+
+def test_speculation_in_a_tight_pool_accepts_rejects_and_frees_everything() -> None:
+    """Drafts on every decode row of a small pool with prefix sharing: lookahead never
+    preempts, rejected slots are released, every block is free at the end."""
+    for seed in range(4):
+        sched = run_ops(
+            seed,
+            num_blocks=10,
+            block_size=4,
+            budget=24,
+            max_num_seqs=6,
+            chunked=True,
+            caching=True,
+            drain_by_abort=seed % 2 == 1,
+            speculate=True,
+        )
+        assert 0 < sched.num_accepted_tokens_total < sched.num_draft_tokens_total

@@ -1,0 +1,204 @@
+"""Speculative decoding on one GPU: what a verification step costs, and the speedup that the
+acceptance measured on real text buys (Llama-3-8B shape, DUMMY bf16 weights).
+
+    python bench/spec_cost.py [--batches 1,4,16,64,256] [--ks 1,2,4,8] [--acceptance JSON]
+
+With dummy weights the model's own drafts mean nothing, so the two halves are measured apart:
+  * cost: for each batch B, B requests at context ~1k decode with a proposer that always offers
+    exactly k drafts (random tokens: nearly all rejected, so every step verifies k + 1 positions
+    per request); the engine's whole step (schedule, propose, verify forward, update) is timed
+    against a plain decode step of the same requests (k = 0), in the same run;
+  * benefit: the mean accepted length per verify step, L(k) = accepted drafts + 1, measured on
+    SmolLM2-135M-Instruct on real text (bench/spec_acceptance.py writes that JSON);
+  * speedup(B, k) = L(k) * t_decode(B) / t_verify(B, k): tokens per second with speculation
+    over tokens per second without. It is computed from measured step costs and measured
+    acceptance, not observed end to end: say so next to every figure.
+The n-gram proposer's own host cost at B rows of 1k-token contexts is timed too (it runs on the
+host before the forward pass: it adds to the step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import gpu_name, print_table, sync, write_json  # noqa: E402
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.scheduler.output import RunnerOutput, ScheduledRequest  # noqa: E402
+from engine.spec.lookahead import LookaheadPolicy  # noqa: E402
+from engine.spec.ngram import propose_ngram  # noqa: E402
+from engine.utils.math import cdiv  # noqa: E402
+
+CTX = 1024
+
+
+class FixedDrafts:
+    """A proposer that always offers every slot it is given (random tokens): the verify
+    step's worst case, which the cost half measures."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.rng = random.Random(0)
+
+    def propose(self, rows: Sequence[ScheduledRequest]) -> list[list[int]]:
+        return [[self.rng.randrange(self.vocab) for _ in range(s.num_lookahead)] for s in rows]
+
+    def forget(self, request_ids: Sequence[str]) -> None:
+        pass
+
+    def observe(
+        self, rows: Sequence[ScheduledRequest], hidden: torch.Tensor, output: RunnerOutput
+    ) -> None:
+        pass
+
+
+def set_k(llm: LLM, k: int) -> None:
+    sched = llm.engine.scheduler
+    policy = LookaheadPolicy(k, None, dynamic=False) if k else None
+    sched.config = replace(sched.config, speculation=policy)
+
+
+def step_times(llm: LLM, batch: int, ks: list[int], steps: int) -> dict[int, float]:
+    """Median engine-step seconds at each k for `batch` requests decoding at context ~CTX."""
+    engine = llm.engine
+    warm = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 4
+    total = warm + len(ks) * (steps + 3) * (max(ks) + 1) + 8
+    params = SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    ids = [f"s{batch}-{i}" for i in range(batch)]
+    set_k(llm, 0)
+    for rid in ids:
+        engine.add_request(
+            rid, torch.randint(0, engine.vocab_size, (CTX,), generator=gen).tolist(), params
+        )
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step())
+    result = {}
+    for k in ks:
+        set_k(llm, k)
+        for _ in range(3):
+            engine.step()
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            engine.step()
+            sync()
+            times.append(time.perf_counter() - start)
+        result[k] = statistics.median(times)
+    engine.abort(ids)
+    return result
+
+
+def ngram_host_cost(batch: int, k: int, ctx: int = CTX) -> float:
+    """Seconds the n-gram proposer takes for `batch` rows of `ctx` random tokens (no match:
+    its worst case, every n scanned over the whole context)."""
+    rng = random.Random(1)
+    rows = [[rng.randrange(128_000) for _ in range(ctx)] for _ in range(batch)]
+    start = time.perf_counter()
+    for tokens in rows:
+        propose_ngram(tokens, k, 1, 4)
+    return time.perf_counter() - start
+
+
+def load_acceptance(path: str | None) -> dict[str, dict[int, float]]:
+    """method -> k -> mean accepted length per verify step, from bench/spec_acceptance.py."""
+    if path is None or not Path(path).is_file():
+        return {}
+    data = json.loads(Path(path).read_text())
+    out: dict[str, dict[int, float]] = {}
+    for row in data.get("rows", []):
+        out.setdefault(f"{row['method']} / {row['task']}", {})[int(row["k"])] = float(
+            row["mean_accepted_length"]
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,4,16,64,256")
+    parser.add_argument("--ks", default="1,2,4,8")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--acceptance", default="docs/results/2026-12-07/spec/acceptance.json")
+    parser.add_argument("--preset", default="llama-3-8b", help="tiny: a CPU rehearsal")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() and args.preset == "llama-3-8b":
+        sys.exit("bench/spec_cost.py needs a CUDA GPU")
+    batches = [int(x) for x in args.batches.split(",")]
+    ks = [0, *(int(x) for x in args.ks.split(","))]
+    llm = LLM(
+        f"preset:{args.preset}",
+        load_format="dummy",
+        dtype="bfloat16" if torch.cuda.is_available() else "float32",
+        show_progress=False,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        speculative_config={"method": "ngram", "num_speculative_tokens": max(ks)},
+    )
+    llm.engine.runner.proposer = FixedDrafts(llm.engine.vocab_size)
+    print(f"{gpu_name()}: preset {args.preset} (dummy weights), context ~{CTX}")
+    costs = {b: step_times(llm, b, ks, args.steps) for b in batches}
+    rows = [
+        [b, *(f"{costs[b][k] * 1e3:.2f} ({costs[b][k] / costs[b][0]:.2f}x)" for k in ks)]
+        for b in batches
+    ]
+    print_table(
+        "engine step ms (x the plain decode step) with k drafts per request verified",
+        ["batch", *(f"k={k}" for k in ks)],
+        rows,
+    )
+    host = {(b, k): ngram_host_cost(b, k) for b in batches for k in ks if k}
+    print_table(
+        "n-gram proposer host ms (no match: its worst case), 1k-token contexts",
+        ["batch", *(f"k={k}" for k in ks if k)],
+        [[b, *(f"{host[b, k] * 1e3:.2f}" for k in ks if k)] for b in batches],
+    )
+    acceptance = load_acceptance(args.acceptance)
+    speedups = {}
+    for name, by_k in acceptance.items():
+        table = []
+        for b in batches:
+            row: list[object] = [b]
+            for k in ks[1:]:
+                if k in by_k:
+                    s = by_k[k] * costs[b][0] / costs[b][k]
+                    speedups[f"{name} b{b} k{k}"] = s
+                    row.append(f"{s:.2f}x (L={by_k[k]:.2f})")
+                else:
+                    row.append("-")
+            table.append(row)
+        print_table(
+            f"speedup = L(k) x t_decode / t_verify, {name} (COMPUTED from measured step costs "
+            "and acceptance measured on SmolLM2-135M; dummy 8B weights)",
+            ["batch", *(f"k={k}" for k in ks[1:])],
+            table,
+        )
+    print(
+        "peer (published, not run here): SGLang EAGLE-3 on Llama-3.1-8B, MT-Bench, H100, batch 1: 2.36x"
+    )
+    write_json(
+        "spec_cost",
+        {
+            "gpu": gpu_name(),
+            "ctx": CTX,
+            "step_s": {str(b): {str(k): t for k, t in c.items()} for b, c in costs.items()},
+            "ngram_host_s": {f"{b},{k}": t for (b, k), t in host.items()},
+            "speedup": speedups,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
