@@ -112,7 +112,7 @@ def leader_read(
         buf = torch.empty(
             _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
         )
-        pending.append((run, buf, dist.irecv(buf, group=tp.group, group_src=run.rank)))
+        pending.append((run, buf, dist.irecv(_wire(buf), group=tp.group, group_src=run.rank)))
     for run, buf, work in pending:
         wait_bounded(work, timeout_s)
         out[..., run.start - h0 : run.end - h0, :] = buf
@@ -138,10 +138,16 @@ def leader_write(
             _local(cache, op, run, base).index_copy_(2, index, part)
             continue
         part = part.contiguous()  # kept alive until its send completes
-        pending.append((part, dist.isend(part, group=tp.group, group_dst=run.rank)))
+        pending.append((part, dist.isend(_wire(part), group=tp.group, group_dst=run.rank)))
     for _, work in pending:
         wait_bounded(work, timeout_s)
     _settle(cache.device)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """What goes on the wire: an FP8 cache's bytes as uint8 (a view: same storage), since gloo
+    and older NCCL have no float8 types; other dtypes as they are."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
 
 
 def _settle(device: torch.device) -> None:
@@ -161,7 +167,7 @@ def follower_serve(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int
         buf = torch.empty(
             _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
         )
-        dist.recv(buf, group=tp.group, group_src=0)
+        dist.recv(_wire(buf), group=tp.group, group_src=0)
         local.index_copy_(2, index, buf)
     else:
-        dist.send(local.index_select(2, index).contiguous(), group=tp.group, group_dst=0)
+        dist.send(_wire(local.index_select(2, index).contiguous()), group=tp.group, group_dst=0)
