@@ -105,9 +105,9 @@ def leader_read(
     pending: list[tuple[HeadRun, torch.Tensor, dist.Work | None]] = []
     for run in read_plan(op.heads, tp.size, num_kv_heads):
         if run.rank == 0:
-            out[..., run.start - h0 : run.end - h0, :] = _local(cache, op, run, base).index_select(
-                2, index
-            )
+            _wire(out)[..., run.start - h0 : run.end - h0, :] = _wire(
+                _local(cache, op, run, base)
+            ).index_select(2, index)
             continue
         buf = torch.empty(
             _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
@@ -115,7 +115,7 @@ def leader_read(
         pending.append((run, buf, dist.irecv(_wire(buf), group=tp.group, group_src=run.rank)))
     for run, buf, work in pending:
         wait_bounded(work, timeout_s)
-        out[..., run.start - h0 : run.end - h0, :] = buf
+        _wire(out)[..., run.start - h0 : run.end - h0, :] = _wire(buf)
     _settle(cache.device)
     return out
 
@@ -135,7 +135,7 @@ def leader_write(
     for run in write_plan(op.heads, tp.size, num_kv_heads):
         part = data[..., run.start - h0 : run.end - h0, :]
         if run.rank == 0:
-            _local(cache, op, run, base).index_copy_(2, index, part)
+            _wire(_local(cache, op, run, base)).index_copy_(2, index, _wire(part))
             continue
         part = part.contiguous()  # kept alive until its send completes
         pending.append((part, dist.isend(_wire(part), group=tp.group, group_dst=run.rank)))
@@ -145,8 +145,8 @@ def leader_write(
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
-    """What goes on the wire: an FP8 cache's bytes as uint8 (a view: same storage), since gloo
-    and older NCCL have no float8 types; other dtypes as they are."""
+    """An FP8 cache's bytes as uint8 (a view: same storage) for the wire and for the index ops:
+    gloo and older NCCL have no float8 types, nor has CPU index_copy_; other dtypes as they are."""
     return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
 
 
@@ -168,6 +168,6 @@ def follower_serve(tp: TPGroup, cache: torch.Tensor, op: KVOp, num_kv_heads: int
             _shape(cache, op, run.end - run.start), dtype=cache.dtype, device=cache.device
         )
         dist.recv(_wire(buf), group=tp.group, group_src=0)
-        local.index_copy_(2, index, buf)
+        _wire(local).index_copy_(2, index, _wire(buf))
     else:
-        dist.send(_wire(local.index_select(2, index).contiguous()), group=tp.group, group_dst=0)
+        dist.send(_wire(local).index_select(2, index).contiguous(), group=tp.group, group_dst=0)

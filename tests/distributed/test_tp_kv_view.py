@@ -277,3 +277,32 @@ def test_killed_follower_fails_a_kv_read(pair):
     engine.add_request("after", PROMPT, FIRST)
     with pytest.raises(TPGroupError, match="rank 1"):
         engine.step()
+
+
+def test_an_fp8_cache_moves_through_the_group(local_ray, tmp_path_factory):  # noqa: F811
+    """kv_cache_dtype="fp8" at TP 2: writes reach the followers and reads gather from them,
+    byte for byte (the KV ops put FP8 on the gloo wire as uint8: gloo has no float8)."""
+    path = tiny_models.build("qwen2", tmp_path_factory.mktemp("tiny_fp8"))
+    config = EngineConfig(
+        model=str(path),
+        device="cpu",
+        dtype="float32",
+        num_kv_blocks=16,
+        block_size=16,
+        kv_cache_dtype="fp8",
+        tensor_parallel_size=2,
+    )
+    engine = LLMEngine(config, show_progress=False)
+    try:
+        assert engine.tp is not None and engine.runner.kv_cache.dtype == torch.float8_e4m3fn
+        heads = engine.model_config.num_kv_heads
+        view = TPGroupKVView(engine.runner.kv_cache, engine.tp, 2, heads, engine.kv_spec)
+        ids = _free_blocks(engine, 3)
+        data = torch.randn(view.num_layers, 2, 3, 16, heads, view.head_dim)
+        data = data.to(torch.float8_e4m3fn)
+        view.write_blocks(ids, data)
+        back = view.read_blocks(ids).cpu()
+        assert back.dtype == torch.float8_e4m3fn
+        assert torch.equal(back.view(torch.uint8), data.view(torch.uint8))
+    finally:
+        engine.shutdown()
