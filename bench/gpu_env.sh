@@ -11,3 +11,13 @@ if [ -f .carry/ray-site.tar.xz ] && [ ! -d /tmp/site/ray ]; then
   tar -xJf .carry/ray-site.tar.xz -C /tmp/site
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# `step NAME LIMIT_S CMD...`: one bounded step of a GPU-host call, its output appended to $LOG
+# (set by the calling script) and its last $STEP_TAIL lines (default 40) shown.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -"${STEP_TAIL:-40}"
+  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
+}

@@ -20,13 +20,6 @@
 source bench/gpu_env.sh
 LOG=$OUT/fp8_kv.log
 KERNEL_TESTS="tests/kernels/test_rope_kv_store.py tests/kernels/test_paged_decode_attention.py tests/kernels/test_extend_attention.py tests/kernels/test_triton_backend.py"
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -40
-  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
-}
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee -a "$LOG"
 mode=${1:-all}
 if [ "$mode" = all ]; then

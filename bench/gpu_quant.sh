@@ -15,20 +15,11 @@
 #                                     bf16 vs fp8 weights vs int4 weights
 # Targets (issue 18): int4 batch-1 decode >= 2.5x bf16 tok/s and >= 80% of its own roofline;
 # fp8 4k prefill >= 1.6x faster than bf16.
-# Needs engine.engine.resolve_model_config to pass EngineConfig.quantization to ModelConfig
-# (bench/engine.py exits naming the methods it found otherwise).
 # Carry: nothing (torch and triton only).
 source bench/gpu_env.sh
 OUT=${OUT:-build/gpu}
 mkdir -p "$OUT"
 LOG=$OUT/quant.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -40
-  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
-}
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader | tee -a "$LOG"
 mode=${1:-all}
 if [ "$mode" = accuracy ]; then

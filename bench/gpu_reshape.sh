@@ -11,13 +11,6 @@
 # Carry: .whl (the gguf wheel), .carry/before (a), .carry/gguf_a (a), .carry/gguf_b (b).
 source bench/gpu_env.sh
 LOG=$OUT/run.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -40
-  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
-}
 ab() { step "decode_$1" 170 python3 bench/decode_ab.py --root "$2" --label "$1" --steps 40; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 if [ "${1:-a}" = a ]; then

@@ -16,13 +16,6 @@ source bench/gpu_env.sh
 OUT=${OUT:-build/gpu}
 mkdir -p "$OUT"
 LOG=$OUT/spec_models.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -40
-  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 step train-draft 240 python3 -m tandem.cli train-draft demo --out "$OUT/head" --device cuda \
   --max-prompts 1000 --skip-prompts 64 --max-tokens 128 --epochs 3 --batch-size 256 --lr 2e-3

@@ -12,13 +12,7 @@
 # Carry: nothing (the kernels need torch and triton only).
 source bench/gpu_env.sh
 LOG=$OUT/w4a16.log
-step() {
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $* ($(date -u +%T), limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -60
-  echo "=== $name: rc=${PIPESTATUS[0]} ($(date -u +%T))" | tee -a "$LOG"
-}
+STEP_TAIL=60
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 mode=${1:-all}
 if [ "$mode" = all ]; then

@@ -196,14 +196,12 @@ class ModelRunner:
         """The verify view of a step: each row with lookahead ends with its drafts."""
         assert self.proposer is not None
         rows = [s for s in out.scheduled if s.num_lookahead]
-        drafts = dict(zip((s.request_id for s in rows), self.proposer.propose(rows)))
+        drafts = {
+            s.request_id: d[: s.num_lookahead] for s, d in zip(rows, self.proposer.propose(rows))
+        }
         scheduled = [
-            replace(
-                s,
-                token_ids=s.token_ids + drafts[s.request_id][: s.num_lookahead],
-                num_draft_tokens=len(drafts[s.request_id][: s.num_lookahead]),
-            )
-            if s.request_id in drafts
+            replace(s, token_ids=s.token_ids + d, num_draft_tokens=len(d))
+            if (d := drafts.get(s.request_id))
             else s
             for s in out.scheduled
         ]
