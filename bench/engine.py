@@ -59,7 +59,9 @@ def weight_bytes(llm: LLM) -> int:
 
 
 def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
-    """Median wall time of a decode step with `batch` requests at context ~CTX."""
+    """Mean wall time of a decode step with `batch` requests at context ~CTX, over `steps`
+    steps with one device sync at each end (a sync per step would undo overlap scheduling,
+    which keeps a step in flight while the host prepares the next)."""
     engine = llm.engine
     vocab = engine.vocab_size
     # Early requests decode while later ones prefill: leave room for those steps too.
@@ -76,14 +78,18 @@ def decode_step_times(llm: LLM, batch: int, steps: int) -> float:
                     f"{out.request_id} finished early: {out.finish_reason} after {len(out.token_ids)} tokens"
                 )
             started.add(out.request_id)
-    times = []
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
+    for _ in range(2):
         engine.step()
-        times.append(time.perf_counter() - start)
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    elapsed = time.perf_counter() - start
     engine.abort(ids)
-    return statistics.median(times[2:])
+    while engine.has_unfinished():  # the step still in flight
+        engine.step()
+    return elapsed / steps
 
 
 def prefill_time(llm: LLM, length: int) -> float:
@@ -191,6 +197,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-offline", action="store_true", help="no offline throughput")
     parser.add_argument("--quantization", choices=["fp8", "int4"], default=None)
     parser.add_argument("--batches", default="1,8,32,128,256", help="decode batch sizes")
+    parser.add_argument(
+        "--async-scheduling",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="overlap scheduling (auto: on, CUDA at TP 1)",
+    )
     return parser.parse_args()
 
 
@@ -220,8 +232,11 @@ def main() -> None:
         max_num_batched_tokens=8192,
         max_num_seqs=256,
         quantization=args.quantization,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
     )
     check_quantized(llm, args.quantization)
+    if not llm.engine.overlap:
+        label += "-sync"  # step by step: its own JSON, the overlapped run's peer
     cfg = llm.engine.model_config
     wbytes, kv_tok = weight_bytes(llm), llm.engine.kv_spec.bytes_per_token()
     result: dict = {
@@ -231,6 +246,7 @@ def main() -> None:
         "weight_bytes": wbytes,
         "kv_blocks": llm.engine.runner.num_blocks,
         "quantization": label,
+        "async_scheduling": llm.engine.overlap,
     }
     rows = []
     for b in (int(x) for x in args.batches.split(",")):
@@ -240,7 +256,8 @@ def main() -> None:
         rows.append([b, f"{t * 1e3:.2f}", f"{floor * 1e3:.2f}", f"{floor / t:.0%}", f"{b / t:.0f}"])
         result[f"decode_b{b}"] = {"step_s": t, "roofline_s": floor}
     print_table(
-        f"{label} decode step, context ~1k (roofline = bytes read / copy bandwidth)",
+        f"{label} decode step, context ~1k, overlap scheduling "
+        f"{'on' if llm.engine.overlap else 'off'} (roofline = bytes read / copy bandwidth)",
         ["batch", "step ms", "roofline ms", "of roofline", "tok/s"],
         rows,
     )
@@ -286,7 +303,7 @@ def main() -> None:
             ],
         )
     result["peer"] = {"transformers": peer, "tandem": ours}
-    write_json("engine" if args.quantization is None else f"engine-{label}", result)
+    write_json("engine" if label == "bf16" else f"engine-{label}", result)
 
 
 if __name__ == "__main__":

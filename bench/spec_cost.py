@@ -7,14 +7,17 @@ With dummy weights the model's own drafts mean nothing, so the two halves are me
   * cost: for each batch B, B requests at context ~1k decode with a proposer that always offers
     exactly k drafts (random tokens: nearly all rejected, so every step verifies k + 1 positions
     per request); the engine's whole step (schedule, propose, verify forward, update) is timed
-    against a plain decode step of the same requests (k = 0), in the same run;
+    against a plain decode step of the same requests (k = 0), in the same run, the k values
+    interleaved step by step so that the growing context weighs on each alike;
   * benefit: the mean accepted length per verify step, L(k) = accepted drafts + 1, measured on
     SmolLM2-135M-Instruct on real text (bench/spec_acceptance.py writes that JSON);
-  * speedup(B, k) = L(k) * t_decode(B) / t_verify(B, k): tokens per second with speculation
-    over tokens per second without. It is computed from measured step costs and measured
-    acceptance, not observed end to end: say so next to every figure.
-The n-gram proposer's own host cost at B rows of 1k-token contexts is timed too (it runs on the
-host before the forward pass: it adds to the step).
+  * speedup(B, k) = L(k) * t_decode(B) / (t_verify(B, k) + t_proposer(B, k)): tokens per
+    second with speculation over tokens per second without. It is computed from measured step
+    costs and measured acceptance, not observed end to end: say so next to every figure.
+The n-gram proposer's own host cost per step at B rows of 1k-token contexts (its incremental
+index, bench/ngram_cost.py) is timed too and is t_proposer in the n-gram rows (it runs on the
+host before the forward pass: it adds to the step); the other proposers' cost is not measured
+here (t_proposer = 0: their speedups are upper bounds).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import gpu_name, print_table, sync, write_json  # noqa: E402
+from bench.ngram_cost import index_step_seconds  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.scheduler.output import RunnerOutput, ScheduledRequest  # noqa: E402
 from engine.spec.lookahead import LookaheadPolicy  # noqa: E402
-from engine.spec.ngram import propose_ngram  # noqa: E402
 from engine.utils.math import cdiv  # noqa: E402
 
 CTX = 1024
@@ -65,15 +68,23 @@ class FixedDrafts:
 
 def set_k(llm: LLM, k: int) -> None:
     sched = llm.engine.scheduler
-    policy = LookaheadPolicy(k, None, dynamic=False) if k else None
+    # every row verifies k drafts at every batch: the cost half measures what the default
+    # batch limit (lookahead.VERIFY_TOKENS_MAX) would otherwise switch off
+    policy = LookaheadPolicy(k, disable_above=1 << 30, dynamic=False) if k else None
     sched.config = replace(sched.config, speculation=policy)
 
 
 def step_times(llm: LLM, batch: int, ks: list[int], steps: int) -> dict[int, float]:
-    """Median engine-step seconds at each k for `batch` requests decoding at context ~CTX."""
+    """Median engine-step seconds at each k for `batch` requests decoding at context ~CTX.
+
+    The k values are interleaved, one timed step each per round (after one untimed step that
+    switches k), so the context growing by a token per step weighs on every k alike: timed
+    one k after another, the later k values read a longer KV (at batch 256 attention is ~40%
+    of the step) and looked ~1.5% per phase dearer. A first untimed round warms every shape.
+    """
     engine = llm.engine
     warm = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 4
-    total = warm + len(ks) * (steps + 3) * (max(ks) + 1) + 8
+    total = warm + (steps + 1) * 2 * sum(k + 1 for k in ks) + 8
     params = SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     ids = [f"s{batch}-{i}" for i in range(batch)]
@@ -85,32 +96,26 @@ def step_times(llm: LLM, batch: int, ks: list[int], steps: int) -> dict[int, flo
     started: set[str] = set()
     while len(started) < batch:
         started.update(o.request_id for o in engine.step())
-    result = {}
-    for k in ks:
-        set_k(llm, k)
-        for _ in range(3):
-            engine.step()
-        times = []
-        for _ in range(steps):
+    times: dict[int, list[float]] = {k: [] for k in ks}
+    for round_ in range(steps + 1):
+        for k in ks:
+            set_k(llm, k)
+            engine.step()  # the switch: absorbs the change of k (a call may complete the last)
             sync()
             start = time.perf_counter()
             engine.step()
             sync()
-            times.append(time.perf_counter() - start)
-        result[k] = statistics.median(times)
+            if round_:
+                times[k].append(time.perf_counter() - start)
     engine.abort(ids)
-    return result
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 def ngram_host_cost(batch: int, k: int, ctx: int = CTX) -> float:
-    """Seconds the n-gram proposer takes for `batch` rows of `ctx` random tokens (no match:
-    its worst case, every n scanned over the whole context)."""
-    rng = random.Random(1)
-    rows = [[rng.randrange(128_000) for _ in range(ctx)] for _ in range(batch)]
-    start = time.perf_counter()
-    for tokens in rows:
-        propose_ngram(tokens, k, 1, 4)
-    return time.perf_counter() - start
+    """Seconds per step the engine's n-gram proposer (its incremental index) takes for `batch`
+    rows of `ctx` random tokens, each one token longer than at its previous call (no match:
+    its worst case). Measured by bench/ngram_cost.py's `index_step_seconds`."""
+    return index_step_seconds(batch, k, ctx, matching=False, reps=7)[0]
 
 
 def load_acceptance(path: str | None) -> dict[str, dict[int, float]]:
@@ -124,6 +129,45 @@ def load_acceptance(path: str | None) -> dict[str, dict[int, float]]:
             row["mean_accepted_length"]
         )
     return out
+
+
+def print_speedups(
+    acceptance: dict[str, dict[int, float]],
+    costs: dict[int, dict[int, float]],
+    host: dict[tuple[int, int], float],
+    batches: list[int],
+    ks: list[int],
+) -> dict[str, float]:
+    """One table per method: L(k) x t_decode / (t_verify + t_proposer). Only the n-gram
+    proposer's host cost is measured here; the other proposers' own cost (a draft model's or
+    head's forward passes) is left out, so their figures are upper bounds."""
+    speedups = {}
+    for name, by_k in acceptance.items():
+        ngram = name.split(" / ")[0] == "ngram"
+        table = []
+        for b in batches:
+            row: list[object] = [b]
+            for k in ks[1:]:
+                if k in by_k:
+                    proposer_s = host[b, k] if ngram else 0.0
+                    s = by_k[k] * costs[b][0] / (costs[b][k] + proposer_s)
+                    speedups[f"{name} b{b} k{k}"] = s
+                    row.append(f"{s:.2f}x (L={by_k[k]:.2f})")
+                else:
+                    row.append("-")
+            table.append(row)
+        formula = (
+            "L(k) x t_decode / (t_verify + t_ngram_host)"
+            if ngram
+            else "L(k) x t_decode / t_verify (the proposer's own cost NOT measured: an upper bound)"
+        )
+        print_table(
+            f"speedup = {formula}, {name} (COMPUTED from measured step costs "
+            "and acceptance measured on SmolLM2-135M; dummy 8B weights)",
+            ["batch", *(f"k={k}" for k in ks[1:])],
+            table,
+        )
+    return speedups
 
 
 def main() -> None:
@@ -161,30 +205,12 @@ def main() -> None:
     )
     host = {(b, k): ngram_host_cost(b, k) for b in batches for k in ks if k}
     print_table(
-        "n-gram proposer host ms (no match: its worst case), 1k-token contexts",
+        "n-gram proposer host ms per step (incremental index; no match: its worst case), "
+        "1k-token contexts",
         ["batch", *(f"k={k}" for k in ks if k)],
         [[b, *(f"{host[b, k] * 1e3:.2f}" for k in ks if k)] for b in batches],
     )
-    acceptance = load_acceptance(args.acceptance)
-    speedups = {}
-    for name, by_k in acceptance.items():
-        table = []
-        for b in batches:
-            row: list[object] = [b]
-            for k in ks[1:]:
-                if k in by_k:
-                    s = by_k[k] * costs[b][0] / costs[b][k]
-                    speedups[f"{name} b{b} k{k}"] = s
-                    row.append(f"{s:.2f}x (L={by_k[k]:.2f})")
-                else:
-                    row.append("-")
-            table.append(row)
-        print_table(
-            f"speedup = L(k) x t_decode / t_verify, {name} (COMPUTED from measured step costs "
-            "and acceptance measured on SmolLM2-135M; dummy 8B weights)",
-            ["batch", *(f"k={k}" for k in ks[1:])],
-            table,
-        )
+    speedups = print_speedups(load_acceptance(args.acceptance), costs, host, batches, ks)
     print(
         "peer (published, not run here): SGLang EAGLE-3 on Llama-3.1-8B, MT-Bench, H100, batch 1: 2.36x"
     )

@@ -4,6 +4,7 @@ replay the decode graphs) and off. Prints one line per case; exits non-zero on a
 
 from __future__ import annotations
 
+import gc
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +26,11 @@ def main() -> int:
     failed = 0
     for eager in (False, True):
         common = dict(device="cuda", dtype="float32", show_progress=False, enforce_eager=eager)
-        want = [o.token_ids for o in LLM(str(path), **common).generate(prompts, params)]
+        plain = LLM(str(path), **common)
+        want = [o.token_ids for o in plain.generate(prompts, params)]
+        del plain  # its KV cache must go before the next engine sizes its own
+        gc.collect()
+        torch.cuda.empty_cache()
         spec = LLM(
             str(path), speculative_config={"method": "ngram", "num_speculative_tokens": 4}, **common
         )
@@ -36,6 +41,9 @@ def main() -> int:
             f"eager={eager}: {same}/{len(prompts)} sequences equal; drafts "
             f"{sched.num_draft_tokens_total}, accepted {sched.num_accepted_tokens_total}"
         )
+        del spec, sched
+        gc.collect()
+        torch.cuda.empty_cache()
         failed += same != len(prompts)
     return 1 if failed else 0
 

@@ -234,6 +234,10 @@ class EngineConfig:
     # Speculative decoding (engine.spec.config.SpeculativeConfig, or its dict / JSON text as
     # vLLM takes it: {"method": "ngram", "num_speculative_tokens": 4}); None: off.
     speculative_config: SpeculativeConfig | Mapping[str, Any] | str | None = None
+    # Overlap scheduling (vLLM's async scheduling): schedule and launch step N+1 while step N
+    # runs, feeding N's tokens from device memory. None: on for CUDA at TP = 1 without
+    # speculation; steps with a row that cannot overlap (engine.engine.LLMEngine) run in step.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {

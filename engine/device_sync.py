@@ -22,9 +22,14 @@ def mark_current(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
-def to_host(t: torch.Tensor) -> list:
-    """`t.tolist()`, waiting for the device first without the GIL (`Event.synchronize`)."""
-    done = mark_current(t.device)
+def wait_current(device: torch.device) -> None:
+    """Wait, without the GIL, until the calling thread's stream on `device` gets here."""
+    done = mark_current(device)
     if done is not None:
         done.synchronize()
+
+
+def to_host(t: torch.Tensor) -> list:
+    """`t.tolist()`, waiting for the device first without the GIL (`Event.synchronize`)."""
+    wait_current(t.device)
     return t.tolist()

@@ -4,8 +4,12 @@
                       a structured-output grammar is checked here and compiles in the
                       background (engine.sampling.grammar)
     step()            requests whose grammar failed are finished with an error; then
-                      out = scheduler.schedule(); result = runner.execute(out);
-                      updated = scheduler.update(out, result); then text and stop strings
+                      out = scheduler.schedule(); handle = runner.launch(out);
+                      rows = scheduler.launched(out); then the previous step, if one is in
+                      flight, completes: scheduler.complete(rows, handle.result()), text
+                      and stop strings. With overlap scheduling the new step stays in
+                      flight while the host does that (its outputs come with the next
+                      step()); otherwise it completes at once.
     abort(ids)        frees the requests' blocks at once
     stream_held_kv(f) tells `f` of each `hold_kv` request's KV as soon as the step that
                       completes its prompt is enqueued (a KV sender starts then, layer by layer)
@@ -31,12 +35,13 @@ from engine.kv.kv_manager import KVManager
 from engine.kv.spec import KVCacheSpec
 from engine.outputs import RequestOutput
 from engine.request import Request, RequestStatus
-from engine.runner.model_runner import ModelRunner
+from engine.runner.model_runner import ModelRunner, StepHandle
+from engine.sampling.batch import reads_output_tokens
 from engine.sampling.structured import StructuredOutputs
 from engine.sampling_params import SamplingParams
 from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.output import SchedulerOutput
-from engine.scheduler.scheduler import Scheduler, SchedulerStats
+from engine.scheduler.scheduler import LaunchedRow, Scheduler, SchedulerStats
 from engine.spec.lookahead import LookaheadPolicy
 from engine.tokenizer import load_tokenizer
 
@@ -143,6 +148,13 @@ class LLMEngine:
         )
         self._held_kv_listener: Callable[[HeldKVEnqueued], None] | None = None
         self.last_step_num_batched_tokens = 0  # tokens the latest step() fed (for metrics)
+        overlap = config.async_scheduling
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        # Followers of a TP group get host inputs only; speculation needs the tokens to propose.
+        self.overlap = overlap and config.tensor_parallel_size == 1 and spec is None
+        self._inflight: tuple[list[LaunchedRow], StepHandle] | None = None
+        self.num_overlapped_steps = 0  # steps left in flight while the host went on
 
     def _build_runner(
         self, max_model_len: int, show_progress: bool, tp_options: TPOptions | None
@@ -162,6 +174,7 @@ class LLMEngine:
         """Stop tensor-parallel followers and give the model's, KV cache's and CUDA graphs'
         device memory back (a later engine in this process sizes its KV cache from what is
         free); the engine cannot step afterwards. Idempotent."""
+        self._inflight = None
         if self.tp is not None:
             self.tp.shutdown()
         self.structured.shutdown()
@@ -269,7 +282,7 @@ class LLMEngine:
         return aborted
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
@@ -277,19 +290,49 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[RequestOutput]:
-        failed = self._finish_failed_grammars()
+        """Schedule and launch a step; return the outputs of the step that completes now: this
+        one, or with overlap scheduling the one launched by the previous call (this one stays
+        in flight while the host completes that one)."""
+        outputs = self._finish_failed_grammars()
         out = self.scheduler.schedule()
-        if out.is_empty:
+        if out.is_empty and self._inflight is None:
             self.structured.wait_for_compiles()
         self.last_step_num_batched_tokens = out.num_batched_tokens
-        result = self.runner.execute(out, self._held_kv_hook(out))
+        handle = self.runner.launch(out, self._held_kv_hook(out))
         if self.kv_manager.external is not None:
             self.kv_manager.external.step_done()
-        updated = self.scheduler.update(out, result)
+        rows = self.scheduler.launched(out)
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            outputs += self._complete(*previous)
+        if self._may_overlap(out):
+            self._inflight = (rows, handle)
+            self.num_overlapped_steps += 1
+        else:
+            outputs += self._complete(rows, handle)
+        return outputs
+
+    def _may_overlap(self, out: SchedulerOutput) -> bool:
+        """Whether `out` may stay in flight while the next step is scheduled: not where the
+        next step's sampling reads this one's tokens on the host (penalties, min_tokens,
+        seeds, grammars), nor where KV leaves the device stream's order (tiers, swap, a KV
+        stream of held prompts)."""
+        return (
+            self.overlap
+            and not out.is_empty
+            and self.kv_manager.external is None
+            and self.scheduler.swap is None
+            and self._held_kv_listener is None
+            and not any(s.sample and reads_output_tokens(s) for s in out.scheduled)
+        )
+
+    def _complete(self, rows: list[LaunchedRow], handle: StepHandle) -> list[RequestOutput]:
+        result = handle.result()
+        updated = self.scheduler.complete(rows, result)
         for rid, lp in result.logprobs.items():
             if rid in self._logprobs:
                 self._logprobs[rid].extend([*result.draft_logprobs.get(rid, ()), lp])
-        return failed + [self._output(r) for r in updated]
+        return [self._output(r) for r in updated]
 
     def _finish_failed_grammars(self) -> list[RequestOutput]:
         """End (aborted, with `error`) the scheduled requests whose grammar failed: it did not
@@ -435,6 +478,10 @@ class LLMEngine:
         `first_token` None: the prefill has not sampled it yet (its KV streams in while it
         computes); pass it to `set_first_token` before activating."""
         request = self._new_request(request_id, prompt_ids, params, priority, deadline)
+        if self._inflight is not None:
+            # A transfer writes these blocks from another stream: a block freed while the step
+            # in flight still writes to it (an aborted request's) must be past that write.
+            self._inflight[1].wait_device()
         if not self.kv_manager.can_allocate_slots(request, request.num_prompt_tokens):
             self.structured.drop(request)
             return None

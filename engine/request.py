@@ -87,6 +87,10 @@ class Request:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     num_new_tokens: int = 0  # output tokens the latest update() appended (more with speculation)
+    # Overlap scheduling: tokens sampled by a launched step and not yet on the host (0 or 1).
+    # The scheduler counts them (the next step feeds the newest from device memory) but they
+    # are not in `output_token_ids` until `Scheduler.complete()` appends them.
+    num_pending_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

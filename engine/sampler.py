@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.device_sync import to_host
+from engine.device_sync import mark_current, wait_current
 from engine.sampling.batch import SamplingBatch, needs_full_path
 from engine.sampling.bias import apply_logit_bias
 from engine.sampling.grammar_mask import GrammarMask
@@ -54,6 +54,30 @@ class SamplerResult:
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+class SampledTokens:
+    """One step's sampled ids: `ids` [S] int64 on the device (the next step may feed them
+    from there, overlap scheduling) and a copy on its way to the host, which `result()` waits
+    for with the GIL released (an event, as `engine.device_sync.to_host`)."""
+
+    def __init__(self, ids: torch.Tensor, logprobs: list[TokenLogprobs | None]) -> None:
+        self.ids = ids
+        self.logprobs = logprobs
+        self._host = ids
+        self._copied: torch.cuda.Event | None = None
+        if ids.device.type == "cuda":
+            self._host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self._host.copy_(ids, non_blocking=True)
+            self._copied = mark_current(ids.device)
+
+    def wait_device(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def result(self) -> SamplerResult:
+        self.wait_device()
+        return SamplerResult(self._host.tolist(), self.logprobs)
 
 
 class Sampler:
@@ -74,21 +98,27 @@ class Sampler:
         self.grammar_mask = GrammarMask(vocab_size)
 
     def __call__(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SamplerResult:
+        return self.launch(logits, requests).result()
+
+    def launch(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SampledTokens:
+        """Enqueue the sampling of every row; only rows that ask for logprobs wait for the
+        device here."""
         assert logits.dim() == 2 and logits.shape[0] == len(requests), (
             f"logits {tuple(logits.shape)} do not match {len(requests)} requests"
         )
         assert logits.shape[1] >= self.vocab_size, "logits narrower than the vocabulary"
         if not any(needs_full_path(r) for r in requests):
-            return SamplerResult(
-                to_host(logits[:, : self.vocab_size].argmax(dim=-1)), [None] * len(requests)
+            return SampledTokens(
+                logits[:, : self.vocab_size].argmax(dim=-1), [None] * len(requests)
             )
         logits = self.process(logits, requests)
         token_ids = self._pick(logits, requests)
-        host_ids = to_host(token_ids)
+        if any(r.sampling_params.logprobs is not None for r in requests):
+            wait_current(logits.device)  # the logprobs' reads would hold the GIL meanwhile
         logprobs = gather_logprobs(
             logits, token_ids, [r.sampling_params.logprobs for r in requests]
         )
-        return SamplerResult(host_ids, logprobs)
+        return SampledTokens(token_ids, logprobs)
 
     def process(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> torch.Tensor:
         """Stages 1-5 on a float32 copy: [B, vocab_size], what logprobs and the pick read."""

@@ -36,11 +36,47 @@ from engine.models.registry import model_class
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.inputs import StepInputs, attention_metadata, build_step_inputs
 from engine.runner.kv_cache import allocate_kv_cache, kv_cache_spec, kv_torch_dtype, num_kv_blocks
-from engine.sampler import Sampler
+from engine.sampler import SampledTokens, Sampler
 from engine.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.spec.factory import build_proposer
 from engine.spec.verify import Verifier
 from engine.weights import fill_dummy, load_safetensors
+
+
+class StepHandle:
+    """A launched step (`ModelRunner.launch`): `result()` waits for its tokens on the host."""
+
+    def __init__(
+        self,
+        requests: list[ScheduledRequest],
+        sampled: SampledTokens | None = None,
+        output: RunnerOutput | None = None,
+    ) -> None:
+        assert (sampled is None) != (output is None), "sampled tokens or a finished output"
+        self.requests = requests
+        self.sampled = sampled
+        self._output = output
+
+    def wait_device(self) -> None:
+        """Wait (without the GIL) until the device has run the whole step."""
+        if self.sampled is not None:
+            self.sampled.wait_device()
+
+    def result(self) -> RunnerOutput:
+        if self._output is None:
+            assert self.sampled is not None
+            picked = self.sampled.result()
+            self._output = RunnerOutput(
+                sampled_token_ids={
+                    r.request_id: t for r, t in zip(self.requests, picked.token_ids)
+                },
+                logprobs={
+                    r.request_id: lp
+                    for r, lp in zip(self.requests, picked.logprobs)
+                    if lp is not None
+                },
+            )
+        return self._output
 
 
 @contextlib.contextmanager
@@ -94,6 +130,9 @@ class ModelRunner:
         self.verifier = Verifier(self.sampler)
         self.proposer = build_proposer(engine.speculation, self)
         self.step_scope = step_scope or (lambda host: contextlib.nullcontext())
+        # Overlap scheduling: the latest launched step's sampled ids on the device, and each
+        # request's row in them (the next step feeds them to rows with `input_pending`).
+        self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not engine.enforce_eager:
             self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
@@ -126,14 +165,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, host: StepInputs, layer_marks: list[torch.cuda.Event | None] | None = None
+        self,
+        host: StepInputs,
+        layer_marks: list[torch.cuda.Event | None] | None = None,
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Hidden states of the sampled rows [S, hidden] (every rank of a TP group runs this).
 
         `layer_marks`, when given, gets one entry per layer: on CUDA an event recorded once that
         layer's kernels are enqueued (a CUDA graph records one event for every layer, after
-        the graph); on CPU None, the layer having run by then."""
+        the graph); on CPU None, the layer having run by then. `pending` (input positions,
+        token ids, both on the device) overwrites placeholder input ids (overlap scheduling)."""
         dev = host.to(self.device)
+        if pending is not None:
+            dev.input_ids.index_copy_(0, *pending)
         mark = (
             None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
         )
@@ -152,45 +197,70 @@ class ModelRunner:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden).float()
 
-    @torch.inference_mode()
     def execute(
         self,
         out: SchedulerOutput,
         on_kv_enqueued: Callable[[list[torch.cuda.Event | None]], None] | None = None,
     ) -> RunnerOutput:
-        """`on_kv_enqueued(layer_marks)` runs once the forward pass is enqueued, before the
-        sampler waits for it (see `forward` for the marks)."""
+        """Run a step and wait for its tokens (`launch(...).result()`)."""
+        return self.launch(out, on_kv_enqueued).result()
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        out: SchedulerOutput,
+        on_kv_enqueued: Callable[[list[torch.cuda.Event | None]], None] | None = None,
+    ) -> StepHandle:
+        """Enqueue a step: forward, logits, sampling. Without speculation or logprobs nothing
+        here waits for the device; the handle's `result()` does. `on_kv_enqueued(layer_marks)`
+        runs once the forward pass is enqueued (see `forward` for the marks)."""
         if self.proposer is not None:
             self.proposer.forget(out.finished_ids)
         if out.is_empty:
-            return RunnerOutput(sampled_token_ids={})
+            return StepHandle([], output=RunnerOutput(sampled_token_ids={}))
         if self.proposer is not None and out.any_lookahead:
             out = self._with_drafts(out)
         host = build_step_inputs(out, self.block_size)
         requests = [s for s in out.scheduled if s.sample]
+        pending = self._pending_inputs(out)
         with self.step_scope(host):
-            if on_kv_enqueued is None:
-                hidden = self.forward(host)
-            else:
-                marks: list[torch.cuda.Event | None] = []
-                hidden = self.forward(host, marks)
+            marks: list[torch.cuda.Event | None] | None = None if on_kv_enqueued is None else []
+            hidden = self.forward(host, marks, pending)
+            if on_kv_enqueued is not None:
+                assert marks is not None
                 on_kv_enqueued(marks)
             logits = self.compute_logits(hidden)
             if any(s.num_draft_tokens for s in requests):
-                output = self._verify(logits, requests)
+                handle = StepHandle(requests, output=self._verify(logits, requests))
             else:
-                result = self.sampler(logits, requests)
-                output = RunnerOutput(
-                    sampled_token_ids={r.request_id: t for r, t in zip(requests, result.token_ids)},
-                    logprobs={
-                        r.request_id: lp
-                        for r, lp in zip(requests, result.logprobs)
-                        if lp is not None
-                    },
-                )
+                handle = StepHandle(requests, sampled=self.sampler.launch(logits, requests))
+        self._last_sampled = None
+        if handle.sampled is not None:
+            rows = {r.request_id: i for i, r in enumerate(requests)}
+            self._last_sampled = (rows, handle.sampled.ids)
         if self.proposer is not None:
-            self.proposer.observe(requests, hidden, output)
-        return output
+            self.proposer.observe(requests, hidden, handle.result())
+        return handle
+
+    def _pending_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(input positions, token ids) on the device for the rows whose last input token is
+        the previous step's sample, still in device memory (overlap scheduling)."""
+        positions, rows = [], []
+        end = 0
+        for s in out.scheduled:
+            end += s.num_tokens
+            if s.input_pending:
+                assert self._last_sampled is not None, "a pending input without a launched step"
+                positions.append(end - 1 - s.num_draft_tokens)
+                rows.append(self._last_sampled[0][s.request_id])
+        if not positions:
+            return None
+        assert self._last_sampled is not None
+        ids = self._last_sampled[1]
+        index = torch.tensor(positions + rows, dtype=torch.int64)
+        if ids.device.type == "cuda":  # pinned: the copy queues behind the step in flight
+            index = index.pin_memory().to(ids.device, non_blocking=True)
+        return index[: len(positions)], ids.index_select(0, index[len(positions) :])
 
     def _with_drafts(self, out: SchedulerOutput) -> SchedulerOutput:
         """The verify view of a step: each row with lookahead ends with its drafts."""

@@ -42,6 +42,19 @@ def needs_full_path(request: ScheduledRequest) -> bool:
     )
 
 
+def reads_output_tokens(request: ScheduledRequest) -> bool:
+    """True when sampling this row reads the request's output tokens: penalties, min_tokens,
+    a seed (its noise stream follows the output length) or a grammar. Such a row cannot be
+    sampled while the request's previous token is still on the device (overlap scheduling)."""
+    params = request.sampling_params
+    return (
+        uses_penalties(params)
+        or params.min_tokens > 0
+        or params.seed is not None
+        or request.grammar is not None
+    )
+
+
 @dataclass(frozen=True)
 class SamplingBatch:
     """Parameters of R sampled rows, shape [R] each, on the logits' device.

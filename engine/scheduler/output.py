@@ -31,6 +31,10 @@ class ScheduledRequest:
     tokens (a decode row only). The runner asks its proposer for up to that many drafts and
     verifies them in a view of this row whose `token_ids` end with the `num_draft_tokens`
     drafts (the scheduler's own rows always have `num_draft_tokens == 0`).
+
+    Overlap scheduling: with `input_pending` the last of `token_ids` is a placeholder (0) for
+    the token this request sampled in the previous step, which is still in device memory; the
+    runner fills it in on the device before the forward pass.
     """
 
     request_id: str
@@ -44,6 +48,7 @@ class ScheduledRequest:
     grammar: GrammarState | None = None
     num_lookahead: int = 0
     num_draft_tokens: int = 0
+    input_pending: bool = False
 
     @property
     def num_tokens(self) -> int:

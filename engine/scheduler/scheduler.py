@@ -24,9 +24,17 @@ A request whose structured-output grammar is still compiling (`Request.grammar_r
 like vLLM's WAITING_FOR_FSM) is passed over in both stages, holding nothing new, while the
 others go on; the engine finishes one whose compilation failed.
 
-Hazards: a request aborted or finished between `schedule()` and `update()` has its blocks
-freed at once; `update()` skips it. This is safe only because the runner has finished the
-step (its KV writes to those blocks) before the next `schedule()` can reuse the blocks.
+Overlap scheduling splits `update()` in two: `launched(out)` right after the step is enqueued
+(fed tokens count as computed; a sampling row has a token in flight, `num_pending_tokens`),
+and `complete(rows, result)` once its tokens reach the host. In between the engine schedules
+and launches the next step: a decode row then feeds its in-flight token from device memory
+(`ScheduledRequest.input_pending`), a row whose in-flight token is its last is not scheduled,
+and a preempted request with a token in flight waits for it before re-admission.
+
+Hazards: a request aborted or finished between `schedule()` and `complete()` has its blocks
+freed at once; `complete()` skips it. This is safe because every step's KV writes are
+enqueued on the one device stream before the next step, which is the first that can reuse
+the blocks, is launched.
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ from engine.scheduler.config import SchedulerConfig
 from engine.scheduler.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from engine.scheduler.policy import sort_by_policy
 
-__all__ = ["Scheduler", "SchedulerConfig", "SchedulerStats"]
+__all__ = ["LaunchedRow", "Scheduler", "SchedulerConfig", "SchedulerStats"]
+
+# A launched step's row: the row, its request, and the request's preemption count at launch.
+LaunchedRow = tuple[ScheduledRequest, Request, int]
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,7 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to feed this step: all that remain, or a chunk; 0 if it must wait."""
-        remaining = request.num_tokens - num_computed
+        remaining = request.num_tokens + request.num_pending_tokens - num_computed
         if remaining <= budget:
             return remaining
         return budget if self.config.enable_chunked_prefill else 0
@@ -221,7 +232,7 @@ class Scheduler:
         while i < len(queue) and budget > 0:
             request = queue[i]
             n = self._num_new_tokens(request, request.num_computed_tokens, budget)
-            if n == 0 or not request.grammar_ready:
+            if n == 0 or not request.grammar_ready or self._ends_with_pending(request):
                 i += 1
                 continue
             if self.kv.num_blocks_for(request.num_computed_tokens + n) > len(request.block_ids):
@@ -243,6 +254,17 @@ class Scheduler:
             self._waiting = {r.request_id: r for r in reversed(preempted)}
             self._waiting.update(rest)
         return budget
+
+    def _ends_with_pending(self, request: Request) -> bool:
+        """Its token in flight is its last (max_tokens or max_model_len): nothing to schedule;
+        `complete()` finishes it."""
+        if not request.num_pending_tokens:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        outputs = request.num_output_tokens + request.num_pending_tokens
+        return request.num_tokens + request.num_pending_tokens >= self.config.max_model_len or (
+            max_tokens is not None and outputs >= max_tokens
+        )
 
     def _speculation_active(self, num_running: int) -> bool:
         policy = self.config.speculation
@@ -306,8 +328,8 @@ class Scheduler:
         for request in queue:
             if budget == 0 or len(self._running) >= self.config.max_num_seqs:
                 break
-            if not request.grammar_ready:
-                continue  # compiling: not a head that blocks the queue
+            if not request.grammar_ready or request.num_pending_tokens:
+                continue  # compiling, or preempted with a token in flight: not a blocking head
             n = self._admit(request, budget)
             if n == 0:
                 break  # no overtaking: the head waits for room
@@ -354,17 +376,21 @@ class Scheduler:
         if request.first_scheduled_time is None:  # the end of its queueing, for stage timings
             request.first_scheduled_time = now
         start = request.num_computed_tokens
+        known = min(start + n, request.num_tokens)
+        pending = start + n - known  # the token in flight, fed from device memory
+        assert pending <= 1, "only the newest token can be in flight"
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=token_slice(request, start, start + n),
+            token_ids=token_slice(request, start, known) + [0] * pending,
             start_position=start,
             block_ids=list(request.block_ids),
-            sample=start + n == request.num_tokens,
+            sample=start + n == request.num_tokens + request.num_pending_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             grammar=request.grammar,
             num_lookahead=lookahead,
+            input_pending=pending > 0,
         )
 
     # -------------------------------------------------------------- update
@@ -372,15 +398,40 @@ class Scheduler:
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
         """Apply a step's results; returns every request that got a new token (finished ones
         included, already removed and freed). Requests gone since `schedule()` are skipped."""
-        updated: list[Request] = []
+        return self.complete(self.launched(out), result)
+
+    def launched(self, out: SchedulerOutput) -> list[LaunchedRow]:
+        """What a launched step changes before its tokens are known: each row's fed tokens
+        count as computed, and a sampling row has one token in flight
+        (`Request.num_pending_tokens`), which the next `schedule()` may already feed."""
+        rows: list[LaunchedRow] = []
         for s in out.scheduled:
             request = self._requests.get(s.request_id)
             if request is None or not self._still_scheduled(request, s):
                 continue
             request.num_computed_tokens += s.num_tokens
             if s.sample:
+                request.num_pending_tokens += 1
+            rows.append((s, request, request.num_preemptions))
+        return rows
+
+    def complete(self, rows: list[LaunchedRow], result: RunnerOutput) -> list[Request]:
+        """Append a launched step's tokens (stop checks token by token); returns every request
+        that got a new token (finished ones included, already removed and freed). A request
+        finished or aborted since the launch is skipped: its result is dropped. One preempted
+        since keeps its token (the step computed it from KV that was still whole)."""
+        updated: list[Request] = []
+        for s, request, preemptions in rows:
+            if self._requests.get(s.request_id) is not request:
+                continue
+            running = (
+                request.status is RequestStatus.RUNNING and request.num_preemptions == preemptions
+            )
+            if s.sample:
+                request.num_pending_tokens -= 1
                 self._append_tokens(request, s, result)
-            self.kv.cache_blocks(request)
+            if running:
+                self.kv.cache_blocks(request)
             if request.status.finished:
                 self._remove_finished(request)
             if s.sample:
@@ -431,8 +482,9 @@ class Scheduler:
 
     def _remove_finished(self, request: Request) -> None:
         del self._requests[request.request_id]
-        del self._running[request.request_id]
-        self._gone.append(request.request_id)
+        if self._running.pop(request.request_id, None) is not None:
+            self._gone.append(request.request_id)
+        self._waiting.pop(request.request_id, None)  # preempted with its last token in flight
         self._release_blocks(request)
 
     def _release_blocks(self, request: Request) -> None:

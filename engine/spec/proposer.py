@@ -29,7 +29,7 @@ import torch
 
 from engine.scheduler.output import RunnerOutput, ScheduledRequest
 from engine.spec.config import SpeculativeConfig
-from engine.spec.ngram import propose_ngram
+from engine.spec.ngram import NgramIndex
 
 
 class Proposer(Protocol):
@@ -43,24 +43,70 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup over each row's own tokens (engine.spec.ngram); stateless."""
+    """Prompt lookup over each row's own tokens (engine.spec.ngram), one `NgramIndex` per
+    request: each `propose` feeds a row's index only the tokens it has not seen, so a step
+    costs O(rows * max_n^2) on the host, not O(rows * context).
+
+    A request's lists only grow while it runs. When a row no longer agrees with its index on
+    cheap facts (the index is longer than the sequence, or the prompt length, the first token
+    or the last indexed token differ: a request recomputed from a shorter sequence, or an id
+    reused after an abort), the index is rebuilt from the row. Hazard: a reused id whose new
+    sequence agrees on all of those facts but differs elsewhere keeps a stale index; that only
+    costs acceptance (drafts are verified), never correctness. `forget` drops indexes; the
+    runner calls it every step with the ids that left the batch, so nothing outlives its
+    request by more than a step.
+    """
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
+        self._indexes: dict[str, tuple[NgramIndex, int]] = {}  # id -> (index, num prompt tokens)
+
+    @property
+    def num_tracked(self) -> int:
+        """How many requests hold an index (a leak check for tests)."""
+        return len(self._indexes)
 
     def propose(self, rows: Sequence[ScheduledRequest]) -> list[list[int]]:
-        return [
-            propose_ngram(
-                s.prompt_token_ids + s.output_token_ids, s.num_lookahead, self.min_n, self.max_n
-            )
-            for s in rows
-        ]
+        return [self._index_for(s).propose(s.num_lookahead) for s in rows]
+
+    def _index_for(self, row: ScheduledRequest) -> NgramIndex:
+        """The row's index, rebuilt if stale, caught up with the row's new tokens."""
+        prompt, output = row.prompt_token_ids, row.output_token_ids
+        entry = self._indexes.get(row.request_id)
+        if entry is None or not _agrees(entry[0], entry[1], prompt, output):
+            entry = (NgramIndex(self.min_n, self.max_n), len(prompt))
+            self._indexes[row.request_id] = entry
+        index = entry[0]
+        known = index.num_tokens
+        if known < len(prompt):
+            index.extend(prompt[known:])
+            index.extend(output)
+        else:
+            index.extend(output[known - len(prompt) :])
+        return index
 
     def forget(self, request_ids: Sequence[str]) -> None:
-        pass
+        for rid in request_ids:
+            self._indexes.pop(rid, None)
 
     def observe(
         self, rows: Sequence[ScheduledRequest], hidden: torch.Tensor, output: RunnerOutput
     ) -> None:
         pass
+
+
+def _agrees(index: NgramIndex, num_prompt: int, prompt: list[int], output: list[int]) -> bool:
+    """O(1) checks that `prompt + output` still extends what `index` holds."""
+    known = index.num_tokens
+    if num_prompt != len(prompt) or known > len(prompt) + len(output):
+        return False
+    if known == 0:
+        return True
+    first, last = _token_at(prompt, output, 0), _token_at(prompt, output, known - 1)
+    return index.token_at(0) == first and index.token_at(known - 1) == last
+
+
+def _token_at(prompt: list[int], output: list[int], position: int) -> int:
+    """Token `position` of `prompt + output`, without building the concatenation."""
+    return prompt[position] if position < len(prompt) else output[position - len(prompt)]
