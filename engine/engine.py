@@ -151,8 +151,14 @@ class LLMEngine:
         overlap = config.async_scheduling
         if overlap is None:
             overlap = self.device.type == "cuda"
-        # Followers of a TP group get host inputs only; speculation needs the tokens to propose.
-        self.overlap = overlap and config.tensor_parallel_size == 1 and spec is None
+        # Followers of a TP group get host inputs only. Verify steps complete at once (their
+        # accepted runs decide the next step); n-gram speculation overlaps the steps where it
+        # is off (large batches), model-based proposers follow every step, never overlapping.
+        self.overlap = (
+            overlap
+            and config.tensor_parallel_size == 1
+            and (spec is None or spec.method == "ngram")
+        )
         self._inflight: tuple[list[LaunchedRow], StepHandle] | None = None
         self.num_overlapped_steps = 0  # steps left in flight while the host went on
 
@@ -294,6 +300,10 @@ class LLMEngine:
         one, or with overlap scheduling the one launched by the previous call (this one stays
         in flight while the host completes that one)."""
         outputs = self._finish_failed_grammars()
+        if self._inflight is not None and self.scheduler.speculation_active():
+            # drafts need every running request's newest token on the host
+            outputs += self._complete(*self._inflight)
+            self._inflight = None
         out = self.scheduler.schedule()
         if out.is_empty and self._inflight is None:
             self.structured.wait_for_compiles()
@@ -320,6 +330,7 @@ class LLMEngine:
         return (
             self.overlap
             and not out.is_empty
+            and not out.any_lookahead
             and self.kv_manager.external is None
             and self.scheduler.swap is None
             and self._held_kv_listener is None

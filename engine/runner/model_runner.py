@@ -238,7 +238,7 @@ class ModelRunner:
         if handle.sampled is not None:
             rows = {r.request_id: i for i, r in enumerate(requests)}
             self._last_sampled = (rows, handle.sampled.ids)
-        if self.proposer is not None:
+        if self.proposer is not None and self.proposer.observes:
             self.proposer.observe(requests, hidden, handle.result())
         return handle
 

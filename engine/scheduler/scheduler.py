@@ -270,13 +270,23 @@ class Scheduler:
         policy = self.config.speculation
         return policy is not None and policy.active(num_running)
 
+    def speculation_active(self) -> bool:
+        """Whether the next `schedule()` may give the running requests draft slots."""
+        return self._speculation_active(len(self._running))
+
     def _reserve_lookahead(self, request: Request, n: int, budget_left: int, num_after: int) -> int:
         """Slots for draft tokens after a decode row's token, allocated here where they fit
         while leaving a block for each of the `num_after` rows still to schedule (0 otherwise):
         speculation never makes another request wait or be preempted."""
         policy = self.config.speculation
         decode = n == 1 and request.num_output_tokens > 0
-        if policy is None or not decode or request.grammar is not None or request.hold_kv:
+        if (
+            policy is None
+            or not decode
+            or request.grammar is not None
+            or request.hold_kv
+            or request.num_pending_tokens  # drafts need its newest token on the host
+        ):
             return 0
         k = policy.lookahead(request, budget_left, self.config.max_model_len)
         if k == 0 or not self.kv.can_allocate_slots(request, n + k, NO_BLOCKS, num_after):

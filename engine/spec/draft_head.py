@@ -165,6 +165,8 @@ class _Last:
 class DraftHeadProposer:
     """Drafts with a trained DraftHead on the target's features (module docstring)."""
 
+    observes = True  # the head reads the target's hidden state of each sampled row
+
     def __init__(self, config: SpeculativeConfig, runner: ModelRunner | Any) -> None:
         refuse_tensor_parallel(runner, config.method)
         assert config.model is not None  # SpeculativeConfig requires it

@@ -158,6 +158,8 @@ def _check_free_memory(runner: ModelRunner | Any, cfg: ModelConfig, cache_bytes:
 class DraftModelProposer:
     """Drafts with a smaller model of the same vocabulary (module docstring)."""
 
+    observes = False
+
     def __init__(self, config: SpeculativeConfig, runner: ModelRunner | Any) -> None:
         refuse_tensor_parallel(runner, config.method)
         assert config.model is not None  # SpeculativeConfig requires it

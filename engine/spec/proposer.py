@@ -33,6 +33,10 @@ from engine.spec.ngram import NgramIndex
 
 
 class Proposer(Protocol):
+    # Whether `observe` reads each step's outputs (the runner then waits for every step's
+    # tokens at launch); a proposer that reads only the token lists says False.
+    observes: bool
+
     def propose(self, rows: Sequence[ScheduledRequest]) -> list[list[int]]: ...
 
     def forget(self, request_ids: Sequence[str]) -> None: ...
@@ -56,6 +60,8 @@ class NgramProposer:
     runner calls it every step with the ids that left the batch, so nothing outlives its
     request by more than a step.
     """
+
+    observes = False
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.min_n = config.prompt_lookup_min

@@ -147,3 +147,22 @@ def test_stop_string_while_next_step_in_flight() -> None:
     assert have.token_ids == want.token_ids and have.finish_reason == "stop"
     assert llm.engine.num_overlapped_steps > 0
     assert _free(llm)
+
+
+def test_ngram_speculation_overlaps_only_where_it_is_off(checkpoints: dict[str, Path]) -> None:
+    """With speculation off above 2 running requests, the large batch overlaps its steps and
+    the tail (2 or fewer) verifies drafts step by step; output equals no speculation."""
+    path = checkpoints["llama31"]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    prompts = _prompts() + [list(range(10, 30)) * 3]  # repetitive: drafts get accepted
+    want = _llm(path, overlap=False).generate(prompts, params)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 2}
+    llm = LLM(
+        str(path), device="cpu", show_progress=False, async_scheduling=True,
+        speculative_config=spec, **SHAPE,
+    )  # fmt: skip
+    have = llm.generate(prompts, params)
+    assert [h.token_ids for h in have] == [w.token_ids for w in want]
+    assert llm.engine.num_overlapped_steps > 0
+    assert llm.engine.scheduler.num_draft_tokens_total > 0
+    assert _free(llm)
