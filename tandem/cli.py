@@ -186,6 +186,14 @@ def serve(
             '\'{"method": "ngram", "num_speculative_tokens": 4}\'.'
         ),
     ] = None,
+    async_scheduling: Annotated[
+        bool | None,
+        typer.Option(
+            "--async-scheduling/--no-async-scheduling",
+            help="Overlap scheduling: launch the next step while this one runs (default: on "
+            "for CUDA workers at TP 1).",
+        ),
+    ] = None,
     api_key_file: Annotated[
         str | None,
         typer.Option(help="Require this API key (the file's content) from clients."),
@@ -225,7 +233,10 @@ def serve(
         dtype=dtype,
         max_model_len=max_model_len,
         transport=transport.value,
-        extra_engine_kwargs={} if quantization is None else {"quantization": quantization.value},
+        extra_engine_kwargs={
+            **({} if quantization is None else {"quantization": quantization.value}),
+            **({} if async_scheduling is None else {"async_scheduling": async_scheduling}),
+        },
         speculative_config=speculative_config,
         api_key=api_key,
         api_key_file=api_key_file,

@@ -89,6 +89,9 @@ class EngineKnobs(_Model):
     # Speculative decoding (vLLM's keys: method, num_speculative_tokens, ...); a decode or
     # colocated pool's setting (a prefill pool samples one token per request)
     speculative_config: dict[str, Any] | None = None
+    # Overlap scheduling (the next step launched while this one runs); None: on where it
+    # applies (CUDA, TP 1, no model-based speculation)
+    async_scheduling: bool | None = None
 
     @model_validator(mode="after")
     def _check_speculation(self) -> EngineKnobs:

@@ -67,6 +67,21 @@ def test_engine_kwargs_carry_pool_and_model_settings() -> None:
     assert kwargs["block_size"] == spec.pools.decode.engine.block_size
 
 
+def test_every_engine_knob_is_an_engine_config_field() -> None:
+    """A pool's engine settings reach `EngineConfig` by name: none may be unknown to it."""
+    from dataclasses import fields
+
+    from engine.config import EngineConfig
+
+    data = _base()
+    data["pools"]["decode"]["engine"] = {"async_scheduling": False}
+    spec = parse_spec(data)
+    assert spec.pools.decode is not None
+    kwargs = spec.pools.decode.engine_kwargs(spec.model)
+    assert kwargs["async_scheduling"] is False
+    assert set(kwargs) <= {f.name for f in fields(EngineConfig)}
+
+
 def test_unknown_field_is_named_with_a_suggestion() -> None:
     err = _fails(lambda d: d["pools"]["decode"].update(tensor_paralel_size=4))
     assert err.field == "pools.decode.tensor_paralel_size"
