@@ -325,14 +325,14 @@ class LLMEngine:
     def _may_overlap(self, out: SchedulerOutput) -> bool:
         """Whether `out` may stay in flight while the next step is scheduled: not where the
         next step's sampling reads this one's tokens on the host (penalties, min_tokens,
-        seeds, grammars), nor where KV leaves the device stream's order (tiers, swap, a KV
-        stream of held prompts)."""
+        seeds, grammars), nor a verify step, nor where KV leaves the device stream's order
+        (a prefix tier's spills, a KV stream of held prompts). The preemption swap stays: it
+        reads and writes blocks on the engine's stream, after the step in flight."""
         return (
             self.overlap
             and not out.is_empty
             and not out.any_lookahead
             and self.kv_manager.external is None
-            and self.scheduler.swap is None
             and self._held_kv_listener is None
             and not any(s.sample and reads_output_tokens(s) for s in out.scheduled)
         )

@@ -26,7 +26,10 @@ PROMPT = "Blocks of the cache move between the pools. " * 12
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = ClusterThread(ClusterConfig(num_prefill=1, num_decode=1, engine_kwargs={"device": "cpu"}))
+    # overlap scheduling as on CUDA (off by default on the CPU): cancels land while a step is
+    # in flight
+    kwargs = {"device": "cpu", "async_scheduling": True}
+    c = ClusterThread(ClusterConfig(num_prefill=1, num_decode=1, engine_kwargs=kwargs))
     yield c
     c.close()
 
