@@ -23,7 +23,9 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.layers.weight_source import WeightSource, copy_into, read_all, shape_of
 from engine.progress import progress_bar
+from engine.quant.awq_gptq import packed_tensors
 from engine.quant.model_pass import quantize_linears, release_cached_memory
+from engine.quant.names import PACKED_INT4
 
 # FP8 KV scales are read by engine.runner.kv_cache (checkpoint_kv_scales), not by a layer
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", ".k_scale", ".v_scale", ".kv_scale")
@@ -187,6 +189,19 @@ def _skipped(name: str, model: nn.Module) -> bool:
     )
 
 
+def _checkpoint_tensors(
+    model: nn.Module, model_dir: Path, show_progress: bool
+) -> Iterator[tuple[str, object]]:
+    """Each checkpoint tensor by name, lazy. An AWQ / GPTQ checkpoint's packed linears come as
+    one source per layer (engine.quant.awq_gptq, which first gives those layers their method)."""
+    files = safetensors_files(model_dir)
+    cfg = getattr(model, "config", None)
+    packed = getattr(cfg, "quantization", None) in PACKED_INT4
+    if packed and getattr(cfg, "quantized_checkpoint", False):
+        return packed_tensors(model, model_dir, files, show_progress)
+    return _iter_slices(files, show_progress)
+
+
 def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = True) -> None:
     """Load the checkpoint in `model_dir`, each rank its slices; the linear layers are first
     given the method of `model.config.quantization` (engine.quant.model_pass); "gguf" reads
@@ -198,10 +213,11 @@ def load_safetensors(model: nn.Module, model_dir: Path, show_progress: bool = Tr
         release_cached_memory(model)
         return
     quantize_linears(model)
+    tensors = _checkpoint_tensors(model, model_dir, show_progress)  # may set layers' methods
     params = checkpoint_params(model)
     loaded: set[str] = set()
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    for name, src in _iter_slices(safetensors_files(model_dir), show_progress):
+    for name, src in tensors:
         if not _skipped(name, model):
             loaded.add(_load_one(model, params, name, src))
     missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))

@@ -20,6 +20,7 @@ from engine.errors import EngineConfigError
 from engine.layers.linear import LinearBase, LinearMethod
 from engine.quant.fp8 import Fp8LinearMethod, check_fp8_device
 from engine.quant.int4 import Int4LinearMethod
+from engine.quant.names import PACKED_INT4
 
 
 def linear_method(
@@ -37,6 +38,10 @@ def linear_method(
                 "has none (use 'int4' for 4-bit dummy weights)"
             )
         return None  # engine.gguf.native gives each layer its method from the file's types
+    if cfg.quantization in PACKED_INT4:
+        if from_checkpoint and cfg.quantized_checkpoint:
+            return None  # engine.quant.awq_gptq.packed_tensors gives the packed layers theirs
+        return Int4LinearMethod()  # dummy weights: the same 4-bit storage, quantized on load
     if cfg.quantization == "fp8":
         check_fp8_device(device)
         return Fp8LinearMethod(prequantized=cfg.quantized_checkpoint and from_checkpoint)

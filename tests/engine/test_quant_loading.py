@@ -222,5 +222,7 @@ def test_fp8_weights_without_quantization_config_are_refused(fp8_ckpt, tmp_path)
 
 
 def test_unknown_quantization_option_names_the_field():
-    with pytest.raises(EngineConfigError, match="^quantization: 'awq' is not None or one of"):
-        EngineConfig(model="demo", quantization="awq")
+    with pytest.raises(
+        EngineConfigError, match="^quantization: 'bitsandbytes' is not None or one of"
+    ):
+        EngineConfig(model="demo", quantization="bitsandbytes")
