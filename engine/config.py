@@ -22,6 +22,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
 # config.json without `architectures` names its class through `model_type`, as transformers reads it
 _MODEL_TYPES = {
@@ -30,7 +33,13 @@ _MODEL_TYPES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+# The config.json fields naming an MoE's expert count (Mixtral's; Qwen's, which transformers 5
+# writes as num_local_experts too)
+_MOE_EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts")
 # Rope types the cos | sin cache builds (engine/layers/rotary.py; keep the two in step)
 _ROPE_TYPES = (None, "default", "llama3", "linear")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,6 +50,49 @@ _KV_CACHE_DTYPE_ALIASES = {
     "fp8_e4m3": "float8_e4m3fn",
     "fp8_e5m2": "float8_e5m2",
 }
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts model, the same in every layer (engine.layers.moe).
+
+    Routing: softmax over all `num_experts` router logits (float32), the `top_k` largest kept,
+    renormalised to sum to 1 when `renormalize` (Mixtral always; Qwen's `norm_topk_prob`).
+    `shared_expert_intermediate_size` > 0 adds Qwen2-MoE's always-on expert, scaled by a
+    sigmoid gate. `intermediate_size` is one expert's FFN width."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    renormalize: bool
+    shared_expert_intermediate_size: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (
+                self.num_experts >= 1,
+                "num_experts (num_local_experts)",
+                f"{self.num_experts} (must be >= 1)",
+            ),
+            (
+                1 <= self.top_k <= self.num_experts,
+                "num_experts_per_tok",
+                f"{self.top_k} (must be in [1, num_experts = {self.num_experts}])",
+            ),
+            (
+                self.intermediate_size >= 1,
+                "moe_intermediate_size (Mixtral: intermediate_size)",
+                f"{self.intermediate_size} (must be >= 1)",
+            ),
+            (
+                self.shared_expert_intermediate_size >= 0,
+                "shared_expert_intermediate_size",
+                f"{self.shared_expert_intermediate_size}",
+            ),
+        )
+        for ok, name, detail in checks:
+            if not ok:
+                raise ModelLoadError(f"{name}: invalid value {detail}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +122,7 @@ class ModelConfig:
     # checkpoint's own (config.json quantization_config) when that is None
     quantization: str | None = None
     quantized_checkpoint: bool = False  # the checkpoint holds the quantized weights as they are
+    moe: MoEConfig | None = None  # None: a dense MLP in every layer
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -79,11 +132,20 @@ class ModelConfig:
                 f"num_attention_heads {self.num_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_kv_heads}"
             )
+        if self.moe is not None and self.quantization is not None:
+            raise ModelLoadError(
+                f"quantization: {self.quantization!r} is not supported for mixture-of-experts "
+                f"models ({self.architecture}: the experts would stay unquantized)"
+            )
 
     @property
     def num_params(self) -> int:
         attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * self.hidden_size * self.intermediate_size
+        if self.moe is not None:
+            moe = self.moe
+            inter = moe.num_experts * moe.intermediate_size + moe.shared_expert_intermediate_size
+            mlp = 3 * self.hidden_size * inter + self.hidden_size * (moe.num_experts + 1)
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * self.hidden_size) + embed + self.hidden_size
 
@@ -121,15 +183,15 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # Phi-3's qkv_proj never has a bias, whatever its config says (as in transformers)
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM"))
-            and arch != "Phi3ForCausalLM",
-            qk_norm=arch == "Qwen3ForCausalLM",
+            attention_bias=_attention_bias(arch, hf),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             sliding_window=window,
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
             torch_dtype=dtype or _dtype_name(hf.get("torch_dtype") or hf.get("dtype")),
             quantization=quant,
             quantized_checkpoint=on_disk,
+            moe=_moe_config(arch, hf),
         )
 
     @staticmethod
@@ -165,6 +227,48 @@ def _check_supported(hf: dict[str, Any], rope: dict[str, Any] | None) -> None:
         )
     if hf.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"hidden_act: {hf['hidden_act']!r} is not supported (only 'silu')")
+
+
+def _attention_bias(arch: str, hf: dict[str, Any]) -> bool:
+    """Whether q/k/v carry a bias. Phi-3's never does, whatever its config says (as in
+    transformers); Qwen2-MoE names the flag `qkv_bias` (default on, as Qwen2's)."""
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(hf.get("qkv_bias", True))
+    return bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")) and arch != "Phi3ForCausalLM"
+
+
+def _moe_config(arch: str, hf: dict[str, Any]) -> MoEConfig | None:
+    """The sparse MLP of a mixture-of-experts architecture (None for a dense one). Only the
+    default layout is supported, every layer sparse: a Qwen config with dense layers
+    (`decoder_sparse_step` > 1 or a non-empty `mlp_only_layers`) is refused, naming the field."""
+    if arch not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
+        return None
+    num_experts = next((hf[k] for k in _MOE_EXPERT_COUNT_FIELDS if k in hf), None)
+    if not isinstance(num_experts, int) or "num_experts_per_tok" not in hf:
+        raise ModelLoadError(
+            f"num_experts: {arch} config.json needs an integer num_local_experts or num_experts "
+            "and num_experts_per_tok"
+        )
+    if arch == "MixtralForCausalLM":
+        return MoEConfig(num_experts, hf["num_experts_per_tok"], hf["intermediate_size"], True)
+    step = hf.get("decoder_sparse_step", 1)
+    if step != 1:
+        raise ModelLoadError(
+            f"decoder_sparse_step: {step!r} is not supported (only 1: every layer sparse)"
+        )
+    if hf.get("mlp_only_layers"):
+        raise ModelLoadError(
+            f"mlp_only_layers: {hf['mlp_only_layers']!r} is not supported (only []: every layer "
+            "sparse)"
+        )
+    shared = hf.get("shared_expert_intermediate_size", 0) if arch == "Qwen2MoeForCausalLM" else 0
+    return MoEConfig(
+        num_experts=num_experts,
+        top_k=hf["num_experts_per_tok"],
+        intermediate_size=hf.get("moe_intermediate_size", hf["intermediate_size"]),
+        renormalize=bool(hf.get("norm_topk_prob", False)),
+        shared_expert_intermediate_size=shared or 0,
+    )
 
 
 def _dtype_name(value: str | None) -> str:

@@ -232,6 +232,15 @@ _FUSED_PROJECTIONS = ("Phi3ForCausalLM",)
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The Hugging Face tensor names and full (TP = 1) shapes of the checkpoint of `cfg`."""
+    if cfg.moe is not None:
+        from engine.models.moe import moe_checkpoint_shapes  # it imports this module
+
+        return moe_checkpoint_shapes(cfg)
+    return dense_checkpoint_shapes(cfg)
+
+
+def dense_checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`checkpoint_shapes` of a dense model (an MoE model's attention and norms too)."""
     h, hd = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}

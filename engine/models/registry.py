@@ -7,6 +7,7 @@ from torch import nn
 from engine.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from engine.errors import UnsupportedArchitectureError
 from engine.models.llama import LlamaForCausalLM
+from engine.models.moe import MoEForCausalLM
 from engine.models.phi3 import Phi3ForCausalLM
 
 # Llama, Mistral and the Qwens differ only by ModelConfig flags: one class serves them all
@@ -16,6 +17,10 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    # Llama with sparse MLPs (engine.layers.moe) and per-expert checkpoint tensors
+    "MixtralForCausalLM": MoEForCausalLM,
+    "Qwen2MoeForCausalLM": MoEForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM,
 }
 assert set(_MODELS) == set(SUPPORTED_ARCHITECTURES), "config and registry disagree"
 

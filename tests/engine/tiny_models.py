@@ -54,6 +54,23 @@ def _configs() -> dict:
 
 
 ARCHS = ("llama31", "mistral", "qwen2", "qwen3", "phi3")
+# Mixture-of-experts checkpoints (tests/engine/test_moe.py): 8 experts, top-2, every layer sparse
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
+_MOE_COMMON = dict(num_experts_per_tok=2, sliding_window=None, use_sliding_window=False)
+
+
+def _moe_configs() -> dict:
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    qwen = dict(**COMMON, **_MOE_COMMON, num_experts=8, moe_intermediate_size=32)
+    return {
+        "mixtral": MixtralConfig(
+            **{**COMMON, "intermediate_size": 32}, **_MOE_COMMON, num_local_experts=8
+        ),
+        # qkv bias and a gated shared expert; top-k weights not renormalised
+        "qwen2_moe": Qwen2MoeConfig(**qwen, shared_expert_intermediate_size=48),
+        "qwen3_moe": Qwen3MoeConfig(**qwen, head_dim=32, norm_topk_prob=True),
+    }
 
 
 def build(name: str, root: Path) -> Path:
@@ -63,8 +80,13 @@ def build(name: str, root: Path) -> Path:
     if (path / "config.json").is_file():
         return path
     torch.manual_seed(1234)
-    model = AutoModelForCausalLM.from_config(_configs()[name]).float().eval()
-    if name == "qwen2":  # exercise the qkv bias with non-zero values
+    config = _moe_configs()[name] if name in MOE_ARCHS else _configs()[name]
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    if name in MOE_ARCHS:  # distinct router scores: no top-k ties between implementations
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0, 0.5)
+    if name in ("qwen2", "qwen2_moe"):  # exercise the qkv bias with non-zero values
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (
