@@ -13,19 +13,30 @@ request as the router did (it does nothing else), i.e. the transport's own cost 
 `--http` adds the same two phases through the OpenAI-compatible HTTP front door of the same
 router (`POST /v1/completions`, streamed server-sent events, one httpx client per process):
 the HTTP path against the gRPC path on the same host, router and load.
-Targets: >= 2,000 req/s and <= 1 ms added at p50. Bounded: about `4 * --seconds + 15` s.
+Targets: >= 2,000 req/s and <= 1 ms added at p50; against the floor of the same run (issue 24),
+req/s at `--concurrency` streams >= 0.8x the floor's and added p50 at 1 stream <= 1.5x the
+floor's (both printed as ratios). Router and floor phases alternate in `--rounds` slices
+(default 3), so that both see the same background load. Bounded: about
+`4 * --seconds + 4 * --rounds + 15` s (each slice starts its client processes).
 The host's load average is printed: on a shared machine every figure moves with it.
 
     python bench/router.py [--seconds 8] [--concurrency 64] [--clients 1] [--tokens 16] [--http]
+        [--rounds 3] [--profile PATH]
+
+`--profile PATH` runs cProfile in the router process during the router's slices only (never
+the floor's) and prints its hottest functions: where the router's time goes, at the price of
+slower router figures in that run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import multiprocessing as mp
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -36,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TARGET_RPS = 2000.0
 TARGET_P50_MS = 1.0
+TARGET_FLOOR_RPS_RATIO = 0.8  # issue 24: router req/s >= 80% of the bare servicer's
+TARGET_FLOOR_P50_RATIO = 1.5  # issue 24: router added p50 <= 1.5x the bare servicer's
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,49 @@ def run_clients(
     )
 
 
+def merge(parts: list[PhaseResult]) -> PhaseResult:
+    """Slices of one phase as one result (their seconds, samples and counts added up)."""
+    return PhaseResult(
+        parts[0].name,
+        parts[0].concurrency,
+        sum(p.seconds for p in parts),
+        [x for p in parts for x in p.latencies_s],
+        [x for p in parts for x in p.ttfts_s],
+        sum(p.messages for p in parts),
+        sum(p.tokens for p in parts),
+        sum(p.errors for p in parts),
+    )
+
+
+def routed_and_floor(
+    address: str,
+    floor_address: str,
+    load: tuple[str, int, int, float, int],
+    rounds: int,
+    profiling: Any,
+) -> list[PhaseResult]:
+    """The router phase and its floor, alternating in `rounds` slices of `seconds / rounds`:
+    on a shared host the background load moves within a run, and both sides of the ratio
+    then see the same load. Each floor slice streams as many messages per request as the
+    router slice before it did. `load`: (name, clients, concurrency, seconds, tokens).
+    `profiling` (an Event) is set while the router's slices run, never the floor's."""
+    name, clients, concurrency, seconds, tokens = load
+    routed: list[PhaseResult] = []
+    floor: list[PhaseResult] = []
+    for _ in range(rounds):
+        profiling.set()
+        part = run_clients(address, name, clients, concurrency, seconds / rounds, tokens)
+        profiling.clear()
+        msgs = max(round(part.messages / max(len(part.latencies_s), 1)), 1)
+        routed.append(part)
+        floor.append(
+            run_clients(
+                floor_address, f"floor-{name[:3]}", clients, concurrency, seconds / rounds, msgs
+            )
+        )
+    return [merge(routed), merge(floor)]
+
+
 # -- router side ----------------------------------------------------------------------------
 
 
@@ -195,7 +251,13 @@ def _floor_servicer() -> object:
     return Floor()
 
 
-def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
+def _router_process_main(
+    ready: mp.Queue, stop: Any, num_decode: int, profiling: Any, profile_path: str | None
+) -> None:
+    """The router, its fake workers and the floor servicer, until `stop`. With `profile_path`,
+    cProfile runs while `profiling` is set (the router's slices) and is written there."""
+    profiler = cProfile.Profile() if profile_path else None
+
     async def main() -> None:
         import grpc
 
@@ -218,14 +280,31 @@ def _router_process_main(ready: mp.Queue, stop: Any, num_decode: int) -> None:
         await floor.start()
         http = f"http://{config.host}:{server.http_port}"
         ready.put((server.address, f"127.0.0.1:{floor_port}", http))
+        enabled = False
         while not stop.is_set():
-            await asyncio.sleep(0.1)
+            if profiler is not None and enabled != profiling.is_set():
+                enabled = not enabled
+                if enabled:
+                    profiler.enable()
+                else:
+                    profiler.disable()
+            await asyncio.sleep(0.02)
+        if profiler is not None and enabled:
+            profiler.disable()
         await floor.stop(0.5)
         await server.stop(0.5)
         for w in workers:
             await w.close()
 
     asyncio.run(main())
+    if profiler is not None and profile_path:
+        profiler.dump_stats(profile_path)
+
+
+def print_profile(path: str, limit: int = 30) -> None:
+    """The router process's hottest functions during its slices (own time first)."""
+    print(f"\nrouter process profile ({path}; cProfile slows it, so its figures above are low):")
+    pstats.Stats(path).sort_stats("tottime").print_stats(limit)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -265,11 +344,36 @@ def print_table(results: list[PhaseResult], tokens: int) -> None:
     print(
         "floor rows: a bare gRPC servicer streaming the router's messages per request (transport cost)"
     )
+    _print_router_vs_floor(results)
     _print_http_vs_grpc(results)
     print(
         f"host: {os.cpu_count()} CPUs shared by router, fake workers and clients; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
+
+
+def _print_router_vs_floor(results: list[PhaseResult]) -> None:
+    """The router against the bare servicer of the same run (issue 24's targets): req/s at
+    `--concurrency` streams as a fraction of the floor's, added p50 at 1 stream as a multiple."""
+    by_name = {r.name: r for r in results}
+    thr, floor_thr = by_name.get("throughput"), by_name.get("floor-thr")
+    lat, floor_lat = by_name.get("latency"), by_name.get("floor-lat")
+    if thr and floor_thr and thr.latencies_s and floor_thr.latencies_s:
+        ratio = (len(thr.latencies_s) / thr.seconds) / (
+            len(floor_thr.latencies_s) / floor_thr.seconds
+        )
+        print(
+            f"router vs floor at {thr.concurrency} streams: req/s x{ratio:.2f} "
+            f"(target >= x{TARGET_FLOOR_RPS_RATIO:.2f}): "
+            f"{'MET' if ratio >= TARGET_FLOOR_RPS_RATIO else 'NOT MET'}"
+        )
+    if lat and floor_lat and lat.latencies_s and floor_lat.latencies_s:
+        times = _pct(lat.latencies_s, 0.5) / _pct(floor_lat.latencies_s, 0.5)
+        print(
+            f"router vs floor at 1 stream: added p50 x{times:.2f} "
+            f"(target <= x{TARGET_FLOOR_P50_RATIO:.2f}): "
+            f"{'MET' if times <= TARGET_FLOOR_P50_RATIO else 'NOT MET'}"
+        )
 
 
 def _print_http_vs_grpc(results: list[PhaseResult]) -> None:
@@ -295,13 +399,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--http", action="store_true", help="also the HTTP front door")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="router and floor alternate in this many slices"
+    )
+    parser.add_argument(
+        "--profile", metavar="PATH", help="cProfile the router process's slices into PATH"
+    )
     args = parser.parse_args()
     phases = 6 if args.http else 4
-    assert phases * args.seconds + 15 < 90, "keep the run bounded"
+    assert args.rounds >= 1 and phases * args.seconds + 15 < 90, "keep the run bounded"
     ctx = mp.get_context("spawn")
     ready: mp.Queue = ctx.Queue()
-    stop = ctx.Event()
-    router = ctx.Process(target=_router_process_main, args=(ready, stop, args.decode_workers))
+    stop, profiling = ctx.Event(), ctx.Event()
+    router = ctx.Process(
+        target=_router_process_main,
+        args=(ready, stop, args.decode_workers, profiling, args.profile),
+    )
     router.start()
     try:
         address, floor_address, http_address = ready.get(timeout=30)
@@ -311,12 +424,8 @@ def main() -> None:
             ("latency", 1, 1),
             ("throughput", args.clients, args.concurrency),
         ):
-            routed = run_clients(address, name, clients, concurrency, args.seconds, args.tokens)
-            msgs = max(round(routed.messages / max(len(routed.latencies_s), 1)), 1)
-            floor = run_clients(
-                floor_address, f"floor-{name[:3]}", clients, concurrency, args.seconds, msgs
-            )
-            results += [routed, floor]
+            load = (name, clients, concurrency, args.seconds, args.tokens)
+            results += routed_and_floor(address, floor_address, load, args.rounds, profiling)
             if args.http:
                 results.append(
                     run_clients(
@@ -334,6 +443,8 @@ def main() -> None:
         if router.is_alive():
             router.terminate()
     print_table(results, args.tokens)
+    if args.profile:
+        print_profile(args.profile)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from router.registry import WorkerRegistry
-from router.tasks import cancel_and_wait
+from router.tasks import cancel_and_wait, within
 from tandem.contract.worker_api import StepOutput, WorkerUnavailableError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class StepDemux:
 
     async def _poll(self) -> list[StepOutput]:
         coro = self._worker.next_outputs(self._poll_wait_s)
-        return list(await asyncio.wait_for(coro, self._poll_wait_s + self._grace_s))
+        return list(await within(coro, self._poll_wait_s + self._grace_s))
 
     def _route(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

@@ -62,6 +62,7 @@ from router.errors import ErrorKind, RequestError
 from router.policy import Demand, Placement, Rejection, place, place_colocated
 from router.registry import Pool, WorkerEntry, WorkerRegistry
 from router.request import GenerateRequest, RequestTrace, Stage
+from router.tasks import first_done
 from router.validation import wire_field
 from tandem.contract.worker_api import (
     PrefillRequest,
@@ -255,7 +256,7 @@ class Orchestrator:
         room = asyncio.ensure_future(self._gate.wait_for_room())
         room.add_done_callback(_retrieve)
         try:
-            await asyncio.wait((room, active.stop), return_when=asyncio.FIRST_COMPLETED)
+            await first_done(room, active.stop)
         finally:
             if not room.done():
                 room.cancel()
@@ -392,7 +393,7 @@ class Orchestrator:
         early = asyncio.ensure_future(self._watch(p, active, p.handle.kv_handle(active.attempt_id)))
         early.add_done_callback(_retrieve)  # when the prefill ends first, nobody reads it
         try:
-            await asyncio.wait((early, prefill), return_when=asyncio.FIRST_COMPLETED)
+            await first_done(early, prefill)
         finally:
             if not early.done():
                 early.cancel()
@@ -441,7 +442,7 @@ class Orchestrator:
             raise RequestError(ErrorKind.UNAVAILABLE, f"worker {entry.worker_id} is unavailable")
         task = asyncio.ensure_future(call)
         try:
-            await asyncio.wait((task, down, active.stop), return_when=asyncio.FIRST_COMPLETED)
+            await first_done(task, down, active.stop)
         finally:
             if not task.done():
                 task.cancel()
