@@ -11,6 +11,9 @@
 #   bash bench/gpu_session4.sh overlap issue 19: overlap scheduling's CUDA tests (HF equality with
 #                                      it on), bench/engine.py with it off and on
 #   bash bench/gpu_session4.sh peer    gpt-fast (carried in .carry/gptfast); bench/spec_cost.py
+#   bash bench/gpu_session4.sh final   the LM head in the decode graphs (HF equality on CUDA),
+#                                      bench/engine.py, the W4A16 GEMV's CUDA tests and sweep, the
+#                                      FP8 KV decode sweep, speculation as shipped at batch 256
 #   bash bench/gpu_session4.sh engine  issue 19: gpt-fast (carried in .carry/gptfast) and
 #                                      bench/engine.py in the same call
 # Carry .whl (and .carry/gptfast for `engine`).
@@ -50,6 +53,17 @@ overlap)
 peer)
   OUT=$OUT PEER_STEPS=200 TORCHINDUCTOR_COMPILE_THREADS=16 step gptfast 300 python3 .carry/gptfast/peer_bench.py
   step spec_cost 200 python3 bench/spec_cost.py --batches 1,16,64,256 --ks 1,2,4,8
+  ;;
+final)
+  step gpu_tests 110 python3 -m pytest -q tests/engine/test_async_scheduling.py \
+    tests/engine/test_hf_equality.py -k "cuda or triton_backend_on_gpu" --timeout 100 \
+    -p no:cacheprovider -rf
+  step engine 110 python3 bench/engine.py --skip-peer --batches 1,256
+  step w4a16_tests 90 python3 -m pytest -q tests/kernels/test_w4a16.py -m gpu --timeout 80 \
+    -p no:cacheprovider -rf
+  step w4a16_sweep 100 python3 bench/w4a16.py --sweep --quick
+  step fp8_kv_sweep 60 python3 bench/attention.py --fp8-kv --sweep
+  step spec_shipped 80 python3 bench/spec_cost.py --batches 256 --ks 4 --steps 6
   ;;
 engine)
   OUT=$OUT PEER_STEPS=200 step gptfast 170 python3 .carry/gptfast/peer_bench.py
