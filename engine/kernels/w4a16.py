@@ -7,11 +7,17 @@ The 8-bit variant (`engine.kernels.w8a16`) reads qweight int8 [N, K] and no mins
 in any float dtype (the activation dtype, or float16/float32 where that keeps them exact, as
 GGUF's float16 block scales are): they are widened to float32 in registers.
 
-One kernel, two paths picked by `choose_config` from the number of rows M:
-- decode (M <= 16): GEMV-like. Each program streams a [BLOCK_K, BLOCK_N] slab of the packed
-  weights per step for one block of output features; split-K over `split_k` programs fills the
-  GPU when N alone gives too few blocks (partial sums go to a float32 buffer [split_k, M, N],
-  summed by torch in a fixed order: deterministic). M = 1 multiplies and accumulates in float32
+Small M (M <= GEMV_MAX_M = 4, decode) goes to the dedicated GEMV in `engine.kernels.w4a16_gemv`,
+which reads the packed words along K (coalesced 16-byte loads; its docstring has the design; its
+speed is unmeasured until the GPU sweep of `bench/w4a16.py --sweep`). Passing a `GemvConfig`
+forces it for any M; passing a `W4A16Config` forces this module's kernel.
+
+This module's kernel has two paths picked by `choose_config` from the number of rows M:
+- decode (M <= 16; M <= 4 only when forced): GEMV-like. Each program streams a
+  [BLOCK_K, BLOCK_N] slab of the packed weights per step for one block of output features;
+  split-K over `split_k` programs fills the GPU when N alone gives too few blocks (partial
+  sums go to a float32 buffer [split_k, M, N], summed by torch in a fixed order:
+  deterministic). M = 1 multiplies and accumulates in float32
   without `tl.dot`; M in 2..16 pads to a 16-row `tl.dot`.
 - GEMM (M > 16, prefill): tiles of [BLOCK_M, BLOCK_N] with `tl.dot`, the dequantized weight tile
   rounded to x's dtype (as the tensor cores take it), accumulated in float32.
@@ -40,6 +46,7 @@ from engine.kernels.checks import (
     num_sms,
     upcast_dot,
 )
+from engine.kernels.w4a16_gemv import GEMV_MAX_M, GemvConfig, launch_gemv
 
 GROUP_SIZES = (32, 64, 128)
 DECODE_MAX_M = 16  # up to this many rows take the decode (split-K) path
@@ -242,11 +249,14 @@ def launch_weight_only(
     mins: torch.Tensor | None,
     group_size: int,
     bits: int,
-    config: W4A16Config | None,
+    config: W4A16Config | GemvConfig | None,
 ) -> torch.Tensor:
-    """Run the kernel on checked arguments (w4a16_linear / w8a16_linear check them first)."""
+    """Run the kernel on checked arguments (w4a16_linear / w8a16_linear check them first): the
+    GEMV for a `GemvConfig` or, without a config, for M <= GEMV_MAX_M; else the tiled kernel."""
     m, k = x.shape
     n = qweight.shape[0]
+    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M):
+        return launch_gemv(x, qweight, scales, mins, group_size, bits, config)
     config = config or choose_config(m, n, k, x.device)
     check_config(config, k, group_size)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -292,11 +302,11 @@ def w4a16_linear(
     scales: torch.Tensor,
     mins: torch.Tensor,
     group_size: int,
-    config: W4A16Config | None = None,
+    config: W4A16Config | GemvConfig | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ w^T in x's dtype, w dequantized from the 4-bit layout (module
-    docstring). `config` overrides the tiles (benchmarks). Raises ValueError naming a bad
-    argument."""
+    docstring). `config` overrides the kernel and its tiles (benchmarks). Raises ValueError
+    naming a bad argument."""
     check_quantized_args(x, qweight, scales, mins, group_size, bits=4)
     return launch_weight_only(x, qweight, scales, mins, group_size, 4, config)
 

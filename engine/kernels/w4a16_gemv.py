@@ -7,36 +7,48 @@ Same layout and arithmetic contract as `engine.kernels.w4a16` (see its docstring
     8-bit: qweight int8 [N, K], w[n, k] = q[n, k] * scales[n, k // G] (no mins)
 
 Design. A program owns BLOCK_N output features n of one row of x and walks its share of K in
-chunks of BLOCK_KW packed words (BLOCK_KW * 8 columns k). Per chunk it loads the weights as a
-[BLOCK_N, NG, G // 8] int32 tile, NG = BLOCK_KW * 8 // G groups: row n's words of the chunk are
-consecutive in memory, so the innermost axis of the load is K and each thread reads 16 bytes
-(4 words) at a time, neighbouring threads the neighbouring 16 bytes (coalesced). `tl.interleave`
-(a register-only join, no shared memory) repeats each word 8 times along the last axis, giving
-[BLOCK_N, NG, G] whose element p is word p // 8 shifted right by 4 * (p % 8): q[n, k0 + g G + p].
-The nibble becomes a float without an int-to-float conversion: (nibble | 0x4B000000) is the
-float 2^23 + q, exactly, and one subtraction leaves q.
+steps of BLOCK_KW 4-bit words (BLOCK_KW * 8 columns k; the 8-bit path takes the same columns,
+twice the bytes). Per step it loads the weights as an int32 tile [BLOCK_N, NG, G // 8],
+NG = BLOCK_KW * 8 // G groups (8-bit: [BLOCK_N, NG, G // 4], an int8 row viewed as int32
+words): row n's words of the step are consecutive in memory, so the innermost axis of the load
+is K; each thread reads 16 bytes (4 words), neighbouring threads the neighbouring 16 bytes
+(coalesced). `tl.interleave` (a join along a new in-thread axis, no shared memory) repeats
+each word 8 (8-bit: 4) times along the last axis, giving [BLOCK_N, NG, G] whose element p is
+the nibble (byte) p % 8 (p % 4) of its word: q[n, k0 + g G + p]. The nibble becomes a float
+without an int-to-float conversion: (nibble | 0x4B000000) is the float 2^23 + q exactly, and
+one subtraction leaves q (the int8 byte XOR 0x80 is q + 128, likewise). The next step's words
+are loaded before this step's arithmetic (a hand-written 2-stage pipeline: Triton's pipeliner
+stages only loops with dots, and num_stages 1..3 compile to the same PTX here).
 
 The group's scale and min are applied once per group, not per element:
-    sum_k w[n, k] x[k] = sum_g scales[n, g] * (sum_{k in g} q[n, k] x[k]) + mins[n, g] * sum_{k in g} x[k]
-so the inner loop is (shift, mask, subtract, fused multiply-add) per nibble, everything in
-float32; the per-group sums of q x and of x (the latter shared by all BLOCK_N rows) are reduced
-within the group, and the [BLOCK_N, NG] float32 accumulator is reduced over groups at the end.
-This differs from `w4a16_linear_ref` (which rounds w = q s + m first) only in float32 rounding.
+    sum_k w[n, k] x[k] = sum_g scales[n, g] sum_{k in g} q[n, k] x[k] + mins[n, g] sum_{k in g} x[k]
+so the inner loop is (shift, mask/or, subtract, multiply-add) per nibble, all in float32; the
+per-group sums of q x and of x (the latter shared by all BLOCK_N rows) are reduced within the
+group, and the [BLOCK_N, NG] float32 accumulator is reduced over groups at the end. This
+differs from `w4a16_linear_ref` (which rounds w = q s + m first) only in float32 rounding.
 
-Split-K: with `split_k` > 1 the K range is cut into `split_k` equal parts, one program each;
-partials go to a float32 buffer [split_k, M, N], summed by torch in a fixed order
-(deterministic, unlike atomics). The grid is (M, N blocks, split_k): the M <= GEMV_MAX_M
-programs that share an N block are launched next to each other, so rows 2..M read the weights
-from L2, not HBM.
+Split-K: with `split_k` > 1 the K range is cut into `split_k` parts of whole steps (the last
+one shorter, or empty, where the steps do not divide evenly), one program each; partials go to
+a float32 buffer [split_k, M, N], summed by torch in a fixed order (deterministic, unlike
+atomics; one more small launch). The grid is (M, N blocks, split_k): the M <= GEMV_MAX_M
+programs that share an N block are launched next to each other, so rows 2..M mostly read the
+weights from L2, not HBM.
 
-Speed: UNMEASURED. Written without a GPU; the design follows from the access pattern only.
-`bench/w4a16.py --sweep` times `GEMV_SWEEP` on the GPU host; `choose_gemv_config`'s defaults
-should be set from that run.
+Speed: UNMEASURED. Written without a GPU; the design follows from the access pattern and from
+the TTGIR/PTX of an sm_90 compile done on a CPU host (Triton 3.9): 16-byte `ld.global.v4.b32`
+weight loads, no local-memory spills, the unpacking in registers. Known cost: x's step is
+loaded in its own coalesced layout (16 bytes a thread) and moved into the tile's (32 columns
+a thread) through shared memory once per step (BLOCK_KW * 8 floats and a few barriers per
+program and step, independent of BLOCK_N: larger BLOCK_N amortises it). `bench/w4a16.py
+--sweep` times `GEMV_SWEEP` on the GPU host; `GemvConfig`'s defaults and
+`choose_gemv_config` should be set from that run.
 
 Hazards: x's row offsets are int64; weight offsets are int64 (N * K // 8 words passes 2^31 for
-large vocab projections). K must be a multiple of BLOCK_KW * 8 * split_k: `choose_gemv_config`
-halves BLOCK_KW until it divides (K a multiple of 128 always works); a config given by hand is
-checked by `check_gemv_config`.
+large vocab projections). K must be a multiple of BLOCK_KW * 8: `choose_gemv_config` halves
+BLOCK_KW until it divides (down to one group, which always does); a config given by hand is
+checked by `check_gemv_config`. The words' row stride is passed separately from K and the loop
+runs over words, so Triton's divisibility specialisation proves 16-byte alignment (a loop over
+columns k, divided by 8, proved only 8 bytes: the compile then emitted 8-byte loads).
 """
 
 from __future__ import annotations
@@ -63,13 +75,16 @@ class GemvConfig(NamedTuple):
     block_kw: int = 128
     split_k: int = 1
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 1
 
 
 # Plausible configs for the GPU sweep: bytes per program per step (block_n * block_kw * 4)
-# from 2 KB to 32 KB, each with enough threads to give every thread >= one 16-byte load.
+# from 1 KB to 8 KB, every thread holding one or two 16-byte vectors of words (an sm_90 compile
+# of 8 words a thread takes 96-117 registers, no spills; 32 words a thread spilled), split-K
+# 1, 2 and 4. num_stages stays 1: Triton 3.9 compiles the same PTX for num_stages 1..3 (the
+# loop has no `tl.dot`), so staging is not a dimension to sweep.
 GEMV_SWEEP: list[GemvConfig] = [
-    GemvConfig(bn, kw, split, warps, stages)
+    GemvConfig(bn, kw, split, warps, 1)
     for bn, kw in (
         (1, 256),
         (2, 128),
@@ -85,51 +100,70 @@ GEMV_SWEEP: list[GemvConfig] = [
         (16, 128),
     )  # fmt: skip
     for warps in (2, 4, 8)
-    if bn * kw // 4 >= 32 * warps  # every thread holds at least one 4-word vector
-    for stages, split in ((2, 1), (3, 1), (2, 2))
+    if 4 * 32 * warps <= bn * kw <= 8 * 32 * warps  # 4 or 8 words a thread
+    for split in (1, 2, 4)
 ]
 
 
 @triton.jit
-def _chunk_dot(
+def _load_step(
     qw_ptr,
+    offs_n,
+    mask_n,
+    kw0,
+    stride_qw,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    NG: tl.constexpr,
+):
+    """The int32 words of rows offs_n for the step starting at (4-bit) word kw0, masked rows
+    0: [BLOCK_N, NG, GROUP * BITS // 32], contiguous along the last axis (an 8-bit row is read
+    as int32 words of 4 bytes, so both widths share the unpacking below)."""
+    row_n = offs_n.to(tl.int64)[:, None, None]
+    g = tl.arange(0, NG)[None, :, None]
+    j = tl.arange(0, GROUP * BITS // 32)[None, None, :]
+    ptrs = qw_ptr + row_n * stride_qw + (kw0 * BITS // 4 + g * (GROUP * BITS // 32) + j)
+    return tl.load(ptrs, mask=mask_n[:, None, None], other=0)
+
+
+@triton.jit
+def _step_dot(
+    packed,
     s_ptr,
     m_ptr,
     offs_n,
     mask_n,
     x_row,
-    k0,
-    K,
+    kw0,
+    stride_s,
     BITS: tl.constexpr,
     HAS_MINS: tl.constexpr,
     GROUP: tl.constexpr,
-    BLOCK_KW: tl.constexpr,
+    NG: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_KW] float32: for each row n and packed word j of the chunk starting at
-    column k0, scales * sum(q x) + mins * sum(x) over the word's 8 columns."""
-    row_n = offs_n.to(tl.int64)[:, None]
-    mask = mask_n[:, None]
-    w = k0 // 8 + tl.arange(0, BLOCK_KW)[None, :]  # packed word index, [1, BLOCK_KW]
-    qx = tl.zeros((offs_n.shape[0], BLOCK_KW), dtype=tl.float32)
-    xs = tl.zeros((1, BLOCK_KW), dtype=tl.float32)
+    """[BLOCK_N, NG] float32: for each row n and group g of the step starting at word kw0,
+    scales * sum(q x) + mins * sum(x) over the group's columns; `packed` from `_load_step`."""
+    g = tl.arange(0, NG)[None, :, None]
+    p = tl.arange(0, GROUP)[None, None, :]
+    x = tl.load(x_row + kw0 * 8 + g * GROUP + p).to(tl.float32)  # [1, NG, GROUP]
+    words = tl.interleave(packed, packed)
+    words = tl.interleave(words, words)
     if BITS == 4:
-        words = tl.load(qw_ptr + row_n * (K // 8) + w, mask=mask, other=0)
-        for i in tl.static_range(8):
-            x = tl.load(x_row + w * 8 + i).to(tl.float32)
-            bits = ((words >> (4 * i)) & 0xF) | FLOAT_ONE_P23
-            qx += (bits.to(tl.float32, bitcast=True) - 8388608.0) * x  # 2^23 + q - 2^23: exact
-            xs += x
-    else:
-        for i in tl.static_range(8):
-            x = tl.load(x_row + w * 8 + i).to(tl.float32)
-            q = tl.load(qw_ptr + row_n * K + w * 8 + i, mask=mask, other=0)
-            qx += q.to(tl.float32) * x
-    group = w // (GROUP // 8)
-    scale = tl.load(s_ptr + row_n * (K // GROUP) + group, mask=mask, other=0.0).to(tl.float32)
+        words = tl.interleave(words, words)  # [BLOCK_N, NG, GROUP], element p = word p // 8
+        bits = ((words >> ((p % 8) * 4)) & 0xF) | FLOAT_ONE_P23
+        q = bits.to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + q - 2^23: exact
+    else:  # element p = byte p % 4 of word p // 4, int8 q; q + 128 is its bits XOR 0x80
+        bits = (((words >> ((p % 4) * 8)) & 0xFF) ^ 0x80) | FLOAT_ONE_P23
+        q = bits.to(tl.float32, bitcast=True) - 8388736.0  # 2^23 + (q + 128) - 2^23 - 128
+    qx = tl.sum(q * x, axis=2)  # [BLOCK_N, NG]
+    group = kw0 // (GROUP // 8) + tl.arange(0, NG)[None, :]
+    row_g = offs_n.to(tl.int64)[:, None] * stride_s
+    mask_g = mask_n[:, None]
+    scale = tl.load(s_ptr + row_g + group, mask=mask_g, other=0.0).to(tl.float32)
     out = qx * scale
     if HAS_MINS:
-        mins = tl.load(m_ptr + row_n * (K // GROUP) + group, mask=mask, other=0.0)
-        out += mins.to(tl.float32) * xs
+        mins = tl.load(m_ptr + row_g + group, mask=mask_g, other=0.0).to(tl.float32)
+        out += mins * tl.sum(x, axis=2)
     return out
 
 
@@ -141,9 +175,11 @@ def _gemv_kernel(
     m_ptr,
     out_ptr,
     N,
-    K,
-    k_per_split,
+    KW,
+    kw_per_split,
     stride_xm,
+    stride_qw,
+    stride_s,
     stride_om,
     stride_os,
     BITS: tl.constexpr,
@@ -153,36 +189,44 @@ def _gemv_kernel(
     BLOCK_KW: tl.constexpr,
 ):
     """Grid (M, N blocks, splits). Writes out[row, n block] (x's dtype) or, with several splits,
-    this split's float32 partial (out_ptr + split * stride_os)."""
+    this split's float32 partial (out_ptr + split * stride_os). Each step's weights are loaded
+    one step ahead (a hand-written 2-stage pipeline: Triton's pipeliner does not stage this
+    loop), so every warp keeps two steps of loads in flight."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NG: tl.constexpr = BLOCK_KW * 8 // GROUP
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, k_start + k_per_split, BLOCK_KW * 8):
-        acc += _chunk_dot(
-            qw_ptr, s_ptr, m_ptr, offs_n, mask_n, x_row, k0, K,
-            BITS, HAS_MINS, GROUP, BLOCK_KW,
+    acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
+    kw_start = pid_k * kw_per_split  # in packed words (8 columns): keeps 16-byte alignment known
+    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    rows = tl.where(kw_start < kw_end, N, 0)  # an empty split (uneven steps) reads nothing
+    packed = _load_step(qw_ptr, offs_n, offs_n < rows, kw_start, stride_qw, BITS, GROUP, NG)
+    for kw0 in range(kw_start, kw_end, BLOCK_KW):
+        kw_next = kw0 + BLOCK_KW
+        rows_ahead = tl.where(kw_next < kw_end, N, 0)  # the last step prefetches nothing
+        ahead = _load_step(qw_ptr, offs_n, offs_n < rows_ahead, kw_next, stride_qw, BITS, GROUP, NG)
+        acc += _step_dot(
+            packed, s_ptr, m_ptr, offs_n, mask_n, x_row, kw0, stride_s,
+            BITS, HAS_MINS, GROUP, NG,
         )  # fmt: skip
+        packed = ahead
     y = tl.sum(acc, axis=1)
     out = out_ptr + pid_k.to(tl.int64) * stride_os + pid_m.to(tl.int64) * stride_om
     tl.store(out + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 def check_gemv_config(config: GemvConfig, k: int, group_size: int) -> None:
-    """A config the GEMV can run: powers of two, a step of whole groups, splits of whole steps.
-    Raises ValueError naming the field."""
+    """A config the GEMV can run: powers of two, a step of whole groups that divides K (splits
+    take whole steps, the last split fewer). Raises ValueError naming the field."""
     for name in GemvConfig._fields:
         value = getattr(config, name)
         if value < 1 or (name != "num_stages" and value & (value - 1)):
             raise ValueError(f"config.{name}: must be a power of two >= 1, got {value}")
     if config.block_kw * 8 < group_size:
         raise ValueError(f"config.block_kw: {config.block_kw} words < one group of {group_size}")
-    if k % (config.split_k * config.block_kw * 8):
-        raise ValueError(
-            f"config.split_k: {config.split_k} x block_kw {config.block_kw} x 8 must divide K {k}"
-        )
+    if k % (config.block_kw * 8):
+        raise ValueError(f"config.block_kw: {config.block_kw} x 8 columns must divide K {k}")
 
 
 def choose_gemv_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> GemvConfig:
@@ -198,7 +242,7 @@ def choose_gemv_config(m: int, n: int, k: int, group_size: int, device: torch.de
     split = 1
     while (
         programs * split < 2 * num_sms(device)
-        and k % (2 * split * block_kw * 8) == 0
+        and k % (2 * split * block_kw * 8) == 0  # equal splits when the heuristic chooses
         and k // 8 // (2 * split) >= MIN_WORDS_PER_SPLIT
     ):
         split *= 2
@@ -228,6 +272,8 @@ def launch_gemv(
     if config.split_k > 1:
         target = torch.empty((config.split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (m, triton.cdiv(n, config.block_n), config.split_k)
+    if bits == 8:  # int8 rows as int32 words (K is a multiple of the group, hence of 4)
+        qweight = qweight.view(torch.int32)
     _gemv_kernel[grid](
         x,
         qweight,
@@ -235,9 +281,11 @@ def launch_gemv(
         scales if mins is None else mins,
         target,
         n,
-        k,
-        k // config.split_k,
+        k // 8,
+        triton.cdiv(k // 8 // config.block_kw, config.split_k) * config.block_kw,
         x.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
         target.stride(-2),
         target.stride(0) if config.split_k > 1 else 0,
         BITS=bits,

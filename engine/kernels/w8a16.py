@@ -2,9 +2,10 @@
 
     qweight int8 [N, K], scales [N, K // G] (any float dtype, widened to float32 in registers)
 
-The kernel is `engine.kernels.w4a16`'s (its BITS constexpr picks the 8-bit tile load), with the
-same decode (split-K GEMV) and GEMM paths, the same configs and the same hazards; this module
-holds the 8-bit launcher and its torch reference.
+The kernels are `engine.kernels.w4a16`'s (their BITS constexpr picks the 8-bit tile load), with
+the same dispatch: the GEMV of `engine.kernels.w4a16_gemv` for M <= 4 (int8 rows read along K in
+16-byte loads, scale applied once per group), the split-K decode and GEMM paths above that, the
+same configs and the same hazards; this module holds the 8-bit launcher and its torch reference.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engine.kernels.w4a16 import W4A16Config, check_quantized_args, launch_weight_only
+from engine.kernels.w4a16_gemv import GemvConfig
 
 
 def w8a16_linear(
@@ -19,7 +21,7 @@ def w8a16_linear(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
-    config: W4A16Config | None = None,
+    config: W4A16Config | GemvConfig | None = None,
 ) -> torch.Tensor:
     """y [M, N] = x [M, K] @ w^T in x's dtype, w dequantized from int8 `qweight` [N, K] and
     `scales` [N, K // group_size]. Raises ValueError naming a bad argument."""

@@ -14,10 +14,12 @@ from engine.kernels.w4a16 import (
     w4a16_linear,
     w4a16_linear_ref,
 )
+from engine.kernels.w4a16_gemv import GEMV_SWEEP, GemvConfig, choose_gemv_config
 from engine.kernels.w8a16 import w8a16_linear, w8a16_linear_ref
 from tests.kernels.kernel_cases import DEVICE, DTYPES, TOLERANCES
 
-# (M, N, K, group): M = 1 GEMV (split-K at K 2048), M 2..16 the 16-row decode dot, M > 16 GEMM
+# (M, N, K, group): M <= 4 the GEMV of w4a16_gemv (K 576: 9 steps of 64 columns), M 5..16 the
+# 16-row decode dot, M > 16 GEMM
 SHAPES = [
     (1, 96, 576, 32),
     (1, 64, 2048, 64),
@@ -61,7 +63,7 @@ def _run(
     x: torch.Tensor,
     weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
     group: int,
-    config: W4A16Config | None = None,
+    config: W4A16Config | GemvConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, float32 reference on the same inputs)."""
     qweight, scales, mins = weights
@@ -158,6 +160,87 @@ def test_empty_batch() -> None:
     assert w4a16_linear(_x(0, 256, torch.float32), qweight, scales, mins, 32).shape == (0, 32)
 
 
+# The decode GEMV (engine.kernels.w4a16_gemv): M <= 4 by default, any M with a GemvConfig.
+# (SHAPES' M = 1 and M = 3 rows, at K 576, run it too.)
+GEMV_SHAPES = [(1, 37, 1024, 32), (2, 75, 2048, 64), (4, 50, 1024, 128)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,group", GEMV_SHAPES)
+def test_gemv_matches_reference(
+    bits: int, dtype: torch.dtype, m: int, n: int, k: int, group: int
+) -> None:
+    """Odd N (a ragged last block), every group size, 1 to 4 rows."""
+    x = _x(m, k, dtype)
+    out, ref = _run(x, _weights(n, k, group, bits, dtype), group)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GemvConfig(1, 32, 1, 1, 1),  # K 1536 = 192 words: 6 steps of 32
+        GemvConfig(2, 32, 4, 2, 2),  # 6 steps over 4 splits: 2, 2, 2, 0
+        GemvConfig(16, 16, 2, 4, 3),  # 12 steps of 16
+        GemvConfig(4, 64, 1, 4, 1),  # 3 steps of 512 columns, 8 groups each
+        GemvConfig(8, 32, 2, 8, 4),
+        GemvConfig(4, 64, 2, 4, 1),  # 3 steps over 2 splits: 2, 1
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_every_config_computes_the_same(config: GemvConfig, bits: int) -> None:
+    """Steps of one to several groups, one to sixteen rows, split-K down to one step each and
+    uneven (an empty split included), a ragged N, on 2 rows (a GemvConfig forces the GEMV for
+    any M)."""
+    x = _x(2, 1536, torch.float32)
+    out, ref = _run(x, _weights(29, 1536, 64, bits, torch.float32), 64, config)
+    torch.testing.assert_close(out, ref, atol=4e-6, rtol=1e-5)
+
+
+def test_gemv_is_the_default_for_small_m_and_deterministic() -> None:
+    x = _x(1, 4096, torch.bfloat16)
+    weights = _weights(24, 4096, 128, 4, torch.bfloat16)
+    config = choose_gemv_config(1, 24, 4096, 128, x.device)
+    assert config.split_k > 1  # 6 N blocks on the interpreter's 4 "SMs": K is split
+    first, _ = _run(x, weights, 128)
+    forced, _ = _run(x, weights, 128, config)
+    again, _ = _run(x, weights, 128)
+    assert torch.equal(first, forced) and torch.equal(first, again)
+
+
+def test_gemv_configs_fit_their_shapes() -> None:
+    device = torch.device("cpu")
+    for m, n, k, group in [(1, 4096, 4096, 128), (4, 28672, 4096, 32), (1, 64, 576, 32)]:
+        config = choose_gemv_config(m, n, k, group, device)
+        assert k % (config.block_kw * 8 * config.split_k) == 0
+        assert config.block_kw * 8 >= group
+    assert choose_gemv_config(1, 64, 576, 32, device).block_kw == 8  # 576 = 9 steps of 64
+    default = choose_gemv_config(1, 4096, 4096, 128, device)
+    assert default.block_n * default.block_kw * 4 >= 4096  # >= 4 KB of weights per step
+    assert len(set(GEMV_SWEEP)) == len(GEMV_SWEEP) >= 30
+    for sweep in GEMV_SWEEP:
+        assert 1 <= sweep.block_n <= 16 and 16 <= sweep.block_kw <= 256
+        assert 4096 % (sweep.block_kw * 8) == 0 and 14336 % (sweep.block_kw * 8) == 0
+
+
+def test_gemv_rejects_bad_configs() -> None:
+    x = _x(1, 256, torch.float32)
+    qweight, scales, mins = _weights(32, 256, 64, 4, torch.float32)
+    assert mins is not None
+    cases = {
+        "config.block_n": GemvConfig(block_n=3),
+        "config.block_kw: 4 words": GemvConfig(block_kw=4),
+        "config.block_kw: 64 x 8 columns must divide K 256": GemvConfig(block_kw=64),
+        "config.num_warps": GemvConfig(num_warps=0),
+    }
+    for match, config in cases.items():
+        with pytest.raises(ValueError, match=match):
+            w4a16_linear(x, qweight, scales, mins, 64, config)
+
+
 # Llama-3-8B's projections: qkv, o, gate_up, down
 FULL_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 
@@ -190,3 +273,33 @@ def test_rows_beyond_int32_offsets_gpu(bits: int) -> None:
     tail = slice(m - 8, m)
     _, ref = _run(x[tail].contiguous(), weights, 32)
     assert_close(out[tail], ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemv_weights_beyond_int32_offsets_gpu(bits: int) -> None:
+    """The GEMV on weights of more than 2^31 elements (4-bit: 2^31 / 512 + 64 rows of K 4096,
+    8.6 GB of words; 8-bit: 2^31 / 4096 + 64 rows): the last rows' words sit past element 2^31,
+    so 32-bit row offsets would read the wrong memory."""
+    k = 4096
+    per_row = k // 8 if bits == 4 else k
+    n = 2**31 // per_row + 64
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    if bits == 4:
+        qweight = torch.randint(-(2**31), 2**31, (n, per_row), dtype=torch.int32, device=DEVICE,
+                                generator=gen)  # fmt: skip
+    else:
+        qweight = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=DEVICE, generator=gen)
+    scales = torch.rand(n, k // 32, device=DEVICE, generator=gen).mul_(0.02).to(torch.bfloat16)
+    mins = None if bits == 8 else (-8 * scales.float()).to(torch.bfloat16)
+    x = _x(1, k, torch.bfloat16)
+    out = (
+        w8a16_linear(x, qweight, scales, 32)
+        if mins is None
+        else w4a16_linear(x, qweight, scales, mins, 32)
+    )
+    assert qweight.numel() > 2**31
+    tail = slice(n - 64, n)
+    weights = (qweight[tail], scales[tail], None if mins is None else mins[tail])
+    _, ref = _run(x, weights, 32)
+    assert_close(out[:, tail], ref, torch.bfloat16)
