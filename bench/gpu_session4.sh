@@ -59,9 +59,9 @@ final)
     tests/engine/test_hf_equality.py -k "cuda or triton_backend_on_gpu" --timeout 100 \
     -p no:cacheprovider -rf
   step engine 110 python3 bench/engine.py --skip-peer --batches 1,256
-  step w4a16_tests 90 python3 -m pytest -q tests/kernels/test_w4a16.py -m gpu --timeout 80 \
+  step w4a16_tests 90 python3 -m pytest -q tests/kernels/test_w4a16.py -m gpu -x --timeout 80 \
     -p no:cacheprovider -rf
-  step w4a16_sweep 100 python3 bench/w4a16.py --sweep --quick
+  step w4a16_sweep 100 python3 bench/w4a16.py --sweep --quick --budget-s 50
   step fp8_kv_sweep 60 python3 bench/attention.py --fp8-kv --sweep
   step spec_shipped 80 python3 bench/spec_cost.py --batches 256 --ks 4 --steps 6
   ;;
