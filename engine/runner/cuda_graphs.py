@@ -9,11 +9,6 @@ lengths come only from the device tensor `seq_lens`.
 Attention backend hooks (engine/attention/backend.py): `capture_begin(meta)` / `capture_end(meta)`
 bracket each bucket's warm-up and capture, and `prepare_replay(meta)` runs before every replay
 (in place of `plan`), `meta` being the bucket's static metadata with this step's host values.
-
-At TP = 1 the graphs also hold the LM head (float32 logits of every row, all of which sample
-in a decode step), so the step's only eager work after the replay is the sampler. Under TP
-the followers compute their logits shards apart (`ModelRunner.compute_logits`), so the
-graphs stop at the hidden states.
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine.attention.backend import AttentionBackend, AttentionMetadata
-from engine.distributed import get_tp_group
 from engine.models.llama import ForwardContext
 from engine.runner.inputs import StepInputs
 from engine.utils.math import cdiv
@@ -49,8 +43,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.with_logits = get_tp_group().size == 1
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self.pool: Any = None  # the graphs' shared memory pool, from the first capture
         # One metadata object per bucket: the backend's capture hooks and the captured forward
         # see the same one.
@@ -70,11 +63,10 @@ class DecodeGraphs:
             seq_lens_cpu=(1,) * bs,
         )
 
-    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, bs: int) -> torch.Tensor:
         r = self.runner
         ctx = ForwardContext(r.backend, self.metas[bs], r.kv_cache)
-        hidden = r.model(self.input_ids[:bs], self.positions[:bs], ctx)
-        return hidden, r.compute_logits(hidden) if self.with_logits else None
+        return r.model(self.input_ids[:bs], self.positions[:bs], ctx)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -109,9 +101,7 @@ class DecodeGraphs:
             and (host.block_tables.shape[1] <= self.block_tables.shape[1])
         )
 
-    def run(self, host: StepInputs, dev: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(hidden states, float32 logits or None) of the step's rows, views of the graph's
-        static outputs: valid until the next replay."""
+    def run(self, host: StepInputs, dev: StepInputs) -> torch.Tensor:
         num = host.num_tokens
         bs = next(b for b in self.batch_sizes if b >= num)
         self.input_ids[:num].copy_(dev.input_ids)
@@ -131,5 +121,4 @@ class DecodeGraphs:
             # only a backend that uses the hook pays for this step's host metadata
             backend.prepare_replay(self._replay_meta(bs, host))
         self.graphs[bs].replay()
-        hidden, logits = self.outputs[bs]
-        return hidden[:num], None if logits is None else logits[:num]
+        return self.outputs[bs][:num]

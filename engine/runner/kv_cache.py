@@ -217,9 +217,7 @@ def activation_reserve(cfg: ModelConfig, engine: EngineConfig, dtype: torch.dtyp
     itemsize = torch.tensor([], dtype=dtype).element_size()
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     per_token = (8 * cfg.hidden_size + 3 * cfg.intermediate_size + 2 * qkv) * itemsize
-    # float32 logits of the largest step, their copies in the sampler, and the decode CUDA
-    # graphs' own (kept in their pool: engine.runner.cuda_graphs)
-    logits = engine.max_num_seqs * cfg.vocab_size * 4 * 6
+    logits = engine.max_num_seqs * cfg.vocab_size * 4 * 4
     return engine.max_num_batched_tokens * per_token + logits + _SLACK_BYTES
 
 

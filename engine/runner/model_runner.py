@@ -176,16 +176,6 @@ class ModelRunner:
         layer's kernels are enqueued (a CUDA graph records one event for every layer, after
         the graph); on CPU None, the layer having run by then. `pending` (input positions,
         token ids, both on the device) overwrites placeholder input ids (overlap scheduling)."""
-        return self._forward(host, layer_marks, pending)[0]
-
-    def _forward(
-        self,
-        host: StepInputs,
-        layer_marks: list[torch.cuda.Event | None] | None,
-        pending: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`forward`'s hidden states and, where a CUDA graph computed them, the logits of the
-        same rows (None otherwise: `compute_logits` makes them)."""
         dev = host.to(self.device)
         if pending is not None:
             dev.input_ids.index_copy_(0, *pending)
@@ -193,20 +183,15 @@ class ModelRunner:
             None if layer_marks is None else lambda i: layer_marks.append(mark_current(self.device))
         )
         if self.graphs is not None and self.graphs.can_run(host):
-            # the backend's prepare_replay, then the replay; every row of a decode step samples
-            assert host.sample_indices.numel() == host.num_tokens
-            hidden, logits = self.graphs.run(host, dev)
+            hidden = self.graphs.run(host, dev)  # the backend's prepare_replay, then the replay
         else:
             meta = attention_metadata(host, dev)
             self.backend.plan(meta)
             ctx = ForwardContext(self.backend, meta, self.kv_cache, layer_done=mark)
-            hidden = self.model(dev.input_ids, dev.positions, ctx).index_select(
-                0, dev.sample_indices
-            )
-            logits = None
+            hidden = self.model(dev.input_ids, dev.positions, ctx)
         if layer_marks is not None and not layer_marks:
             layer_marks.extend([mark_current(self.device)] * self.model_cfg.num_layers)
-        return hidden, logits
+        return hidden.index_select(0, dev.sample_indices)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -240,12 +225,11 @@ class ModelRunner:
         pending = self._pending_inputs(out)
         with self.step_scope(host):
             marks: list[torch.cuda.Event | None] | None = None if on_kv_enqueued is None else []
-            hidden, logits = self._forward(host, marks, pending)
+            hidden = self.forward(host, marks, pending)
             if on_kv_enqueued is not None:
                 assert marks is not None
                 on_kv_enqueued(marks)
-            if logits is None:
-                logits = self.compute_logits(hidden)
+            logits = self.compute_logits(hidden)
             if any(s.num_draft_tokens for s in requests):
                 handle = StepHandle(requests, output=self._verify(logits, requests))
             else:
