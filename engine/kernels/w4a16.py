@@ -7,10 +7,11 @@ The 8-bit variant (`engine.kernels.w8a16`) reads qweight int8 [N, K] and no mins
 in any float dtype (the activation dtype, or float16/float32 where that keeps them exact, as
 GGUF's float16 block scales are): they are widened to float32 in registers.
 
-Small M (M <= GEMV_MAX_M = 4, decode) goes to the dedicated GEMV in `engine.kernels.w4a16_gemv`,
-which reads the packed words along K (coalesced 16-byte loads; its docstring has the design; its
-speed is unmeasured until the GPU sweep of `bench/w4a16.py --sweep`). Passing a `GemvConfig`
-forces it for any M; passing a `W4A16Config` forces this module's kernel.
+The dedicated GEMV in `engine.kernels.w4a16_gemv` reads the packed words along K (coalesced
+16-byte loads; its docstring has the design). It has never run on a GPU: until the GPU sweep of
+`bench/w4a16.py --sweep` measures it, the default stays this module's kernel, the one measured
+(`GEMV_BY_DEFAULT`; then M <= GEMV_MAX_M = 4 would go to the GEMV). Passing a `GemvConfig` forces
+the GEMV for any M; passing a `W4A16Config` forces this module's kernel.
 
 This module's kernel has two paths picked by `choose_config` from the number of rows M:
 - decode (M <= 16; M <= 4 only when forced): GEMV-like. Each program streams a
@@ -47,6 +48,9 @@ from engine.kernels.checks import (
     upcast_dot,
 )
 from engine.kernels.w4a16_gemv import GEMV_MAX_M, GemvConfig, launch_gemv
+
+# The GEMV takes small M by default only once a GPU run has measured it (see the docstring).
+GEMV_BY_DEFAULT = False
 
 GROUP_SIZES = (32, 64, 128)
 DECODE_MAX_M = 16  # up to this many rows take the decode (split-K) path
@@ -255,7 +259,9 @@ def launch_weight_only(
     GEMV for a `GemvConfig` or, without a config, for M <= GEMV_MAX_M; else the tiled kernel."""
     m, k = x.shape
     n = qweight.shape[0]
-    if isinstance(config, GemvConfig) or (config is None and 0 < m <= GEMV_MAX_M):
+    if isinstance(config, GemvConfig) or (
+        config is None and GEMV_BY_DEFAULT and 0 < m <= GEMV_MAX_M
+    ):
         return launch_gemv(x, qweight, scales, mins, group_size, bits, config)
     config = config or choose_config(m, n, k, x.device)
     check_config(config, k, group_size)
