@@ -494,7 +494,11 @@ class Scheduler:
         del self._requests[request.request_id]
         if self._running.pop(request.request_id, None) is not None:
             self._gone.append(request.request_id)
-        self._waiting.pop(request.request_id, None)  # preempted with its last token in flight
+        if self._waiting.pop(request.request_id, None) is not None:
+            # preempted with its last token in flight: a swapped-out copy goes too
+            if request.num_swapped_tokens and self.swap is not None:
+                self.swap.discard(request.request_id)
+                request.num_swapped_tokens = 0
         self._release_blocks(request)
 
     def _release_blocks(self, request: Request) -> None:

@@ -148,3 +148,52 @@ def test_overlapped_steps_keep_pool_and_kv_consistent(
 def test_pending_inputs_happen() -> None:
     """The fuzz exercises the path at all: decode rows fed from the step in flight."""
     assert run_overlapped(1, 40, 4, 32, 8) > 50
+
+
+class RecordingSwap:
+    """A PreemptionSwap that keeps no bytes: it records what the scheduler asks of it."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.discarded: list[str] = []
+
+    def swap_out(self, request_id: str, block_ids: list[int]) -> bool:
+        self.out.append(request_id)
+        return True
+
+    def swap_in(self, request_id: str, block_ids: list[int]) -> None:
+        raise AssertionError("nothing is re-admitted here")
+
+    def discard(self, request_id: str) -> None:
+        self.discarded.append(request_id)
+
+
+def test_swapped_request_whose_last_token_was_in_flight_drops_its_copy() -> None:
+    """B is preempted (swapped out) while its token is in flight; that token is EOS: B ends
+    from the waiting queue and its swapped copy is discarded, not leaked."""
+    from engine.sampling_params import SamplingParams
+
+    cfg = SchedulerConfig(
+        max_model_len=8, max_num_seqs=2, max_num_batched_tokens=16, block_size=2
+    )  # fmt: skip
+    kv = KVManager(5, 2, "swap-in-flight", enable_caching=False)  # 4 usable blocks
+    sched = Scheduler(cfg, kv)
+    swap = RecordingSwap()
+    sched.attach_swap(swap)
+    params = SamplingParams(max_tokens=6)
+    a = Request("a", [1, 2, 3], params, eos_token_ids=(0,), priority=0)
+    b = Request("b", [1, 2, 4], params, eos_token_ids=(0,), priority=1)
+    sched.add_request(a)
+    sched.add_request(b)
+    step1 = sched.launched(sched.schedule())  # both prompts; a token each in flight
+    sched.complete(step1, RunnerOutput({"a": 5, "b": 6}))
+    step2 = sched.launched(sched.schedule())  # both decode; in flight
+    step3 = sched.launched(sched.schedule())  # a needs a third block: b (lower priority) goes
+    assert swap.out == ["b"] and b.status is RequestStatus.PREEMPTED and b.num_pending_tokens == 1
+    sched.complete(step2, RunnerOutput({"a": 7, "b": 0}))  # b's token in flight was EOS
+    assert b.status is RequestStatus.FINISHED_STOPPED and swap.discarded == ["b"]
+    assert sched.num_waiting == 0 and b.output_token_ids == [6, 0]
+    sched.complete(step3, RunnerOutput({"a": 1}))
+    sched.abort(["a"])
+    assert kv.num_free_blocks == kv.num_usable_blocks
+    kv.pool.check_integrity()
