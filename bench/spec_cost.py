@@ -76,6 +76,25 @@ def set_k(llm: LLM, k: int) -> None:
     sched.config = replace(sched.config, speculation=policy)
 
 
+def start_batch(llm: LLM, batch: int, decode_steps: int, prefix: str) -> list[str]:
+    """`batch` requests of CTX random tokens, stepped until every one holds its first token;
+    each may then decode `decode_steps` more (with speculation off). Returns their ids."""
+    engine = llm.engine
+    warm = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 4
+    params = SamplingParams(temperature=0.0, max_tokens=warm + decode_steps, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch + (prefix == "w"))
+    ids = [f"{prefix}{batch}-{i}" for i in range(batch)]
+    set_k(llm, 0)
+    for rid in ids:
+        engine.add_request(
+            rid, torch.randint(0, engine.vocab_size, (CTX,), generator=gen).tolist(), params
+        )
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(o.request_id for o in engine.step())
+    return ids
+
+
 def step_times(llm: LLM, batch: int, ks: list[int], steps: int) -> dict[int, float]:
     """Median engine-step seconds at each k for `batch` requests decoding at context ~CTX.
 
@@ -86,19 +105,7 @@ def step_times(llm: LLM, batch: int, ks: list[int], steps: int) -> dict[int, flo
     """
     engine = llm.engine
     engine.overlap = False  # one step at a time, each timed alone (shipped_times overlaps)
-    warm = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 4
-    total = warm + (steps + 1) * 2 * sum(k + 1 for k in ks) + 8
-    params = SamplingParams(temperature=0.0, max_tokens=total, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch)
-    ids = [f"s{batch}-{i}" for i in range(batch)]
-    set_k(llm, 0)
-    for rid in ids:
-        engine.add_request(
-            rid, torch.randint(0, engine.vocab_size, (CTX,), generator=gen).tolist(), params
-        )
-    started: set[str] = set()
-    while len(started) < batch:
-        started.update(o.request_id for o in engine.step())
+    ids = start_batch(llm, batch, (steps + 1) * 2 * sum(k + 1 for k in ks) + 8, "s")
     times: dict[int, list[float]] = {k: [] for k in ks}
     for round_ in range(steps + 1):
         for k in ks:
@@ -122,18 +129,7 @@ def shipped_times(llm: LLM, batch: int, max_k: int, steps: int) -> tuple[float, 
     still gives one token per request and the two times compare tokens per second."""
     engine = llm.engine
     engine.overlap = True
-    warm = cdiv(batch * CTX, engine.config.max_num_batched_tokens) + 4
-    params = SamplingParams(temperature=0.0, max_tokens=warm + 2 * (steps + 4) * 2, ignore_eos=True)
-    gen = torch.Generator().manual_seed(batch + 1)
-    ids = [f"w{batch}-{i}" for i in range(batch)]
-    set_k(llm, 0)
-    for rid in ids:
-        engine.add_request(
-            rid, torch.randint(0, engine.vocab_size, (CTX,), generator=gen).tolist(), params
-        )
-    started: set[str] = set()
-    while len(started) < batch:
-        started.update(o.request_id for o in engine.step())
+    ids = start_batch(llm, batch, 2 * (steps + 4) * 2, "w")
     sched = engine.scheduler
 
     def window(policy: LookaheadPolicy | None) -> float:

@@ -93,10 +93,12 @@ def fusion_sites(model: nn.Module) -> list[FusionSite]:
         if block is None:
             continue
         sites += _site(block.self_attn.o_proj, block, "post_attention_layernorm")
+        mlp = block.mlp
+        assert isinstance(mlp, MLP)  # _sequential_block checked its exact type
         if i + 1 == len(blocks):
-            sites += _site(block.mlp.down_proj, decoder, "norm")
+            sites += _site(mlp.down_proj, decoder, "norm")
         elif (following := blocks[i + 1]) is not None:
-            sites += _site(block.mlp.down_proj, following, "input_layernorm")
+            sites += _site(mlp.down_proj, following, "input_layernorm")
     return sites
 
 

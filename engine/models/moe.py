@@ -11,13 +11,9 @@ shard e of `down_proj`.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from engine.config import ModelConfig
 from engine.layers.moe import SparseMoeBlock
-from engine.layers.norm import RMSNorm
-from engine.models.llama import Attention, ForwardContext, LlamaForCausalLM
+from engine.models.llama import DecoderLayer, LlamaForCausalLM
 from engine.weights import dense_checkpoint_shapes
 
 # checkpoint projection names -> (our stacked parameter, shard half or None for down)
@@ -72,33 +68,12 @@ def moe_checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-class MoEDecoderLayer(nn.Module):
-    """Llama's pre-norm block (engine.models.llama.DecoderLayer's data flow) with a sparse MLP.
-    A class of its own, not a subclass: TP's fusion pass matches DecoderLayer exactly."""
+class MoEDecoderLayer(DecoderLayer):
+    """Llama's pre-norm block with a sparse MLP. A subclass, so TP's fusion pass, which matches
+    `type(layer) is DecoderLayer` exactly, leaves it alone."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = SparseMoeBlock(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos_sin: torch.Tensor,
-        ctx: ForwardContext,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, cos_sin, ctx)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        super().__init__(cfg, layer_idx, SparseMoeBlock(cfg))
 
 
 class MoEForCausalLM(LlamaForCausalLM):

@@ -130,9 +130,9 @@ class ModelRunner:
         self.verifier = Verifier(self.sampler)
         self.proposer = build_proposer(engine.speculation, self)
         self.step_scope = step_scope or (lambda host: contextlib.nullcontext())
-        # Overlap scheduling: the latest launched step's sampled ids on the device, and each
-        # request's row in them (the next step feeds them to rows with `input_pending`).
-        self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
+        # Overlap scheduling: the latest launched step's sampling rows and their sampled ids on
+        # the device (the next step feeds them to rows with `input_pending`).
+        self._last_sampled: tuple[list[ScheduledRequest], torch.Tensor] | None = None
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not engine.enforce_eager:
             self.graphs = DecodeGraphs(self, engine.cuda_graph_batch_sizes)
@@ -236,8 +236,7 @@ class ModelRunner:
                 handle = StepHandle(requests, sampled=self.sampler.launch(logits, requests))
         self._last_sampled = None
         if handle.sampled is not None:
-            rows = {r.request_id: i for i, r in enumerate(requests)}
-            self._last_sampled = (rows, handle.sampled.ids)
+            self._last_sampled = (requests, handle.sampled.ids)
         if self.proposer is not None and self.proposer.observes:
             self.proposer.observe(requests, hidden, handle.result())
         return handle
@@ -245,18 +244,19 @@ class ModelRunner:
     def _pending_inputs(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(input positions, token ids) on the device for the rows whose last input token is
         the previous step's sample, still in device memory (overlap scheduling)."""
-        positions, rows = [], []
+        positions, pending_ids = [], []
         end = 0
         for s in out.scheduled:
             end += s.num_tokens
             if s.input_pending:
-                assert self._last_sampled is not None, "a pending input without a launched step"
                 positions.append(end - 1 - s.num_draft_tokens)
-                rows.append(self._last_sampled[0][s.request_id])
+                pending_ids.append(s.request_id)
         if not positions:
             return None
-        assert self._last_sampled is not None
-        ids = self._last_sampled[1]
+        assert self._last_sampled is not None, "a pending input without a launched step"
+        previous, ids = self._last_sampled
+        row_of = {r.request_id: i for i, r in enumerate(previous)}  # only when overlapping
+        rows = [row_of[rid] for rid in pending_ids]
         index = torch.tensor(positions + rows, dtype=torch.int64)
         if ids.device.type == "cuda":  # pinned: the copy queues behind the step in flight
             index = index.pin_memory().to(ids.device, non_blocking=True)

@@ -258,13 +258,16 @@ class Scheduler:
     def _ends_with_pending(self, request: Request) -> bool:
         """Its token in flight is its last (max_tokens or max_model_len): nothing to schedule;
         `complete()` finishes it."""
-        if not request.num_pending_tokens:
-            return False
+        pending = request.num_pending_tokens
+        return pending > 0 and self._at_length_limit(request, pending)
+
+    def _at_length_limit(self, request: Request, pending: int = 0) -> bool:
+        """Whether `request`, with `pending` more tokens, has all `max_tokens` outputs or fills
+        `max_model_len`."""
         max_tokens = request.sampling_params.max_tokens
-        outputs = request.num_output_tokens + request.num_pending_tokens
-        return request.num_tokens + request.num_pending_tokens >= self.config.max_model_len or (
-            max_tokens is not None and outputs >= max_tokens
-        )
+        if max_tokens is not None and request.num_output_tokens + pending >= max_tokens:
+            return True
+        return request.num_tokens + pending >= self.config.max_model_len
 
     def _speculation_active(self, num_running: int) -> bool:
         policy = self.config.speculation
@@ -485,9 +488,7 @@ class Scheduler:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token
                 return
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            request.status = RequestStatus.FINISHED_LENGTH
-        elif request.num_tokens >= self.config.max_model_len:
+        if self._at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
 
     def _remove_finished(self, request: Request) -> None:

@@ -36,31 +36,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def hf_reference(checkpoints: dict[str, Path]) -> dict[str, list[list[int]]]:
     """Each architecture's greedy continuation of every prompt, from transformers.generate."""
     prompts = tiny_models.mixed_prompts()
-    refs = {}
-    for name, path in checkpoints.items():
-        model = tiny_models.hf_model(path)
-        outs = []
-        for p in prompts:
-            ids = torch.tensor([p])
-            gen = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=NUM_NEW,
-                min_new_tokens=NUM_NEW,
-                do_sample=False,
-                pad_token_id=0,
-            )
-            outs.append(gen[0, len(p) :].tolist())
-        refs[name] = outs
-    return refs
+    return {
+        name: tiny_models.hf_greedy(path, prompts, NUM_NEW) for name, path in checkpoints.items()
+    }
 
 
 def _generate(path: Path, prompts: list[list[int]], **kwargs) -> list[list[int]]:
-    llm = LLM(str(path), device="cpu", show_progress=False, **kwargs)
-    outs = llm.generate(prompts, GREEDY)
-    llm.engine.scheduler.kv.pool.check_integrity()
-    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_usable_blocks
-    return [o.token_ids for o in outs]
+    return tiny_models.engine_greedy(path, prompts, NUM_NEW, **kwargs)
 
 
 @pytest.mark.parametrize("arch", tiny_models.ARCHS)

@@ -105,6 +105,37 @@ def hf_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def hf_greedy(path: Path, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, exactly `num_new` tokens."""
+    model = hf_model(path)
+    outs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=num_new,
+            min_new_tokens=num_new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        outs.append(gen[0, len(prompt) :].tolist())
+    return outs
+
+
+def engine_greedy(path: Path, prompts: list[list[int]], num_new: int, **kwargs) -> list[list[int]]:
+    """The engine's (CPU) greedy continuation of each prompt, exactly `num_new` tokens; the
+    block pool is checked whole and free afterwards."""
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=num_new, min_tokens=num_new)
+    llm = LLM(str(path), device="cpu", show_progress=False, **kwargs)
+    outs = llm.generate(prompts, params)
+    llm.engine.scheduler.kv.pool.check_integrity()
+    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_usable_blocks
+    return [o.token_ids for o in outs]
+
+
 def mixed_prompts(n: int = 8, seed: int = 0, vocab: int = 500) -> list[list[int]]:
     """Prompts of 3 to 300 tokens, avoiding the special ids 0-2."""
     gen = torch.Generator().manual_seed(seed)

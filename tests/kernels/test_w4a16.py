@@ -18,8 +18,8 @@ from engine.kernels.w4a16_gemv import GEMV_SWEEP, GemvConfig, choose_gemv_config
 from engine.kernels.w8a16 import w8a16_linear, w8a16_linear_ref
 from tests.kernels.kernel_cases import DEVICE, DTYPES, TOLERANCES
 
-# (M, N, K, group): M <= 4 the GEMV of w4a16_gemv (K 576: 9 steps of 64 columns), M 5..16 the
-# 16-row decode dot, M > 16 GEMM
+# (M, N, K, group) through the default dispatch: M <= 16 the decode path (M = 1 GEMV-like, else
+# the 16-row dot), M > 16 GEMM (the GEMV of w4a16_gemv is tested below with its configs)
 SHAPES = [
     (1, 96, 576, 32),
     (1, 64, 2048, 64),
@@ -106,7 +106,7 @@ def test_every_config_computes_the_same(config: W4A16Config) -> None:
 def test_gemv_path_uses_the_references_float32_arithmetic() -> None:
     x = _x(1, 1024, torch.float32)
     weights = _weights(64, 1024, 32, 4, torch.float32)
-    out, ref = _run(x, weights, 32)
+    out, ref = _run(x, weights, 32, choose_gemv_config(1, 64, 1024, 32, x.device))
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-6)
 
 
@@ -160,9 +160,9 @@ def test_empty_batch() -> None:
     assert w4a16_linear(_x(0, 256, torch.float32), qweight, scales, mins, 32).shape == (0, 32)
 
 
-# The decode GEMV (engine.kernels.w4a16_gemv): M <= 4 by default, any M with a GemvConfig.
-# (SHAPES' M = 1 and M = 3 rows, at K 576, run it too.)
-GEMV_SHAPES = [(1, 37, 1024, 32), (2, 75, 2048, 64), (4, 50, 1024, 128)]
+# The decode GEMV (engine.kernels.w4a16_gemv): any M with a GemvConfig (the default for small
+# M once GEMV_BY_DEFAULT is on); each test here passes its config.
+GEMV_SHAPES = [(1, 37, 1024, 32), (2, 75, 2048, 64), (4, 50, 1024, 128), (1, 64, 576, 32)]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -171,9 +171,11 @@ GEMV_SHAPES = [(1, 37, 1024, 32), (2, 75, 2048, 64), (4, 50, 1024, 128)]
 def test_gemv_matches_reference(
     bits: int, dtype: torch.dtype, m: int, n: int, k: int, group: int
 ) -> None:
-    """Odd N (a ragged last block), every group size, 1 to 4 rows."""
+    """Odd N (a ragged last block), every group size, 1 to 4 rows, with the GEMV's own
+    choice of config for the shape."""
     x = _x(m, k, dtype)
-    out, ref = _run(x, _weights(n, k, group, bits, dtype), group)
+    config = choose_gemv_config(m, n, k, group, x.device)
+    out, ref = _run(x, _weights(n, k, group, bits, dtype), group, config)
     assert out.shape == (m, n) and out.dtype == dtype
     assert_close(out, ref, dtype)
 
@@ -292,10 +294,11 @@ def test_gemv_weights_beyond_int32_offsets_gpu(bits: int) -> None:
     scales = torch.rand(n, k // 32, device=DEVICE, generator=gen).mul_(0.02).to(torch.bfloat16)
     mins = None if bits == 8 else (-8 * scales.float()).to(torch.bfloat16)
     x = _x(1, k, torch.bfloat16)
+    gemv = choose_gemv_config(1, n, k, 32, x.device)
     out = (
-        w8a16_linear(x, qweight, scales, 32)
+        w8a16_linear(x, qweight, scales, 32, gemv)
         if mins is None
-        else w4a16_linear(x, qweight, scales, mins, 32)
+        else w4a16_linear(x, qweight, scales, mins, 32, gemv)
     )
     assert qweight.numel() > 2**31
     tail = slice(n - 64, n)
